@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo`, `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+IMAGES ?=
+OUT    ?= out/demo
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+# Re-install when the dependency list changes; `touch setup.cfg` forces it.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,demo,bench]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m nextdetail.demo --out $(OUT) $(if $(IMAGES),--images $(IMAGES),)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_decomp.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

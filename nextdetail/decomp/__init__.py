@@ -1,0 +1,9 @@
+"""Mumford-Shah smoothing by Ambrosio-Tortorelli and CART's hierarchical decompositions."""
+from .at import ATResult, ambrosio_tortorelli
+from .energy import at_energy
+from .hierarchy import (Decomposer, Decomposition, available_decompositions, decompose,
+                        register_decomposition)
+from .params import ATParams
+
+__all__ = ["ATParams", "ATResult", "ambrosio_tortorelli", "at_energy", "Decomposer", "Decomposition",
+           "available_decompositions", "decompose", "register_decomposition"]

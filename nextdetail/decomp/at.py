@@ -1,0 +1,140 @@
+"""Public entry point of the Ambrosio-Tortorelli (AT) solver: shapes, checks, backends."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .energy import at_energy
+from .params import ATParams
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "numpy", "numba", "cupy")
+
+
+@dataclass
+class ATResult:
+    """Output of `ambrosio_tortorelli`.
+
+    u : smoothed image, the shape of f.
+    s : edge field, f's shape without the channel axis (near 1 on edges).
+    energy : E(u, s), a float for one image, an array (N,) for a batch.
+    iterations : sweeps run.
+    energy_history : (iterations + 1,) or (iterations + 1, N) energies from u = f on,
+        when asked for with track_energy=True, else None.
+    backend : the backend that ran.
+    """
+
+    u: np.ndarray
+    s: np.ndarray
+    energy: "float | np.ndarray"
+    iterations: int
+    energy_history: Optional[np.ndarray]
+    backend: str
+
+
+def cupy_usable() -> bool:
+    """True when cupy imports and sees at least one CUDA device."""
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # ImportError, or a CUDA runtime/driver error
+        return False
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "cupy" if cupy_usable() else "numba"
+    if backend == "cupy" and not cupy_usable():
+        raise RuntimeError("backend 'cupy' asked for, but cupy is not installed or sees no CUDA device "
+                           "(pip install 'nextdetail[gpu]')")
+    return backend
+
+
+def as_batch(f) -> tuple[np.ndarray, tuple, bool]:
+    """Bring f to a float32 (N, H, W, C) batch. Returns it, f's shape and whether f had a channel axis."""
+    xp = np
+    if type(f).__module__.startswith("cupy"):
+        import cupy as xp  # keep GPU arrays on the GPU
+    if not hasattr(f, "dtype"):
+        f = np.asarray(f)
+    if f.dtype.kind not in "fiub" or f.dtype.kind == "b":
+        raise TypeError(f"image must be a real numeric array, got dtype {f.dtype}")
+    if f.dtype.kind in "iu":
+        raise TypeError(f"image must be float in [0, 1], got integer dtype {f.dtype} (divide by 255 or 65535)")
+    shape = tuple(f.shape)
+    if f.ndim == 2:
+        f4 = f[None, :, :, None]
+    elif f.ndim == 3:
+        f4 = f[None]
+    elif f.ndim == 4:
+        f4 = f
+    else:
+        raise ValueError(f"image must have shape (H,W), (H,W,C) or (N,H,W,C), got {shape}")
+    if min(f4.shape) == 0:
+        raise ValueError(f"image has an empty axis: shape {shape}")
+    f4 = xp.ascontiguousarray(f4, dtype=xp.float32)
+    if not bool(xp.isfinite(f4).all()):
+        raise ValueError("image contains NaN or inf values")
+    return f4, shape, f.ndim != 2
+
+
+def ambrosio_tortorelli(f, alpha: float = 10.0, lam: float = 0.01, eps: float = 0.01, *,
+                        backend: str = "auto", omega: float = 1.6, n_iter: int = 100,
+                        track_energy: bool = False) -> ATResult:
+    """Mumford-Shah smoothing by Ambrosio-Tortorelli alternating minimization.
+
+    Minimizes, from u = f (see `nextdetail.decomp.energy` for the discretization),
+
+        E(u, s) = sum (u - f)^2 + alpha sum (1 - s)^2 |grad u|^2
+                + lam sum [eps |grad s|^2 + s^2 / (4 eps)]
+
+    by `n_iter` red-black sweeps, each updating s exactly and u by SOR at every pixel;
+    E never increases from one sweep to the next.
+
+    Parameters
+    ----------
+    f : array, float in [0, 1], shape (H, W), (H, W, C) or a batch (N, H, W, C)
+        A cupy array stays on the GPU (cupy backend).
+    alpha, lam, eps : float
+        Smoothness weight, edge-length weight, edge width (pixels). Defaults are CART's.
+    backend : 'auto' (cupy with a GPU, else numba), 'numba', 'numpy' or 'cupy'.
+    omega : SOR relaxation in (0, 2).
+    n_iter : sweeps.
+    track_energy : also return E after every sweep (slower; for diagnostics).
+
+    Returns
+    -------
+    ATResult with u (f's shape, float32), s (f's shape without channels), energy, iterations.
+    """
+    p = ATParams(alpha=alpha, lam=lam, eps=eps, omega=omega, n_iter=n_iter)
+    f_NHWC, shape, has_channels = as_batch(f)
+    name = resolve_backend(backend)
+    if name == "numpy":
+        from . import backend_numpy as impl
+    elif name == "numba":
+        from . import backend_numba as impl
+    else:
+        from . import backend_cupy as impl
+    u_NHWC, s_NHW, energy_N, history = impl.solve(f_NHWC, p, track_energy=track_energy)
+    batched = len(shape) == 4
+    u = u_NHWC.reshape(shape)
+    s = s_NHW if batched else s_NHW[0]
+    energy = np.asarray(energy_N, dtype=np.float64)
+    if history is not None:
+        history = np.asarray(history, dtype=np.float64)
+    if not batched:
+        energy = float(energy[0])
+        history = history[:, 0] if history is not None else None
+    return ATResult(u=u, s=s, energy=energy, iterations=p.n_iter, energy_history=history, backend=name)
+
+
+def batch_energy(u_NHWC, f_NHWC, s_NHW, p: ATParams) -> np.ndarray:
+    """E(u, s) of each image of a batch, by the reference `at_energy`."""
+    return np.array([at_energy(u_NHWC[n], f_NHWC[n], s_NHW[n], p.alpha, p.lam, p.eps)
+                     for n in range(u_NHWC.shape[0])])

@@ -1,0 +1,39 @@
+"""Typed parameters of the Ambrosio-Tortorelli solver."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ATParams:
+    """Parameters of E(u, s) (see `nextdetail.decomp.energy`) and of its solver.
+
+    alpha : smoothness weight (CART v1 uses 10, v2 uses 1).
+    lam   : edge-length weight.
+    eps   : edge width in pixels. With unit grid spacing and eps = 0.01 the eps |grad s|^2
+            term is tiny and s is nearly a pointwise function of |grad u|^2; raise eps
+            (e.g. 1-2 px) for a diffuse, connected edge set.
+    omega : over-relaxation of the red-black SOR u-step, 0 < omega < 2.
+    n_iter: sweeps (one sweep = both colours, s and u updated at every pixel).
+    """
+
+    alpha: float = 10.0
+    lam: float = 0.01
+    eps: float = 0.01
+    omega: float = 1.6
+    n_iter: int = 100
+
+    def __post_init__(self):
+        if not (self.alpha >= 0 and float(self.alpha) < float("inf")):
+            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+        if not (self.lam > 0 and float(self.lam) < float("inf")):
+            raise ValueError(f"lam must be a finite number > 0, got {self.lam!r}")
+        if not (self.eps > 0 and float(self.eps) < float("inf")):
+            raise ValueError(f"eps must be a finite number > 0, got {self.eps!r}")
+        if not (0 < self.omega < 2):
+            raise ValueError(f"omega must lie in (0, 2) for SOR to descend, got {self.omega!r}")
+        if int(self.n_iter) != self.n_iter or self.n_iter < 0:
+            raise ValueError(f"n_iter must be an integer >= 0, got {self.n_iter!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

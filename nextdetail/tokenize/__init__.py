@@ -1,0 +1,1 @@
+"""Reserved: arrives with its issue (see README, Roadmap)."""
