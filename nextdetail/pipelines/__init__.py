@@ -1,1 +1,16 @@
-"""Reserved: arrives with its issue (see README, Roadmap)."""
+"""Dataset pipelines: the Ray Data decomposition job and the Zarr + Parquet store it writes.
+
+    from nextdetail.pipelines import DecompositionStore, JobConfig, run_job
+    report = run_job(JobConfig(src="photos/", out="store/", size=256))
+    store = DecompositionStore("store/")     # len(store), store[i].image / .bases / .details
+
+Ray, Zarr and pyarrow are imported only by the functions that need them, so importing this
+package stays cheap.
+"""
+from .config import ConfigError, JobConfig, StoreParams
+from .job import JobError, JobReport, run_job
+from .sources import Source, SourceError, list_sources
+from .store import DecompositionStore, StoreError, StoreItem
+
+__all__ = ["ConfigError", "DecompositionStore", "JobConfig", "JobError", "JobReport", "Source",
+           "SourceError", "StoreError", "StoreItem", "StoreParams", "list_sources", "run_job"]

@@ -1,0 +1,150 @@
+"""What a dataset job decomposes: SRC (a folder or a listing file) as an ordered list of images.
+
+- A folder: every image file under it, found by `nextdetail.imageio.list_images` (sorted by
+  relative path). Its non-hidden immediate sub-folders are classes, labelled 0, 1, ... in
+  sorted name order, as torchvision's ImageFolder (the ImageNet train layout) does; an
+  image directly in SRC has no class (label -1).
+- A .txt listing: one image path per line, optionally followed by whitespace and an
+  integer label >= 0. Blank lines and lines starting with # are skipped.
+- A .parquet listing: a `path` column, optional integer `label` and string `class_name`
+  columns; class names without labels are numbered in sorted order, like folders.
+
+Relative paths in a listing are taken relative to the listing's own folder, so it works
+from any working directory. The id of an image, which names it in the store, is its path
+relative to SRC (folders) or its path as written in the listing: it does not change when
+the data moves. Files are not opened here; a missing or broken one becomes an error row.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from ..imageio import list_images
+
+log = logging.getLogger(__name__)
+
+NO_LABEL = -1
+
+
+class SourceError(ValueError):
+    """SRC cannot be listed; str is one line "<SRC>: <reason>"."""
+
+    def __init__(self, src, reason: str):
+        super().__init__(f"{src}: {reason}")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One image of the job. index is its row in the store, path what workers open."""
+
+    index: int
+    id: str
+    path: str
+    label: int = NO_LABEL
+    class_name: Optional[str] = None
+
+
+def list_sources(src) -> List[Source]:
+    """SRC (folder, .txt or .parquet listing) -> sources in store order. Raises SourceError."""
+    src = Path(src)
+    if src.is_dir():
+        items = _from_folder(src)
+    elif src.is_file():
+        suffix = src.suffix.lower()
+        if suffix == ".txt":
+            items = _from_text(src)
+        elif suffix == ".parquet":
+            items = _from_parquet(src)
+        else:
+            raise SourceError(src, f"expected a folder of images or a .txt/.parquet listing, "
+                                   f"got a {suffix or 'suffix-less'} file")
+    elif src.exists():
+        raise SourceError(src, "is neither a folder nor a regular file")
+    else:
+        raise SourceError(src, "no such file or folder")
+    if not items:
+        raise SourceError(src, "no images found")
+    return [Source(i, *item) for i, item in enumerate(items)]
+
+
+def _from_folder(src: Path) -> list:
+    classes = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    label_of = {name: k for k, name in enumerate(classes)}
+    items = []
+    for path in list_images([src]):
+        rel = path.relative_to(src)
+        cls = rel.parts[0] if len(rel.parts) > 1 else None
+        items.append((rel.as_posix(), os.path.abspath(path), label_of.get(cls, NO_LABEL), cls))
+    found = {cls for *_, cls in items}
+    empty = [c for c in classes if c not in found]
+    if empty:
+        # ImageFolder numbers every class folder, so an empty one still takes a label.
+        log.warning("%s: class folders without images (they keep their labels): %s",
+                    src, ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""))
+    return items
+
+
+def _resolve(listing: Path, written: str) -> str:
+    p = Path(written).expanduser()
+    return os.path.abspath(p if p.is_absolute() else listing.parent / p)
+
+
+def _from_text(src: Path) -> list:
+    try:
+        lines = src.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(src, f"cannot read the listing ({e})") from None
+    items, seen = [], {}
+    for lineno, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        path, label = text, NO_LABEL
+        parts = text.rsplit(None, 1)
+        # "path label": the last field is a label only when it is an integer, so paths
+        # with spaces still work.
+        if len(parts) == 2 and parts[1].lstrip("+-").isdigit():
+            path, label = parts[0], int(parts[1])
+            if label < 0:
+                raise SourceError(src, f"line {lineno}: label must be an integer >= 0, got {label}")
+        key = Path(path).as_posix()
+        if key in seen:
+            raise SourceError(src, f"line {lineno}: {path} is listed twice (first on line {seen[key]})")
+        seen[key] = lineno
+        items.append((key, _resolve(src, path), label, None))
+    return items
+
+
+def _from_parquet(src: Path) -> list:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(src)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a bad file
+        raise SourceError(src, f"cannot read the listing as Parquet ({e})") from None
+    cols = table.column_names
+    if "path" not in cols:
+        raise SourceError(src, f"the listing needs a 'path' column; it has {', '.join(cols) or 'none'}")
+    paths = table.column("path").to_pylist()
+    labels = table.column("label").to_pylist() if "label" in cols else [None] * len(paths)
+    names = table.column("class_name").to_pylist() if "class_name" in cols else [None] * len(paths)
+    if "label" not in cols and "class_name" in cols:
+        numbering = {c: k for k, c in enumerate(sorted({c for c in names if c is not None}))}
+        labels = [numbering.get(c) for c in names]
+    items, seen = [], {}
+    for row, (path, label, cls) in enumerate(zip(paths, labels, names)):
+        if not isinstance(path, str) or not path:
+            raise SourceError(src, f"row {row}: path must be a non-empty string, got {path!r}")
+        if label is None:
+            label = NO_LABEL
+        elif int(label) != label or label < 0:
+            raise SourceError(src, f"row {row}: label must be an integer >= 0, got {label!r}")
+        key = Path(path).as_posix()
+        if key in seen:
+            raise SourceError(src, f"row {row}: {path} is listed twice (first in row {seen[key]})")
+        seen[key] = row
+        items.append((key, _resolve(src, path), int(label), cls))
+    return items

@@ -1,0 +1,232 @@
+"""The decomposition store: a public, documented on-disk contract, and its reader.
+
+    STORE/layers.zarr       float16 (N, n+1, 3, H, W), Zarr v3, chunk (1, n+1, 3, H, W):
+                            image i's layers in generation order [B_n, D_n, ..., D_1].
+                            Rows of images that failed hold the fill value NaN.
+    STORE/manifest.parquet  one row per source image, sorted by index (MANIFEST_COLUMNS).
+    STORE/meta.json         parameters, layer order, counts, versions. Written last: a
+                            store without it is incomplete (a job is running or died).
+    STORE/_parts/           the job's journal (per-batch manifest rows); gone when complete.
+
+I = B_n + D_n + ... + D_1, and B_(k-1) = B_k + D_k, so every base is a partial sum of
+layers. The reader (`DecompositionStore`) refuses incomplete stores and stores of another
+format version with a one-line `StoreError`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+FORMAT = "nextdetail.decomposition_store"
+FORMAT_VERSION = 1
+
+LAYERS = "layers.zarr"
+MANIFEST = "manifest.parquet"
+META = "meta.json"
+PARTS = "_parts"
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+STATUS_PENDING = "pending"     # only in incomplete stores: not processed yet
+
+# Manifest columns besides energy_k / iterations_k (k = 1..n, level k makes B_k from B_(k-1)).
+MANIFEST_COLUMNS = ("index", "id", "path", "label", "class_name", "status", "error",
+                    "seconds", "backend", "worker_host", "worker_pid")
+# Columns that depend on when and where an image ran, not on what it is: everything else
+# is the same for an interrupted-and-resumed run as for an uninterrupted one.
+RUN_DEPENDENT_COLUMNS = ("seconds", "worker_host", "worker_pid")
+
+
+class StoreError(ValueError):
+    """A store that cannot be used as asked; str is one line "<STORE>: <reason>"."""
+
+    def __init__(self, path, reason: str):
+        self.path = Path(path)
+        super().__init__(f"{path}: {reason}")
+
+
+def layer_names(order: int) -> List[str]:
+    """Generation order, coarse to fine: B_n, D_n, ..., D_1."""
+    return [f"B_{order}"] + [f"D_{k}" for k in range(order, 0, -1)]
+
+
+def manifest_schema(order: int):
+    """The pyarrow schema of manifest.parquet (and of every journal part) for `order` levels."""
+    import pyarrow as pa
+
+    fields = [("index", pa.int64()), ("id", pa.string()), ("path", pa.string()),
+              ("label", pa.int64()), ("class_name", pa.string()), ("status", pa.string()),
+              ("error", pa.string())]
+    fields += [(f"energy_{k}", pa.float64()) for k in range(1, order + 1)]
+    fields += [(f"iterations_{k}", pa.int64()) for k in range(1, order + 1)]
+    fields += [("seconds", pa.float64()), ("backend", pa.string()), ("worker_host", pa.string()),
+               ("worker_pid", pa.int64())]
+    return pa.schema(fields)
+
+
+def read_meta(path) -> dict:
+    """meta.json of a store, checked: StoreError if missing (incomplete) or of another format."""
+    path = Path(path)
+    if not path.is_dir():
+        raise StoreError(path, "no such store (not a folder)")
+    meta_file = path / META
+    if not meta_file.is_file():
+        if (path / LAYERS).exists():
+            raise StoreError(path, "incomplete store (no meta.json): its job has not finished; rerun "
+                                   "the same `nextdetail decompose-dataset` command to complete it")
+        raise StoreError(path, "not a decomposition store (no meta.json, no layers.zarr)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise StoreError(path, f"cannot read meta.json ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise StoreError(path, f"meta.json does not describe a {FORMAT}")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreError(path, f"store format version {version!r} (written by nextdetail "
+                               f"{meta.get('nextdetail_version', '?')}); this nextdetail reads "
+                               f"version {FORMAT_VERSION} only")
+    return meta
+
+
+@dataclass
+class StoreItem:
+    """One image of a store. Arrays are float32 (H, W, 3) unless said otherwise.
+
+    image   : I = B_n + D_n + ... + D_1 (equals B_0)
+    bases   : [B_0, B_1, ..., B_n]
+    details : [D_1, ..., D_n], D_1 finest
+    layers  : the stored float16 (n+1, 3, H, W), generation order [B_n, D_n, ..., D_1]
+    """
+
+    index: int
+    id: str
+    label: int
+    class_name: Optional[str]
+    image: np.ndarray
+    bases: List[np.ndarray]
+    details: List[np.ndarray]
+    layers: np.ndarray
+
+
+def layers_to_item(layers: np.ndarray) -> tuple:
+    """(n+1, 3, H, W) generation-order layers -> (image, bases [B_0..B_n], details [D_1..D_n])."""
+    hwc = np.moveaxis(np.asarray(layers, dtype=np.float32), 1, -1)     # (n+1, H, W, 3)
+    n = hwc.shape[0] - 1
+    details = [hwc[n + 1 - k] for k in range(1, n + 1)]                  # layers[n] is D_1
+    bases = [hwc[0]]                                                     # B_n
+    for k in range(n, 0, -1):                                            # B_(k-1) = B_k + D_k
+        bases.append(bases[-1] + details[k - 1])
+    bases.reverse()
+    return bases[0], bases, details
+
+
+class DecompositionStore:
+    """Read a finished store: `len(store)` ok images, `store[i]` -> StoreItem.
+
+    Only images with status ok are indexed (i = 0 .. len - 1, in store order); the
+    manifest (all rows, errors included) is `store.manifest`, a pandas DataFrame.
+    Picklable (the Zarr array is reopened lazily), so DataLoader workers can share it.
+    """
+
+    def __init__(self, path):
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        try:
+            table = pq.read_table(self.path / MANIFEST)
+        except Exception as e:  # missing or unreadable Parquet
+            raise StoreError(self.path, f"cannot read {MANIFEST} ({e})") from None
+        self.manifest = table.to_pandas()
+        n = int(self.meta["counts"]["images"])
+        if len(self.manifest) != n:
+            raise StoreError(self.path, f"{MANIFEST} has {len(self.manifest)} rows, meta.json says {n} images")
+        self.order = int(self.meta["order"])
+        self.size = int(self.meta["size"])
+        ok = (self.manifest["status"] == STATUS_OK).to_numpy()
+        self.ok_indices = self.manifest["index"].to_numpy()[ok]
+        self._ids = self.manifest["id"].tolist()
+        self._labels = self.manifest["label"].to_numpy()
+        self.labels = self._labels[self.ok_indices]     # label of store[i] (-1: none)
+        self._classes = self.manifest["class_name"].tolist()
+        self._array = None
+        shape = tuple(self._layers().shape)
+        want = (n, self.order + 1, 3, self.size, self.size)
+        if shape != want:
+            raise StoreError(self.path, f"{LAYERS} has shape {shape}, meta.json implies {want}")
+
+    def _layers(self):
+        if self._array is None:
+            import zarr
+            try:
+                self._array = zarr.open_array(self.path / LAYERS, mode="r")
+            except Exception as e:  # zarr raises several types for a missing/broken array
+                raise StoreError(self.path, f"cannot open {LAYERS} ({e})") from None
+        return self._array
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_array"] = None        # zarr handles are reopened in the receiving process
+        return state
+
+    def __len__(self) -> int:
+        return len(self.ok_indices)
+
+    def _row(self, i: int) -> int:
+        n = len(self.ok_indices)
+        if not -n <= i < n:
+            raise IndexError(f"image {i} out of range for a store of {n} ok images")
+        return int(self.ok_indices[i])
+
+    def layers(self, i: int) -> np.ndarray:
+        """The stored float16 (n+1, 3, H, W) of ok image i, generation order."""
+        return np.asarray(self._layers()[self._row(i)])
+
+    def __getitem__(self, i: int) -> StoreItem:
+        row = self._row(i)
+        layers = np.asarray(self._layers()[row])
+        image, bases, details = layers_to_item(layers)
+        return StoreItem(index=row, id=self._ids[row], label=int(self._labels[row]),
+                         class_name=self._classes[row], image=image, bases=bases, details=details,
+                         layers=layers)
+
+    def torch_dataset(self):
+        """This store as a `torch.utils.data.Dataset` (PyTorch is imported only here).
+
+        Item i: {"layers": float32 tensor (n+1, 3, H, W) in generation order, "label": int,
+        "index": int (row in the store)}; layers.sum(0) is the image.
+        """
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(f"DecompositionStore.torch_dataset needs PyTorch ({e}); "
+                              "pip install torch") from None
+        return _torch_dataset_class(torch)(self)
+
+
+_TORCH_CLASS = None
+
+
+def _torch_dataset_class(torch):
+    """Define the Dataset subclass on first use, so importing this module never imports torch."""
+    global _TORCH_CLASS
+    if _TORCH_CLASS is None:
+        class TorchDecompositionDataset(torch.utils.data.Dataset):
+            def __init__(self, store: DecompositionStore):
+                self.store = store
+
+            def __len__(self):
+                return len(self.store)
+
+            def __getitem__(self, i):
+                layers = self.store.layers(i)
+                return {"layers": torch.from_numpy(layers.astype(np.float32)),
+                        "label": int(self.store.labels[i]), "index": int(self.store.ok_indices[i])}
+
+        _TORCH_CLASS = TorchDecompositionDataset
+    return _TORCH_CLASS
