@@ -1,0 +1,290 @@
+"""The `nextdetail` command. One `add_<command>` (arguments) and `cmd_<command>` (work) pair
+per subcommand; `main` only parses and dispatches.
+
+    nextdetail decompose INPUT... --out DIR [--order 3 --alpha 10 --lam 0.01 --eps 0.01
+                                             --n-iter 100 --backend auto --size N]
+
+Exit status: 0 all images done, 1 some input failed, 2 usage or parameter error.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from . import __version__
+from .decomp import ATParams, Decomposition, decompose
+from .decomp.at import BACKENDS, resolve_backend
+from .imageio import ImageError, list_images, load_image, save_png
+from .viz import contact_sheet, detail_scale, detail_to_uint8, edges_to_uint8
+
+log = logging.getLogger(__name__)
+
+PROG = "nextdetail"
+
+
+class ParameterError(ValueError):
+    """A command-line value that parses but makes no sense (reported in one line, exit 2)."""
+
+
+# --------------------------------------------------------------------------- decompose
+
+@dataclass(frozen=True)
+class DecomposeConfig:
+    """Validated settings of `nextdetail decompose`.
+
+    out        : output folder; one sub-folder per image.
+    order      : number of levels n (details D_1..D_n).
+    params     : AT solver parameters (alpha, lam, eps, omega, n_iter).
+    backend    : solver backend actually used (auto already resolved).
+    size       : None keeps each image's size; N resizes + center-crops to N x N.
+    batch_size : images per solver call when size is set (same-shape images batch).
+    """
+
+    out: Path
+    order: int
+    params: ATParams
+    backend: str
+    size: Optional[int] = None
+    batch_size: int = 8
+
+
+@dataclass
+class DecomposeReport:
+    """What a run did: output folder per finished image, failure lines, timing, energies."""
+
+    written: List[Path] = field(default_factory=list)
+    failures: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+    energies: List[float] = field(default_factory=list)   # per image: mean over levels
+
+    def summary(self, out: Path) -> str:
+        ok, bad = len(self.written), len(self.failures)
+        rate = ok / self.seconds if self.seconds > 0 else 0.0
+        energy = f"{np.mean(self.energies):.6g}" if self.energies else "n/a"
+        return (f"{ok} images ok, {bad} failed, {self.seconds:.1f} s, {rate:.2f} images/s, "
+                f"mean AT energy {energy}; output in {out}")
+
+
+def add_decompose(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "decompose", help="split images into base/detail/edge layers (CART base-detail)",
+        description="Decompose each image I into I = B_n + D_n + ... + D_1 by repeated "
+                    "Ambrosio-Tortorelli smoothing and write the layers as .npy and .png "
+                    "plus a contact sheet, one folder per image under --out.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files or folders (searched recursively)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    p.add_argument("--order", type=int, default=3, help="levels n (default 3)")
+    p.add_argument("--alpha", type=float, default=ATParams.alpha, help="smoothness weight (default 10)")
+    p.add_argument("--lam", type=float, default=ATParams.lam, help="edge-length weight (default 0.01)")
+    p.add_argument("--eps", type=float, default=ATParams.eps, help="edge width in px (default 0.01)")
+    p.add_argument("--omega", type=float, default=ATParams.omega, help="SOR relaxation in (0,2) (default 1.6)")
+    p.add_argument("--n-iter", type=int, default=ATParams.n_iter, help="solver sweeps per level (default 100)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto = cupy with a GPU, else numba (numpy if numba is unavailable)")
+    p.add_argument("--size", type=int, default=None, metavar="N",
+                   help="resize shorter side to N and center-crop N x N (enables batching)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B",
+                   help="images per solver call with --size (default 8)")
+    p.set_defaults(func=cmd_decompose)
+
+
+def usable_backend(name: str) -> str:
+    """Resolve 'auto' and make sure the backend module imports.
+
+    'auto' falls back to numpy (with a warning) when the compiled backend cannot be imported,
+    so a broken numba install slows the CLI down instead of stopping it; a backend asked
+    for by name must work. Raises ParameterError otherwise.
+    """
+    try:
+        resolved = resolve_backend(name)
+    except (ValueError, RuntimeError) as e:
+        raise ParameterError(str(e)) from None
+    try:
+        importlib.import_module(f"nextdetail.decomp.backend_{resolved}")
+    except ImportError as e:
+        if name != "auto" or resolved == "numpy":
+            raise ParameterError(f"backend {resolved!r} is not available ({e})") from None
+        log.warning("backend %s is not available (%s); using numpy, which is much slower", resolved, e)
+        return "numpy"
+    return resolved
+
+
+def decompose_config(args: argparse.Namespace) -> DecomposeConfig:
+    """Check the values of `nextdetail decompose`; ParameterError names the first bad one."""
+    if args.order < 1:
+        raise ParameterError(f"--order must be >= 1, got {args.order}")
+    if args.size is not None and args.size < 1:
+        raise ParameterError(f"--size must be >= 1, got {args.size}")
+    if args.batch_size < 1:
+        raise ParameterError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.out.exists() and not args.out.is_dir():
+        raise ParameterError(f"--out {args.out} exists and is not a folder")
+    try:
+        params = ATParams(alpha=args.alpha, lam=args.lam, eps=args.eps, omega=args.omega,
+                          n_iter=args.n_iter)
+    except ValueError as e:
+        raise ParameterError(str(e)) from None
+    return DecomposeConfig(out=args.out, order=args.order, params=params,
+                           backend=usable_backend(args.backend), size=args.size,
+                           batch_size=args.batch_size)
+
+
+def output_names(paths: Sequence[Path]) -> List[str]:
+    """Folder name per input: the file stem, made unique by -2, -3, ... in input order.
+
+    Compared case-insensitively, so the folders also stay apart on macOS/Windows disks.
+    Each folder's meta.json records the source path, so the mapping is never ambiguous.
+    """
+    names, used = [], set()
+    for p in paths:
+        stem = p.stem or "image"
+        name, k = stem, 1
+        while name.lower() in used:
+            k += 1
+            name = f"{stem}-{k}"
+        used.add(name.lower())
+        names.append(name)
+    return names
+
+
+def _host(a) -> np.ndarray:
+    """numpy view of a layer, copying from the GPU for cupy arrays."""
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
+def select_image(dec: Decomposition, i: Optional[int]) -> Decomposition:
+    """Image i of a batch decomposition as a single-image one (i=None: dec itself, on the host)."""
+    pick = (lambda a: _host(a)) if i is None else (lambda a: _host(a)[i])
+    energy = (lambda e: float(e)) if i is None else (lambda e: float(np.asarray(e)[i]))
+    return Decomposition(bases=[pick(b) for b in dec.bases], details=[pick(d) for d in dec.details],
+                         edges=[pick(s) for s in dec.edges], energies=[energy(e) for e in dec.energies],
+                         method=dec.method, params=dict(dec.params))
+
+
+def write_decomposition(dec: Decomposition, folder: Path, *, source: Path, backend: str) -> None:
+    """Write one image's layers into `folder`.
+
+    base_k.npy / detail_k.npy : float32 (H, W, 3), k = 1..n;  edges_k.npy : float32 (H, W)
+    base_k.png, detail_k.png (mid-grey = 0, see nextdetail.viz), edges_k.png, input.png,
+    contact.png, meta.json (source, shape, parameters, energies, detail display scales).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    save_png(dec.bases[0], folder / "input.png")
+    scales = []
+    for k in range(1, dec.order + 1):
+        base, detail, edges = dec.bases[k], dec.details[k - 1], dec.edges[k - 1]
+        np.save(folder / f"base_{k}.npy", base.astype(np.float32, copy=False))
+        np.save(folder / f"detail_{k}.npy", detail.astype(np.float32, copy=False))
+        np.save(folder / f"edges_{k}.npy", edges.astype(np.float32, copy=False))
+        save_png(base, folder / f"base_{k}.png")
+        scales.append(detail_scale(detail))
+        save_png(detail_to_uint8(detail, scales[-1]), folder / f"detail_{k}.png")
+        save_png(edges_to_uint8(edges), folder / f"edges_{k}.png")
+    contact_sheet(dec, title=source.name).save(folder / "contact.png")
+    meta = {"source": str(source), "shape": list(dec.bases[0].shape), "method": dec.method,
+            "order": dec.order, "params": dec.params, "backend": backend,
+            "energies": [float(e) for e in dec.energies],
+            # detail_k.png shows clip(D / scale, -1, 1) * 127.5 + 127.5
+            "detail_png_scales": scales}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def run_decompose(paths: Sequence[Path], cfg: DecomposeConfig,
+                  on_failure: Callable[[str], None]) -> DecomposeReport:
+    """Decompose `paths` into cfg.out/<name>/. A bad input calls on_failure("<path>: <reason>")
+    once and the run goes on. Images go to the solver one at a time, or cfg.batch_size at
+    a time when cfg.size makes them the same shape."""
+    report = DecomposeReport()
+    names = output_names(paths)
+    chunk = cfg.batch_size if cfg.size is not None else 1
+    start_time = time.perf_counter()
+
+    def fail(msg: str) -> None:
+        report.failures.append(msg)
+        on_failure(msg)
+
+    with logging_redirect_tqdm(), tqdm(total=len(paths), unit="img", desc="decompose",
+                                       file=sys.stderr, disable=None) as bar:
+        for start in range(0, len(paths), chunk):
+            loaded = []
+            for path, name in zip(paths[start:start + chunk], names[start:start + chunk]):
+                try:
+                    loaded.append((path, name, load_image(path, cfg.size)))
+                except ImageError as e:
+                    fail(str(e))
+                    bar.update(1)
+            if not loaded:
+                continue
+            batched = len(loaded) > 1
+            images = np.stack([im for _, _, im in loaded]) if batched else loaded[0][2]
+            try:
+                dec = decompose(images, cfg.order, backend=cfg.backend, **cfg.params.to_dict())
+            except (ValueError, RuntimeError, MemoryError) as e:
+                for path, _, _ in loaded:
+                    fail(f"{path}: decomposition failed ({type(e).__name__}: {e})")
+                bar.update(len(loaded))
+                continue
+            for i, (path, name, _) in enumerate(loaded):
+                one = select_image(dec, i if batched else None)
+                try:
+                    write_decomposition(one, cfg.out / name, source=path, backend=cfg.backend)
+                except OSError as e:
+                    fail(f"{path}: cannot write {cfg.out / name} ({e})")
+                else:
+                    report.written.append(cfg.out / name)
+                    report.energies.append(float(np.mean(one.energies)))
+                bar.update(1)
+    report.seconds = time.perf_counter() - start_time
+    return report
+
+
+def cmd_decompose(args: argparse.Namespace) -> int:
+    try:
+        cfg = decompose_config(args)
+    except ParameterError as e:
+        print(f"{PROG} decompose: error: {e}", file=sys.stderr)
+        return 2
+    paths = list_images(args.inputs)
+    if not paths:
+        print(f"{PROG} decompose: error: no image files in {' '.join(args.inputs)}", file=sys.stderr)
+        return 1
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    report = run_decompose(paths, cfg, on_failure=lambda msg: tqdm.write(msg, file=sys.stderr))
+    print(report.summary(cfg.out))
+    return 1 if report.failures else 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Data pipelines for next-detail (CART) "
+                                                            "autoregressive image generation.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_decompose(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point. Returns the exit status; argparse exits with 2 on usage errors."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(name)s: %(levelname)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

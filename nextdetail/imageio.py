@@ -1,0 +1,200 @@
+"""Reading photographs into float arrays, finding them on disk, writing PNGs.
+
+Every loader in the project goes through `load_image`, so that the CLI, the demo and the
+dataset pipelines see the same pixels: float32, (H, W, 3), in [0, 1], EXIF-upright.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, List, Optional, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# Suffixes (lower case) that `list_images` picks up when it walks a folder.
+IMAGE_EXTENSIONS = frozenset({
+    ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".tga",
+})
+
+# Integer modes with more than 8 bits per sample; PIL's convert("L") would clip them at 255.
+_HIGH_BIT_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+class ImageError(ValueError):
+    """A file that cannot be read as an image. str(e) is one line: "<path>: <reason>"."""
+
+    def __init__(self, path: PathLike, reason: str):
+        self.path = Path(path)
+        # Decoder messages sometimes span lines; the CLI promises one line per bad file.
+        self.reason = " ".join(str(reason).split())
+        super().__init__(f"{path}: {self.reason}")
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Scale `img` so its shorter side is `size` px (Lanczos), then crop the central size x size.
+
+    This is the one square-crop transform of the project (CLI --size, dataset pipelines).
+    Odd leftovers are split with the extra pixel on the right/bottom. Modes that PIL cannot
+    resample with Lanczos ("1", "P", "PA") are converted first to "L", "RGBA", "RGBA";
+    everything else keeps its mode.
+    """
+    if int(size) != size or size < 1:
+        raise ValueError(f"size must be an integer >= 1, got {size!r}")
+    size = int(size)
+    if img.mode == "1":
+        img = img.convert("L")
+    elif img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    w, h = img.size
+    scale = size / min(w, h)
+    # max(size, ...) guards the shorter side against rounding down by one.
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.LANCZOS)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _normalized_pil(img: Image.Image, path: PathLike) -> Image.Image:
+    """Bring any PIL mode to "RGB" (8 bit) or "F" (grey, float in [0, 1], for > 8-bit sources)."""
+    mode = img.mode
+    if mode in _HIGH_BIT_GREY_MODES:
+        a = np.asarray(img)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ImageError(path, f"{mode} samples outside 0..65535 are not supported")
+        return Image.fromarray(a.astype(np.float32) / np.float32(65535.0), mode="F")
+    if mode == "P":
+        # Palette images carry transparency in info, not in an alpha band.
+        mode = "RGBA" if "transparency" in img.info else "RGB"
+        img = img.convert(mode)
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode == "RGB":
+        return img
+    if mode == "F":
+        raise ImageError(path, "floating-point (mode F) images are not supported")
+    try:  # L, 1, CMYK, YCbCr, ...: PIL's own conversions (CMYK is converted naively, no ICC)
+        return img.convert("RGB")
+    except ValueError as e:
+        raise ImageError(path, f"cannot convert pixel mode {mode} to RGB ({e})") from None
+
+
+def _open_upright(path: Path) -> Image.Image:
+    """Open, fully decode and EXIF-rotate one image; any failure becomes an ImageError."""
+    if not path.exists():
+        raise ImageError(path, "no such file")
+    if path.is_dir():
+        raise ImageError(path, "is a directory, not an image file")
+    try:
+        with Image.open(path) as im:
+            # Image.open only parses the header; load() decodes the pixels, which is where
+            # truncated files fail (ImageFile.LOAD_TRUNCATED_IMAGES is deliberately left False).
+            im.load()
+            return ImageOps.exif_transpose(im)
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image (format not recognised)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(path, str(e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        # PIL reports broken streams as OSError ("image file is truncated"), SyntaxError
+        # ("broken PNG file"), ValueError or struct.error, depending on the format.
+        raise ImageError(path, f"corrupt or truncated image ({e or type(e).__name__})") from None
+
+
+def load_image_pil(path: PathLike, size: Optional[int] = None) -> Image.Image:
+    """`load_image` stopping short of numpy: an "RGB" or (grey, > 8-bit source) "F" image."""
+    path = Path(path)
+    img = _normalized_pil(_open_upright(path), path)
+    if size is not None:
+        img = resize_center_crop(img, size)
+    return img
+
+
+def load_image(path: PathLike, size: Optional[int] = None) -> np.ndarray:
+    """Read an image file as float32 RGB in [0, 1], shape (H, W, 3) (or (size, size, 3)).
+
+    - Grey (1, L) and 16-bit grey (I, I;16 - e.g. 16-bit PNG) are replicated to three
+      channels; 16-bit samples are divided by 65535, keeping all their precision.
+      (16-bit RGB files are reduced to 8 bit by PIL's decoder.)
+    - Images with transparency (LA, RGBA, palette with a transparent index) are composited
+      over white, so transparent pixels read as 1.0.
+    - Palette (P) images are expanded; CMYK and YCbCr are converted by PIL (no ICC profile).
+    - The EXIF orientation tag is applied, so the array is upright as viewers show it.
+    - size: if given, shorter side scaled to `size` (Lanczos) and the center size x size
+      cropped, see `resize_center_crop`.
+
+    Raises ImageError (a ValueError; str is "<path>: <reason>") for a missing file, a file
+    that is not an image, or a truncated/corrupt one.
+    """
+    img = load_image_pil(path, size)
+    if img.mode == "F":
+        grey = np.asarray(img, dtype=np.float32)
+        # Lanczos overshoots near sharp edges; 8-bit images are clipped by PIL itself.
+        grey = np.clip(grey, 0.0, 1.0) if size is not None else grey
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.asarray(img, dtype=np.float32) / np.float32(255.0)
+
+
+def list_images(inputs: Iterable[PathLike]) -> List[Path]:
+    """Expand command-line inputs into a list of image paths.
+
+    A folder is walked recursively for files whose suffix is in IMAGE_EXTENSIONS (any case),
+    skipping hidden files and folders (names starting with "."), sorted by their path
+    relative to the folder, so the order is the same on every machine. Anything else -
+    a file of any extension, or a path that does not exist - passes through as given, so
+    that it fails visibly when loaded instead of vanishing. A path met twice is kept once
+    (the first time).
+    """
+    out: List[Path] = []
+    seen = set()
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = [f for f in p.rglob("*")
+                     if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                     and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+            found.sort(key=lambda f: f.relative_to(p).as_posix())
+            if not found:
+                log.warning("%s: folder holds no image files", p)
+        else:
+            found = [p]
+        for f in found:
+            key = os.path.abspath(f)
+            if key not in seen:
+                seen.add(key)
+                out.append(f)
+    return out
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """Float image in [0, 1] -> uint8 (values outside are clipped, rounded to nearest)."""
+    a = np.asarray(array)
+    if a.dtype == np.uint8:
+        return a
+    return np.round(np.clip(a.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def save_png(array: np.ndarray, path: PathLike) -> Path:
+    """Write a float image in [0, 1] (or uint8) as an 8-bit PNG; parent folders are created.
+
+    array: (H, W) or (H, W, 1) grey, (H, W, 3) RGB or (H, W, 4) RGBA.
+    """
+    a = to_uint8(array)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ValueError(f"save_png: expected (H,W), (H,W,1), (H,W,3) or (H,W,4), got {a.shape}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path, format="PNG")
+    return path
