@@ -3,8 +3,11 @@ per subcommand; `main` only parses and dispatches.
 
     nextdetail decompose INPUT... --out DIR [--order 3 --alpha 10 --lam 0.01 --eps 0.01
                                              --n-iter 100 --backend auto --size N]
+    nextdetail decompose-dataset SRC --out STORE [--size 256 --order 3 ... --address ADDR
+                                                  --workers N --gpus-per-worker G --overwrite]
 
-Exit status: 0 all images done, 1 some input failed, 2 usage or parameter error.
+Exit status: 0 all images done, 1 some input failed, 2 usage or parameter error;
+decompose-dataset also 3: the job did not finish (the store is resumable).
 """
 from __future__ import annotations
 
@@ -76,6 +79,24 @@ class DecomposeReport:
                 f"mean AT energy {energy}; output in {out}")
 
 
+def add_solver_arguments(p: argparse.ArgumentParser) -> None:
+    """--order and the AT parameters, shared by every subcommand that decomposes."""
+    p.add_argument("--order", type=int, default=3, help="levels n (default 3)")
+    p.add_argument("--alpha", type=float, default=ATParams.alpha, help="smoothness weight (default 10)")
+    p.add_argument("--lam", type=float, default=ATParams.lam, help="edge-length weight (default 0.01)")
+    p.add_argument("--eps", type=float, default=ATParams.eps, help="edge width in px (default 0.01)")
+    p.add_argument("--omega", type=float, default=ATParams.omega, help="SOR relaxation in (0,2) (default 1.6)")
+    p.add_argument("--n-iter", type=int, default=ATParams.n_iter, help="solver sweeps per level (default 100)")
+
+
+def at_params(args: argparse.Namespace) -> ATParams:
+    """The AT parameters of parsed arguments; ParameterError names a bad one."""
+    try:
+        return ATParams(alpha=args.alpha, lam=args.lam, eps=args.eps, omega=args.omega, n_iter=args.n_iter)
+    except ValueError as e:
+        raise ParameterError(str(e)) from None
+
+
 def add_decompose(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "decompose", help="split images into base/detail/edge layers (CART base-detail)",
@@ -85,12 +106,7 @@ def add_decompose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files or folders (searched recursively)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    p.add_argument("--order", type=int, default=3, help="levels n (default 3)")
-    p.add_argument("--alpha", type=float, default=ATParams.alpha, help="smoothness weight (default 10)")
-    p.add_argument("--lam", type=float, default=ATParams.lam, help="edge-length weight (default 0.01)")
-    p.add_argument("--eps", type=float, default=ATParams.eps, help="edge width in px (default 0.01)")
-    p.add_argument("--omega", type=float, default=ATParams.omega, help="SOR relaxation in (0,2) (default 1.6)")
-    p.add_argument("--n-iter", type=int, default=ATParams.n_iter, help="solver sweeps per level (default 100)")
+    add_solver_arguments(p)
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto = cupy with a GPU, else numba (numpy if numba is unavailable)")
     p.add_argument("--size", type=int, default=None, metavar="N",
@@ -131,11 +147,7 @@ def decompose_config(args: argparse.Namespace) -> DecomposeConfig:
         raise ParameterError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.out.exists() and not args.out.is_dir():
         raise ParameterError(f"--out {args.out} exists and is not a folder")
-    try:
-        params = ATParams(alpha=args.alpha, lam=args.lam, eps=args.eps, omega=args.omega,
-                          n_iter=args.n_iter)
-    except ValueError as e:
-        raise ParameterError(str(e)) from None
+    params = at_params(args)
     return DecomposeConfig(out=args.out, order=args.order, params=params,
                            backend=usable_backend(args.backend), size=args.size,
                            batch_size=args.batch_size)
@@ -266,6 +278,104 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     return 1 if report.failures else 0
 
 
+# --------------------------------------------------------------------------- decompose-dataset
+
+def add_decompose_dataset(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "decompose-dataset", help="decompose a whole dataset with Ray into a Zarr + Parquet store",
+        description="Decompose every image of SRC into STORE/layers.zarr (float16 layers, generation "
+                    "order), STORE/manifest.parquet (one row per image) and STORE/meta.json, with a "
+                    "local Ray or a Ray cluster. Rerunning the same command resumes. Exit status: 0 "
+                    "every image ok, 1 some images failed (the store is complete, see the manifest), "
+                    "2 usage, parameter or store mismatch, 3 the job did not finish (rerun to resume).")
+    p.add_argument("src", metavar="SRC", type=Path,
+                   help="folder of images (class sub-folders give labels) or a .txt/.parquet listing")
+    p.add_argument("--out", required=True, type=Path, metavar="STORE", help="store folder")
+    p.add_argument("--size", type=int, default=256, metavar="N",
+                   help="shorter side resized to N (LANCZOS), center-cropped N x N (default 256)")
+    add_solver_arguments(p)
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto = cupy on GPU workers, else numba")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="join a Ray cluster ('auto' or ray://host:port); default: start a local Ray")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="actors in the pool (default: one per CPU, or per G GPUs)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                   help="GPUs per actor (default 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per solver call (default 8)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a store made with other parameters or from other images")
+    p.set_defaults(func=cmd_decompose_dataset)
+
+
+class DatasetProgress:
+    """tqdm bar for the dataset job; failed images are printed as "<path>: <reason>" lines."""
+
+    def __init__(self):
+        self.bar = None
+
+    def start(self, todo: int, done: int) -> None:
+        self.bar = tqdm(total=todo, unit="img", desc="decompose-dataset", file=sys.stderr, disable=None)
+        if done:
+            tqdm.write(f"resuming: {done} images already in the store, {todo} to do", file=sys.stderr)
+
+    def update(self, rows) -> None:
+        for r in rows:
+            if r["status"] != "ok":
+                tqdm.write(f"{r['path']}: {r['error']}", file=sys.stderr)
+        self.bar.update(len(rows))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _DropRayNoise(logging.Filter):
+    """Ray Data warns that its progress bars are off: they are, ours replaces them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Progress bars disabled" not in record.getMessage()
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's console shows warnings only (its log file under /tmp/ray keeps everything).
+
+    Ray Data installs its handlers when ray.data is imported, so import it first.
+    """
+    import ray.data  # noqa: F401
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console":
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(_DropRayNoise())
+
+
+def cmd_decompose_dataset(args: argparse.Namespace) -> int:
+    from .pipelines import ConfigError, JobConfig, JobError, SourceError, StoreError, run_job
+
+    name = f"{PROG} decompose-dataset"
+    try:
+        cfg = JobConfig(src=args.src, out=args.out, size=args.size, order=args.order,
+                        params=at_params(args), backend=args.backend, address=args.address,
+                        workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                        batch_size=args.batch_size, overwrite=args.overwrite)
+    except (ParameterError, ConfigError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    if not args.verbose:
+        quiet_ray_data()
+    try:
+        report = run_job(cfg, progress=DatasetProgress())
+    except (SourceError, StoreError, ConfigError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except JobError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 3
+    print(report.summary())
+    return 0 if report.error == 0 else 1
+
+
 # --------------------------------------------------------------------------- entry point
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_decompose(sub)
+    add_decompose_dataset(sub)
     return parser
 
 

@@ -1,4 +1,6 @@
 """Shared test fixtures. Real photos live outside the repository, in <repo>/../shared/data."""
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -12,3 +14,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (ray.init costs ~5 s).
+
+    4 logical CPUs on any machine: the job's actor pools need a CPU slot each, and the
+    tests use up to 3 actors; Ray only schedules by these numbers, the cores are shared.
+    """
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")        # Ray 2.60 turns token auth on
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()

@@ -180,6 +180,9 @@ def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
         report.skipped = plan.done
         if plan.previous_errors:
             log.info("retrying %d images that failed in an earlier run", plan.previous_errors)
+        # More actors than batches would only idle (and make Ray Data warn).
+        workers = min(workers, max(1, math.ceil(len(plan.todo) / cfg.batch_size)))
+        report.workers = workers
         if progress:
             progress.start(len(plan.todo), plan.done)
         t_first, t_last = None, None

@@ -1,0 +1,70 @@
+"""Inputs for the pipeline tests: real photos from <repo>/../shared/data by path (never
+copied), or generated images when that folder is absent, plus deliberately broken files."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import numpy as np
+from PIL import Image
+
+from conftest import SHARED_DATA
+
+PHOTO_FOLDERS = ("set5", "set14", "kodak24", "bsd100")
+
+
+def synthetic_photo(path: Path, seed: int, size: int = 80) -> Path:
+    """A smooth random image with a few sharp-edged discs: something AT has work to do on."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = np.stack([0.5 + 0.3 * np.sin(2 * np.pi * (rng.uniform(0.5, 2) * x + rng.uniform(0.5, 2) * y
+                                                     + rng.uniform())) for _ in range(3)], -1)
+    for _ in range(3):
+        cy, cx, r = rng.uniform(0.2, 0.8, 2).tolist() + [rng.uniform(0.1, 0.25)]
+        img[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.uniform(0, 1, 3)
+    img += rng.normal(0, 0.03, img.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def photo_paths(n: int, tmp: Path) -> List[Path]:
+    """n real photos (sorted, from the shared folders) or n generated ones in tmp."""
+    if SHARED_DATA.is_dir():
+        found = []
+        for folder in PHOTO_FOLDERS:
+            found += sorted((SHARED_DATA / folder).glob("*.png"))
+        if len(found) >= n:
+            return found[:n]
+    return [synthetic_photo(tmp / "generated" / f"img_{i:03d}.png", i) for i in range(n)]
+
+
+def listing(paths, path: Path, labels=None) -> Path:
+    """A .txt listing of absolute paths (optionally "path label")."""
+    lines = [f"{p}" if labels is None else f"{p} {lab}" for p, lab in zip(paths, labels or [None] * len(paths))]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def class_folder(tmp: Path, classes=("cat", "dog", "eel"), per_class: int = 4) -> Path:
+    """cifar10_subset when present (10 classes of 32x32 JPGs), else generated class folders."""
+    if (SHARED_DATA / "cifar10_subset").is_dir():
+        return SHARED_DATA / "cifar10_subset"
+    root = tmp / "classes"
+    for k, cls in enumerate(classes):
+        for i in range(per_class):
+            synthetic_photo(root / cls / f"{i:04d}.png", 100 * k + i, size=32)
+    return root
+
+
+def broken_files(folder: Path, good: Path) -> dict:
+    """Files that must become error rows: {name: path}. `good` is a real image to damage."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = good.read_bytes()
+    files = {"truncated": folder / "truncated.png", "not_image": folder / "notes.png",
+             "empty": folder / "empty.jpg", "garbage": folder / "garbage.jpg"}
+    files["truncated"].write_bytes(data[: len(data) // 3])
+    files["not_image"].write_text("this is not a picture\n")
+    files["empty"].write_bytes(b"")
+    files["garbage"].write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)   # JPEG magic, then noise
+    return files
