@@ -90,7 +90,8 @@ def connect(cfg: JobConfig) -> tuple:
     try:
         if cfg.address is None:
             workers = cfg.workers or 0
-            ray.init(num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, workers), **kwargs)
+            # address="local": a new Ray of our own, even when RAY_ADDRESS points elsewhere.
+            ray.init(address="local", num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, workers), **kwargs)
         else:
             ray.init(address=cfg.address, **kwargs)
     except Exception as e:  # ConnectionError, RuntimeError, ... from Ray
