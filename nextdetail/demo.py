@@ -5,7 +5,9 @@
 Without --images it uses photographs that ship inside the scikit-image wheel (no
 download): they are written to DIR/inputs/*.png and decomposed like any other input. The
 work is done by `nextdetail decompose` itself (nextdetail.cli.main), so the demo exercises
-exactly the command users run.
+exactly the command users run. Then `nextdetail decompose-dataset` (a local Ray) puts the
+same images into the store DIR/dataset-store, and the demo renders the first image read
+back from it as DIR/dataset-store-contact.png.
 """
 from __future__ import annotations
 
@@ -17,10 +19,14 @@ from typing import List, Optional, Sequence
 
 from . import cli
 from .imageio import list_images, save_png
+from .viz import contact_sheet
 
 # skimage.data loaders whose files are inside the wheel (skimage/data/*.png), unlike the
 # pooch-fetched ones; natural photos with faces, fur, texture and smooth backgrounds.
 BUNDLED_PHOTOS = ("astronaut", "coffee", "chelsea")
+# The dataset job's store inside --out, beside the per-image folders of `decompose`. Should
+# an input be called dataset-store.png, the job refuses that foreign folder; nothing is lost.
+STORE_NAME = "dataset-store"
 
 
 def write_bundled_photos(folder: Path) -> List[Path]:
@@ -73,6 +79,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("contact sheets (input, bases B_k, details D_k, edges s_k):")
         for s in sheets:
             print(f"  {s}")
+    dataset_status = run_dataset_job(inputs, args.out / STORE_NAME, size=args.size or 256,
+                                     backend=args.backend)
+    return status or dataset_status
+
+
+def run_dataset_job(inputs: Sequence[str], store: Path, *, size: int, backend: str) -> int:
+    """`nextdetail decompose-dataset` on the same inputs, then a contact sheet of the store's
+    first image, read back through DecompositionStore (so the demo shows the store works)."""
+    from .decomp import Decomposition
+    from .pipelines import DecompositionStore, StoreError
+
+    store.parent.mkdir(parents=True, exist_ok=True)
+    listing = store.parent / f"{STORE_NAME}-inputs.txt"
+    listing.write_text("".join(f"{p.resolve()}\n" for p in list_images(inputs)))
+    # --overwrite: the demo's store always follows the demo's current inputs and size.
+    status = cli.main(["decompose-dataset", str(listing), "--out", str(store), "--size", str(size),
+                       "--backend", backend, "--overwrite"])
+    try:
+        reader = DecompositionStore(store)
+    except StoreError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return status or 1
+    print(f"store: {store} ({len(reader)} of {reader.meta['counts']['images']} images ok; "
+          f"read it with nextdetail.pipelines.DecompositionStore)")
+    if len(reader):
+        item = reader[0]
+        row = reader.manifest.iloc[item.index]
+        dec = Decomposition(bases=item.bases, details=item.details, edges=[],
+                            energies=[row[f"energy_{k}"] for k in range(1, reader.order + 1)],
+                            params=dict(reader.meta["at"]))
+        sheet = store.parent / f"{STORE_NAME}-contact.png"
+        contact_sheet(dec, title=f"{item.id} (read back from the store, float16)").save(sheet)
+        print(f"contact sheet of {Path(item.id).name} from the store (bases B_k, details D_k): {sheet}")
     return status
 
 

@@ -55,6 +55,15 @@ def _host(a) -> np.ndarray:
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
+def stored_layers(dec) -> np.ndarray:
+    """A batch Decomposition as the store holds it: C-contiguous float16 (B, n+1, 3, H, W).
+
+    C order matters: Zarr encodes a non-contiguous array through an extra copy.
+    """
+    layers = np.stack([_host(a) for a in dec.layers], axis=1)              # (B, n+1, H, W, 3)
+    return np.ascontiguousarray(layers.transpose(0, 1, 4, 2, 3), dtype=np.float16)
+
+
 class DecomposeWorker:
     """Ray Data actor: decomposes batches of images and writes them into the store.
 
@@ -71,16 +80,25 @@ class DecomposeWorker:
         self.read_size = read_size
         self.params = StoreParams.from_dict(params)
         self.order = self.params.order
+        self.threads = None
         if self.params.backend == "numba":
             import numba
             # One actor per CPU: more Numba threads than the actor's CPUs would oversubscribe.
-            numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+            self.threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+            self._limit_threads()
         self.array = zarr.open_array(Path(store) / LAYERS, mode="r+")
         self.parts = Path(store) / "_parts" / f"run-{run:04d}"
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.schema = manifest_schema(self.order)
         # Warm-up: kernels are compiled per process; do it before the first real batch.
         self._decompose(np.zeros((1, 8, 8, 3), np.float32), n_iter=1)
+
+    def _limit_threads(self) -> None:
+        # numba.set_num_threads is per calling thread, and Ray Data calls the actor from
+        # another thread than the one that ran __init__: set it on every call.
+        if self.threads is not None:
+            import numba
+            numba.set_num_threads(self.threads)
 
     def _decompose(self, images: np.ndarray, **override):
         at = dict(self.params.params.to_dict(), **override)
@@ -104,14 +122,13 @@ class DecomposeWorker:
 
     def _solve_batch(self, images: np.ndarray) -> tuple:
         dec = self._decompose(images)
-        layers = np.stack([_host(a) for a in dec.layers], axis=1)          # (B, n+1, H, W, 3)
-        layers = np.ascontiguousarray(layers.transpose(0, 1, 4, 2, 3)).astype(np.float16)
         energies = np.stack([np.asarray(_host(e), np.float64).reshape(-1) for e in dec.energies], axis=1)
-        return layers, energies
+        return stored_layers(dec), energies
 
     def __call__(self, batch: Dict[str, np.ndarray]):
         import pyarrow as pa
 
+        self._limit_threads()
         if self.read_size is not None:
             batch = read_batch(batch, self.read_size)
         t_start = float(np.min(batch[T_START]))

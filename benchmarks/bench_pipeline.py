@@ -1,0 +1,135 @@
+"""Benchmark of the dataset job: Ray Data against a plain in-process loop, same work.
+
+Both do, for the same images with the same backend and batch size: read + resize/crop
+(nextdetail.imageio.load_image), decompose (nextdetail.decomp.decompose), convert the
+layers to float16 (n+1, 3, H, W) and write one Zarr chunk per image (same codec).
+
+  loop img/s       images / wall time of the loop, with Numba using W threads; kernels
+                   compiled before timing.
+  job img/s        images / processing time of `run_job` with W actors (first batch start
+                   to last batch end), i.e. Ray's start-up excluded...
+  job/loop         ... and their ratio (target >= 0.85).
+  Ray init, start-up   ray.init alone, and from ray.init to the first batch starting
+                   (actor pool, kernel warm-up), reported separately.
+  job total img/s  images / whole run_job wall time, start-up and store finishing included.
+
+    python benchmarks/bench_pipeline.py [--images 300] [--size 256] [--order 3] [--n-iter 100]
+        [--batch-size 8] [--workers 1,2] [--backend numba]
+
+Images: the photos of <repo>/../shared/data (kodak24, bsd100, set14, set5, then
+cifar10_subset to fill up), read by path; generated pictures when that folder is absent.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from nextdetail.decomp import ATParams, decompose  # noqa: E402
+from nextdetail.imageio import list_images, load_image  # noqa: E402
+from nextdetail.pipelines import JobConfig, StoreParams, run_job  # noqa: E402
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+FOLDERS = ("kodak24", "bsd100", "set14", "set5", "cifar10_subset")
+
+
+def pick_images(n: int, tmp: Path) -> tuple[list[Path], str]:
+    if SHARED_DATA.is_dir():
+        paths = []
+        for folder in FOLDERS:
+            paths += list_images([SHARED_DATA / folder])
+        if paths:
+            return paths[:n], f"../shared/data ({', '.join(FOLDERS)}, in that order)"
+    from pipeline_data import synthetic_photo   # tests/pipeline_data.py
+    return [synthetic_photo(tmp / f"g{i:04d}.png", i, size=320) for i in range(n)], "generated pictures"
+
+
+def plain_loop(paths, params: StoreParams, batch: int, threads: int, out: Path) -> float:
+    """The same work as the job, in this process; returns seconds."""
+    import numba
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    from nextdetail.pipelines.worker import stored_layers
+    from nextdetail.pipelines.writer import ZSTD_LEVEL
+
+    numba.set_num_threads(threads)
+    L, s = params.order + 1, params.size
+    arr = zarr.create_array(store=str(out), shape=(len(paths), L, 3, s, s), chunks=(1, L, 3, s, s),
+                            dtype="float16", fill_value=np.nan, compressors=ZstdCodec(level=ZSTD_LEVEL),
+                            overwrite=True)
+    at = params.params.to_dict()
+    t0 = time.perf_counter()
+    for start in range(0, len(paths), batch):
+        images = np.stack([load_image(p, s) for p in paths[start:start + batch]])
+        dec = decompose(images, params.order, backend=params.backend, **at)
+        layers = stored_layers(dec)
+        for j in range(len(images)):
+            arr[start + j] = layers[j]
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--images", type=int, default=300, help="number of images")
+    ap.add_argument("--size", type=int, default=256, help="stored image side")
+    ap.add_argument("--order", type=int, default=3)
+    ap.add_argument("--n-iter", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    ap.add_argument("--backend", default="numba", choices=("numba", "numpy"))
+    a = ap.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+
+    print("command:", shlex.join([Path(sys.executable).name, *sys.argv]))
+    with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
+        tmp = Path(tmp)
+        paths, origin = pick_images(a.images, tmp)
+        lst = tmp / "list.txt"
+        lst.write_text("".join(f"{p}\n" for p in paths))
+        at = ATParams(n_iter=a.n_iter)
+        params = StoreParams(order=a.order, size=a.size, params=at, backend=a.backend)
+        print(f"images: {len(paths)} from {origin}; {a.size}x{a.size}, order {a.order}, n_iter {a.n_iter}, "
+              f"backend {a.backend}, batch {a.batch_size}; machine: {os.cpu_count()} CPUs")
+        # Neither side may pay for a cold disk cache that the other then finds warm.
+        for p in paths:
+            Path(p).read_bytes()
+        # Compile (or load from Numba's cache) before anything is timed.
+        decompose(np.zeros((1, 16, 16, 3), np.float32), a.order, backend=a.backend, n_iter=1)
+        head = (f"{'workers':>7s} {'loop img/s':>10s} {'job img/s':>9s} {'job/loop':>8s} {'Ray init s':>10s} "
+                f"{'start-up s':>10s} {'job total img/s':>15s}")
+        rows = []
+        for w in [int(x) for x in a.workers.split(",")]:
+            loop_s = plain_loop(paths, params, a.batch_size, w, tmp / f"loop{w}.zarr")
+            cfg = JobConfig(src=lst, out=tmp / f"store{w}", size=a.size, order=a.order, params=at,
+                            backend=a.backend, workers=w, batch_size=a.batch_size)
+            report = run_job(cfg)
+            assert report.ok == len(paths), report.summary()
+            loop_rate = len(paths) / loop_s
+            rows.append(f"{w:7d} {loop_rate:10.1f} {report.rate:9.1f} {report.rate / loop_rate:8.2f} "
+                        f"{report.ray_seconds:10.1f} {report.startup_seconds:10.1f} "
+                        f"{report.images / report.seconds:15.1f}")
+            print(f"  W={w}: loop {loop_s:.1f} s; job: {report.summary()}", flush=True)
+        print()
+        print(head)
+        print("-" * len(head))
+        for r in rows:
+            print(r)
+
+
+if __name__ == "__main__":
+    main()
