@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 IMAGES ?=
 OUT    ?= out/demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-pipeline clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_decomp.py
+	$(PY) benchmarks/bench_pipeline.py
+
+bench-pipeline: $(STAMP)
+	$(PY) benchmarks/bench_pipeline.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from PIL import ImageOps
+
 from . import cli
 from .imageio import list_images, save_png
 from .viz import contact_sheet
@@ -110,7 +112,12 @@ def run_dataset_job(inputs: Sequence[str], store: Path, *, size: int, backend: s
                             energies=[row[f"energy_{k}"] for k in range(1, reader.order + 1)],
                             params=dict(reader.meta["at"]))
         sheet = store.parent / f"{STORE_NAME}-contact.png"
-        contact_sheet(dec, title=f"{item.id} (read back from the store, float16)").save(sheet)
+        image = contact_sheet(dec, title=f"{Path(item.id).name} (read back from the store, float16)")
+        # The store keeps no edge fields, so the sheet's last row is empty: crop it away.
+        box = ImageOps.invert(image.convert("RGB")).getbbox()
+        if box:
+            image = image.crop((0, 0, image.width, min(image.height, box[3] + 6)))
+        image.save(sheet)
         print(f"contact sheet of {Path(item.id).name} from the store (bases B_k, details D_k): {sheet}")
     return status
 

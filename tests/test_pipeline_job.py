@@ -171,3 +171,20 @@ def test_run_dependent_columns_are_the_only_unstable_ones(ray_session, tmp_path)
     a, b = (DecompositionStore(s).manifest.drop(columns=list(RUN_DEPENDENT_COLUMNS)) for s in stores)
     assert a.equals(b)
     assert (stores[0] / MANIFEST).exists()
+
+
+def test_demo_writes_a_store_and_a_contact_sheet_read_back_from_it(ray_session, tmp_path, capsys):
+    from PIL import Image
+
+    from nextdetail import demo
+
+    photos = photo_paths(2, tmp_path)
+    out = tmp_path / "demo"
+    rc = demo.main(["--out", str(out), "--images", *map(str, photos), "--size", "24", "--backend", "numba"])
+    stdout = capsys.readouterr().out
+    store, sheet = out / demo.STORE_NAME, out / f"{demo.STORE_NAME}-contact.png"
+    assert rc == 0
+    assert f"store: {store} (2 of 2 images ok" in stdout
+    assert f"contact sheet of {photos[0].name} from the store (bases B_k, details D_k): {sheet}" in stdout
+    assert len(DecompositionStore(store)) == 2
+    assert Image.open(sheet).size[0] > 4 * 24          # input + 3 bases side by side, enlarged
