@@ -287,7 +287,8 @@ def add_decompose_dataset(sub: argparse._SubParsersAction) -> None:
                     "order), STORE/manifest.parquet (one row per image) and STORE/meta.json, with a "
                     "local Ray or a Ray cluster. Rerunning the same command resumes. Exit status: 0 "
                     "every image ok, 1 some images failed (the store is complete, see the manifest), "
-                    "2 usage, parameter or store mismatch, 3 the job did not finish (rerun to resume).")
+                    "2 usage, parameter or store mismatch, 3 the job did not finish (rerun to resume), "
+                    "130 interrupted (rerun to resume).")
     p.add_argument("src", metavar="SRC", type=Path,
                    help="folder of images (class sub-folders give labels) or a .txt/.parquet listing")
     p.add_argument("--out", required=True, type=Path, metavar="STORE", help="store folder")
@@ -372,6 +373,9 @@ def cmd_decompose_dataset(args: argparse.Namespace) -> int:
     except JobError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; the store is resumable: rerun the same command", file=sys.stderr)
+        return 130
     print(report.summary())
     return 0 if report.error == 0 else 1
 

@@ -210,3 +210,25 @@ def test_reader_pickles_and_torch_adapter(tmp_path, src):
     assert item["layers"].dtype == torch.float32 and tuple(item["layers"].shape) == (3, 3, SIZE, SIZE)
     np.testing.assert_allclose(item["layers"].sum(0).permute(1, 2, 0).numpy(), reader[2].image, atol=1e-6)
     assert item["index"] == int(reader.ok_indices[2])
+
+
+def test_a_batch_that_fails_to_solve_is_split_so_one_image_cannot_sink_the_others(tmp_path, src, monkeypatch):
+    store = tmp_path / "store"
+    prepare_store(store, PARAMS, src, overwrite=False)
+    w = DecomposeWorker(str(store), PARAMS.to_dict(), run=1, read_size=SIZE)
+    poisoned = load_image(src[1].path, SIZE)
+    real = w._decompose
+
+    def flaky(images, **kw):          # the solver rejects any batch holding image 1
+        if any(np.array_equal(im, poisoned) for im in images):
+            raise ValueError("solver diverged")
+        return real(images, **kw)
+
+    monkeypatch.setattr(w, "_decompose", flaky)
+    out = w(batch_of(src[:3]))
+    assert out.column("status").to_pylist() == ["ok", "error", "ok"]
+    assert out.column("error").to_pylist()[1] == "decomposition failed (ValueError: solver diverged)"
+    ref = decompose(load_image(src[2].path, SIZE), 2, backend="numba", **PARAMS.params.to_dict())
+    want = np.stack([np.moveaxis(layer, -1, 0) for layer in ref.layers]).astype(np.float16)
+    np.testing.assert_array_equal(np.asarray(w.array[2]), want)
+    assert np.isnan(np.asarray(w.array[1], np.float32)).all()
