@@ -8,8 +8,9 @@ on the launch configuration or on the batch an image came in.
 
 The iteration loop only enqueues launches on the current stream: no host round trip
 until the result is read back. Launch overhead (a few microseconds) is small against a
-half-sweep over a batch of 256x256 images (about 33M pixels for 512 images); for tiny
-batches `graph=True` replays the sweeps as one captured CUDA graph.
+half-sweep over a batch of 256x256 images (about 16M threads for 512 images), so there is
+no CUDA graph yet; capture the sweep loop into one if a profile of small batches shows
+launch-bound gaps.
 
 Memory layout on the device is planar, (N, C, H, W) for u and f and (N, H, W) for s, so
 neighbouring threads touch neighbouring addresses.
@@ -151,7 +152,7 @@ def batch_energy(u_NCHW, f_NCHW, s_NHW, p: ATParams):
     return data + p.alpha * smooth + p.lam * edges
 
 
-def solve(f_NHWC, p: ATParams, track_energy: bool = False, graph: bool = False):
+def solve(f_NHWC, p: ATParams, track_energy: bool = False):
     """Run p.n_iter sweeps from u = f on a float32 (N, H, W, C) batch (numpy or cupy).
 
     Returns (u_NHWC, s_NHW, energy_N, history): u and s of the input's kind (a cupy input
@@ -184,14 +185,6 @@ def solve(f_NHWC, p: ATParams, track_energy: bool = False, graph: bool = False):
             sweeps(1)
             history.append(batch_energy(u, f, s, p))
         history = cp.stack(history)
-    elif graph and p.n_iter > 0:
-        stream = cp.cuda.Stream(non_blocking=True)
-        with stream:
-            stream.begin_capture()
-            sweeps(p.n_iter)
-            g = stream.end_capture()
-            g.launch(stream)
-        stream.synchronize()
     else:
         sweeps(p.n_iter)
 
