@@ -212,6 +212,8 @@ def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
             report.processing_seconds = max(1e-9, t_last - t_first)
         counts = finish_store(plan, src=str(cfg.src))
         report.ok, report.error = counts["ok"], counts["error"]
+    except OSError as e:   # creating or finishing the store on the driver's side
+        raise JobError(f"cannot write the store ({e}); rerun the same command once fixed") from e
     finally:
         if started:
             import ray

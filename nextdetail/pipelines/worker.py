@@ -56,10 +56,8 @@ def _host(a) -> np.ndarray:
 
 
 def stored_layers(dec) -> np.ndarray:
-    """A batch Decomposition as the store holds it: C-contiguous float16 (B, n+1, 3, H, W).
-
-    C order matters: Zarr encodes a non-contiguous array through an extra copy.
-    """
+    """A batch Decomposition as the store holds it: C-contiguous float16 (B, n+1, 3, H, W),
+    layers in generation order. The one conversion, shared by the job and the benchmark."""
     layers = np.stack([_host(a) for a in dec.layers], axis=1)              # (B, n+1, H, W, 3)
     return np.ascontiguousarray(layers.transpose(0, 1, 4, 2, 3), dtype=np.float16)
 
