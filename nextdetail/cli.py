@@ -2,7 +2,7 @@
 per subcommand; `main` only parses and dispatches.
 
     nextdetail decompose INPUT... --out DIR [--order 3 --alpha 10 --lam 0.01 --eps 0.01
-                                             --n-iter 100 --backend auto --size N]
+                                             --n-iter 50 --backend auto --size N]
 
 Exit status: 0 all images done, 1 some input failed, 2 usage or parameter error.
 """
@@ -90,7 +90,7 @@ def add_decompose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lam", type=float, default=ATParams.lam, help="edge-length weight (default 0.01)")
     p.add_argument("--eps", type=float, default=ATParams.eps, help="edge width in px (default 0.01)")
     p.add_argument("--omega", type=float, default=ATParams.omega, help="SOR relaxation in (0,2) (default 1.6)")
-    p.add_argument("--n-iter", type=int, default=ATParams.n_iter, help="solver sweeps per level (default 100)")
+    p.add_argument("--n-iter", type=int, default=ATParams.n_iter, help=f"solver sweeps per level (default {ATParams.n_iter})")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto = cupy with a GPU, else numba (numpy if numba is unavailable)")
     p.add_argument("--size", type=int, default=None, metavar="N",
