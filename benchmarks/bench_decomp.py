@@ -5,7 +5,7 @@ For every available backend (numpy, numba, cupy with a GPU) on real 256x256x3 cr
 
   ms/image, images/s   wall time of one `ambrosio_tortorelli` call on a batch, after a
                        warm-up call (numba JIT / CUDA compile excluded); median of --repeats.
-  x numpy              images/s over numpy's images/s, same n_iter and image size.
+  x numpy              images/s over numpy's images/s at the same n_iter and image size.
   gap median / worst   over the first --floor-crops crops: (E(u, s*(u)) - E_floor) / E_floor,
                        u the backend's output, s*(u) = argmin_s E(u, s) by a direct sparse
                        solve, E_floor the energy of the exact alternating minimization from
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 import exact_at  # noqa: E402  (tests/exact_at.py, via sys.path)
 from crops import center_crop, photo_paths  # noqa: E402
 
-from nextdetail.decomp import ambrosio_tortorelli, at_energy  # noqa: E402
+from nextdetail.decomp import ATParams, ambrosio_tortorelli, at_energy  # noqa: E402
 from nextdetail.decomp.at import cupy_usable  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -138,7 +138,8 @@ def gaps(r, crops: np.ndarray, floors: list, alpha, lam, eps) -> np.ndarray:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--n-iter", type=int, default=100, help="sweeps per solve")
+    ap.add_argument("--n-iter", default=f"{ATParams.n_iter},100",
+                    help="sweeps per solve; a comma-separated list runs each (default first)")
     ap.add_argument("--batch", type=int, default=32, help="images per timed call (numba)")
     ap.add_argument("--numpy-batch", type=int, default=4, help="images per timed call (numpy, ~1-3 s each)")
     ap.add_argument("--gpu-batch", type=int, default=512,
@@ -160,7 +161,7 @@ def main(argv=None) -> None:
     if "cupy" in backends and not cupy_usable():
         print("cupy: not usable here (not installed, or no CUDA device); skipped")
         backends.remove("cupy")
-    p = dict(alpha=a.alpha, lam=a.lam, eps=a.eps, n_iter=a.n_iter)
+    n_iters = [int(x) for x in a.n_iter.split(",") if x.strip()]
     sizes = {"numpy": a.numpy_batch, "numba": a.batch, "cupy": a.batch}
     n_load = max([a.floor_crops] + [sizes[b] for b in backends])
     names, crops = load_crops(n_load, a.size)
@@ -168,7 +169,7 @@ def main(argv=None) -> None:
     print(f"crops: {len(crops)} x {a.size}x{a.size}x3 from "
           f"{SHARED_DATA if SHARED_DATA.is_dir() else 'scikit-image'}; "
           f"{os.cpu_count()} CPUs, numba threads {numba.get_num_threads()}")
-    print(f"parameters: alpha={a.alpha} lam={a.lam} eps={a.eps} n_iter={a.n_iter}")
+    print(f"parameters: alpha={a.alpha} lam={a.lam} eps={a.eps} n_iter={n_iters}")
 
     floors = []
     if a.floor_crops > 0:
@@ -180,24 +181,26 @@ def main(argv=None) -> None:
             print(f"  {name:28s} E_floor {E:12.4f}  {it:4d} alternations  {sec:6.1f} s")
 
     rows = []
-    for b in backends:
-        n = sizes[b]
-        batch = crops[:n]
-        if b == "cupy":        # fill the GPU: the CPU batch's crops, repeated
-            n = a.gpu_batch
-            batch = np.concatenate([crops[:a.batch]] * (-(-n // a.batch)))[:n]
-        sec, r = time_backend(b, batch, p, a.repeats)
-        g = gaps(r, crops, floors[:n], a.alpha, a.lam, a.eps) if floors else np.array([])
-        row = dict(backend=b, batch=n, sec=sec, ips=n / sec, gaps=g)
-        if b == "cupy":
-            import cupy as cp
-            bpp = 4 * (3 * crops.shape[-1] + 2)
-            row["bw"] = bpp * n * a.size * a.size * a.n_iter / sec
-            row["bpp"] = bpp
-            row["device"] = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
-        rows.append(row)
+    for n_iter in n_iters:
+        p = dict(alpha=a.alpha, lam=a.lam, eps=a.eps, n_iter=n_iter)
+        for b in backends:
+            n = sizes[b]
+            batch = crops[:n]
+            if b == "cupy":        # fill the GPU: the CPU batch's crops, repeated
+                n = a.gpu_batch
+                batch = np.concatenate([crops[:a.batch]] * (-(-n // a.batch)))[:n]
+            sec, r = time_backend(b, batch, p, a.repeats)
+            g = gaps(r, crops, floors[:n], a.alpha, a.lam, a.eps) if floors else np.array([])
+            row = dict(backend=b, batch=n, n_iter=n_iter, sec=sec, ips=n / sec, gaps=g)
+            if b == "cupy":
+                import cupy as cp
+                bpp = 4 * (3 * crops.shape[-1] + 2)
+                row["bw"] = bpp * n * a.size * a.size * n_iter / sec
+                row["bpp"] = bpp
+                row["device"] = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+            rows.append(row)
 
-    base = next((r["ips"] for r in rows if r["backend"] == "numpy"), None)
+    numpy_ips = {r["n_iter"]: r["ips"] for r in rows if r["backend"] == "numpy"}
     head = (f"\n{'backend':8s} {'batch':>6s} {'n_iter':>6s} {'ms/image':>10s} {'images/s':>10s} "
             f"{'x numpy':>8s} {'gap med':>9s} {'gap worst':>9s} {'gap n':>5s}")
     print(head)
@@ -206,12 +209,13 @@ def main(argv=None) -> None:
         g = r["gaps"]
         gm = f"{100 * np.median(g):+8.3f}%" if g.size else f"{'-':>9s}"
         gw = f"{100 * g.max():+8.3f}%" if g.size else f"{'-':>9s}"
+        base = numpy_ips.get(r["n_iter"])
         x = f"{r['ips'] / base:8.1f}" if base else f"{'-':>8s}"
-        print(f"{r['backend']:8s} {r['batch']:6d} {a.n_iter:6d} {1e3 * r['sec'] / r['batch']:10.2f} "
+        print(f"{r['backend']:8s} {r['batch']:6d} {r['n_iter']:6d} {1e3 * r['sec'] / r['batch']:10.2f} "
               f"{r['ips']:10.1f} {x} {gm} {gw} {g.size:5d}")
     for r in rows:
         if "bw" in r:
-            print(f"\ncupy on {r['device']}: {r['bw'] / 1e9:.0f} GB/s = {100 * r['bw'] / a.peak_bandwidth:.1f} % "
+            print(f"\ncupy on {r['device']}, n_iter {r['n_iter']}: {r['bw'] / 1e9:.0f} GB/s = {100 * r['bw'] / a.peak_bandwidth:.1f} % "
                   f"of {a.peak_bandwidth / 1e12:.1f} TB/s, assuming {r['bpp']} B per pixel per sweep "
                   f"(float32: read f, read+write u, read+write s)")
 

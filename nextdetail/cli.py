@@ -2,7 +2,7 @@
 per subcommand; `main` only parses and dispatches.
 
     nextdetail decompose INPUT... --out DIR [--order 3 --alpha 10 --lam 0.01 --eps 0.01
-                                             --n-iter 100 --backend auto --size N]
+                                             --n-iter 50 --backend auto --size N]
     nextdetail decompose-dataset SRC --out STORE [--size 256 --order 3 ... --address ADDR
                                                   --workers N --gpus-per-worker G --overwrite]
 
@@ -86,7 +86,7 @@ def add_solver_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", type=float, default=ATParams.lam, help="edge-length weight (default 0.01)")
     p.add_argument("--eps", type=float, default=ATParams.eps, help="edge width in px (default 0.01)")
     p.add_argument("--omega", type=float, default=ATParams.omega, help="SOR relaxation in (0,2) (default 1.6)")
-    p.add_argument("--n-iter", type=int, default=ATParams.n_iter, help="solver sweeps per level (default 100)")
+    p.add_argument("--n-iter", type=int, default=ATParams.n_iter, help=f"solver sweeps per level (default {ATParams.n_iter})")
 
 
 def at_params(args: argparse.Namespace) -> ATParams:

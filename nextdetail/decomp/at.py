@@ -85,7 +85,7 @@ def as_batch(f) -> tuple[np.ndarray, tuple, bool]:
 
 
 def ambrosio_tortorelli(f, alpha: float = 10.0, lam: float = 0.01, eps: float = 0.01, *,
-                        backend: str = "auto", omega: float = 1.6, n_iter: int = 100,
+                        backend: str = "auto", omega: float = 1.6, n_iter: int = 50,
                         track_energy: bool = False) -> ATResult:
     """Mumford-Shah smoothing by Ambrosio-Tortorelli alternating minimization.
 

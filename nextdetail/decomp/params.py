@@ -14,14 +14,16 @@ class ATParams:
             term is tiny and s is nearly a pointwise function of |grad u|^2; raise eps
             (e.g. 1-2 px) for a diffuse, connected edge set.
     omega : over-relaxation of the red-black SOR u-step, 0 < omega < 2.
-    n_iter: sweeps (one sweep = both colours, s and u updated at every pixel).
+    n_iter: sweeps (one sweep = both colours, s and u updated at every pixel). 50 ends
+            within 0.3% of the exact alternating minimization's energy on real photographs
+            (0.1% at 100, for twice the time); see README, "Quality and speed".
     """
 
     alpha: float = 10.0
     lam: float = 0.01
     eps: float = 0.01
     omega: float = 1.6
-    n_iter: int = 100
+    n_iter: int = 50
 
     def __post_init__(self):
         if not (self.alpha >= 0 and float(self.alpha) < float("inf")):
