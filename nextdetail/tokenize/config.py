@@ -1,0 +1,173 @@
+"""Typed configuration of the tokenizer: the autoencoder (`ModelConfig`) and the quantizer
+(`QuantConfig`), together a `TokenizerConfig`. Plain dataclasses, saved in every checkpoint as a
+dict, so a checkpoint rebuilds its own model and a mismatch is named field by field.
+
+Schedules (token maps in generation order; L = latent side = image side / downsample):
+
+- vanilla     : `depth` maps, all L x L (residual quantization, RQ-VAE).
+- multiscale  : one map per entry of `patch_sizes` (VAR next-scale), the last must be L.
+- basedetail  : `base_patch_sizes` (multi-scale maps of f_Bn, the last must be L), then for
+                each detail factor D_n, ..., D_1, `detail_depth` maps at L x L (CART Algorithm 1):
+                M = len(base_patch_sizes) + order * detail_depth.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import List, Optional, Tuple
+
+KINDS = ("vanilla", "multiscale", "basedetail")
+
+# VAR's and CART-256's schedules on a 16x16 latent (256 px, x16).
+VAR_PATCH_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+CART_BASE_PATCH_SIZES = (1, 2, 3, 4, 6, 9, 13, 16)
+
+
+class ConfigError(ValueError):
+    """A tokenizer configuration that cannot work; str is one line naming the field."""
+
+
+def scale_patch_sizes(sizes, latent: int, reference: int = 16) -> Tuple[int, ...]:
+    """A schedule written for a `reference` latent side scaled to `latent`: strictly increasing,
+    ending at `latent`. Keeps the number of maps while latent allows (1, 2, ..., latent at worst),
+    e.g. CART's 8 base sizes on an 8x8 latent -> (1, 2, ..., 8)."""
+    if len(sizes) >= latent:
+        return tuple(range(1, latent + 1))
+    n = len(sizes)
+    out: List[int] = []
+    for i, p in enumerate(sizes):
+        lo = out[-1] + 1 if out else 1
+        hi = latent - (n - 1 - i)              # leave room for the maps still to come
+        out.append(min(max(round(p * latent / reference), lo), hi))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Convolutional encoder/decoder (VQGAN/LDM style). Images are (B, 3, H, W) with H and W
+    divisible by `downsample`; latents are (B, z_channels, H/downsample, W/downsample)."""
+
+    downsample: int = 16           # 16 (default) or 8: number of x2 stages = log2(downsample)
+    ch: int = 128                  # channels of the first stage
+    ch_mult: Optional[Tuple[int, ...]] = None   # per stage; None: (1, 1, 2, 2, 4)[:stages + 1]
+    num_res_blocks: int = 2
+    attn: bool = True              # self-attention at the lowest resolution
+    z_channels: int = 32           # Cvae
+
+    def stages(self) -> int:
+        if self.downsample not in (2, 4, 8, 16, 32):
+            raise ConfigError(f"downsample {self.downsample}: must be a power of two in 2..32")
+        return self.downsample.bit_length() - 1
+
+    def mults(self) -> Tuple[int, ...]:
+        s = self.stages()
+        mult = self.ch_mult if self.ch_mult is not None else (1, 1, 2, 2, 4, 4)[: s + 1]
+        if len(mult) != s + 1:
+            raise ConfigError(f"ch_mult {tuple(mult)}: needs {s + 1} entries for downsample {self.downsample}")
+        return tuple(mult)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    kind: str = "basedetail"
+    vocab: int = 4096              # V: one codebook shared by every token map
+    beta: float = 0.25             # commitment weight
+    depth: int = 14                # vanilla: maps at full latent resolution
+    patch_sizes: Tuple[int, ...] = VAR_PATCH_SIZES           # multiscale
+    base_patch_sizes: Tuple[int, ...] = CART_BASE_PATCH_SIZES  # basedetail: base maps
+    order: int = 3                 # basedetail: n detail factors
+    detail_depth: int = 2          # basedetail: (M - B) / n maps per detail factor
+    phi_ratio: float = 0.5         # phi_k(z) = (1 - r) z + r conv3x3(z), as VAR's quant_resi
+    dead_after: int = 200          # a code unused for this many steps (EMA) is re-initialised
+    usage_decay: float = 0.99
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ConfigError(f"quantizer kind {self.kind!r}: one of {', '.join(KINDS)}")
+        for name in ("vocab", "depth", "order", "detail_depth"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} {getattr(self, name)}: must be >= 1")
+        for name in ("patch_sizes", "base_patch_sizes"):
+            sizes = tuple(getattr(self, name))
+            object.__setattr__(self, name, sizes)
+            if not sizes or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] < 1:
+                raise ConfigError(f"{name} {sizes}: must be strictly increasing positive sizes")
+
+    def num_maps(self) -> int:
+        if self.kind == "vanilla":
+            return self.depth
+        if self.kind == "multiscale":
+            return len(self.patch_sizes)
+        return len(self.base_patch_sizes) + self.order * self.detail_depth
+
+    def map_sizes(self, latent: int) -> List[int]:
+        """Side of each token map, in generation order, for a latent of side `latent`."""
+        if self.kind == "vanilla":
+            return [latent] * self.depth
+        sizes = self.patch_sizes if self.kind == "multiscale" else self.base_patch_sizes
+        name = "patch_sizes" if self.kind == "multiscale" else "base_patch_sizes"
+        if sizes[-1] != latent:
+            raise ConfigError(f"{name} {sizes} must end at the latent side {latent} "
+                              "(image side / downsample); see scale_patch_sizes")
+        if self.kind == "multiscale":
+            return list(sizes)
+        return list(sizes) + [latent] * (self.order * self.detail_depth)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    image_size: int = 256          # training crop side; fixes the latent side of the schedules
+
+    def latent(self) -> int:
+        if self.image_size % self.model.downsample:
+            raise ConfigError(f"image_size {self.image_size} is not divisible by downsample "
+                              f"{self.model.downsample}")
+        return self.image_size // self.model.downsample
+
+    def needs_bases(self) -> int:
+        """How many bases B_1..B_n the quantizer uses: n for base-detail, else 0."""
+        return self.quant.order if self.quant.kind == "basedetail" else 0
+
+    def validate(self) -> "TokenizerConfig":
+        self.model.mults()
+        self.quant.map_sizes(self.latent())
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenizerConfig":
+        def build(klass, values):
+            known = {f.name for f in fields(klass)}
+            unknown = set(values) - known
+            if unknown:
+                raise ConfigError(f"unknown {klass.__name__} fields: {', '.join(sorted(unknown))}")
+            return klass(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return cls(model=build(ModelConfig, d.get("model", {})), quant=build(QuantConfig, d.get("quant", {})),
+                   image_size=int(d.get("image_size", 256)))
+
+    def differences(self, other: "TokenizerConfig") -> List[str]:
+        """'quant.kind basedetail (checkpoint) != vanilla (asked)' for each field that differs."""
+        out = []
+        a, b = self.to_dict(), other.to_dict()
+        for part in ("model", "quant"):
+            for k in a[part]:
+                if a[part][k] != b[part][k]:
+                    out.append(f"{part}.{k} {a[part][k]} (checkpoint) != {b[part][k]} (asked)")
+        if a["image_size"] != b["image_size"]:
+            out.append(f"image_size {a['image_size']} (checkpoint) != {b['image_size']} (asked)")
+        return out
+
+
+def small_config(kind: str, image_size: int = 64, downsample: int = 8, *, ch: int = 64,
+                 vocab: int = 4096, **quant) -> TokenizerConfig:
+    """A config for small images: the default schedules scaled to the latent side
+    (e.g. 64x64 crops, x8 -> 8x8 latent: base maps 1..8, multiscale 1..8, CART's M = 14)."""
+    latent = image_size // downsample
+    quant.setdefault("patch_sizes", scale_patch_sizes(VAR_PATCH_SIZES, latent))
+    quant.setdefault("base_patch_sizes", scale_patch_sizes(CART_BASE_PATCH_SIZES, latent))
+    return TokenizerConfig(model=ModelConfig(downsample=downsample, ch=ch),
+                           quant=QuantConfig(kind=kind, vocab=vocab, **quant),
+                           image_size=image_size).validate()

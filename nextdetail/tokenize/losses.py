@@ -1,0 +1,94 @@
+"""Loss modules of the tokenizer's compound loss: LPIPS (offline) and a PatchGAN discriminator
+with hinge losses.
+
+LPIPS = an ImageNet backbone + linear heads. The `lpips` package ships the heads; the backbone
+is torchvision's, which it would download. We never let it: the package builds a random
+backbone (pnet_rand=True) and we load torchvision's weights ourselves from the local torch hub
+cache, or keep it random when asked (offline tests, with a warning).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# torchvision's file names for the backbones LPIPS uses (what torch.hub would download).
+BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth",
+                  "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+
+
+class LPIPSWeightsError(FileNotFoundError):
+    """The backbone weights are not in the local torch hub cache (one line: which file where)."""
+
+
+def backbone_path(net: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / BACKBONE_FILES[net]
+
+
+def build_lpips(net: str = "alex", backbone: str = "pretrained") -> nn.Module:
+    """A frozen LPIPS module taking images in [-1, 1]; returns (B, 1, 1, 1) distances.
+
+    backbone: "pretrained" loads torchvision's weights from the torch hub cache (error if
+    absent); "random" keeps a randomly initialised backbone (seeded, so every run gets the
+    same one) and warns: the loss is then only a fixed random-feature distance.
+    """
+    import lpips
+
+    if net not in BACKBONE_FILES:
+        raise ValueError(f"LPIPS net {net!r}: one of {', '.join(BACKBONE_FILES)}")
+    if backbone not in ("pretrained", "random"):
+        raise ValueError(f"LPIPS backbone {backbone!r}: 'pretrained' or 'random'")
+    path = backbone_path(net)
+    if backbone == "pretrained" and not path.is_file():
+        raise LPIPSWeightsError(f"LPIPS backbone weights missing: put torchvision's {path.name} at {path} "
+                                "(or train with --lpips-random-backbone)")
+    # A private RNG stream: building the random backbone must not shift the training RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
+    if backbone == "pretrained":
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        # lpips keeps torchvision's `features.<i>` layers as `slice<j>.<i>`.
+        own = model.net.state_dict()
+        mapped = {name: state["features." + name.split(".", 1)[1]] for name in own}
+        model.net.load_state_dict(mapped)
+        log.info("LPIPS: %s backbone loaded from %s", net, path)
+    else:
+        log.warning("LPIPS with a RANDOM %s backbone: perceptual loss values are not meaningful", net)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix / taming's NLayerDiscriminator): a logit per overlapping patch.
+    GroupNorm instead of BatchNorm so the logits do not depend on the batch's composition."""
+
+    def __init__(self, ch: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers = [nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2)]
+        c = ch
+        for i in range(1, n_layers + 1):
+            c_out = ch * min(2 ** i, 8)
+            stride = 2 if i < n_layers else 1
+            layers += [nn.Conv2d(c, c_out, 4, stride, 1, bias=False), nn.GroupNorm(min(32, c_out // 4), c_out),
+                       nn.LeakyReLU(0.2)]
+            c = c_out
+        layers.append(nn.Conv2d(c, 1, 4, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x_B3HW):
+        return self.net(x_B3HW)
+
+
+def hinge_d_loss(real_logits, fake_logits):
+    return 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
+
+
+def hinge_g_loss(fake_logits):
+    return -fake_logits.mean()

@@ -1,0 +1,218 @@
+"""Quantizers: one shared codebook, three schedules behind one interface.
+
+Every quantizer maps encoder features to M integer token maps and back:
+
+    out = q(f_BChw, bases=[f_B1_BChw, ..., f_Bn_BChw])   # training/eval forward -> QuantOut
+    idx = q.tokens(f_BChw, bases)                         # list of M (B, h_k, w_k) int64
+    f_hat_BChw = q.lookup(idx)                            # Algorithm 2: sum_k phi_k(up(z_k))
+
+f is (B, C, L, L) with C = Cvae. `QuantOut.f_hat` is the straight-through reconstruction
+(value = sum of the phi contributions, gradient = identity to f_I); `QuantOut.contribs[k]`
+is phi_k(up(z_k)) and `QuantOut.inputs[k]` the residual map k quantized (before
+down-sampling), so the bookkeeping of Algorithm 1 can be checked from outside.
+
+- vanilla    : RQ-VAE residual quantization of f_I at full resolution, depth d.
+- multiscale : VAR next-scale: area-down to p_k, quantize, look up, bicubic-up, phi_k, subtract.
+- basedetail : CART Algorithm 1: multi-scale residual quantization of f_Bn (the base maps),
+               then each detail factor f_Dk = f_B(k-1) - f_Bk (f_B0 = f_I), for k = n..1
+               (generation order, coarse to fine), residually quantized at full resolution
+               with depth (M - B) / n. sum_k f_Dk + f_Bn = f_I, so f_hat approximates f_I.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import QuantConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantOut:
+    f_hat: torch.Tensor                 # (B, C, L, L), straight-through
+    idx: List[torch.Tensor]             # M maps (B, h_k, w_k) int64
+    vq_loss: torch.Tensor               # codebook + beta * commitment, mean over maps
+    contribs: List[torch.Tensor] = field(default_factory=list)   # phi_k(up(z_k)), (B, C, L, L)
+    inputs: List[torch.Tensor] = field(default_factory=list)     # residual quantized at map k
+
+
+class Codebook(nn.Module):
+    """V x C embedding shared by every token map, with usage tracking and dead-code restarts.
+
+    `usage` is an exponential moving average of how often each code is picked per step;
+    a code whose usage falls below 1/dead_after (unused for about dead_after steps)
+    is re-initialised to a random feature vector of the current batch, the standard
+    remedy for the codebook collapse reported for multi-scale tokenizers.
+    """
+
+    def __init__(self, vocab: int, dim: int, decay: float, dead_after: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        nn.init.uniform_(self.embed.weight, -1.0 / vocab, 1.0 / vocab)
+        self.decay, self.dead_after = decay, dead_after
+        self.register_buffer("usage", torch.ones(vocab))      # start "alive": no restart at step 0
+        self._counts = torch.zeros(vocab)
+        self._seen: List[torch.Tensor] = []
+
+    def quantize(self, f_BChw: torch.Tensor) -> torch.Tensor:
+        """Nearest code (squared L2) of each position -> idx (B, h, w)."""
+        B, C, h, w = f_BChw.shape
+        f_NC = f_BChw.permute(0, 2, 3, 1).reshape(-1, C)
+        e_VC = self.embed.weight
+        with torch.no_grad():
+            d_NV = (f_NC.pow(2).sum(1, keepdim=True) - 2 * f_NC @ e_VC.t() + e_VC.pow(2).sum(1)[None])
+            idx_N = d_NV.argmin(1)
+        if self.training:
+            self._counts += torch.bincount(idx_N, minlength=e_VC.shape[0]).float()
+            self._seen.append(f_NC.detach())
+        return idx_N.view(B, h, w)
+
+    def lookup(self, idx_Bhw: torch.Tensor) -> torch.Tensor:
+        return self.embed(idx_Bhw).permute(0, 3, 1, 2)          # (B, C, h, w)
+
+    @torch.no_grad()
+    def end_step(self) -> int:
+        """After a training step: update usage, restart dead codes; returns how many."""
+        if not self._seen:
+            return 0
+        used = (self._counts > 0).float()
+        self.usage.mul_(self.decay).add_(used, alpha=1 - self.decay)
+        dead = (self.usage < 1.0 / self.dead_after).nonzero().flatten()
+        if len(dead):
+            pool_NC = torch.cat(self._seen)
+            pick = torch.randint(len(pool_NC), (len(dead),))
+            self.embed.weight.data[dead] = pool_NC[pick]
+            self.usage[dead] = 1.0
+        self._counts = torch.zeros_like(self._counts)
+        self._seen = []
+        return len(dead)
+
+    def perplexity(self) -> float:
+        """exp(entropy) of the usage distribution: the effective number of codes in use."""
+        p = self.usage / self.usage.sum()
+        return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+
+
+class Phi(nn.Module):
+    """phi_k: a 3x3 conv blended with its input, (1 - r) z + r conv(z) (VAR's quant_resi):
+    the identity part keeps the residual chain well-posed at initialisation."""
+
+    def __init__(self, dim: int, ratio: float):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+        self.ratio = ratio
+
+    def forward(self, z_BChw):
+        return (1 - self.ratio) * z_BChw + self.ratio * self.conv(z_BChw)
+
+
+class Quantizer(nn.Module):
+    """The shared machinery: codebook, M phi convs, the schedule of map sizes."""
+
+    def __init__(self, cfg: QuantConfig, dim: int, latent: int):
+        super().__init__()
+        self.cfg, self.latent = cfg, latent
+        self.sizes = cfg.map_sizes(latent)
+        self.codebook = Codebook(cfg.vocab, dim, cfg.usage_decay, cfg.dead_after)
+        self.phi = nn.ModuleList(Phi(dim, cfg.phi_ratio) for _ in self.sizes)
+
+    # -- one map: quantize the residual at size p, return (idx, phi contribution at L x L)
+    def _step(self, k: int, rest_BChw: torch.Tensor):
+        p, L = self.sizes[k], rest_BChw.shape[-1]
+        small = rest_BChw if p == L else F.interpolate(rest_BChw, size=(p, p), mode="area")
+        idx = self.codebook.quantize(small)
+        return idx, self._contrib(k, idx, L)
+
+    def _contrib(self, k: int, idx_Bhw: torch.Tensor, L: int) -> torch.Tensor:
+        z = self.codebook.lookup(idx_Bhw)
+        if z.shape[-1] != L:
+            z = F.interpolate(z, size=(L, L), mode="bicubic")
+        return self.phi[k](z)
+
+    def _check(self, f_BChw: torch.Tensor) -> None:
+        if f_BChw.shape[-1] != self.latent or f_BChw.shape[-2] != self.latent:
+            raise ValueError(f"latent of shape {tuple(f_BChw.shape[-2:])}: this tokenizer's schedule is "
+                             f"for {self.latent}x{self.latent} (image side {self.latent} x downsample)")
+
+    def stages(self, f_BChw, bases):  # pragma: no cover - every schedule overrides it
+        """[(target, first map, last map + 1)]: which residual each run of maps quantizes."""
+        raise NotImplementedError
+
+    def forward(self, f_BChw: torch.Tensor, bases: Optional[Sequence[torch.Tensor]] = None) -> QuantOut:
+        self._check(f_BChw)
+        idx, contribs, inputs = [], [], []
+        vq_loss = f_BChw.new_zeros(())
+        f_hat = torch.zeros_like(f_BChw)
+        for target, lo, hi in self.stages(f_BChw, bases):
+            part = torch.zeros_like(target)       # this stage's reconstruction so far
+            for k in range(lo, hi):
+                rest = target - part
+                inputs.append(rest)
+                i, c = self._step(k, rest)
+                idx.append(i)
+                contribs.append(c)
+                part = part + c
+                f_hat = f_hat + c
+                # Every partial sum should approximate the factor being coded: the first term
+                # trains codebook and phi towards the (fixed) target, beta pulls the encoder's
+                # target towards its quantization (commitment).
+                vq_loss = vq_loss + F.mse_loss(part, target.detach()) + \
+                    self.cfg.beta * F.mse_loss(part.detach(), target)
+        vq_loss = vq_loss / len(self.sizes)
+        # Straight-through: the decoder sees f_hat's value, the encoder gets the gradient of f_I.
+        f_ste = f_BChw + (f_hat - f_BChw).detach() if self.training else f_hat
+        return QuantOut(f_ste, idx, vq_loss, contribs, inputs)
+
+    @torch.no_grad()
+    def tokens(self, f_BChw, bases=None) -> List[torch.Tensor]:
+        was = self.training
+        self.eval()
+        try:
+            return self.forward(f_BChw, bases).idx
+        finally:
+            self.train(was)
+
+    def lookup(self, idx: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Algorithm 2: f_hat = sum_k phi_k(up(lookup(r_k)))."""
+        if len(idx) != len(self.sizes):
+            raise ValueError(f"{len(idx)} token maps: this tokenizer uses {len(self.sizes)}")
+        for k, (i, p) in enumerate(zip(idx, self.sizes)):
+            if tuple(i.shape[-2:]) != (p, p):
+                raise ValueError(f"token map {k} has shape {tuple(i.shape[-2:])}, the schedule says ({p}, {p})")
+        return torch.stack([self._contrib(k, i, self.latent) for k, i in enumerate(idx)]).sum(0)
+
+
+class ResidualQuantizer(Quantizer):
+    """vanilla (every map L x L) and multiscale (growing maps): one residual chain on f_I;
+    the two differ only in their schedule of map sizes."""
+
+    def stages(self, f_BChw, bases):
+        return [(f_BChw, 0, len(self.sizes))]
+
+
+class BaseDetailQuantizer(Quantizer):
+    def stages(self, f_BChw, bases):
+        n = self.cfg.order
+        if bases is None or len(bases) < n:
+            got = 0 if bases is None else len(bases)
+            raise ValueError(f"base-detail quantizer needs the {n} base features f_B1..f_B{n}, got {got}")
+        f_B = [f_BChw] + list(bases[:n])                      # f_B0 = f_I, f_B1, ..., f_Bn
+        nb, d = len(self.cfg.base_patch_sizes), self.cfg.detail_depth
+        stages = [(f_B[n], 0, nb)]
+        for j, k in enumerate(range(n, 0, -1)):              # D_n first: generation order
+            stages.append((f_B[k - 1] - f_B[k], nb + j * d, nb + (j + 1) * d))
+        return stages
+
+
+QUANTIZERS = {"vanilla": ResidualQuantizer, "multiscale": ResidualQuantizer,
+              "basedetail": BaseDetailQuantizer}
+
+
+def build_quantizer(cfg: QuantConfig, dim: int, latent: int) -> Quantizer:
+    return QUANTIZERS[cfg.kind](cfg, dim, latent)

@@ -1,0 +1,111 @@
+"""The tokenizer: encoder + one of the quantizers + decoder, and its public API.
+
+    tok = Tokenizer.from_checkpoint("RUN/ckpt-0001000.pt")
+    idx = tok.encode(image_B3HW, bases=[B_1, ..., B_n])   # list of M int64 (B, h_k, w_k) in [0, V)
+    img = tok.decode(idx)                                 # float32 (B, 3, H, W) in [0, 1]
+
+Images and bases are float (B, 3, H, W) in [0, 1] (the decomposition store's range), H = W =
+config.image_size; bases B_1..B_n (B_1 finest) are needed by the base-detail quantizer only,
+the others ignore them. Inside, pixels are mapped to [-1, 1] ("model space", what LPIPS and the
+decoder use); `forward` returns the reconstruction in model space for the training losses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .config import ConfigError, TokenizerConfig
+from .model import Decoder, Encoder
+from .quant import QuantOut, build_quantizer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; str is one line naming the file."""
+
+
+@dataclass
+class TokenizerOut:
+    x_hat: torch.Tensor          # (B, 3, H, W) reconstruction, model space [-1, 1]
+    q: QuantOut                  # f_hat, token maps, vq loss, per-map contributions and inputs
+
+
+def to_model(x):
+    return x * 2 - 1
+
+
+def to_image(x):
+    return (x + 1) / 2
+
+
+class Tokenizer(nn.Module):
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        self.config = config.validate()
+        self.encoder = Encoder(config.model)
+        self.decoder = Decoder(config.model)
+        self.quantizer = build_quantizer(config.quant, config.model.z_channels, config.latent())
+
+    @property
+    def needs_bases(self) -> int:
+        """How many bases (B_1..B_n) `encode`/`forward` need: n for base-detail, else 0."""
+        return self.config.needs_bases()
+
+    def features(self, image, bases: Optional[Sequence[torch.Tensor]] = None):
+        """f_I and [f_B1 .. f_Bn]: one encoder pass over the image and its bases together."""
+        n = self.needs_bases
+        if n and (bases is None or len(bases) < n):
+            raise ValueError(f"the base-detail tokenizer needs bases B_1..B_{n}, got "
+                             f"{0 if bases is None else len(bases)}")
+        x = torch.cat([image] + list(bases[:n])) if n else image
+        size = self.config.image_size
+        if tuple(x.shape[-2:]) != (size, size):
+            raise ValueError(f"images of {tuple(x.shape[-2:])} pixels: this tokenizer takes {size}x{size}")
+        f = self.encoder(to_model(x)).chunk(n + 1) if n else (self.encoder(to_model(x)),)
+        return f[0], list(f[1:])
+
+    def forward(self, image, bases=None) -> TokenizerOut:
+        f_I, f_B = self.features(image, bases)
+        q = self.quantizer(f_I, f_B)
+        return TokenizerOut(self.decoder(q.f_hat), q)
+
+    @torch.no_grad()
+    def encode(self, image, bases=None) -> List[torch.Tensor]:
+        """Token maps r_1..r_M, generation order: int64 (B, h_k, w_k), values in [0, vocab)."""
+        was = self.training
+        self.eval()
+        try:
+            f_I, f_B = self.features(image, bases)
+            return self.quantizer(f_I, f_B).idx
+        finally:
+            self.train(was)
+
+    @torch.no_grad()
+    def decode(self, token_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Algorithm 2: token maps -> image float32 (B, 3, H, W), clamped to [0, 1]."""
+        return to_image(self.decoder(self.quantizer.lookup(token_maps))).clamp(0, 1)
+
+    @classmethod
+    def from_checkpoint(cls, path, expect: Optional[TokenizerConfig] = None,
+                        map_location="cpu") -> "Tokenizer":
+        """Rebuild from a training checkpoint (its own config); `expect` refuses another config."""
+        path = Path(path)
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        except (OSError, RuntimeError, EOFError) as e:
+            raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from None
+        if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+            raise CheckpointError(f"{path}: not a nextdetail tokenizer checkpoint")
+        try:
+            config = TokenizerConfig.from_dict(ckpt["config"]["tokenizer"])
+        except (ConfigError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: bad tokenizer config ({e})") from None
+        if expect is not None and config != expect:
+            raise CheckpointError(f"{path}: checkpoint of another config: "
+                                  + "; ".join(config.differences(expect)))
+        tok = cls(config)
+        tok.load_state_dict(ckpt["model"])
+        return tok.eval()

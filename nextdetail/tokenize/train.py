@@ -1,0 +1,265 @@
+"""Training the tokenizer on a decomposition store with the compound loss
+L = L2 + VQ/commitment + lambda_p LPIPS + lambda_G hinge-GAN (PatchGAN, from `disc_start`).
+
+    report = train(TrainConfig(data="STORE", out="RUN", tokenizer=small_config("basedetail")))
+
+RUN/ holds `ckpt-<step>.pt` (every `ckpt_every` steps and at the end: model, discriminator,
+both AdamW states, step, both configs, RNG states), `log.jsonl` (one record per step) and
+`loss.png`. `resume=True` continues from the latest checkpoint and gives bitwise the same
+weights on the CPU as an uninterrupted run: all randomness (batch choice, crop offsets,
+dead-code restarts) comes from RNG states stored in the checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import TokenizerConfig
+from .losses import PatchDiscriminator, build_lpips, hinge_d_loss, hinge_g_loss
+from .tokenizer import Tokenizer, to_model
+
+log = logging.getLogger(__name__)
+
+LOG = "log.jsonl"
+PLOT = "loss.png"
+
+
+class TrainError(ValueError):
+    """Training cannot start as asked (bad store, run folder, config); one line."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    out: str
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-4
+    betas: tuple = (0.5, 0.9)
+    weight_decay: float = 1e-4
+    lpips_weight: float = 1.0
+    lpips_net: str = "alex"
+    lpips_backbone: str = "pretrained"      # or "random" (offline tests; warns)
+    disc_weight: float = 0.1
+    disc_start: int = 2000                  # the discriminator trains, and its loss counts, from here
+    disc_ch: int = 64
+    ckpt_every: int = 500
+    seed: int = 0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tokenizer"] = self.tokenizer.to_dict()
+        return d
+
+    # Fields a resumed run may change: where it writes and how long it goes on.
+    RESUMABLE_CHANGES = ("steps", "out", "ckpt_every")
+
+    def differences(self, other: "TrainConfig") -> List[str]:
+        a, b = self.to_dict(), other.to_dict()
+        out = [f"{k} {a[k]} (checkpoint) != {b[k]} (asked)" for k in a
+               if k not in self.RESUMABLE_CHANGES and k != "tokenizer" and a[k] != b[k]]
+        return self.tokenizer.differences(other.tokenizer) + out
+
+
+@dataclass
+class TrainReport:
+    out: Path
+    start_step: int
+    steps: int
+    seconds: float
+    last: dict
+
+    def summary(self) -> str:
+        done = self.steps - self.start_step
+        rate = done / self.seconds if self.seconds > 0 else float("nan")
+        losses = " ".join(f"{k}={self.last[k]:.4g}" for k in ("loss", "l2", "vq", "lpips", "g", "d")
+                          if k in self.last)
+        return (f"trained steps {self.start_step}..{self.steps} ({done} steps, {self.seconds:.1f} s, "
+                f"{rate:.2f} steps/s); last: {losses}; perplexity {self.last.get('perplexity', 0):.1f}; "
+                f"run {self.out}")
+
+
+# ----------------------------------------------------------------------------- data
+
+class StoreBatches:
+    """Random crops of a decomposition store as (image, [B_1..B_n]), float32 (B, 3, s, s) in [0, 1].
+
+    The store's layers are [B_N, D_N, ..., D_1] (N = store order), so their running sums are
+    B_N, B_(N-1), ..., B_0 = I. Batches are drawn with a private torch.Generator whose state
+    goes into the checkpoint."""
+
+    def __init__(self, path, crop: int, needs_bases: int, seed: int):
+        from ..pipelines import DecompositionStore, StoreError
+
+        try:
+            self.store = DecompositionStore(path)
+        except StoreError as e:
+            raise TrainError(str(e)) from None
+        if len(self.store) == 0:
+            raise TrainError(f"{path}: the store has no ok images")
+        if self.store.order < needs_bases:
+            raise TrainError(f"{path}: store of order {self.store.order} has bases B_1..B_{self.store.order}; "
+                             f"the base-detail tokenizer needs order >= {needs_bases} "
+                             f"(decompose-dataset --order {needs_bases})")
+        if self.store.size < crop:
+            raise TrainError(f"{path}: store images are {self.store.size} px, smaller than the "
+                             f"{crop} px training crop (image_size)")
+        self.crop, self.n = crop, needs_bases
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next(self, batch_size: int):
+        idx = torch.randint(len(self.store), (batch_size,), generator=self.gen).tolist()
+        span = self.store.size - self.crop + 1
+        off = torch.randint(span, (batch_size, 2), generator=self.gen).tolist()
+        c = self.crop
+        layers = torch.stack([torch.from_numpy(self.store.layers(i)[:, :, y:y + c, x:x + c].astype("float32"))
+                              for i, (y, x) in zip(idx, off)])
+        return split_layers(layers, self.n)
+
+
+def split_layers(layers_BL3HW: torch.Tensor, n: int):
+    """Store layers (B, N+1, 3, H, W), generation order -> (I, [B_1, ..., B_n]) for n <= N."""
+    sums = layers_BL3HW.cumsum(1)                  # sums[:, j] = B_(N-j)
+    N = layers_BL3HW.shape[1] - 1
+    return sums[:, N], [sums[:, N - k] for k in range(1, n + 1)]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoints(out: Path) -> List[Path]:
+    return sorted(Path(out).glob("ckpt-*.pt"))
+
+
+def _save(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)                          # never a half-written checkpoint
+
+
+def plot_log(out: Path) -> Path:
+    from ..viz import line_plot
+
+    recs = [json.loads(s) for s in (out / LOG).read_text().splitlines() if s.strip()]
+    keys = [k for k in ("loss", "l2", "vq", "lpips", "g", "d") if any(k in r for r in recs)]
+    series = {k: ([r["step"] for r in recs if k in r], [r[k] for r in recs if k in r]) for k in keys}
+    series = {k: v for k, v in series.items() if k not in ("g", "d")}   # signed: no log axis
+    img = line_plot(series, title=f"tokenizer training: {out.name}", xlabel="step", ylabel="loss", log_y=True)
+    img.save(out / PLOT)
+    return out / PLOT
+
+
+# ----------------------------------------------------------------------------- loop
+
+def train(cfg: TrainConfig, *, resume: bool = False,
+          progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainReport:
+    """Train (or resume) into cfg.out; `progress(step, steps, record)` after every step."""
+    out = Path(cfg.out)
+    found = checkpoints(out) if out.is_dir() else []
+    if found and not resume:
+        raise TrainError(f"{out}: already holds checkpoints ({found[-1].name}); resume it or choose another --out")
+    device = torch.device(cfg.device)
+    cfg.tokenizer.validate()
+    batches = StoreBatches(cfg.data, cfg.tokenizer.image_size, cfg.tokenizer.needs_bases(), cfg.seed)
+    torch.manual_seed(cfg.seed)
+    tok = Tokenizer(cfg.tokenizer).to(device)   # weights from the seeded RNG
+    disc = PatchDiscriminator(cfg.disc_ch).to(device)
+    lpips = build_lpips(cfg.lpips_net, cfg.lpips_backbone).to(device) if cfg.lpips_weight > 0 else None
+    opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    step = 0
+    if found:
+        ckpt = torch.load(found[-1], map_location=device, weights_only=False)
+        saved = TrainConfig(**{**ckpt["config"], "tokenizer": TokenizerConfig.from_dict(ckpt["config"]["tokenizer"]),
+                               "betas": tuple(ckpt["config"]["betas"])})
+        diff = saved.differences(cfg)
+        if diff:
+            raise TrainError(f"{found[-1]}: checkpoint of another config: " + "; ".join(diff))
+        tok.load_state_dict(ckpt["model"])
+        disc.load_state_dict(ckpt["disc"])
+        opt.load_state_dict(ckpt["opt"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        batches.gen.set_state(ckpt["rng"]["data"])
+        step = ckpt["step"]
+        log.info("resuming %s from step %d", found[-1], step)
+    out.mkdir(parents=True, exist_ok=True)
+    _truncate_log(out / LOG, step)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    def save():
+        state = {"config": cfg.to_dict(), "model": tok.state_dict(), "disc": disc.state_dict(),
+                 "opt": opt.state_dict(), "opt_d": opt_d.state_dict(), "step": step,
+                 "rng": {"torch": torch.get_rng_state(), "data": batches.gen.get_state()}}
+        _save(out / f"ckpt-{step:07d}.pt", state)
+
+    start, t0, rec = step, time.perf_counter(), {}
+    tok.train()
+    with open(out / LOG, "a") as logf:
+        while step < cfg.steps:
+            image, bases = batches.next(cfg.batch_size)
+            image, bases = image.to(device), [b.to(device) for b in bases]
+            x = to_model(image)
+            gan = step >= cfg.disc_start
+            with amp:
+                o = tok(image, bases)
+                l2 = F.mse_loss(o.x_hat.float(), x)
+                loss = l2 + o.q.vq_loss
+                rec = {"step": step + 1, "l2": l2.item(), "vq": o.q.vq_loss.item()}
+                if lpips is not None:
+                    p = lpips(o.x_hat.float(), x).mean()
+                    loss = loss + cfg.lpips_weight * p
+                    rec["lpips"] = p.item()
+                if gan:
+                    for q in disc.parameters():
+                        q.requires_grad_(False)      # the generator step does not train D
+                    g = hinge_g_loss(disc(o.x_hat))
+                    for q in disc.parameters():
+                        q.requires_grad_(True)
+                    loss = loss + cfg.disc_weight * g
+                    rec["g"] = g.item()
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            rec["restarted"] = tok.quantizer.codebook.end_step()
+            if gan:
+                with amp:
+                    d = hinge_d_loss(disc(x), disc(o.x_hat.detach()))
+                opt_d.zero_grad(set_to_none=True)
+                d.backward()
+                opt_d.step()
+                rec["d"] = d.item()
+            rec["loss"] = loss.item()
+            rec["perplexity"] = tok.quantizer.codebook.perplexity()
+            step += 1
+            logf.write(json.dumps(rec) + "\n")
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                logf.flush()
+                save()
+                plot_log(out)
+            if progress is not None:
+                progress(step, cfg.steps, rec)
+    if step == start and not (out / PLOT).exists() and (out / LOG).stat().st_size:
+        plot_log(out)
+    return TrainReport(out, start, step, time.perf_counter() - t0, rec)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records past the resumed checkpoint, so the log reads as one uninterrupted run."""
+    if not path.exists():
+        return
+    keep = [s for s in path.read_text().splitlines() if s.strip() and json.loads(s)["step"] <= step]
+    path.write_text("".join(s + "\n" for s in keep))
