@@ -5,9 +5,12 @@ per subcommand; `main` only parses and dispatches.
                                              --n-iter 50 --backend auto --size N]
     nextdetail decompose-dataset SRC --out STORE [--size 256 --order 3 ... --address ADDR
                                                   --workers N --gpus-per-worker G --overwrite]
+    nextdetail train-tokenizer --data STORE --out RUN [--quantizer basedetail --image-size 256
+                                                       --downsample 16 --steps N --resume ...]
 
 Exit status: 0 all images done, 1 some input failed, 2 usage or parameter error;
-decompose-dataset also 3: the job did not finish (the store is resumable).
+decompose-dataset also 3: the job did not finish (the store is resumable); train-tokenizer
+0 trained, 2 usage/parameter/store/run-folder error, 3 training failed (non-finite loss, I/O).
 """
 from __future__ import annotations
 
@@ -380,6 +383,108 @@ def cmd_decompose_dataset(args: argparse.Namespace) -> int:
     return 0 if report.error == 0 else 1
 
 
+# --------------------------------------------------------------------------- train-tokenizer
+
+def _sizes(text: str):
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
+
+
+def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train-tokenizer", help="train a VQ-VAE tokenizer (base-detail, multi-scale or vanilla) on a store",
+        description="Train the tokenizer on a decomposition store with L2 + VQ/commitment + LPIPS + "
+                    "hinge PatchGAN (from --disc-start). RUN gets ckpt-<step>.pt every --ckpt-every steps "
+                    "and at the end, log.jsonl and loss.png. --resume continues from RUN's latest "
+                    "checkpoint exactly as an uninterrupted run. Exit status: 0 trained, 2 usage, "
+                    "parameter, store or run-folder error, 3 training failed.")
+    p.add_argument("--data", required=True, type=Path, metavar="STORE", help="decomposition store")
+    p.add_argument("--out", required=True, type=Path, metavar="RUN", help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue from RUN's latest checkpoint")
+    m = p.add_argument_group("model")
+    m.add_argument("--quantizer", choices=("basedetail", "multiscale", "vanilla"), default="basedetail")
+    m.add_argument("--image-size", type=int, default=256, metavar="S",
+                   help="training crop side (random crops of the store's images; default 256)")
+    m.add_argument("--downsample", type=int, choices=(8, 16), default=16, help="encoder stride (default 16)")
+    m.add_argument("--ch", type=int, default=128, help="channels of the first stage (default 128)")
+    m.add_argument("--num-res-blocks", type=int, default=2)
+    m.add_argument("--no-attn", action="store_true", help="no self-attention at the lowest resolution")
+    m.add_argument("--vocab", type=int, default=4096, help="codebook size V (default 4096)")
+    m.add_argument("--beta", type=float, default=0.25, help="commitment weight (default 0.25)")
+    m.add_argument("--depth", type=int, default=14, help="vanilla: residual depth (default 14)")
+    m.add_argument("--patch-sizes", type=_sizes, default=None, metavar="P,P,...",
+                   help="multiscale map sides, ending at the latent side (default VAR's, scaled to it)")
+    m.add_argument("--base-patch-sizes", type=_sizes, default=None, metavar="P,P,...",
+                   help="basedetail base map sides (default CART's 8, scaled to the latent side)")
+    m.add_argument("--order", type=int, default=3, help="basedetail: detail factors n (default 3)")
+    m.add_argument("--detail-depth", type=int, default=2, help="basedetail: maps per detail factor (default 2)")
+    m.add_argument("--dead-after", type=int, default=200, help="steps unused before a code is re-initialised")
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--lpips-weight", type=float, default=1.0, help="0 switches LPIPS off")
+    t.add_argument("--lpips-net", choices=("alex", "vgg", "squeeze"), default="alex")
+    t.add_argument("--lpips-random-backbone", action="store_true",
+                   help="random LPIPS backbone instead of the pretrained weights from the torch hub cache")
+    t.add_argument("--disc-weight", type=float, default=0.1)
+    t.add_argument("--disc-start", type=int, default=2000, help="step from which the discriminator trains")
+    t.add_argument("--ckpt-every", type=int, default=500)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu", help="torch device (cuda: bf16 autocast)")
+    p.set_defaults(func=cmd_train_tokenizer)
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from .tokenize import ConfigError, config_for
+    from .tokenize.losses import LPIPSWeightsError
+    from .tokenize.train import TrainConfig, TrainError, train
+
+    name = f"{PROG} train-tokenizer"
+    try:
+        for k in ("steps", "batch_size", "ckpt_every", "image_size", "ch", "num_res_blocks"):
+            if getattr(args, k) < 1:
+                raise ParameterError(f"--{k.replace('_', '-')} {getattr(args, k)}: must be >= 1")
+        tok = config_for(args.quantizer, args.image_size, args.downsample, ch=args.ch,
+                         num_res_blocks=args.num_res_blocks, attn=not args.no_attn, vocab=args.vocab,
+                         beta=args.beta, depth=args.depth, patch_sizes=args.patch_sizes,
+                         base_patch_sizes=args.base_patch_sizes, order=args.order,
+                         detail_depth=args.detail_depth, dead_after=args.dead_after)
+        cfg = TrainConfig(data=str(args.data), out=str(args.out), tokenizer=tok, steps=args.steps,
+                          batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                          lpips_weight=args.lpips_weight, lpips_net=args.lpips_net,
+                          lpips_backbone="random" if args.lpips_random_backbone else "pretrained",
+                          disc_weight=args.disc_weight, disc_start=args.disc_start,
+                          ckpt_every=args.ckpt_every, seed=args.seed, device=args.device)
+    except (ParameterError, ConfigError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    bar = tqdm(total=cfg.steps, unit="step", desc="train-tokenizer", file=sys.stderr, disable=None)
+
+    def progress(step, steps, rec):
+        if bar.n == 0 and step > 1:
+            bar.update(step - 1)              # resumed: start the bar where the run stands
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", l2=f"{rec['l2']:.4f}", refresh=False)
+
+    try:
+        with logging_redirect_tqdm():
+            report = train(cfg, resume=args.resume, progress=progress)
+    except (TrainError, ConfigError, LPIPSWeightsError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except (FloatingPointError, OSError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        bar.close()
+    print(report.summary())
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 def build_parser() -> argparse.ArgumentParser:
@@ -390,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_decompose(sub)
     add_decompose_dataset(sub)
+    add_train_tokenizer(sub)
     return parser
 
 

@@ -1,5 +1,7 @@
 """Inputs for the pipeline tests: real photos from <repo>/../shared/data by path (never
-copied), or generated images when that folder is absent, plus deliberately broken files."""
+copied), or generated images when that folder is absent, plus deliberately broken files;
+and `make_store`, a small finished decomposition store written in-process, without Ray
+(the tokenizer tests train on it)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -68,3 +70,24 @@ def broken_files(folder: Path, good: Path) -> dict:
     files["empty"].write_bytes(b"")
     files["garbage"].write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)   # JPEG magic, then noise
     return files
+
+
+def batch_of(sources):
+    """The batch dict Ray Data hands a DecomposeWorker: index and path columns."""
+    return {"index": np.array([s.index for s in sources]), "path": np.array([s.path for s in sources], object)}
+
+
+def make_store(path: Path, n: int = 4, size: int = 32, order: int = 3, n_iter: int = 8) -> Path:
+    """A finished store of n images (real photos when present) at size x size, in-process:
+    the job's own writer and worker, called the way Ray would call them."""
+    from nextdetail.decomp import ATParams
+    from nextdetail.pipelines import StoreParams, list_sources
+    from nextdetail.pipelines.worker import DecomposeWorker
+    from nextdetail.pipelines.writer import finish_store, prepare_store
+
+    params = StoreParams(order=order, size=size, params=ATParams(n_iter=n_iter), backend="numba")
+    src = list_sources(listing(photo_paths(n, path.parent), path.parent / f"{path.name}.txt"))
+    plan = prepare_store(path, params, src, overwrite=False)
+    DecomposeWorker(str(path), params.to_dict(), run=plan.run, read_size=size)(batch_of(src))
+    finish_store(plan, src=f"{path.name}.txt")
+    return path

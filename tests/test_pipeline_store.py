@@ -16,7 +16,7 @@ from nextdetail.pipelines.store import (FORMAT_VERSION, LAYERS, MANIFEST, META, 
                                         layers_to_item)
 from nextdetail.pipelines.worker import DecomposeWorker
 from nextdetail.pipelines.writer import finish_store, merged_manifest, prepare_store
-from pipeline_data import broken_files, photo_paths, listing
+from pipeline_data import batch_of, broken_files, photo_paths, listing
 
 SIZE = 24
 PARAMS = StoreParams(order=2, size=SIZE, params=ATParams(n_iter=8), backend="numba")
@@ -24,10 +24,6 @@ PARAMS = StoreParams(order=2, size=SIZE, params=ATParams(n_iter=8), backend="num
 
 def tree_bytes(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def batch_of(sources):
-    return {"index": np.array([s.index for s in sources]), "path": np.array([s.path for s in sources], object)}
 
 
 @pytest.fixture

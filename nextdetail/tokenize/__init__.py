@@ -1,6 +1,6 @@
 """The base-detail VQ-VAE tokenizer of CART (and the vanilla and multi-scale baselines).
 
-    from nextdetail.tokenize import Tokenizer, small_config
+    from nextdetail.tokenize import Tokenizer, config_for
     tok = Tokenizer.from_checkpoint("RUN/ckpt-0001000.pt")
     idx = tok.encode(image, bases)     # M int64 token maps (B, h_k, w_k)
     img = tok.decode(idx)              # (B, 3, H, W) in [0, 1]
@@ -9,8 +9,8 @@ config.py (typed configs, schedules), model.py (encoder/decoder), quant.py (code
 three quantizers), tokenizer.py (the API), losses.py (LPIPS, PatchGAN), train.py (training).
 PyTorch is imported by this package; the rest of nextdetail does not need it.
 """
-from .config import ConfigError, ModelConfig, QuantConfig, TokenizerConfig, scale_patch_sizes, small_config
+from .config import ConfigError, ModelConfig, QuantConfig, TokenizerConfig, scale_patch_sizes, config_for
 from .tokenizer import CheckpointError, Tokenizer
 
 __all__ = ["CheckpointError", "ConfigError", "ModelConfig", "QuantConfig", "Tokenizer", "TokenizerConfig",
-           "scale_patch_sizes", "small_config"]
+           "scale_patch_sizes", "config_for"]

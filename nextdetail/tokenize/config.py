@@ -161,13 +161,18 @@ class TokenizerConfig:
         return out
 
 
-def small_config(kind: str, image_size: int = 64, downsample: int = 8, *, ch: int = 64,
-                 vocab: int = 4096, **quant) -> TokenizerConfig:
-    """A config for small images: the default schedules scaled to the latent side
-    (e.g. 64x64 crops, x8 -> 8x8 latent: base maps 1..8, multiscale 1..8, CART's M = 14)."""
+def config_for(kind: str = "basedetail", image_size: int = 256, downsample: int = 16, *, ch: int = 128,
+               num_res_blocks: int = 2, attn: bool = True, **quant) -> TokenizerConfig:
+    """A validated config whose default schedules are scaled to the latent side (identity at
+    256 px, x16). E.g. 64x64 crops with x8 -> 8x8 latent: base maps and VAR sizes 1..8, CART's
+    M = 8 + 3 * 2 = 14. Explicit `patch_sizes` / `base_patch_sizes` are kept as given."""
+    if image_size % downsample:
+        raise ConfigError(f"image_size {image_size} is not divisible by downsample {downsample}")
     latent = image_size // downsample
-    quant.setdefault("patch_sizes", scale_patch_sizes(VAR_PATCH_SIZES, latent))
-    quant.setdefault("base_patch_sizes", scale_patch_sizes(CART_BASE_PATCH_SIZES, latent))
-    return TokenizerConfig(model=ModelConfig(downsample=downsample, ch=ch),
-                           quant=QuantConfig(kind=kind, vocab=vocab, **quant),
-                           image_size=image_size).validate()
+    if quant.get("patch_sizes") is None:
+        quant["patch_sizes"] = scale_patch_sizes(VAR_PATCH_SIZES, latent)
+    if quant.get("base_patch_sizes") is None:
+        quant["base_patch_sizes"] = scale_patch_sizes(CART_BASE_PATCH_SIZES, latent)
+    return TokenizerConfig(model=ModelConfig(downsample=downsample, ch=ch, num_res_blocks=num_res_blocks,
+                                             attn=attn),
+                           quant=QuantConfig(kind=kind, **quant), image_size=image_size).validate()

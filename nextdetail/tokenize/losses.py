@@ -9,6 +9,7 @@ cache, or keep it random when asked (offline tests, with a warning).
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,7 +49,9 @@ def build_lpips(net: str = "alex", backbone: str = "pretrained") -> nn.Module:
         raise LPIPSWeightsError(f"LPIPS backbone weights missing: put torchvision's {path.name} at {path} "
                                 "(or train with --lpips-random-backbone)")
     # A private RNG stream: building the random backbone must not shift the training RNG.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # lpips calls torchvision with the deprecated `pretrained=False`: noise, not a problem.
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
         torch.manual_seed(0)
         model = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
     if backbone == "pretrained":

@@ -1,7 +1,7 @@
 """Training the tokenizer on a decomposition store with the compound loss
 L = L2 + VQ/commitment + lambda_p LPIPS + lambda_G hinge-GAN (PatchGAN, from `disc_start`).
 
-    report = train(TrainConfig(data="STORE", out="RUN", tokenizer=small_config("basedetail")))
+    report = train(TrainConfig(data="STORE", out="RUN", tokenizer=config_for("basedetail")))
 
 RUN/ holds `ckpt-<step>.pt` (every `ckpt_every` steps and at the end: model, discriminator,
 both AdamW states, step, both configs, RNG states), `log.jsonl` (one record per step) and
