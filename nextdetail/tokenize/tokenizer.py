@@ -11,6 +11,7 @@ decoder use); `forward` returns the reconstruction in model space for the traini
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -95,7 +96,7 @@ class Tokenizer(nn.Module):
         path = Path(path)
         try:
             ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        except (OSError, RuntimeError, EOFError) as e:
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
             raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from None
         if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
             raise CheckpointError(f"{path}: not a nextdetail tokenizer checkpoint")

@@ -1,0 +1,128 @@
+"""Training the tokenizer on a small store: the loss falls, resume equals an uninterrupted run
+bit for bit, checkpoints reload, and bad stores, run folders and configs are refused in one line."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from nextdetail.cli import main
+from nextdetail.tokenize import CheckpointError, Tokenizer, config_for
+from nextdetail.tokenize.train import StoreBatches, TrainConfig, TrainError, checkpoints, split_layers, train
+from pipeline_data import make_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("tok") / "store", n=4, size=40, order=3)
+
+
+def cfg(store, out, kind="basedetail", **kw):
+    tok = config_for(kind, 32, 8, ch=8, num_res_blocks=1, vocab=64, **({"depth": 4} if kind == "vanilla" else {}))
+    base = dict(data=str(store), out=str(out), tokenizer=tok, steps=6, batch_size=2, lr=2e-3,
+                lpips_backbone="random", disc_start=3, ckpt_every=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def records(run):
+    return [json.loads(s) for s in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_split_layers_gives_the_image_and_every_base(store):
+    from nextdetail.pipelines import DecompositionStore
+
+    s = DecompositionStore(store)
+    item = s[1]
+    image, bases = split_layers(torch.from_numpy(item.layers.astype("float32"))[None], 3)
+    torch.testing.assert_close(image[0], torch.from_numpy(item.image).permute(2, 0, 1))
+    for k in (1, 2, 3):
+        torch.testing.assert_close(bases[k - 1][0], torch.from_numpy(item.bases[k]).permute(2, 0, 1))
+    b = StoreBatches(store, 32, 3, seed=0)
+    image, bases = b.next(3)
+    assert image.shape == (3, 3, 32, 32) and len(bases) == 3
+
+
+def test_loss_falls_on_a_tiny_set(store, tmp_path):
+    report = train(cfg(store, tmp_path / "run", "multiscale", steps=60, batch_size=4, disc_start=10 ** 6,
+                       ckpt_every=60, lpips_weight=0.0))
+    rec = records(tmp_path / "run")
+    first = sum(r["l2"] for r in rec[:5]) / 5
+    last = sum(r["l2"] for r in rec[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    assert report.steps == 60 and (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("kind", ["basedetail", "vanilla"])
+def test_resume_equals_an_uninterrupted_run(store, tmp_path, kind):
+    full = train(cfg(store, tmp_path / "full", kind))           # 6 steps, D on from step 3
+    train(cfg(store, tmp_path / "half", kind, steps=3))          # stop at 3 ...
+    train(cfg(store, tmp_path / "half", kind), resume=True)      # ... and resume to 6
+    a = torch.load(checkpoints(tmp_path / "full")[-1], weights_only=False)
+    b = torch.load(checkpoints(tmp_path / "half")[-1], weights_only=False)
+    assert a["step"] == b["step"] == full.steps == 6
+    for part in ("model", "disc"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert str(a["opt"]) == str(b["opt"]) and str(a["opt_d"]) == str(b["opt_d"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert records(tmp_path / "full") == records(tmp_path / "half")
+    assert [r["step"] for r in records(tmp_path / "half")] == [1, 2, 3, 4, 5, 6]
+    assert "g" in records(tmp_path / "full")[3] and "d" in records(tmp_path / "full")[3]
+
+
+def test_checkpoint_reloads_as_a_tokenizer_and_refuses_another_config(store, tmp_path):
+    c = cfg(store, tmp_path / "run", steps=2, ckpt_every=2)
+    train(c)
+    path = checkpoints(tmp_path / "run")[-1]
+    tok = Tokenizer.from_checkpoint(path)
+    assert tok.config == c.tokenizer and not tok.training
+    image, bases = StoreBatches(store, 32, 3, seed=1).next(2)
+    idx = tok.encode(image, bases)
+    assert len(idx) == 4 + 3 * 2 and tok.decode(idx).shape == (2, 3, 32, 32)
+    other = replace(c.tokenizer, quant=replace(c.tokenizer.quant, vocab=128))
+    with pytest.raises(CheckpointError, match=r"another config: quant.vocab 64 \(checkpoint\) != 128"):
+        Tokenizer.from_checkpoint(path, expect=other)
+    with pytest.raises(TrainError, match="another config: quant.vocab 64"):
+        train(replace(c, tokenizer=other, steps=4), resume=True)
+    with pytest.raises(TrainError, match="already holds checkpoints"):
+        train(c)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt: cannot read checkpoint"):
+        Tokenizer.from_checkpoint(tmp_path / "junk.pt")
+
+
+def test_a_store_without_the_needed_bases_is_refused(tmp_path):
+    low = make_store(tmp_path / "order2", n=2, size=32, order=2)
+    with pytest.raises(TrainError, match=r"store of order 2 has bases B_1..B_2; the base-detail tokenizer "
+                                         r"needs order >= 3 \(decompose-dataset --order 3\)"):
+        train(cfg(low, tmp_path / "run"))
+    # A quantizer that uses no bases trains on it.
+    assert train(cfg(low, tmp_path / "run2", "multiscale", steps=1, ckpt_every=1)).steps == 1
+
+
+def test_cli_trains_resumes_and_reports(store, tmp_path, capsys):
+    def args(out, steps=2, *extra):
+        return ["train-tokenizer", "--data", str(store), "--out", str(out), "--image-size", "32",
+                "--downsample", "8", "--ch", "8", "--num-res-blocks", "1", "--vocab", "64", "--steps",
+                str(steps), "--batch-size", "2", "--ckpt-every", "1", "--lpips-random-backbone", *extra]
+
+    run = tmp_path / "run"
+    assert main(args(run)) == 0
+    assert "trained steps 0..2" in capsys.readouterr().out
+    assert [p.name for p in checkpoints(run)] == ["ckpt-0000001.pt", "ckpt-0000002.pt"]
+    assert main(args(run)) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert main(args(run, 3, "--resume")) == 0
+    assert "trained steps 2..3" in capsys.readouterr().out
+    assert main(args(run, 4, "--resume", "--vocab", "32")) == 2
+    assert "quant.vocab 64 (checkpoint) != 32 (asked)" in capsys.readouterr().err
+    assert main(["train-tokenizer", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2"),
+                 "--lpips-random-backbone"]) == 2
+    err = capsys.readouterr().err
+    assert "no such store" in err and len(err.strip().splitlines()) == 1
+    assert main(args(tmp_path / "r3", 2, "--image-size", "36")) == 2
+    assert "not divisible by downsample 8" in capsys.readouterr().err
