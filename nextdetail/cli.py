@@ -485,6 +485,46 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- eval-tokenizer
+
+def add_eval_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval-tokenizer", help="reconstruction MSE/PSNR after each quantization depth (CART Figure 11)",
+        description="For each RUN (its latest checkpoint, or a checkpoint file), encode the first "
+                    "--images images of STORE (centre crops of the run's image size) and decode the "
+                    "running sum of the first m token maps, m = 1..M. Writes OUT/eval.csv (run, "
+                    "quantizer, depth, map_side, mse, psnr, lpips when its weights are cached) and "
+                    "OUT/eval.png (MSE against depth, one line per run), prints the table. Exit "
+                    "status: 0 done, 2 usage, store or checkpoint error.")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folder or checkpoint file")
+    p.add_argument("--data", required=True, type=Path, metavar="STORE", help="decomposition store")
+    p.add_argument("--out", type=Path, default=Path("out/eval-tokenizer"), help="output folder")
+    p.add_argument("--images", type=int, default=64, metavar="N", help="images evaluated (default 64)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_eval_tokenizer)
+
+
+def cmd_eval_tokenizer(args: argparse.Namespace) -> int:
+    from .tokenize import CheckpointError
+    from .tokenize.evaluate import evaluate, table, write_results
+    from .tokenize.train import TrainError
+
+    name = f"{PROG} eval-tokenizer"
+    if args.images < 1 or args.batch_size < 1:
+        print(f"{name}: error: --images and --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        rows = evaluate(args.runs, args.data, limit=args.images, batch=args.batch_size)
+    except (TrainError, CheckpointError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    files = write_results(rows, args.out)
+    print(table(rows))
+    print(f"{len(args.runs)} runs on {rows[0].images} images; "
+          f"wrote {files['csv']} and {files['png']}")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 def build_parser() -> argparse.ArgumentParser:
@@ -496,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_decompose(sub)
     add_decompose_dataset(sub)
     add_train_tokenizer(sub)
+    add_eval_tokenizer(sub)
     return parser
 
 

@@ -126,3 +126,33 @@ def test_cli_trains_resumes_and_reports(store, tmp_path, capsys):
     assert "no such store" in err and len(err.strip().splitlines()) == 1
     assert main(args(tmp_path / "r3", 2, "--image-size", "36")) == 2
     assert "not divisible by downsample 8" in capsys.readouterr().err
+
+
+def test_eval_tokenizer_reports_error_after_each_depth(store, tmp_path, capsys):
+    import csv
+
+    from nextdetail.pipelines import DecompositionStore
+    from nextdetail.tokenize.evaluate import centre_crops
+
+    for kind in ("basedetail", "multiscale"):
+        train(cfg(store, tmp_path / kind, kind, steps=2, ckpt_every=2))
+    out = tmp_path / "eval"
+    assert main(["eval-tokenizer", str(tmp_path / "basedetail"), str(tmp_path / "multiscale"),
+                 "--data", str(store), "--out", str(out), "--images", "3", "--batch-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 runs on 3 images" in printed
+    rows = list(csv.DictReader(open(out / "eval.csv")))
+    bd = [r for r in rows if r["quantizer"] == "basedetail"]
+    ms = [r for r in rows if r["quantizer"] == "multiscale"]
+    assert [int(r["depth"]) for r in bd] == list(range(1, 11)) and [int(r["depth"]) for r in ms] == [1, 2, 3, 4]
+    assert [int(r["map_side"]) for r in ms] == [1, 2, 3, 4]
+    assert (out / "eval.png").stat().st_size > 1000
+    # The last depth is the full reconstruction: MSE of decode(encode(image)) on the same crops.
+    tok = Tokenizer.from_checkpoint(checkpoints(tmp_path / "basedetail")[-1])
+    sq, n = 0.0, 0
+    for image, bases in centre_crops(DecompositionStore(store), 32, 3, limit=3, batch=2):
+        sq += float((tok.decode(tok.encode(image, bases)) - image).square().mean((1, 2, 3)).sum())
+        n += len(image)
+    assert float(bd[-1]["mse"]) == pytest.approx(sq / n, rel=1e-4)
+    assert main(["eval-tokenizer", str(tmp_path / "nope"), "--data", str(store), "--out", str(out)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err

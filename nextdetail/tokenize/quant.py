@@ -182,10 +182,17 @@ class Quantizer(nn.Module):
         """Algorithm 2: f_hat = sum_k phi_k(up(lookup(r_k)))."""
         if len(idx) != len(self.sizes):
             raise ValueError(f"{len(idx)} token maps: this tokenizer uses {len(self.sizes)}")
+        return torch.stack(self.contributions(idx)).sum(0)
+
+    def contributions(self, idx: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """phi_k(up(lookup(r_k))) of each map given, (B, C, L, L); a prefix r_1..r_m is allowed
+        (its running sum is the reconstruction at quantization depth m)."""
+        if len(idx) > len(self.sizes):
+            raise ValueError(f"{len(idx)} token maps: this tokenizer uses {len(self.sizes)}")
         for k, (i, p) in enumerate(zip(idx, self.sizes)):
             if tuple(i.shape[-2:]) != (p, p):
                 raise ValueError(f"token map {k} has shape {tuple(i.shape[-2:])}, the schedule says ({p}, {p})")
-        return torch.stack([self._contrib(k, i, self.latent) for k, i in enumerate(idx)]).sum(0)
+        return [self._contrib(k, i, self.latent) for k, i in enumerate(idx)]
 
 
 class ResidualQuantizer(Quantizer):
