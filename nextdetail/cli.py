@@ -432,6 +432,7 @@ def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
                    help="random LPIPS backbone instead of the pretrained weights from the torch hub cache")
     t.add_argument("--disc-weight", type=float, default=0.1)
     t.add_argument("--disc-start", type=int, default=2000, help="step from which the discriminator trains")
+    t.add_argument("--disc-ch", type=int, default=64, help="PatchGAN width (default 64)")
     t.add_argument("--ckpt-every", type=int, default=500)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu", help="torch device (cuda: bf16 autocast)")
@@ -457,7 +458,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                           lpips_weight=args.lpips_weight, lpips_net=args.lpips_net,
                           lpips_backbone="random" if args.lpips_random_backbone else "pretrained",
-                          disc_weight=args.disc_weight, disc_start=args.disc_start,
+                          disc_weight=args.disc_weight, disc_start=args.disc_start, disc_ch=args.disc_ch,
                           ckpt_every=args.ckpt_every, seed=args.seed, device=args.device)
     except (ParameterError, ConfigError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
