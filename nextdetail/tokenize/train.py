@@ -149,13 +149,21 @@ def _save(path: Path, obj) -> None:
 
 
 def plot_log(out: Path) -> Path:
+    """loss.png: the log's losses against step, each a running mean over ~1/50 of the run
+    (per-step values of a batch of a few crops are too noisy to read)."""
     from ..viz import line_plot
 
     recs = [json.loads(s) for s in (out / LOG).read_text().splitlines() if s.strip()]
-    keys = [k for k in ("loss", "l2", "vq", "lpips", "g", "d") if any(k in r for r in recs)]
-    series = {k: ([r["step"] for r in recs if k in r], [r[k] for r in recs if k in r]) for k in keys}
-    series = {k: v for k, v in series.items() if k not in ("g", "d")}   # signed: no log axis
-    img = line_plot(series, title=f"tokenizer training: {out.name}", xlabel="step", ylabel="loss", log_y=True)
+    win = max(1, len(recs) // 50)
+    series = {}
+    for k in ("loss", "l2", "vq", "lpips"):                     # g and d are signed: no log axis
+        pts = [(r["step"], r[k]) for r in recs if k in r]
+        if pts:
+            ys = [sum(y for _, y in pts[max(0, i - win + 1):i + 1]) / len(pts[max(0, i - win + 1):i + 1])
+                  for i in range(len(pts))]
+            series[k] = ([x for x, _ in pts], ys)
+    title = f"tokenizer training: {out.name}" + (f" (running mean of {win} steps)" if win > 1 else "")
+    img = line_plot(series, title=title, xlabel="step", ylabel="loss", log_y=True)
     img.save(out / PLOT)
     return out / PLOT
 
