@@ -57,7 +57,7 @@ class Codebook(nn.Module):
         nn.init.uniform_(self.embed.weight, -1.0 / vocab, 1.0 / vocab)
         self.decay, self.dead_after = decay, dead_after
         self.register_buffer("usage", torch.ones(vocab))      # start "alive": no restart at step 0
-        self._counts = torch.zeros(vocab)
+        self.register_buffer("_counts", torch.zeros(vocab), persistent=False)   # picks this step
         self._seen: List[torch.Tensor] = []
 
     def quantize(self, f_BChw: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,9 @@ class Codebook(nn.Module):
         B, C, h, w = f_BChw.shape
         f_NC = f_BChw.permute(0, 2, 3, 1).reshape(-1, C)
         e_VC = self.embed.weight
-        with torch.no_grad():
+        # Distances in float32 even under bf16 autocast: bf16 would blur the nearest code.
+        with torch.no_grad(), torch.autocast(f_NC.device.type, enabled=False):
+            f_NC, e_VC = f_NC.float(), e_VC.float()
             d_NV = (f_NC.pow(2).sum(1, keepdim=True) - 2 * f_NC @ e_VC.t() + e_VC.pow(2).sum(1)[None])
             idx_N = d_NV.argmin(1)
         if self.training:
@@ -87,9 +89,9 @@ class Codebook(nn.Module):
         if len(dead):
             pool_NC = torch.cat(self._seen)
             pick = torch.randint(len(pool_NC), (len(dead),))
-            self.embed.weight.data[dead] = pool_NC[pick]
+            self.embed.weight.data[dead] = pool_NC[pick.to(pool_NC.device)].to(self.embed.weight.dtype)
             self.usage[dead] = 1.0
-        self._counts = torch.zeros_like(self._counts)
+        self._counts.zero_()
         self._seen = []
         return len(dead)
 
