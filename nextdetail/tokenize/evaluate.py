@@ -76,7 +76,8 @@ def evaluate_run(run, store, *, limit: int = 64, batch: int = 16, lpips=None) ->
             if lpips is not None:
                 lp[m] += float(lpips(to_model(rec), to_model(image)).sum())
         count += image.shape[0]
-    name = Path(run).name if Path(run).is_dir() else Path(run).parent.name
+    # A run folder is named by itself (its latest checkpoint), a checkpoint file by folder/file.
+    name = Path(run).name if Path(run).is_dir() else f"{path.parent.name}/{path.stem}"
     sides = cfg.quant.map_sizes(cfg.latent())
     rows = []
     for m in range(M):
@@ -124,7 +125,7 @@ def write_results(rows: Sequence[DepthRow], out: Path) -> Dict[str, Path]:
 
 
 def table(rows: Sequence[DepthRow]) -> str:
-    lines = [f"{'run':<20} {'quantizer':<11} {'depth':>5} {'side':>4} {'MSE':>10} {'PSNR dB':>8}"]
-    lines += [f"{r.run:<20} {r.quantizer:<11} {r.depth:>5} {r.map_side:>4} {r.mse:>10.5f} {r.psnr:>8.2f}"
+    lines = [f"{'run':<28} {'quantizer':<11} {'depth':>5} {'side':>4} {'MSE':>10} {'PSNR dB':>8}"]
+    lines += [f"{r.run:<28} {r.quantizer:<11} {r.depth:>5} {r.map_side:>4} {r.mse:>10.5f} {r.psnr:>8.2f}"
               for r in rows]
     return "\n".join(lines)
