@@ -225,6 +225,7 @@ def line_plot(series: dict, *, title: str = "", xlabel: str = "", ylabel: str = 
         draw.text((x - 10, h - bottom + 6), f"{v:.4g}", fill=(0, 0, 0), font=font)
     draw.text((w // 2 - 40, h - 18), xlabel + ("" if not ylabel else f"   (y: {ylabel}{', log' if log_y else ''})"),
               fill=(0, 0, 0), font=font)
+    lx = w - right - 36 - max(int(font.getlength(name)) for name in pts)   # legend fits inside
     for k, (name, p) in enumerate(pts.items()):
         color = PLOT_COLORS[k % len(PLOT_COLORS)]
         xy = [at(x, y) for x, y in p]
@@ -233,6 +234,6 @@ def line_plot(series: dict, *, title: str = "", xlabel: str = "", ylabel: str = 
         for x, y in xy if len(xy) <= 40 else []:
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
         ly = top + 6 + 16 * k
-        draw.line([w - right - 150, ly + 7, w - right - 130, ly + 7], fill=color, width=3)
-        draw.text((w - right - 125, ly), name, fill=(0, 0, 0), font=font)
+        draw.line([lx, ly + 7, lx + 20, ly + 7], fill=color, width=3)
+        draw.text((lx + 25, ly), name, fill=(0, 0, 0), font=font)
     return img
