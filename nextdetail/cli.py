@@ -7,10 +7,12 @@ per subcommand; `main` only parses and dispatches.
                                                   --workers N --gpus-per-worker G --overwrite]
     nextdetail train-tokenizer --data STORE --out RUN [--quantizer basedetail --image-size 256
                                                        --downsample 16 --steps N --resume ...]
+    nextdetail eval-tokenizer RUN... --data STORE [--out DIR --images N]
 
 Exit status: 0 all images done, 1 some input failed, 2 usage or parameter error;
 decompose-dataset also 3: the job did not finish (the store is resumable); train-tokenizer
-0 trained, 2 usage/parameter/store/run-folder error, 3 training failed (non-finite loss, I/O).
+0 trained, 2 usage/parameter/store/run-folder error, 3 training failed (non-finite loss, I/O);
+eval-tokenizer 0 done, 2 usage, store or checkpoint error.
 """
 from __future__ import annotations
 
@@ -433,6 +435,8 @@ def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--disc-weight", type=float, default=0.1)
     t.add_argument("--disc-start", type=int, default=2000, help="step from which the discriminator trains")
     t.add_argument("--disc-ch", type=int, default=64, help="PatchGAN width (default 64)")
+    t.add_argument("--adaptive-gan-weight", action="store_true",
+                   help="scale the GAN loss by |grad rec| / |grad G| at the decoder's last layer (VQGAN)")
     t.add_argument("--ckpt-every", type=int, default=500)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu", help="torch device (cuda: bf16 autocast)")
@@ -459,6 +463,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
                           lpips_weight=args.lpips_weight, lpips_net=args.lpips_net,
                           lpips_backbone="random" if args.lpips_random_backbone else "pretrained",
                           disc_weight=args.disc_weight, disc_start=args.disc_start, disc_ch=args.disc_ch,
+                          adaptive_gan=args.adaptive_gan_weight,
                           ckpt_every=args.ckpt_every, seed=args.seed, device=args.device)
     except (ParameterError, ConfigError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)

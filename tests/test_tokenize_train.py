@@ -156,3 +156,17 @@ def test_eval_tokenizer_reports_error_after_each_depth(store, tmp_path, capsys):
     assert float(bd[-1]["mse"]) == pytest.approx(sq / n, rel=1e-4)
     assert main(["eval-tokenizer", str(tmp_path / "nope"), "--data", str(store), "--out", str(out)]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_adaptive_gan_weight_balances_the_gradients(store, tmp_path):
+    def run(name, **kw):
+        train(cfg(store, tmp_path / name, steps=2, disc_start=0, **kw))
+        return records(tmp_path / name)
+
+    # Step 1 starts from the same weights and batch in both runs, so the adaptive factor is the
+    # same and the logged weight scales exactly with --disc-weight; without it the weight is fixed.
+    a = run("a", adaptive_gan=True, disc_weight=0.1)
+    b = run("b", adaptive_gan=True, disc_weight=0.2)
+    assert a[0]["gan_w"] == pytest.approx(b[0]["gan_w"] / 2, rel=1e-6)
+    assert a[0]["gan_w"] != pytest.approx(0.1) and 0 < a[0]["gan_w"] < 1e3
+    assert [r["gan_w"] for r in run("c")] == [0.1, 0.1]

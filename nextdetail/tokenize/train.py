@@ -54,6 +54,7 @@ class TrainConfig:
     disc_weight: float = 0.1
     disc_start: int = 2000                  # the discriminator trains, and its loss counts, from here
     disc_ch: int = 64
+    adaptive_gan: bool = False              # VQGAN's weight: |grad rec| / |grad G| at the decoder's last layer
     ckpt_every: int = 500
     seed: int = 0
     device: str = "cpu"
@@ -223,20 +224,22 @@ def train(cfg: TrainConfig, *, resume: bool = False,
             with amp:
                 o = tok(image, bases)
                 l2 = F.mse_loss(o.x_hat.float(), x)
-                loss = l2 + o.q.vq_loss
+                recon = l2
                 rec = {"step": step + 1, "l2": l2.item(), "vq": o.q.vq_loss.item()}
                 if lpips is not None:
                     p = lpips(o.x_hat.float(), x).mean()
-                    loss = loss + cfg.lpips_weight * p
+                    recon = recon + cfg.lpips_weight * p
                     rec["lpips"] = p.item()
+                loss = recon + o.q.vq_loss
                 if gan:
                     for q in disc.parameters():
                         q.requires_grad_(False)      # the generator step does not train D
                     g = hinge_g_loss(disc(o.x_hat))
                     for q in disc.parameters():
                         q.requires_grad_(True)
-                    loss = loss + cfg.disc_weight * g
-                    rec["g"] = g.item()
+                    w = adaptive_weight(recon, g, tok.decoder.net[-1].weight) if cfg.adaptive_gan else 1.0
+                    loss = loss + cfg.disc_weight * w * g
+                    rec["g"], rec["gan_w"] = g.item(), cfg.disc_weight * float(w)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")
             opt.zero_grad(set_to_none=True)
@@ -263,6 +266,14 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     if step == start and not (out / PLOT).exists() and (out / LOG).stat().st_size:
         plot_log(out)
     return TrainReport(out, start, step, time.perf_counter() - t0, rec)
+
+
+def adaptive_weight(recon, g, last_layer) -> torch.Tensor:
+    """VQGAN's balance: the GAN gradient at the decoder's last layer scaled to the size of the
+    reconstruction gradient there, so the GAN neither swamps nor vanishes (detached, <= 1e4)."""
+    g_rec = torch.autograd.grad(recon, last_layer, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(g, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()
 
 
 def _truncate_log(path: Path, step: int) -> None:
