@@ -2,9 +2,8 @@
 
 Every quantizer maps encoder features to M integer token maps and back:
 
-    out = q(f_BChw, bases=[f_B1_BChw, ..., f_Bn_BChw])   # training/eval forward -> QuantOut
-    idx = q.tokens(f_BChw, bases)                         # list of M (B, h_k, w_k) int64
-    f_hat_BChw = q.lookup(idx)                            # Algorithm 2: sum_k phi_k(up(z_k))
+    out = q(f_BChw, bases=[f_B1_BChw, ..., f_Bn_BChw])   # -> QuantOut; out.idx: M (B, h_k, w_k) int64
+    f_hat_BChw = q.lookup(out.idx)                        # Algorithm 2: sum_k phi_k(up(z_k))
 
 f is (B, C, L, L) with C = Cvae. `QuantOut.f_hat` is the straight-through reconstruction
 (value = sum of the phi contributions, gradient = identity to f_I); `QuantOut.contribs[k]`
@@ -170,15 +169,6 @@ class Quantizer(nn.Module):
         # Straight-through: the decoder sees f_hat's value, the encoder gets the gradient of f_I.
         f_ste = f_BChw + (f_hat - f_BChw).detach() if self.training else f_hat
         return QuantOut(f_ste, idx, vq_loss, contribs, inputs)
-
-    @torch.no_grad()
-    def tokens(self, f_BChw, bases=None) -> List[torch.Tensor]:
-        was = self.training
-        self.eval()
-        try:
-            return self.forward(f_BChw, bases).idx
-        finally:
-            self.train(was)
 
     def lookup(self, idx: Sequence[torch.Tensor]) -> torch.Tensor:
         """Algorithm 2: f_hat = sum_k phi_k(up(lookup(r_k)))."""

@@ -189,7 +189,10 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     step = 0
     if found:
-        ckpt = torch.load(found[-1], map_location=device, weights_only=False)
+        try:
+            ckpt = torch.load(found[-1], map_location=device, weights_only=False)
+        except Exception as e:  # torch raises several types for a truncated or foreign file
+            raise TrainError(f"{found[-1]}: cannot read checkpoint ({e}); delete it to resume from the one before") from None
         saved = TrainConfig(**{**ckpt["config"], "tokenizer": TokenizerConfig.from_dict(ckpt["config"]["tokenizer"]),
                                "betas": tuple(ckpt["config"]["betas"])})
         diff = saved.differences(cfg)
