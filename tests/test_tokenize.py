@@ -173,6 +173,9 @@ def test_lpips_random_backbone_is_seeded_offline_and_warns(caplog, monkeypatch):
 def test_lpips_pretrained_backbone_from_the_hub_cache(tmp_path, monkeypatch):
     import torchvision
 
+    def no_network(*a, **k):
+        raise AssertionError("LPIPS tried to download weights")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(LPIPSWeightsError, match=f"put torchvision's alexnet-owt-7be5be79.pth at {tmp_path}"):
         build_lpips("alex")

@@ -90,6 +90,9 @@ def test_checkpoint_reloads_as_a_tokenizer_and_refuses_another_config(store, tmp
         train(replace(c, tokenizer=other, steps=4), resume=True)
     with pytest.raises(TrainError, match="already holds checkpoints"):
         train(c)
+    (tmp_path / "run" / "ckpt-0000009.pt").write_bytes(b"cut short")
+    with pytest.raises(TrainError, match="ckpt-0000009.pt: cannot read checkpoint"):
+        train(replace(c, steps=10), resume=True)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pt: cannot read checkpoint"):
         Tokenizer.from_checkpoint(tmp_path / "junk.pt")
