@@ -34,23 +34,30 @@ extern "C" {
 
 __host__ __device__ inline float sq(float x) { return x * x; }
 
+// G = sum_c (Dx u_c^2 + Dy u_c^2) at pixel (i, j) of image n (forward differences, Neumann).
+__host__ __device__ inline float at_grad2(const float* __restrict__ u, long long n, int i, int j,
+                                          int C, int H, int W)
+{
+    long long HW = (long long)H * W, p = (long long)i * W + j;
+    float G = 0.f;
+    for (int ch = 0; ch < C; ++ch) {
+        const float* uc = u + (n * C + ch) * HW;
+        float up = uc[p];
+        float dE = j < W - 1 ? uc[p + 1] - up : 0.f;
+        float dS = i < H - 1 ? uc[p + W] - up : 0.f;
+        G += dE * dE + dS * dS;
+    }
+    return G;
+}
+
 // s = alpha G / (alpha G + c + b deg) from u = f: the s-step with all neighbours at 0.
 __host__ __device__ inline void at_seed_pixel(const float* __restrict__ u, float* __restrict__ s,
                                               long long n, int i, int j, int C, int H, int W,
                                               float a, float b, float c)
 {
     long long HW = (long long)H * W, p = (long long)i * W + j;
-    bool hasE = j < W - 1, hasS = i < H - 1;
-    float deg = (float)hasE + (float)(j > 0) + (float)(i > 0) + (float)hasS;
-    float G = 0.f;
-    for (int ch = 0; ch < C; ++ch) {
-        const float* uc = u + (n * C + ch) * HW;
-        float up = uc[p];
-        float dE = hasE ? uc[p + 1] - up : 0.f;
-        float dS = hasS ? uc[p + W] - up : 0.f;
-        G += dE * dE + dS * dS;
-    }
-    float aG = a * G;
+    float deg = (float)(j < W - 1) + (float)(j > 0) + (float)(i > 0) + (float)(i < H - 1);
+    float aG = a * at_grad2(u, n, i, j, C, H, W);
     s[n * HW + p] = aG / (aG + c + b * deg);
 }
 
@@ -65,14 +72,7 @@ __host__ __device__ inline void at_relax_pixel(float* __restrict__ u, float* __r
     bool hasE = j < W - 1, hasW = j > 0, hasN = i > 0, hasS = i < H - 1;
     float mE = hasE, mW = hasW, mN = hasN, mS = hasS;
 
-    float G = 0.f;
-    for (int ch = 0; ch < C; ++ch) {
-        const float* uc = u + (n * C + ch) * HW;
-        float up = uc[p];
-        float dE = hasE ? uc[p + 1] - up : 0.f;
-        float dS = hasS ? uc[p + W] - up : 0.f;
-        G += dE * dE + dS * dS;
-    }
+    float G = at_grad2(u, n, i, j, C, H, W);
     float sE = hasE ? sn[p + 1] : 0.f, sW = hasW ? sn[p - 1] : 0.f;
     float sN = hasN ? sn[p - W] : 0.f, sS = hasS ? sn[p + W] : 0.f;
     float aG = a * G;
