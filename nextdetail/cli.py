@@ -438,6 +438,8 @@ def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--adaptive-gan-weight", action="store_true",
                    help="scale the GAN loss by |grad rec| / |grad G| at the decoder's last layer (VQGAN)")
     t.add_argument("--ckpt-every", type=int, default=500)
+    t.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="keep an EMA of the weights with this decay (e.g. 0.999); 0: off")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu", help="torch device (cuda: bf16 autocast)")
     p.set_defaults(func=cmd_train_tokenizer)
@@ -450,6 +452,8 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
     name = f"{PROG} train-tokenizer"
     try:
+        if not 0.0 <= args.ema < 1.0:
+            raise ParameterError(f"--ema {args.ema}: must be in [0, 1)")
         for k in ("steps", "batch_size", "ckpt_every", "image_size", "ch", "num_res_blocks"):
             if getattr(args, k) < 1:
                 raise ParameterError(f"--{k.replace('_', '-')} {getattr(args, k)}: must be >= 1")
@@ -463,7 +467,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
                           lpips_weight=args.lpips_weight, lpips_net=args.lpips_net,
                           lpips_backbone="random" if args.lpips_random_backbone else "pretrained",
                           disc_weight=args.disc_weight, disc_start=args.disc_start, disc_ch=args.disc_ch,
-                          adaptive_gan=args.adaptive_gan_weight,
+                          adaptive_gan=args.adaptive_gan_weight, ema=args.ema,
                           ckpt_every=args.ckpt_every, seed=args.seed, device=args.device)
     except (ParameterError, ConfigError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)

@@ -55,15 +55,16 @@ def test_loss_falls_on_a_tiny_set(store, tmp_path):
     assert report.steps == 60 and (tmp_path / "run" / "loss.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("kind", ["basedetail", "vanilla"])
-def test_resume_equals_an_uninterrupted_run(store, tmp_path, kind):
-    full = train(cfg(store, tmp_path / "full", kind))           # 6 steps, D on from step 3
-    train(cfg(store, tmp_path / "half", kind, steps=3))          # stop at 3 ...
-    train(cfg(store, tmp_path / "half", kind), resume=True)      # ... and resume to 6
+@pytest.mark.parametrize("kind,ema", [("basedetail", 0.9), ("vanilla", 0.0)])
+def test_resume_equals_an_uninterrupted_run(store, tmp_path, kind, ema):
+    full = train(cfg(store, tmp_path / "full", kind, ema=ema))           # 6 steps, D on from step 3
+    train(cfg(store, tmp_path / "half", kind, steps=3, ema=ema))          # stop at 3 ...
+    train(cfg(store, tmp_path / "half", kind, ema=ema), resume=True)      # ... and resume to 6
     a = torch.load(checkpoints(tmp_path / "full")[-1], weights_only=False)
     b = torch.load(checkpoints(tmp_path / "half")[-1], weights_only=False)
     assert a["step"] == b["step"] == full.steps == 6
-    for part in ("model", "disc"):
+    assert ("model_ema" in a) == (ema > 0)
+    for part in ("model", "disc") + (("model_ema",) if ema else ()):
         assert a[part].keys() == b[part].keys()
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
@@ -173,3 +174,21 @@ def test_adaptive_gan_weight_balances_the_gradients(store, tmp_path):
     assert a[0]["gan_w"] == pytest.approx(b[0]["gan_w"] / 2, rel=1e-6)
     assert a[0]["gan_w"] != pytest.approx(0.1) and 0 < a[0]["gan_w"] < 1e3
     assert [r["gan_w"] for r in run("c")] == [0.1, 0.1]
+
+
+def test_ema_weights_follow_the_recurrence_and_are_what_from_checkpoint_loads(store, tmp_path):
+    d = 0.5
+    c = cfg(store, tmp_path / "run", steps=2, ckpt_every=1, ema=d, disc_start=10 ** 6)
+    train(c)
+    c1, c2 = [torch.load(p, weights_only=False) for p in checkpoints(tmp_path / "run")]
+    torch.manual_seed(c.seed)
+    init = Tokenizer(c.tokenizer).state_dict()        # the run's seeded starting weights
+    k = next(k for k, v in c2["model"].items() if v.is_floating_point() and v.numel() > 1)
+    want1 = d * init[k] + (1 - d) * c1["model"][k]
+    want2 = d * want1 + (1 - d) * c2["model"][k]
+    torch.testing.assert_close(c1["model_ema"][k], want1)
+    torch.testing.assert_close(c2["model_ema"][k], want2)
+    assert not torch.equal(c2["model_ema"][k], c2["model"][k])
+    last = checkpoints(tmp_path / "run")[-1]
+    torch.testing.assert_close(Tokenizer.from_checkpoint(last).state_dict()[k], c2["model_ema"][k])
+    torch.testing.assert_close(Tokenizer.from_checkpoint(last, ema=False).state_dict()[k], c2["model"][k])

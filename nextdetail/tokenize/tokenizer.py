@@ -91,8 +91,9 @@ class Tokenizer(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, expect: Optional[TokenizerConfig] = None,
-                        map_location="cpu") -> "Tokenizer":
-        """Rebuild from a training checkpoint (its own config); `expect` refuses another config."""
+                        map_location="cpu", ema: bool = True) -> "Tokenizer":
+        """Rebuild from a training checkpoint (its own config); `expect` refuses another config.
+        With `ema` (default) the EMA weights are used when the run kept them (--ema)."""
         path = Path(path)
         try:
             ckpt = torch.load(path, map_location=map_location, weights_only=False)
@@ -108,5 +109,5 @@ class Tokenizer(nn.Module):
             raise CheckpointError(f"{path}: checkpoint of another config: "
                                   + "; ".join(config.differences(expect)))
         tok = cls(config)
-        tok.load_state_dict(ckpt["model"])
+        tok.load_state_dict(ckpt["model_ema"] if ema and "model_ema" in ckpt else ckpt["model"])
         return tok.eval()

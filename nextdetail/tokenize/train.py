@@ -55,6 +55,7 @@ class TrainConfig:
     disc_start: int = 2000                  # the discriminator trains, and its loss counts, from here
     disc_ch: int = 64
     adaptive_gan: bool = False              # VQGAN's weight: |grad rec| / |grad G| at the decoder's last layer
+    ema: float = 0.0                        # decay of an exponential moving average of the weights; 0: none
     ckpt_every: int = 500
     seed: int = 0
     device: str = "cpu"
@@ -187,6 +188,9 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     lpips = build_lpips(cfg.lpips_net, cfg.lpips_backbone).to(device) if cfg.lpips_weight > 0 else None
     opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    # EMA weights: theta_ema <- ema * theta_ema + (1 - ema) * theta after every step; integer
+    # buffers (codebook counters) are copied. Saved as "model_ema"; from_checkpoint prefers them.
+    ema = {k: v.detach().clone() for k, v in tok.state_dict().items()} if cfg.ema > 0 else None
     step = 0
     if found:
         try:
@@ -199,6 +203,8 @@ def train(cfg: TrainConfig, *, resume: bool = False,
         if diff:
             raise TrainError(f"{found[-1]}: checkpoint of another config: " + "; ".join(diff))
         tok.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema = {k: v.to(device) for k, v in ckpt["model_ema"].items()}
         disc.load_state_dict(ckpt["disc"])
         opt.load_state_dict(ckpt["opt"])
         opt_d.load_state_dict(ckpt["opt_d"])
@@ -214,6 +220,8 @@ def train(cfg: TrainConfig, *, resume: bool = False,
         state = {"config": cfg.to_dict(), "model": tok.state_dict(), "disc": disc.state_dict(),
                  "opt": opt.state_dict(), "opt_d": opt_d.state_dict(), "step": step,
                  "rng": {"torch": torch.get_rng_state(), "data": batches.gen.get_state()}}
+        if ema is not None:
+            state["model_ema"] = ema
         _save(out / f"ckpt-{step:07d}.pt", state)
 
     start, t0, rec = step, time.perf_counter(), {}
@@ -249,6 +257,13 @@ def train(cfg: TrainConfig, *, resume: bool = False,
             loss.backward()
             opt.step()
             rec["restarted"] = tok.quantizer.codebook.end_step()
+            if ema is not None:
+                with torch.no_grad():
+                    for k, v in tok.state_dict().items():
+                        if v.is_floating_point():
+                            ema[k].mul_(cfg.ema).add_(v, alpha=1.0 - cfg.ema)
+                        else:
+                            ema[k].copy_(v)
             if gan:
                 with amp:
                     d = hinge_d_loss(disc(x), disc(o.x_hat.detach()))
