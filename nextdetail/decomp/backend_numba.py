@@ -8,8 +8,8 @@ columns, with one ghost column at both ends of each half and one ghost row at th
 bottom:  X[n, c, r, h, t] holds pixel (i, j) = (r - 1, 2 (t - 1) + h). A pixel's colour is
 (i + j) % 2 = (i + h) % 2, so the pixels of one colour in row i are exactly one whole half
 h = (i + colour) % 2, and their west/east neighbours are the other half q = 1 - h shifted
-by -q / +h. Every access in a half-row update is contiguous, so LLVM vectorizes it; the
-previous layout (stride-2 loops) does not vectorize.
+by -q / +h. Every access in a half-row update is contiguous, so LLVM vectorizes it (the
+natural layout would need stride-2 loops, which it does not vectorize).
 
 Ghosts hold 0 and are never written; masks mE/mW (per column) and mN/mS (per row) drop the
 links that leave the image (the Neumann boundary of the energy).
