@@ -1,0 +1,88 @@
+"""The transformer's continuous inputs, from token maps and the tokenizer's quantizer only.
+
+Step k > 1 of the next-detail transformer sees the VAR/CART input: the cumulative
+reconstruction after maps < k, f_hat_(<k) = sum_(j<k) phi_j(up(lookup(r_j))) (B, Cvae, L, L),
+area-resized to map k's size (identity for the L x L detail maps). Only the codebook and the phi
+convs are needed, so `load_quantizer` builds just the quantizer from a tokenizer checkpoint
+(EMA weights when the run kept them, as `Tokenizer.from_checkpoint`).
+
+    q = load_quantizer("RUN/ckpt-0002000.pt")
+    f_BLc = teacher_inputs(q, maps)          # training: (B, L - h_1 w_1, Cvae), maps 2..M
+    f_hat, f_Blc = next_input(q, k, idx_Bhw, f_hat, (h, w))   # sampling, after map k is drawn
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..tokenize import CheckpointError, TokenizerConfig
+from ..tokenize.config import ConfigError
+from ..tokenize.quant import Quantizer, build_quantizer
+
+
+def load_quantizer(path, map_location="cpu", ema: bool = True) -> Quantizer:
+    """The quantizer (codebook + phi convs) of a tokenizer checkpoint, in eval mode, frozen."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise CheckpointError(f"{path}: not a nextdetail tokenizer checkpoint")
+    try:
+        cfg = TokenizerConfig.from_dict(ckpt["config"]["tokenizer"]).validate()
+    except (ConfigError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: bad tokenizer config ({e})") from None
+    q = build_quantizer(cfg.quant, cfg.model.z_channels, cfg.latent())
+    state = ckpt["model_ema"] if ema and "model_ema" in ckpt else ckpt["model"]
+    q.load_state_dict({k[len("quantizer."):]: v for k, v in state.items() if k.startswith("quantizer.")})
+    q.eval().requires_grad_(False)
+    return q
+
+
+def resize(f_BChw: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
+    """Area-resize to (h, w) (VAR's down-sampling of f_hat for the next scale); identity at size."""
+    if tuple(f_BChw.shape[-2:]) == tuple(shape):
+        return f_BChw
+    return F.interpolate(f_BChw, size=tuple(shape), mode="area")
+
+
+def tokens_of(f_BChw: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h w, C), row-major like the token maps."""
+    return f_BChw.flatten(2).transpose(1, 2)
+
+
+@torch.no_grad()
+def teacher_inputs(quantizer: Quantizer, maps: Sequence[torch.Tensor],
+                   shapes: Optional[Sequence[Tuple[int, int]]] = None) -> Optional[torch.Tensor]:
+    """Inputs of maps 2..M for teacher forcing: (B, L - h_1 w_1, Cvae) float32, None if M = 1.
+    maps: M int64 (B, h_k, w_k); shapes default to the maps' own."""
+    shapes = list(shapes or [tuple(m.shape[-2:]) for m in maps])
+    if len(maps) < 2:
+        return None
+    contribs = quantizer.contributions(list(maps[:-1]))
+    f_hat, parts = torch.zeros_like(contribs[0]), []
+    for k in range(1, len(maps)):
+        f_hat = f_hat + contribs[k - 1]
+        parts.append(tokens_of(resize(f_hat, shapes[k])))
+    return torch.cat(parts, 1)
+
+
+@torch.no_grad()
+def contribution(quantizer: Quantizer, k: int, idx_Bhw: torch.Tensor) -> torch.Tensor:
+    """phi_k(up(lookup(r_k))) at the latent size (B, Cvae, L, L)."""
+    return quantizer._contrib(k, idx_Bhw, quantizer.latent)
+
+
+@torch.no_grad()
+def next_input(quantizer: Quantizer, k: int, idx_Bhw: torch.Tensor, f_hat_BCLL: Optional[torch.Tensor],
+               next_shape: Optional[Tuple[int, int]]):
+    """After map k is drawn: f_hat += its contribution; returns (f_hat, input of map k + 1 as
+    (B, h w, Cvae), or None when k was the last map)."""
+    c = contribution(quantizer, k, idx_Bhw)
+    f_hat_BCLL = c if f_hat_BCLL is None else f_hat_BCLL + c
+    return f_hat_BCLL, (tokens_of(resize(f_hat_BCLL, next_shape)) if next_shape is not None else None)
