@@ -8,11 +8,14 @@ per subcommand; `main` only parses and dispatches.
     nextdetail train-tokenizer --data STORE --out RUN [--quantizer basedetail --image-size 256
                                                        --downsample 16 --steps N --resume ...]
     nextdetail eval-tokenizer RUN... --data STORE [--out DIR --images N]
+    nextdetail export-tokens --data STORE --tokenizer RUN --out TOKENS [--address ADDR --workers N
+                                                                        --gpus-per-worker G --shard-rows R]
 
 Exit status: 0 all images done, 1 some input failed, 2 usage or parameter error;
 decompose-dataset also 3: the job did not finish (the store is resumable); train-tokenizer
 0 trained, 2 usage/parameter/store/run-folder error, 3 training failed (non-finite loss, I/O);
-eval-tokenizer 0 done, 2 usage, store or checkpoint error.
+eval-tokenizer 0 done, 2 usage, store or checkpoint error; export-tokens 0 done, 2 usage, store
+or checkpoint error, 3 the export did not finish (rerun to resume).
 """
 from __future__ import annotations
 
@@ -535,6 +538,87 @@ def cmd_eval_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- export-tokens
+
+def add_export_tokens(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-tokens", help="encode every ok image of a store into a token store (Ray)",
+        description="Encode every ok image of STORE (centre crop of the tokenizer's image size) with "
+                    "the tokenizer of RUN (its latest checkpoint, or a checkpoint file) into "
+                    "TOKENS/tokens.bin (uint16 (N, L), maps in generation order), TOKENS/index.parquet "
+                    "and TOKENS/meta.json (written last), with a local Ray or a Ray cluster. Rerunning "
+                    "the same command resumes from the finished blocks. Exit status: 0 done, 2 usage, "
+                    "store or checkpoint error, 3 the export did not finish (rerun to resume), 130 "
+                    "interrupted (rerun to resume).")
+    p.add_argument("--data", required=True, type=Path, metavar="STORE", help="decomposition store")
+    p.add_argument("--tokenizer", required=True, type=Path, metavar="RUN",
+                   help="tokenizer run folder (latest checkpoint) or checkpoint file")
+    p.add_argument("--out", required=True, type=Path, metavar="TOKENS", help="token store folder")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="join a Ray cluster ('auto' or ray://host:port); default: start a local Ray")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="actors, each with its own tokenizer (default: one per CPU, or per G GPUs)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                   help="GPUs per actor (default 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="images per encoder call (default 32)")
+    p.add_argument("--block-rows", type=int, default=512, metavar="R",
+                   help="images per part file, the unit of work and of resume (default 512)")
+    p.add_argument("--shard-rows", type=int, default=None, metavar="R",
+                   help="keep fixed-size shard files of R rows instead of one tokens.bin (multi-node)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a token store exported from another store or tokenizer")
+    p.set_defaults(func=cmd_export_tokens)
+
+
+class ExportProgress:
+    """tqdm bar over images for export-tokens."""
+
+    def __init__(self):
+        self.bar = None
+
+    def start(self, todo: int, done: int) -> None:
+        self.bar = tqdm(total=todo, unit="img", desc="export-tokens", file=sys.stderr, disable=None)
+        if done:
+            tqdm.write(f"resuming: {done} images already exported, {todo} to do", file=sys.stderr)
+
+    def update(self, rows: int) -> None:
+        self.bar.update(rows)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_export_tokens(args: argparse.Namespace) -> int:
+    from .pipelines import ConfigError, JobError, StoreError
+    from .pipelines.export import ExportConfig, run_export
+
+    name = f"{PROG} export-tokens"
+    try:
+        cfg = ExportConfig(data=args.data, tokenizer=args.tokenizer, out=args.out, address=args.address,
+                           workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                           batch_size=args.batch_size, block_rows=args.block_rows,
+                           shard_rows=args.shard_rows, overwrite=args.overwrite)
+    except ConfigError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    if not args.verbose:
+        quiet_ray_data()
+    try:
+        report = run_export(cfg, progress=ExportProgress())
+    except (StoreError, ConfigError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except JobError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; the token store is resumable: rerun the same command", file=sys.stderr)
+        return 130
+    print(report.summary())
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 def build_parser() -> argparse.ArgumentParser:
@@ -547,6 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_decompose_dataset(sub)
     add_train_tokenizer(sub)
     add_eval_tokenizer(sub)
+    add_export_tokens(sub)
     return parser
 
 

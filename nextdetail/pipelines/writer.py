@@ -62,7 +62,7 @@ def zarr_attributes(params: StoreParams, n_images: int) -> dict:
                            "images": n_images}}
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -275,6 +275,6 @@ def finish_store(plan: StorePlan, src: str) -> dict:
             "layer_order": layer_names(params.order), "fill_value": "NaN (images whose status is error)",
             "counts": counts, "src": str(src)}
     # Last: its presence is what marks the store complete.
-    _atomic_write_bytes(path / META, (json.dumps(meta, indent=2) + "\n").encode())
+    write_bytes_atomic(path / META, (json.dumps(meta, indent=2) + "\n").encode())
     shutil.rmtree(path / PARTS, ignore_errors=True)
     return counts

@@ -1,1 +1,11 @@
-"""Reserved: arrives with its issue (see README, Roadmap)."""
+"""Training on cached tokens: the token store reader (tokens.py).
+
+    from nextdetail.train import TokenDataset, EpochSampler
+    ds = TokenDataset("TOKENS")                   # exported by `nextdetail export-tokens`
+    sampler = EpochSampler(len(ds), batch_size=256, seed=0, rank=rank, world_size=world)
+    tokens_BL, labels_B = ds.get_batch(sampler.next_batch())
+    maps = ds.split_maps(tokens_BL)               # [r_1 .. r_M], (B, h_k, w_k) views
+"""
+from .tokens import EpochSampler, TokenDataset, TokenStoreError, read_token_meta
+
+__all__ = ["EpochSampler", "TokenDataset", "TokenStoreError", "read_token_meta"]

@@ -1,0 +1,91 @@
+"""The export job's actor: encode blocks of a decomposition store into token rows.
+
+Each actor loads the tokenizer once (on its GPU when Ray gave it one), reads its blocks'
+layers from the store itself (one Zarr chunk per image), encodes them and writes one part
+file per block, _parts/block-<b>.bin (uint16 (rows, L), raw), atomically. A block is owned
+by the one task that encodes it and a retried task rewrites the same bytes, so Ray's retries
+and reruns after a kill are safe.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from ..train.tokens import DTYPE
+from .writer import write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+PARTS = "_parts"
+
+
+def part_path(out: Path, block: int) -> Path:
+    return Path(out) / PARTS / f"block-{block:06d}.bin"
+
+
+def flatten_maps(maps_M: List["torch.Tensor"]) -> np.ndarray:  # noqa: F821
+    """M int64 maps (B, h_k, w_k) -> uint16 (B, L), maps concatenated in generation order."""
+    import torch
+
+    flat_BL = torch.cat([m.reshape(m.shape[0], -1) for m in maps_M], dim=1)
+    return flat_BL.cpu().numpy().astype(DTYPE)
+
+
+class EncodeWorker:
+    """Ray Data actor: {block, lo, hi} -> encodes ok images lo..hi-1 of the store, writes the part.
+
+    store       : decomposition store path; rows are its ok images in store order.
+    checkpoint  : tokenizer checkpoint file (the export recorded its sha256).
+    out         : token store folder.
+    batch_size  : images per encoder call.
+    threads     : torch CPU threads (one actor per CPU: 1).
+    """
+
+    def __init__(self, store: str, checkpoint: str, out: str, batch_size: int = 32, threads: int = 1):
+        import torch
+
+        from ..tokenize import Tokenizer
+        from .store import DecompositionStore
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(threads)))
+        self.tok = Tokenizer.from_checkpoint(checkpoint, map_location=self.device).to(self.device)
+        self.store = DecompositionStore(store)
+        self.out, self.batch_size = Path(out), int(batch_size)
+        self.size, self.n_bases = self.tok.config.image_size, self.tok.needs_bases
+        self.host, self.pid = socket.gethostname(), os.getpid()
+
+    def encode_rows(self, lo: int, hi: int) -> np.ndarray:
+        """uint16 (hi - lo, L): token rows of the store's ok images lo .. hi-1 (centre crops)."""
+        import torch
+
+        from ..tokenize.train import split_layers
+
+        s, o = self.size, (self.store.size - self.size) // 2
+        rows = []
+        for a in range(lo, hi, self.batch_size):
+            layers = np.stack([self.store.layers(i)[:, :, o:o + s, o:o + s]
+                               for i in range(a, min(hi, a + self.batch_size))])
+            x = torch.from_numpy(layers.astype(np.float32)).to(self.device)
+            image, bases = split_layers(x, self.n_bases)
+            rows.append(flatten_maps(self.tok.encode(image, bases)))
+        return np.concatenate(rows) if rows else np.zeros((0, 0), DTYPE)
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        out = {"block": [], "rows": [], "seconds": [], "host": []}
+        for block, lo, hi in zip(batch["block"], batch["lo"], batch["hi"]):
+            t0 = time.perf_counter()
+            rows = self.encode_rows(int(lo), int(hi))
+            write_bytes_atomic(part_path(self.out, int(block)), rows.tobytes())
+            out["block"].append(int(block))
+            out["rows"].append(int(hi) - int(lo))
+            out["seconds"].append(time.perf_counter() - t0)
+            out["host"].append(self.host)
+        return {k: np.asarray(v) for k, v in out.items()}

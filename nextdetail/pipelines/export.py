@@ -1,0 +1,422 @@
+"""The token export job: a decomposition store + a tokenizer -> a token store.
+
+    plan    : rows = the store's ok images in store order, cut into blocks of block_rows
+    prepare : create TOKENS/_parts (with plan.json), or check a rerun against it and skip the
+              blocks whose part file is complete
+    encode  : from_items(blocks) -> map_batches(EncodeWorker, ActorPoolStrategy): one tokenizer
+              per actor, one part file per block (nextdetail.pipelines.encode_worker)
+    finish  : parts -> tokens.bin (or shards/), index.parquet, then meta.json (the complete
+              mark), then the journal is dropped
+
+Resume works from the folder alone: a part exists only once complete (atomic rename), so a
+killed run loses at most the blocks in flight. The token store format is documented in
+nextdetail.train.tokens.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Protocol
+
+import numpy as np
+
+from .. import __version__
+from ..train.tokens import (DTYPE, FORMAT, FORMAT_VERSION, INDEX, MAX_VOCAB, META, SHARDS, TOKENS,
+                            file_sha256, map_offsets, shard_name)
+from .config import ConfigError
+from .encode_worker import PARTS, EncodeWorker, part_path
+from .job import JobError, _quiet_env, _root_cause, connect
+from .store import DecompositionStore, StoreError
+from .writer import write_bytes_atomic, write_table_atomic
+
+log = logging.getLogger(__name__)
+
+PLAN = "plan.json"
+ENTRIES = (TOKENS, INDEX, META, PARTS, SHARDS)       # the only names --overwrite removes
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Settings of `nextdetail export-tokens`.
+
+    data            : finished decomposition store (its ok images are exported, in store order).
+    tokenizer       : tokenizer run folder (its latest checkpoint) or checkpoint file.
+    out             : token store folder.
+    address         : None starts a local Ray; "auto" or "ray://host:port" joins a cluster.
+    workers         : actors (None: one per CPU, or one per G GPUs when the cluster has GPUs).
+    gpus_per_worker : GPUs per actor (None: 1 when the cluster has GPUs, else 0).
+    batch_size      : images per encoder call.
+    block_rows      : rows per part file (the unit of work and of resume).
+    shard_rows      : None: one tokens.bin; R: keep fixed-size shard files of R rows (multi-node
+                      friendly, no final copy); the blocks are then R rows.
+    overwrite       : replace a token store exported from another store or tokenizer.
+    num_cpus        : logical CPUs of the local Ray (None: the machine's).
+    """
+
+    data: Path
+    tokenizer: Path
+    out: Path
+    address: Optional[str] = None
+    workers: Optional[int] = None
+    gpus_per_worker: Optional[float] = None
+    batch_size: int = 32
+    block_rows: int = 512
+    shard_rows: Optional[int] = None
+    overwrite: bool = False
+    num_cpus: Optional[int] = None
+
+    def __post_init__(self):
+        for name in ("data", "tokenizer", "out"):
+            object.__setattr__(self, name, Path(getattr(self, name)))
+        for name in ("batch_size", "block_rows"):
+            v = getattr(self, name)
+            if int(v) != v or v < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        if self.shard_rows is not None and (int(self.shard_rows) != self.shard_rows or self.shard_rows < 1):
+            raise ConfigError(f"--shard-rows must be an integer >= 1, got {self.shard_rows!r}")
+        if self.workers is not None and (int(self.workers) != self.workers or self.workers < 1):
+            raise ConfigError(f"--workers must be an integer >= 1, got {self.workers!r}")
+        if self.gpus_per_worker is not None and not self.gpus_per_worker >= 0:
+            raise ConfigError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker!r}")
+
+    @property
+    def rows_per_block(self) -> int:
+        return int(self.shard_rows or self.block_rows)
+
+
+class ExportProgress(Protocol):
+    """Where the export reports progress, in rows (the CLI draws a bar)."""
+
+    def start(self, todo: int, done: int) -> None: ...
+
+    def update(self, rows: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class ExportReport:
+    out: str
+    rows: int = 0                  # N in the token store
+    tokens_per_row: int = 0        # L
+    blocks: int = 0
+    encoded: int = 0               # rows encoded by this run
+    skipped: int = 0               # rows already in finished parts
+    workers: int = 0
+    device: str = "cpu"
+    seconds: float = 0.0
+    startup_seconds: float = 0.0
+    processing_seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.encoded / self.processing_seconds if self.processing_seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        skipped = f" ({self.skipped} already done)" if self.skipped else ""
+        return (f"{self.rows} images x {self.tokens_per_row} tokens in {self.blocks} blocks{skipped}; "
+                f"encoded {self.encoded} in {self.processing_seconds:.1f} s = {self.rate:.1f} images/s on "
+                f"{self.workers} {self.device} workers; Ray start-up {self.startup_seconds:.1f} s, total "
+                f"{self.seconds:.1f} s; token store {self.out}")
+
+
+# ----------------------------------------------------------------------------- plan
+
+@dataclass
+class ExportPlan:
+    cfg: ExportConfig
+    checkpoint: Path
+    sha256: str
+    store: DecompositionStore
+    tokenizer_config: dict
+    map_shapes: List[List[int]]
+    vocab: int
+    num_base: int
+    order: int
+    blocks: List[tuple] = field(default_factory=list)     # (block, lo, hi)
+    todo: List[tuple] = field(default_factory=list)
+
+    @property
+    def N(self) -> int:
+        return len(self.store)
+
+    @property
+    def L(self) -> int:
+        return int(map_offsets(self.map_shapes)[-1])
+
+    def key(self) -> dict:
+        """What decides the bytes of the export: a rerun must match it to reuse parts."""
+        return {"tokenizer_sha256": self.sha256, "store": str(self.store.path.resolve()),
+                "store_indices": [int(i) for i in self.store.ok_indices], "N": self.N, "L": self.L,
+                "rows_per_block": self.cfg.rows_per_block, "sharded": self.cfg.shard_rows is not None}
+
+
+def make_plan(cfg: ExportConfig) -> ExportPlan:
+    """Read the store's manifest and the tokenizer's config (not its weights); check they fit."""
+    import torch
+
+    from ..tokenize import CheckpointError, TokenizerConfig
+    from ..tokenize.evaluate import latest_checkpoint
+    from ..tokenize.train import TrainError
+
+    store = DecompositionStore(cfg.data)
+    try:
+        ckpt = latest_checkpoint(cfg.tokenizer)
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        tcfg = TokenizerConfig.from_dict(state["config"]["tokenizer"])
+    except (TrainError, CheckpointError) as e:
+        raise ConfigError(f"--tokenizer {e}") from None
+    except Exception as e:  # unreadable file, not a checkpoint
+        raise ConfigError(f"--tokenizer {cfg.tokenizer}: not a tokenizer checkpoint "
+                          f"({type(e).__name__}: {e})") from None
+    del state
+    if tcfg.quant.vocab > MAX_VOCAB:
+        raise ConfigError(f"--tokenizer {ckpt}: a vocabulary of {tcfg.quant.vocab} does not fit the "
+                          f"token store's uint16 (at most {MAX_VOCAB})")
+    if store.size < tcfg.image_size:
+        raise StoreError(store.path, f"images of {store.size} px are smaller than the tokenizer's "
+                                     f"{tcfg.image_size} px input (decompose-dataset --size {tcfg.image_size})")
+    if store.order < tcfg.needs_bases():
+        raise StoreError(store.path, f"store of order {store.order}; the base-detail tokenizer needs bases "
+                                     f"B_1..B_{tcfg.needs_bases()} (decompose-dataset --order {tcfg.needs_bases()})")
+    sizes = tcfg.quant.map_sizes(tcfg.latent())
+    kind = tcfg.quant.kind
+    plan = ExportPlan(cfg=cfg, checkpoint=ckpt, sha256=file_sha256(ckpt), store=store,
+                      tokenizer_config=tcfg.to_dict(), map_shapes=[[p, p] for p in sizes],
+                      vocab=tcfg.quant.vocab,
+                      num_base=len(tcfg.quant.base_patch_sizes) if kind == "basedetail" else len(sizes),
+                      order=tcfg.quant.order if kind == "basedetail" else 0)
+    R = cfg.rows_per_block
+    plan.blocks = [(b, lo, min(lo + R, plan.N)) for b, lo in enumerate(range(0, plan.N, R))]
+    return plan
+
+
+# ----------------------------------------------------------------------------- folder
+
+def _block_done(out: Path, plan: ExportPlan, block: tuple) -> bool:
+    b, lo, hi = block
+    want = (hi - lo) * plan.L * DTYPE.itemsize
+    for p in (part_path(out, b), out / shard_name(b)):
+        if p.is_file() and p.stat().st_size == want:
+            return True
+    return False
+
+
+def prepare(plan: ExportPlan) -> int:
+    """Create or check TOKENS; set plan.todo. Returns rows already done (a finished store: N)."""
+    out, cfg = plan.cfg.out, plan.cfg
+    if out.exists() and not out.is_dir():
+        raise StoreError(out, "exists and is not a folder; choose another --out")
+    names = set(os.listdir(out)) if out.is_dir() else set()
+    if names and not names & set(ENTRIES):
+        raise StoreError(out, "exists and is not a token store; choose another --out "
+                              "(--overwrite only ever replaces a token store)")
+    if names and cfg.overwrite:
+        log.info("%s: --overwrite: removing the existing token store", out)
+        for name in ENTRIES:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        names = set()
+    key = plan.key()
+    if META in names:
+        old = json.loads((out / META).read_text()).get("plan")
+        if old == key:
+            plan.todo = []
+            return plan.N
+        raise StoreError(out, f"token store exported from {_differs(old, key)}; pass --overwrite to replace it")
+    parts = out / PARTS
+    if (parts / PLAN).is_file():
+        old = json.loads((parts / PLAN).read_text())
+        if old != key:
+            raise StoreError(out, f"unfinished export from {_differs(old, key)}; pass --overwrite to start over")
+    else:
+        parts.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(parts / PLAN, json.dumps(key).encode())
+    plan.todo = [b for b in plan.blocks if not _block_done(out, plan, b)]
+    return sum(hi - lo for b, lo, hi in plan.blocks) - sum(hi - lo for b, lo, hi in plan.todo)
+
+
+def _differs(old, new) -> str:
+    if not isinstance(old, dict):
+        return "an unknown plan"
+    names = {"tokenizer_sha256": "another tokenizer checkpoint", "store": "another decomposition store",
+             "store_indices": "other images of the store", "rows_per_block": "another --block-rows/--shard-rows",
+             "sharded": "another --shard-rows", "L": "another token layout", "N": "another number of images"}
+    diffs = [names[k] for k in names if old.get(k) != new.get(k)]
+    return ", ".join(diffs) or "another plan"
+
+
+def finish(plan: ExportPlan) -> None:
+    """Parts -> tokens.bin or shards/, index.parquet, then meta.json last, then drop the journal."""
+    import pyarrow as pa
+
+    out = plan.cfg.out
+    sharded = plan.cfg.shard_rows is not None
+    if sharded:
+        (out / SHARDS).mkdir(exist_ok=True)
+        for b, lo, hi in plan.blocks:
+            if part_path(out, b).is_file():        # not yet moved by an earlier finish
+                os.replace(part_path(out, b), out / shard_name(b))
+    else:
+        tmp = out / f".{TOKENS}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as dst:
+            for b, lo, hi in plan.blocks:
+                with open(part_path(out, b), "rb") as src:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, out / TOKENS)
+    store = plan.store
+    m = store.manifest.set_index("index").loc[store.ok_indices]
+    labels = store.labels.astype(np.int64)
+    classes = [c if isinstance(c, str) else None for c in m["class_name"].tolist()]   # NaN -> None
+    table = pa.table({"row": pa.array(np.arange(plan.N), pa.int64()),
+                      "id": pa.array(m["id"].tolist(), pa.string()),
+                      "label": pa.array(labels, pa.int64()),
+                      "class_name": pa.array(classes, pa.string()),
+                      "store_index": pa.array(store.ok_indices.astype(np.int64), pa.int64())})
+    write_table_atomic(table, out / INDEX)
+    names = {int(lab): c for lab, c in zip(labels, classes) if lab >= 0 and c}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "nextdetail_version": __version__,
+            "N": plan.N, "L": plan.L, "dtype": "uint16", "byte_order": "little",
+            "layout": "row-major (N, L); map k of row i is row[offsets[k]:offsets[k+1]], reshaped (h_k, w_k)",
+            "vocab": plan.vocab, "map_shapes": plan.map_shapes,
+            "offsets": map_offsets(plan.map_shapes).tolist(), "num_maps": len(plan.map_shapes),
+            "num_base": plan.num_base, "order": plan.order,
+            "detail_depth": plan.tokenizer_config["quant"]["detail_depth"] if plan.order else 0,
+            "num_classes": int(labels.max()) + 1 if len(labels) and labels.max() >= 0 else 0,
+            "class_names": [names.get(k) for k in range(int(labels.max()) + 1)] if names else [],
+            "tokenizer": {"checkpoint": str(plan.checkpoint.resolve()), "sha256": plan.sha256,
+                          "kind": plan.tokenizer_config["quant"]["kind"], "config": plan.tokenizer_config,
+                          "image_size": plan.tokenizer_config["image_size"],
+                          "crop": "centre crop of the stored image"},
+            "decomposition": {"store": str(store.path.resolve()), "method": store.meta.get("method"),
+                              "order": store.order, "size": store.size, "at": store.meta.get("at"),
+                              "backend": store.meta.get("backend")},
+            "plan": plan.key()}
+    if sharded:
+        meta["shard_rows"] = plan.cfg.shard_rows
+        meta["shards"] = [{"file": shard_name(b), "rows": hi - lo} for b, lo, hi in plan.blocks]
+    write_bytes_atomic(out / META, (json.dumps(meta, indent=2) + "\n").encode())
+    shutil.rmtree(out / PARTS, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the job
+
+def _resources(cfg: ExportConfig) -> tuple:
+    """(gpus_per_worker, workers) for the Ray we are connected to."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = int(res.get("CPU", 0)), float(res.get("GPU", 0))
+    per = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if gpus >= 1 else 0.0)
+    if per and gpus < per:
+        raise ConfigError(f"--gpus-per-worker {per:g} but the Ray cluster has {gpus:g} GPUs")
+    workers = cfg.workers or (int(gpus // per) if per else max(1, cpus))
+    if workers > cpus:
+        raise ConfigError(f"--workers {workers} needs {workers} CPUs; the Ray cluster has {cpus}")
+    if per and workers * per > gpus:
+        raise ConfigError(f"--workers {workers} x --gpus-per-worker {per:g} needs {workers * per:g} GPUs; "
+                          f"the Ray cluster has {gpus:g}")
+    return per, workers
+
+
+def _dataset(plan: ExportPlan, gpus: float, workers: int):
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    items = [{"block": b, "lo": lo, "hi": hi} for b, lo, hi in plan.todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    return ds.map_batches(
+        EncodeWorker, batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
+        num_cpus=1, num_gpus=gpus or None,
+        fn_constructor_kwargs={"store": str(plan.store.path.resolve()), "checkpoint": str(plan.checkpoint.resolve()),
+                               "out": str(plan.cfg.out.resolve()), "batch_size": plan.cfg.batch_size,
+                               "threads": 1})
+
+
+def run_export(cfg: ExportConfig, progress: Optional[ExportProgress] = None) -> ExportReport:
+    """Export every ok image of cfg.data not yet in cfg.out. Raises StoreError / ConfigError (bad
+    input, refused folder) or JobError (Ray or I/O failure; a rerun resumes)."""
+    t_begin = time.perf_counter()
+    plan = make_plan(cfg)
+    report = ExportReport(out=str(cfg.out), rows=plan.N, tokens_per_row=plan.L, blocks=len(plan.blocks))
+    report.skipped = prepare(plan)
+    if not plan.todo and (cfg.out / META).is_file():
+        report.seconds = time.perf_counter() - t_begin
+        return report
+    started = False
+    try:
+        if plan.todo:
+            _quiet_env()
+            started, ray_seconds = connect(cfg)
+            t_connected = time.time() - ray_seconds
+            gpus, workers = _resources(cfg)
+            report.workers = workers = min(workers, len(plan.todo))
+            report.device = "gpu" if gpus else "cpu"
+            if progress:
+                progress.start(sum(hi - lo for _, lo, hi in plan.todo), report.skipped)
+            t_first = None
+            try:
+                for batch in _dataset(plan, gpus, workers).iter_batches(batch_size=None, batch_format="numpy"):
+                    rows = int(np.sum(batch["rows"]))
+                    report.encoded += rows
+                    if t_first is None:
+                        t_first = time.time() - float(np.max(batch["seconds"]))
+                    if progress:
+                        progress.update(rows)
+            except (StoreError, ConfigError):
+                raise
+            except Exception as e:  # Ray wraps worker failures in its own exception types
+                raise JobError(f"the export failed; the token store is resumable, rerun the same command "
+                               f"({_root_cause(e)})") from e
+            finally:
+                if progress:
+                    progress.close()
+            if t_first is not None:
+                report.startup_seconds = max(0.0, t_first - t_connected)
+                report.processing_seconds = max(1e-9, time.time() - t_first)
+        missing = [b for b in plan.blocks if not _block_done(cfg.out, plan, b)]
+        if missing:
+            raise JobError(f"{len(missing)} blocks have no part file after the run (e.g. block {missing[0][0]}); "
+                           f"rerun the same command")
+        finish(plan)
+    except OSError as e:
+        raise JobError(f"cannot write the token store ({e}); rerun the same command once fixed") from e
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
+    report.seconds = time.perf_counter() - t_begin
+    return report
+
+
+def export_in_process(cfg: ExportConfig) -> ExportReport:
+    """The same export without Ray: one EncodeWorker in this process (small stores, tests)."""
+    t0 = time.perf_counter()
+    plan = make_plan(cfg)
+    report = ExportReport(out=str(cfg.out), rows=plan.N, tokens_per_row=plan.L, blocks=len(plan.blocks),
+                          workers=1)
+    report.skipped = prepare(plan)
+    if plan.todo:
+        worker = EncodeWorker(str(plan.store.path), str(plan.checkpoint), str(cfg.out), cfg.batch_size,
+                              threads=os.cpu_count() or 1)
+        t1 = time.perf_counter()
+        for b, lo, hi in plan.todo:
+            worker({"block": [b], "lo": [lo], "hi": [hi]})
+            report.encoded += hi - lo
+        report.processing_seconds = time.perf_counter() - t1
+    if plan.todo or not (cfg.out / META).is_file():
+        finish(plan)
+    report.seconds = time.perf_counter() - t0
+    return report

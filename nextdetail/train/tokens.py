@@ -1,0 +1,296 @@
+"""The token store (a public contract) and its reader, `TokenDataset`.
+
+    TOKENS/tokens.bin      uint16, shape (N, L), row-major, no header. Row i holds sample i's
+                           token maps r_1 .. r_M concatenated in generation order (base maps,
+                           then detail maps), each map flattened row-major:
+                           L = sum_k h_k * w_k, map k is row[offsets[k]:offsets[k+1]].
+    TOKENS/index.parquet   one row per sample: row, id, label, class_name, store_index (the
+                           image's index in the decomposition store it came from).
+    TOKENS/meta.json       format, N, L, dtype, vocabulary size, map shapes, number of base maps,
+                           detail factors, the tokenizer checkpoint (path, sha256, config) and the
+                           decomposition parameters. Written last: a folder without it is an
+                           incomplete export and is refused.
+    TOKENS/shards/         instead of tokens.bin when exported with --shard-rows R: fixed-size
+                           files tokens-00000.bin, ... of R rows each (the last may be shorter),
+                           listed in meta.json; the same reader reads them.
+
+Training reads it through one np.memmap per file and one fancy-index gather per batch: no
+decoding, no per-sample Python, no copies beyond the batch itself.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+FORMAT = "nextdetail.token_store"
+FORMAT_VERSION = 1
+TOKENS = "tokens.bin"
+INDEX = "index.parquet"
+META = "meta.json"
+SHARDS = "shards"
+DTYPE = np.dtype("<u2")             # uint16, little-endian on every machine
+MAX_VOCAB = int(np.iinfo(DTYPE).max) + 1
+
+
+class TokenStoreError(ValueError):
+    """A token store that cannot be used as asked; str is one line "<TOKENS>: <reason>"."""
+
+    def __init__(self, path, reason: str):
+        self.path = Path(path)
+        super().__init__(f"{path}: {reason}")
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def map_offsets(map_shapes: Sequence[Sequence[int]]) -> np.ndarray:
+    """int64 (M+1,): start of each map in a row, and L at the end."""
+    return np.concatenate([[0], np.cumsum([int(h) * int(w) for h, w in map_shapes])]).astype(np.int64)
+
+
+def shard_name(k: int) -> str:
+    return f"{SHARDS}/tokens-{k:05d}.bin"
+
+
+def read_token_meta(path) -> dict:
+    """meta.json of a token store, checked for completeness, format and self-consistency."""
+    path = Path(path)
+    if not path.is_dir():
+        raise TokenStoreError(path, "no such token store (not a folder)")
+    if not (path / META).is_file():
+        if (path / "_parts").exists() or (path / TOKENS).exists():
+            raise TokenStoreError(path, "incomplete token store (no meta.json): its export has not "
+                                        "finished; rerun the same `nextdetail export-tokens` command")
+        raise TokenStoreError(path, "not a token store (no meta.json)")
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError) as e:
+        raise TokenStoreError(path, f"cannot read meta.json ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise TokenStoreError(path, f"meta.json does not describe a {FORMAT}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise TokenStoreError(path, f"token store format version {meta.get('format_version')!r}; this "
+                                    f"nextdetail reads version {FORMAT_VERSION} only")
+    try:
+        vocab, N, L = int(meta["vocab"]), int(meta["N"]), int(meta["L"])
+        shapes = [tuple(int(v) for v in s) for s in meta["map_shapes"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise TokenStoreError(path, f"meta.json lacks a valid {e} entry") from None
+    if meta.get("dtype") != "uint16":
+        raise TokenStoreError(path, f"meta.json dtype {meta.get('dtype')!r}: this reader takes uint16")
+    if not 1 <= vocab <= MAX_VOCAB:
+        raise TokenStoreError(path, f"vocabulary of {vocab} tokens does not fit uint16 (at most {MAX_VOCAB})")
+    if int(map_offsets(shapes)[-1]) != L:
+        raise TokenStoreError(path, f"meta.json says L = {L} but its map shapes sum to {map_offsets(shapes)[-1]}")
+    if N < 0:
+        raise TokenStoreError(path, f"meta.json says N = {N}")
+    return meta
+
+
+class TokenDataset:
+    """Read a finished token store: `get_batch(indices)` -> (tokens int64 (B, L), labels int64 (B,)).
+
+    tokenizer : optional run folder or checkpoint file; refused (TokenStoreError) unless its
+                sha256 equals the one the tokens were exported with.
+
+    The memmaps are opened lazily and again in every process (DataLoader workers, DDP ranks):
+    the object pickles without them. Tokens are read with one fancy-index gather per file
+    touched (one for a single tokens.bin), converted to int64 once, and split into maps by views.
+    """
+
+    def __init__(self, path, tokenizer=None):
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        self.meta = meta = read_token_meta(self.path)
+        self.N, self.L, self.vocab = int(meta["N"]), int(meta["L"]), int(meta["vocab"])
+        self.map_shapes: List[Tuple[int, int]] = [tuple(int(v) for v in s) for s in meta["map_shapes"]]
+        self.offsets = map_offsets(self.map_shapes)
+        self.num_base = int(meta.get("num_base", len(self.map_shapes)))
+        self.order = int(meta.get("order", 0))
+        self.files, self.shard_rows = self._files(meta)
+        for f, rows in self.files:
+            size = (self.path / f).stat().st_size if (self.path / f).is_file() else None
+            if size is None:
+                raise TokenStoreError(self.path, f"{f} is missing")
+            if size != rows * self.L * DTYPE.itemsize:
+                raise TokenStoreError(self.path, f"{f} holds {size} bytes; meta.json says {rows} rows x "
+                                                 f"{self.L} tokens x {DTYPE.itemsize} bytes = "
+                                                 f"{rows * self.L * DTYPE.itemsize}")
+        try:
+            index = pq.read_table(self.path / INDEX).to_pandas()
+        except Exception as e:  # missing or unreadable Parquet
+            raise TokenStoreError(self.path, f"cannot read {INDEX} ({type(e).__name__}: {e})") from None
+        if len(index) != self.N or not (index["row"].to_numpy() == np.arange(self.N)).all():
+            raise TokenStoreError(self.path, f"{INDEX} has {len(index)} rows, not rows 0..{self.N - 1} of meta.json")
+        self.index = index
+        self.labels = index["label"].fillna(-1).to_numpy(np.int64)
+        self.ids = index["id"].tolist()
+        self.num_classes = int(meta.get("num_classes", int(self.labels.max()) + 1 if self.N else 0))
+        if tokenizer is not None:
+            self.check_tokenizer(tokenizer)
+        self._mm: Optional[list] = None
+        self._pid = None
+
+    # -- files -------------------------------------------------------------------------------
+    def _files(self, meta) -> Tuple[List[Tuple[str, int]], int]:
+        shards = meta.get("shards")
+        if not shards:
+            return [(TOKENS, self.N)], max(self.N, 1)
+        files = [(s["file"], int(s["rows"])) for s in shards]
+        rows = int(meta["shard_rows"])
+        if sum(r for _, r in files) != self.N or any(r != rows for _, r in files[:-1]):
+            raise TokenStoreError(self.path, f"meta.json shards do not add up to N = {self.N} rows "
+                                             f"in files of {rows} rows")
+        return files, rows
+
+    def _maps(self) -> list:
+        # A memmap opened before a fork would share its file position state with the child's
+        # copy-on-write pages; reopening per process keeps every worker independent.
+        if self._mm is None or self._pid != os.getpid():
+            self._mm = [np.memmap(self.path / f, dtype=DTYPE, mode="r", shape=(rows, self.L))
+                        if rows else np.zeros((0, self.L), DTYPE) for f, rows in self.files]
+            self._pid = os.getpid()
+        return self._mm
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The uint16 (N, L) memmap (single-file stores only; sharded ones: `get_batch`)."""
+        if len(self.files) != 1:
+            raise TokenStoreError(self.path, "a sharded store has one memmap per shard; use get_batch")
+        return self._maps()[0]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_mm"], state["_pid"] = None, None
+        return state
+
+    def __len__(self) -> int:
+        return self.N
+
+    # -- reading -----------------------------------------------------------------------------
+    def gather(self, indices) -> np.ndarray:
+        """uint16 (B, L) rows `indices` (any order, repeats allowed)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.ndim != 1:
+            raise ValueError(f"indices of shape {idx.shape}: expected a 1-D array")
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.N):
+            bad = idx[(idx < 0) | (idx >= self.N)][0]
+            raise IndexError(f"{self.path}: sample {bad} out of range 0..{self.N - 1}")
+        maps = self._maps()
+        if len(maps) == 1:
+            return maps[0][idx]
+        out = np.empty((len(idx), self.L), DTYPE)
+        shard = idx // self.shard_rows
+        for k in np.unique(shard):
+            sel = shard == k
+            out[sel] = maps[k][idx[sel] - k * self.shard_rows]
+        return out
+
+    def get_batch(self, indices):
+        """(tokens int64 torch (B, L), labels int64 torch (B,)) of samples `indices`."""
+        import torch
+
+        idx = np.asarray(indices, dtype=np.int64)
+        rows = self.gather(idx)
+        # uint16 -> int64 in one vectorised copy (what embedding and cross-entropy take).
+        return torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(self.labels[idx])
+
+    def split_maps(self, tokens_BL) -> list:
+        """(B, L) -> [r_1 .. r_M], views of shape (B, h_k, w_k)."""
+        B = tokens_BL.shape[0]
+        return [tokens_BL[:, a:b].reshape(B, h, w)
+                for (a, b), (h, w) in zip(zip(self.offsets[:-1], self.offsets[1:]), self.map_shapes)]
+
+    # -- provenance --------------------------------------------------------------------------
+    def tokenizer_checkpoint(self) -> Path:
+        """The tokenizer checkpoint the tokens were exported with (as recorded; may not exist here)."""
+        return Path(self.meta["tokenizer"]["checkpoint"])
+
+    def check_tokenizer(self, tokenizer) -> Path:
+        """Resolve a run folder / checkpoint and refuse it unless its sha256 is the recorded one."""
+        from ..tokenize.evaluate import latest_checkpoint
+        from ..tokenize.train import TrainError
+
+        try:
+            ckpt = latest_checkpoint(tokenizer)
+        except TrainError as e:
+            raise TokenStoreError(self.path, str(e)) from None
+        recorded = self.meta.get("tokenizer", {}).get("sha256")
+        digest = file_sha256(ckpt)
+        if digest != recorded:
+            raise TokenStoreError(self.path, f"tokenizer checkpoint {ckpt} (sha256 {digest[:12]}...) is not the "
+                                             f"one these tokens were exported with (sha256 "
+                                             f"{str(recorded)[:12]}..., {self.meta['tokenizer'].get('checkpoint')})")
+        return ckpt
+
+
+class EpochSampler:
+    """Deterministic, resumable sample order for one rank of `world_size`.
+
+    The global stream is the concatenation of per-epoch permutations of range(n), epoch e's
+    drawn from np.random.default_rng((seed, e)). Each training step takes the next
+    batch_size * world_size entries of the stream and rank r keeps entries [r*B, (r+1)*B):
+    every rank has the same fixed batch shape every step (no DDP hang, no padding), and across
+    ranks every sample is seen exactly once per epoch (a step may straddle two epochs).
+
+    The state is (epoch, position): the next entry to take is permutation(epoch)[position].
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if n < 1:
+            raise ValueError(f"cannot sample batches from {n} samples")
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"batch_size {batch_size}, rank {rank}, world_size {world_size}: need "
+                             f"batch_size >= 1 and 0 <= rank < world_size")
+        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.epoch, self.position = 0, 0
+        self._perm_epoch, self._perm = None, None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if self._perm_epoch != epoch:
+            self._perm = np.random.default_rng((self.seed, int(epoch))).permutation(self.n)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def next_batch(self) -> np.ndarray:
+        """This rank's int64 (batch_size,) indices for the next step; advances the state."""
+        want = self.batch_size * self.world_size
+        parts = []
+        while want:
+            take = min(want, self.n - self.position)
+            parts.append(self.permutation(self.epoch)[self.position:self.position + take])
+            self.position += take
+            want -= take
+            if self.position == self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+        step = np.concatenate(parts)
+        return step[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].astype(np.int64)
+
+    def iter_epoch(self, epoch: int = 0) -> Iterator[np.ndarray]:
+        """One pass over this rank's share of `epoch` (perm[rank::world_size]) in batches, the last
+        possibly shorter; for validation and evaluation. Does not touch the training state."""
+        mine = self.permutation(epoch)[self.rank::self.world_size]
+        for lo in range(0, len(mine), self.batch_size):
+            yield mine[lo:lo + self.batch_size].astype(np.int64)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "n": self.n, "seed": self.seed,
+                "batch_size": self.batch_size, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("n", "seed"):
+            if int(state[k]) != getattr(self, k):
+                raise ValueError(f"sampler state of {k}={state[k]}, this sampler has {k}={getattr(self, k)}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -1,0 +1,32 @@
+"""A tiny real token store for tests: a small decomposition store (make_store), a tokenizer
+trained for a few steps (a real checkpoint), and the export run in-process (no Ray)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline_data import make_store
+
+
+def tiny_tokenizer(store: Path, out: Path, kind: str = "basedetail", image_size: int = 32,
+                   steps: int = 2, vocab: int = 64) -> Path:
+    """Train a ~20k-parameter tokenizer for `steps` steps; returns its checkpoint file."""
+    from nextdetail.tokenize import config_for
+    from nextdetail.tokenize.train import TrainConfig, checkpoints, train
+
+    tok = config_for(kind, image_size, 8, ch=8, num_res_blocks=1, attn=False, vocab=vocab,
+                     **({"depth": 4} if kind == "vanilla" else {}))
+    train(TrainConfig(data=str(store), out=str(out), tokenizer=tok, steps=steps, batch_size=2, lr=2e-3,
+                      lpips_weight=0.0, disc_start=10 ** 9, ckpt_every=steps))
+    return checkpoints(out)[-1]
+
+
+def make_token_store(tmp: Path, n: int = 6, size: int = 40, kind: str = "basedetail", **export):
+    """(tokens folder, tokenizer checkpoint, decomposition store) of n images, 32 px crops."""
+    from nextdetail.pipelines.export import ExportConfig, export_in_process
+
+    tmp = Path(tmp)
+    store = make_store(tmp / "store", n=n, size=size, order=3)
+    ckpt = tiny_tokenizer(store, tmp / "tokenizer", kind)
+    out = tmp / "tokens"
+    export_in_process(ExportConfig(data=store, tokenizer=ckpt, out=out, **export))
+    return out, ckpt, store
