@@ -1,0 +1,462 @@
+"""Training the next-detail transformer on a token store (never images).
+
+    report = train(TrainConfig(tokens="TOKENS", tokenizer="RUN", out="RUN2", steps=1000))
+
+Reads the token store (`TokenDataset`, one memmap gather per batch) and the tokenizer's quantizer
+(codebook + phi convs, `inputs.load_quantizer`) to build the continuous inputs. Loss: cross
+entropy over all L tokens; labels are replaced by the null class with probability `cond_drop`
+(classifier-free guidance). AdamW, linear warmup then cosine decay to `min_lr` x lr, gradient
+clipping. A fraction `val_fraction` of the samples (a fixed, seeded choice) is held out and
+evaluated every `val_every` steps and at the end.
+
+RUN2/ holds `ckpt-<step>.pt` (every `ckpt_every` steps and at the end; written atomically:
+model, optimizer, step, sampler state, RNG state, configs, the tokenizer checkpoint's path and
+sha256), `log.jsonl` (train records every step: lr, loss, acc, grad_norm, per-map loss and
+accuracy, tokens/s; val records with "split": "val") and `loss.png`. `resume=True` continues
+from the latest checkpoint, bitwise equal to an uninterrupted run on the CPU: the batch order is
+the sampler's state, the learning rate a function of the step, and the label dropout is drawn
+from a generator seeded by (seed, step), so nothing depends on the process's history.
+
+Multi-GPU / multi-node: launch with torchrun; RANK / WORLD_SIZE / LOCAL_RANK select the shard
+(EpochSampler: every rank gets a fixed-size slice of the same global batch) and DDP averages
+the gradients (gloo on the CPU, nccl on CUDA). Rank 0 writes the log and the checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .inputs import load_quantizer, teacher_inputs
+from .model import NextDetailTransformer, TransformerConfig
+
+log = logging.getLogger(__name__)
+
+LOG = "log.jsonl"
+PLOT = "loss.png"
+
+
+class TrainError(ValueError):
+    """Training cannot start as asked (token store, run folder, config); one line."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    tokens: str                        # token store folder (nextdetail export-tokens)
+    tokenizer: str                     # its tokenizer: run folder or checkpoint file
+    out: str                           # run folder of this training
+    depth: int = 6
+    width: int = 384
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    pos: str = "rope"                  # "rope" (normalized 2-D RoPE) or "learned"
+    adaln: bool = False
+    steps: int = 1000
+    batch_size: int = 32               # per process
+    lr: float = 3e-4
+    min_lr: float = 0.1                # the cosine ends at min_lr * lr
+    warmup: int = 100
+    weight_decay: float = 0.05
+    betas: Tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0             # 0: no clipping
+    cond_drop: float = 0.1             # probability of the null class (classifier-free guidance)
+    val_fraction: float = 0.05
+    val_every: int = 500
+    val_batches: int = 20              # at most this many batches per validation
+    ckpt_every: int = 500
+    seed: int = 0
+    device: str = "cpu"
+    compile: bool = False
+
+    # Fields a resumed run may change: where and how long it runs, how often it reports.
+    RESUMABLE_CHANGES = ("out", "steps", "ckpt_every", "val_every", "val_batches", "device", "compile",
+                         "tokens", "tokenizer")
+
+    def __post_init__(self):
+        object.__setattr__(self, "betas", tuple(self.betas))
+        for name in ("depth", "width", "heads", "steps", "batch_size", "ckpt_every", "val_every",
+                     "val_batches"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"{name} {getattr(self, name)}: must be >= 1")
+        for name in ("cond_drop", "val_fraction", "min_lr"):
+            if not 0.0 <= getattr(self, name) < 1.0 + (name == "min_lr"):
+                raise TrainError(f"{name} {getattr(self, name)}: must be in [0, 1]")
+        if self.lr <= 0 or self.warmup < 0 or self.grad_clip < 0:
+            raise TrainError(f"lr {self.lr}, warmup {self.warmup}, grad_clip {self.grad_clip}: "
+                             "need lr > 0, warmup >= 0, grad_clip >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def differences(self, other: "TrainConfig") -> List[str]:
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k} {a[k]} (checkpoint) != {b[k]} (asked)" for k in a
+                if k not in self.RESUMABLE_CHANGES and a[k] != b[k]]
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of step `step` (0-based): linear warmup, then cosine to min_lr * lr."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def split_indices(n: int, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(train, val) sample indices: a seeded random `fraction` of 0..n-1 is held out (at least one
+    when fraction > 0 and n >= 2; never all)."""
+    n_val = 0 if fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * fraction)))
+    perm = np.random.default_rng((seed, 0x5EED)).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def label_dropout(labels_B: torch.Tensor, null: int, p: float, seed: int, step: int, rank: int) -> torch.Tensor:
+    """Replace labels by the null class with probability p; the draw depends only on (seed, step)
+    and the rank's slice of the global batch, so resume and DDP see the same mask."""
+    if p <= 0:
+        return labels_B
+    B = labels_B.shape[0]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    drop = torch.rand(B * (rank + 1), generator=g)[rank * B:]
+    return torch.where(drop.to(labels_B.device) < p, torch.full_like(labels_B, null), labels_B)
+
+
+def map_stats(loss_BL: torch.Tensor, hit_BL: torch.Tensor, level_L: torch.Tensor, M: int) -> torch.Tensor:
+    """(2, M) float64: [sum of loss, number of hits] per map (sums over batch and positions)."""
+    out = torch.zeros(2, M, dtype=torch.float64, device=loss_BL.device)
+    out[0].index_add_(0, level_L, loss_BL.detach().double().sum(0))
+    out[1].index_add_(0, level_L, hit_BL.double().sum(0))
+    return out
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+    owned: bool = False          # this module initialised the process group
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); world 1 without it."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Dist(rank, world, local, owned)
+
+
+def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(t)
+    return t
+
+
+# ----------------------------------------------------------------------------- trainer
+
+@dataclass
+class TrainReport:
+    out: Path
+    start_step: int
+    steps: int
+    seconds: float
+    tokens: int
+    last: dict
+    val: Optional[dict]
+    trainer: Optional["Trainer"] = field(default=None, repr=False)    # the final state (tests, bench)
+
+    def summary(self) -> str:
+        done = self.steps - self.start_step
+        rate = done / self.seconds if self.seconds > 0 else float("nan")
+        tps = self.tokens / self.seconds if self.seconds > 0 else float("nan")
+        last = (f"loss {self.last['loss']:.4f} acc {self.last['acc']:.3f}" if self.last else "no step run")
+        val = f"; val loss {self.val['loss']:.4f} acc {self.val['acc']:.3f}" if self.val else ""
+        return (f"trained steps {self.start_step}..{self.steps} ({done} steps, {self.seconds:.1f} s, "
+                f"{rate:.2f} steps/s, {tps:,.0f} tokens/s); last: {last}{val}; run {self.out}")
+
+
+def checkpoints(out: Path) -> List[Path]:
+    return sorted(Path(out).glob("ckpt-*.pt"))
+
+
+def _save(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """The state of one training process; `train()` drives it. Split into `next_batch` (data)
+    and `step` (inputs, forward, backward, update) so the benchmark can time them apart."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, dist_: Optional[Dist] = None):
+        from ..tokenize import CheckpointError
+        from ..tokenize.evaluate import latest_checkpoint
+        from ..tokenize.train import TrainError as TokTrainError
+        from .tokens import EpochSampler, TokenDataset, TokenStoreError
+        from .tokens import file_sha256
+
+        self.cfg = cfg
+        self.dist = dist_ or Dist()
+        self.out = Path(cfg.out)
+        found = checkpoints(self.out) if self.out.is_dir() else []
+        if found and not resume:
+            raise TrainError(f"{self.out}: already holds checkpoints ({found[-1].name}); resume it or "
+                             "choose another --out")
+        dev = cfg.device
+        if dev.startswith("cuda") and self.dist.world > 1:
+            dev = f"cuda:{self.dist.local}"
+            torch.cuda.set_device(dev)
+        self.device = torch.device(dev)
+        try:
+            self.ds = TokenDataset(cfg.tokens, tokenizer=cfg.tokenizer)
+            self.tok_ckpt = latest_checkpoint(cfg.tokenizer)
+        except (TokenStoreError, TokTrainError) as e:
+            raise TrainError(str(e)) from None
+        self.tok_sha = file_sha256(self.tok_ckpt)
+        try:
+            self.quantizer = load_quantizer(self.tok_ckpt).to(self.device)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from None
+        if self.quantizer.sizes and [tuple(s) for s in self.ds.map_shapes] != [(p, p) for p in self.quantizer.sizes]:
+            raise TrainError(f"{cfg.tokens}: map shapes {self.ds.map_shapes} differ from the tokenizer's "
+                             f"schedule {self.quantizer.sizes}")
+        self.mcfg = TransformerConfig(vocab=self.ds.vocab, map_shapes=tuple(self.ds.map_shapes),
+                                      cvae=self.quantizer.codebook.embed.weight.shape[1],
+                                      num_classes=self.ds.num_classes, depth=cfg.depth, width=cfg.width,
+                                      heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, pos=cfg.pos, adaln=cfg.adaln)
+        torch.manual_seed(cfg.seed)
+        self.model = NextDetailTransformer(self.mcfg).to(self.device)
+        self.train_idx, self.val_idx = split_indices(len(self.ds), cfg.val_fraction, cfg.seed)
+        d = self.dist
+        self.sampler = EpochSampler(len(self.train_idx), cfg.batch_size, cfg.seed, d.rank, d.world)
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "emb" not in n]
+        other = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                      {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+        self.step_ = 0
+        if found:
+            self._load(found[-1])
+        self.net = self.model
+        if d.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                    else nullcontext())
+        self.level_L = self.model.level_L
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"config": self.cfg.to_dict(), "model_config": self.mcfg.to_dict(),
+                "model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step_,
+                "sampler": self.sampler.state_dict(), "rng": {"torch": torch.get_rng_state()},
+                "tokenizer": {"checkpoint": str(self.tok_ckpt.resolve()), "sha256": self.tok_sha},
+                "data": {"tokens": str(Path(self.cfg.tokens).resolve()), "num_base": self.ds.num_base,
+                         "order": self.ds.order, "num_samples": len(self.ds),
+                         "val_samples": len(self.val_idx)}}
+
+    def save(self) -> Path:
+        path = self.out / f"ckpt-{self.step_:07d}.pt"
+        _save(path, self.state())
+        return path
+
+    def _load(self, path: Path) -> None:
+        try:
+            ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as e:  # torch raises several types for a truncated or foreign file
+            raise TrainError(f"{path}: cannot read checkpoint ({e}); delete it to resume from the one before") from None
+        saved = TrainConfig.from_dict(ckpt["config"])
+        diff = saved.differences(self.cfg)
+        if diff:
+            raise TrainError(f"{path}: checkpoint of another config: " + "; ".join(diff))
+        if ckpt["tokenizer"]["sha256"] != self.tok_sha:
+            raise TrainError(f"{path}: trained with tokenizer {ckpt['tokenizer']['checkpoint']}, not {self.tok_ckpt}")
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["opt"])
+        self.sampler.load_state_dict(ckpt["sampler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.step_ = int(ckpt["step"])
+        log.info("resuming %s from step %d", path, self.step_)
+
+    # -- one step ------------------------------------------------------------------------------
+    def next_batch(self):
+        """(tokens_BL, labels_B) of this rank's next batch, on the device."""
+        idx = self.train_idx[self.sampler.next_batch()]
+        tokens_BL, labels_B = self.ds.get_batch(idx)
+        nb = self.device.type == "cuda"
+        return tokens_BL.to(self.device, non_blocking=nb), labels_B.to(self.device, non_blocking=nb)
+
+    def losses(self, tokens_BL, labels_B):
+        """Per-token cross entropy (B, L) and hits (B, L) under teacher forcing."""
+        f_BLc = teacher_inputs(self.quantizer, self.ds.split_maps(tokens_BL))
+        with self.amp:
+            logits_BLV = self.net(labels_B, f_BLc)
+        loss_BL = F.cross_entropy(logits_BLV.float().flatten(0, 1), tokens_BL.flatten(),
+                                  reduction="none").view_as(tokens_BL)
+        return loss_BL, logits_BLV.argmax(-1) == tokens_BL
+
+    def step(self, tokens_BL, labels_B) -> dict:
+        cfg, M = self.cfg, len(self.mcfg.map_shapes)
+        lr = lr_at(cfg, self.step_)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        labels_B = label_dropout(labels_B, self.mcfg.num_classes, cfg.cond_drop, cfg.seed, self.step_,
+                                 self.dist.rank)
+        self.net.train()
+        loss_BL, hit_BL = self.losses(tokens_BL, labels_B)
+        loss = loss_BL.mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
+                 else torch.zeros(()))
+        self.opt.step()
+        self.step_ += 1
+        stats = all_reduce_sum(map_stats(loss_BL, hit_BL, self.level_L, M), self.dist)
+        return self._record(stats, tokens_BL.shape[0] * self.dist.world,
+                            {"step": self.step_, "split": "train", "lr": lr, "grad_norm": float(gnorm)})
+
+    def _record(self, stats: torch.Tensor, samples: int, rec: dict) -> dict:
+        counts = torch.tensor([h * w for h, w in self.mcfg.map_shapes], dtype=torch.float64) * samples
+        s = stats.cpu()
+        rec.update(loss=float(s[0].sum() / counts.sum()), acc=float(s[1].sum() / counts.sum()),
+                   map_loss=[round(v, 5) for v in (s[0] / counts).tolist()],
+                   map_acc=[round(v, 4) for v in (s[1] / counts).tolist()])
+        if not math.isfinite(rec["loss"]):
+            raise FloatingPointError(f"loss is {rec['loss']} at step {self.step_}")
+        return rec
+
+    @torch.no_grad()
+    def validate(self) -> Optional[dict]:
+        """Per-map loss and accuracy on the held-out samples (true labels), summed over ranks."""
+        if not len(self.val_idx):
+            return None
+        from .tokens import EpochSampler
+
+        M = len(self.mcfg.map_shapes)
+        vs = EpochSampler(len(self.val_idx), self.cfg.batch_size, self.cfg.seed, self.dist.rank, self.dist.world)
+        self.net.eval()
+        stats = torch.zeros(2, M, dtype=torch.float64, device=self.device)
+        n = torch.zeros((), dtype=torch.float64, device=self.device)
+        for b, idx in enumerate(vs.iter_epoch(0)):
+            if b >= self.cfg.val_batches:
+                break
+            tokens_BL, labels_B = self.ds.get_batch(self.val_idx[idx])
+            tokens_BL, labels_B = tokens_BL.to(self.device), labels_B.to(self.device)
+            loss_BL, hit_BL = self.losses(tokens_BL, labels_B)
+            stats += map_stats(loss_BL, hit_BL, self.level_L, M)
+            n += tokens_BL.shape[0]
+        stats, n = all_reduce_sum(stats, self.dist), all_reduce_sum(n, self.dist)
+        return self._record(stats, int(n), {"step": self.step_, "split": "val"})
+
+
+# ----------------------------------------------------------------------------- log and plot
+
+def read_log(out) -> List[dict]:
+    path = Path(out) / LOG
+    return [json.loads(s) for s in path.read_text().splitlines() if s.strip()] if path.exists() else []
+
+
+def plot_log(out: Path) -> Path:
+    """loss.png: train loss (running mean over ~1/50 of the run) and validation loss against step."""
+    from ..viz import line_plot
+
+    recs = read_log(out)
+    train_pts = [(r["step"], r["loss"]) for r in recs if r.get("split") == "train"]
+    win = max(1, len(train_pts) // 50)
+    ys = [sum(y for _, y in train_pts[max(0, i - win + 1):i + 1]) / len(train_pts[max(0, i - win + 1):i + 1])
+          for i in range(len(train_pts))]
+    series = {"train loss": ([x for x, _ in train_pts], ys)}
+    val = [(r["step"], r["loss"]) for r in recs if r.get("split") == "val"]
+    if val:
+        series["val loss"] = ([x for x, _ in val], [y for _, y in val])
+    title = f"next-detail transformer: {out.name}" + (f" (train: running mean of {win})" if win > 1 else "")
+    line_plot(series, title=title, xlabel="step", ylabel="cross entropy", log_y=True).save(out / PLOT)
+    return out / PLOT
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records past the resumed checkpoint, so the log reads as one uninterrupted run."""
+    if not path.exists():
+        return
+    keep = [s for s in path.read_text().splitlines() if s.strip() and json.loads(s)["step"] <= step]
+    path.write_text("".join(s + "\n" for s in keep))
+
+
+# ----------------------------------------------------------------------------- loop
+
+def train(cfg: TrainConfig, *, resume: bool = False,
+          progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainReport:
+    """Train (or resume) into cfg.out; `progress(step, steps, record)` after every step (rank 0)."""
+    d = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, d, resume, progress)
+    finally:
+        if d.owned:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, d: Dist, resume: bool, progress) -> TrainReport:
+    tr = Trainer(cfg, resume=resume, dist_=d)
+    out = tr.out
+    start, t0, tokens, rec, val = tr.step_, time.perf_counter(), 0, {}, None
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_log(out / LOG, start)
+    logf = open(out / LOG, "a") if d.main else None
+    try:
+        while tr.step_ < cfg.steps:
+            ts = time.perf_counter()
+            batch = tr.next_batch()
+            rec = tr.step(*batch)
+            n_tok = batch[0].numel() * d.world
+            tokens += n_tok
+            rec["tokens_per_s"] = round(n_tok / max(time.perf_counter() - ts, 1e-9), 1)
+            step = tr.step_
+            if step % cfg.val_every == 0 or step == cfg.steps:
+                val = tr.validate()
+            if logf is not None:
+                logf.write(json.dumps(rec) + "\n")
+                if val is not None and val["step"] == step:
+                    logf.write(json.dumps(val) + "\n")
+                if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                    logf.flush()
+                    tr.save()
+                    plot_log(out)
+            if progress is not None and d.main:
+                progress(step, cfg.steps, rec)
+    finally:
+        if logf is not None:
+            logf.close()
+    if d.main and tr.step_ == start and not (out / PLOT).exists() and read_log(out):
+        plot_log(out)
+    return TrainReport(out, start, tr.step_, time.perf_counter() - t0, tokens, rec, val, tr)
