@@ -10,12 +10,17 @@ per subcommand; `main` only parses and dispatches.
     nextdetail eval-tokenizer RUN... --data STORE [--out DIR --images N]
     nextdetail export-tokens --data STORE --tokenizer RUN --out TOKENS [--address ADDR --workers N
                                                                         --gpus-per-worker G --shard-rows R]
+    nextdetail train --tokens TOKENS --tokenizer RUN --out RUN2 [--depth --width --batch-size --lr
+                                                                 --steps ... --resume]
+    nextdetail sample RUN2 --out DIR [--class C --n 16 --cfg 1.5 --top-k --top-p --seed S --highres 2]
 
 Exit status: 0 all images done, 1 some input failed, 2 usage or parameter error;
 decompose-dataset also 3: the job did not finish (the store is resumable); train-tokenizer
 0 trained, 2 usage/parameter/store/run-folder error, 3 training failed (non-finite loss, I/O);
 eval-tokenizer 0 done, 2 usage, store or checkpoint error; export-tokens 0 done, 2 usage, store
-or checkpoint error, 3 the export did not finish (rerun to resume).
+or checkpoint error, 3 the export did not finish (rerun to resume); train 0 trained, 2 usage,
+parameter, token store or run-folder error, 3 training failed; sample 0 done, 2 usage, run or
+tokenizer error.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -619,6 +625,146 @@ def cmd_export_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- train
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train the next-detail transformer on a token store",
+        description="Train the next-detail (CART) transformer on TOKENS (from export-tokens) with the "
+                    "quantizer of the tokenizer RUN they were exported with. RUN2 gets ckpt-<step>.pt, "
+                    "log.jsonl (per-map loss and accuracy) and loss.png; --resume continues exactly. "
+                    "Multi-GPU / multi-node: launch with torchrun. Exit status: 0 trained, 2 usage, "
+                    "parameter, token store or run-folder error, 3 training failed.")
+    p.add_argument("--tokens", required=True, type=Path, metavar="TOKENS", help="token store")
+    p.add_argument("--tokenizer", required=True, type=Path, metavar="RUN",
+                   help="tokenizer run folder or checkpoint the tokens were exported with")
+    p.add_argument("--out", required=True, type=Path, metavar="RUN2", help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue from RUN2's latest checkpoint")
+    m = p.add_argument_group("model")
+    m.add_argument("--depth", type=int, default=6, help="transformer blocks (default 6)")
+    m.add_argument("--width", type=int, default=384, help="model width (default 384)")
+    m.add_argument("--heads", type=int, default=6, help="attention heads (default 6)")
+    m.add_argument("--mlp-ratio", type=float, default=4.0)
+    m.add_argument("--pos", choices=("rope", "learned"), default="rope",
+                   help="normalized 2-D RoPE (default) or learned absolute positions")
+    m.add_argument("--adaln", action="store_true", help="condition every block on the class by AdaLN")
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--batch-size", type=int, default=32, help="per process (default 32)")
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--min-lr", type=float, default=0.1, help="cosine floor as a fraction of --lr (default 0.1)")
+    t.add_argument("--warmup", type=int, default=100, help="linear warmup steps (default 100)")
+    t.add_argument("--weight-decay", type=float, default=0.05)
+    t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0: off (default 1)")
+    t.add_argument("--cond-drop", type=float, default=0.1, help="null-class probability for CFG (default 0.1)")
+    t.add_argument("--val-fraction", type=float, default=0.05, help="held-out samples (default 0.05)")
+    t.add_argument("--val-every", type=int, default=500)
+    t.add_argument("--ckpt-every", type=int, default=500)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu", help="torch device (cuda: bf16 autocast)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.trainer import TrainConfig, TrainError, train
+    from .train.model import ModelConfigError
+
+    name = f"{PROG} train"
+    try:
+        cfg = TrainConfig(tokens=str(args.tokens), tokenizer=str(args.tokenizer), out=str(args.out),
+                          depth=args.depth, width=args.width, heads=args.heads, mlp_ratio=args.mlp_ratio,
+                          pos=args.pos, adaln=args.adaln, steps=args.steps, batch_size=args.batch_size,
+                          lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay,
+                          grad_clip=args.grad_clip, cond_drop=args.cond_drop, val_fraction=args.val_fraction,
+                          val_every=args.val_every, ckpt_every=args.ckpt_every, seed=args.seed,
+                          device=args.device, compile=args.compile)
+    except TrainError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    bar = tqdm(total=cfg.steps, unit="step", desc="train", file=sys.stderr,
+               disable=None if int(os.environ.get("RANK", "0")) == 0 else True)
+
+    def progress(step, steps, rec):
+        if bar.n == 0 and step > 1:
+            bar.update(step - 1)              # resumed: start the bar where the run stands
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:,.0f}", refresh=False)
+
+    try:
+        with logging_redirect_tqdm():
+            report = train(cfg, resume=args.resume, progress=progress)
+    except (TrainError, ModelConfigError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except (FloatingPointError, OSError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        bar.close()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(report.summary())
+    return 0
+
+
+# --------------------------------------------------------------------------- sample
+
+def add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample", help="generate images with a trained next-detail transformer",
+        description="Generate --n images of --class with RUN2's latest checkpoint (KV-cached, map by "
+                    "map: base maps, then detail maps; classifier-free guidance ramped linearly over the "
+                    "maps) and decode them with its tokenizer. Writes DIR/grid.png, DIR/sample_XXX.png "
+                    "(the base-only image, then after each detail factor; the last is the final image) "
+                    "and DIR/samples.json. --highres S generates at S times the trained resolution "
+                    "without retraining: upsampled base, detail maps patchwise. Exit status: 0 done, "
+                    "2 usage, run or tokenizer error.")
+    p.add_argument("run", type=Path, metavar="RUN2", help="run folder of `nextdetail train` (or a checkpoint)")
+    p.add_argument("--out", type=Path, default=Path("out/samples"), metavar="DIR", help="output folder")
+    p.add_argument("--class", dest="label", type=int, default=-1, metavar="C",
+                   help="class label (default: none, unconditional)")
+    p.add_argument("--n", type=int, default=16, help="images (default 16)")
+    p.add_argument("--cfg", type=float, default=1.5, help="guidance scale on the last map; 1: off (default 1.5)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0: all")
+    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass; 0: off")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--highres", type=int, default=1, metavar="S",
+                   help="integer upscale of the trained resolution (base upsampled, details patchwise)")
+    p.add_argument("--overlap", action="store_true", help="--highres: 50%%-overlapping detail patches")
+    p.add_argument("--tokenizer", type=Path, default=None, metavar="RUN",
+                   help="the tokenizer run, when it moved since training (its sha256 must match)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .train.sample import SampleError, load_run, sample_to_folder
+
+    name = f"{PROG} sample"
+    try:
+        if not 0.0 <= args.top_p <= 1.0 or args.top_k < 0 or args.temperature <= 0 or args.cfg < 0:
+            raise ParameterError(f"--top-p {args.top_p}, --top-k {args.top_k}, --temperature {args.temperature}, "
+                                 f"--cfg {args.cfg}: need 0 <= top-p <= 1, top-k >= 0, temperature > 0, cfg >= 0")
+        if args.highres < 1:
+            raise ParameterError(f"--highres {args.highres}: must be >= 1")
+        run = load_run(args.run, tokenizer=args.tokenizer, device=args.device)
+        bar = tqdm(total=args.n, unit="img", desc="sample", file=sys.stderr, disable=None)
+        try:
+            report = sample_to_folder(run, args.out, label=args.label, n=args.n, cfg=args.cfg, top_k=args.top_k,
+                                      top_p=args.top_p, temperature=args.temperature, seed=args.seed,
+                                      batch_size=args.batch_size, highres=args.highres, overlap=args.overlap,
+                                      progress=bar.update)
+        finally:
+            bar.close()
+    except (ParameterError, SampleError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 def build_parser() -> argparse.ArgumentParser:
@@ -631,6 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_decompose_dataset(sub)
     add_train_tokenizer(sub)
     add_eval_tokenizer(sub)
+    add_train(sub)
+    add_sample(sub)
     add_export_tokens(sub)
     return parser
 

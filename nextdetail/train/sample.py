@@ -1,0 +1,315 @@
+"""Sampling from a trained next-detail transformer: KV-cached, map by map, with CFG.
+
+    run = load_run("RUN2")                                  # model + tokenizer (decoder, quantizer)
+    out = generate(run.model, run.tokenizer.quantizer, labels_B, cfg=1.5, top_k=0, top_p=0.0,
+                   generator=torch.Generator().manual_seed(0))
+    out.maps, out.f_hat                                     # M int64 (B, h_k, w_k); (B, Cvae, L, L)
+    images = run.tokenizer.decode(out.maps)
+
+Map k is drawn from the logits of one `model.step` over its h_k w_k tokens, all at once, given the
+key/value cache of maps < k; its input is the cumulative f_hat so far at map k's size. The base
+maps come first, then the detail maps.
+
+Classifier-free guidance: the batch is doubled (true class, null class) and map k's logits are
+u + s_k (c - u) with s_k = 1 + (cfg - 1) k / (M - 1), a linear ramp from no guidance on the first
+map to `cfg` on the last (VAR's ramp, written so that cfg = 1 switches guidance off and skips the
+unconditional half).
+
+High resolution without retraining (CART): `generate_highres` draws the base maps at the
+trained size, bicubic-upsamples the base features f_base by an integer `scale`, and draws the
+detail maps patchwise on L x L windows of the (scale L)^2 latent, each window conditioned on its
+own crop of the upsampled base (re-quantized into the base maps by the tokenizer's own
+multi-scale residual quantization, then fed as a teacher-forced prefix). Windows either tile the
+latent (`overlap=False`, CART-NOV) or step by L/2 (`overlap=True`, CART-OV), their detail
+features blended with a tent window. The decoder is convolutional, so it decodes the larger
+latent directly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..tokenize import CheckpointError, Tokenizer
+from ..tokenize.tokenizer import to_image
+from .inputs import contribution, next_input, resize, tokens_of
+from .model import NextDetailTransformer, TransformerConfig
+
+log = logging.getLogger(__name__)
+
+
+class SampleError(ValueError):
+    """Sampling cannot run as asked (run folder, tokenizer, class, options); one line."""
+
+
+@dataclass
+class Generated:
+    maps: List[torch.Tensor]        # M int64 (B, h_k, w_k)
+    f_hat: torch.Tensor             # (B, Cvae, L, L): sum of every map's contribution
+    f_stages: List[torch.Tensor]    # f_hat after the base maps, then after each detail factor
+
+
+def filter_logits(logits_NV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Keep the top_k largest logits (0: all) and the smallest set whose probability reaches
+    top_p (0 or 1: all); the rest become -inf."""
+    V = logits_NV.shape[-1]
+    if 0 < top_k < V:
+        kth = logits_NV.topk(top_k, -1).values[..., -1:]
+        logits_NV = logits_NV.masked_fill(logits_NV < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_NV, order = logits_NV.sort(-1, descending=True)
+        cum = sorted_NV.softmax(-1).cumsum(-1)
+        drop = cum - sorted_NV.softmax(-1) >= top_p          # mass before this token already enough
+        drop[..., 0] = False
+        logits_NV = logits_NV.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits_NV
+
+
+def guidance_scale(cfg: float, k: int, M: int) -> float:
+    """s_k = 1 + (cfg - 1) k / (M - 1): no guidance on map 0, cfg on the last map."""
+    return cfg if M == 1 else 1.0 + (cfg - 1.0) * k / (M - 1)
+
+
+def stage_ends(M: int, num_base: int, order: int) -> List[int]:
+    """Number of maps after the base and after each detail factor: [B, B + d, ..., M]."""
+    if order < 1 or num_base >= M:
+        return [M]
+    d = (M - num_base) // order
+    return [num_base + j * d for j in range(order)] + [M]
+
+
+@torch.no_grad()
+def generate(model: NextDetailTransformer, quantizer, labels_B: torch.Tensor, *, cfg: float = 1.5,
+             top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
+             generator: Optional[torch.Generator] = None, prefix: Sequence[torch.Tensor] = (),
+             num_base: Optional[int] = None, order: int = 0, stop: Optional[int] = None) -> Generated:
+    """Draw maps len(prefix)..stop-1 (default all M) for labels_B (int64 (B,); -1: unconditional);
+    `prefix` maps (B, h_k, w_k) are given, not drawn (teacher-forced into the cache)."""
+    model.eval()
+    mc = model.cfg
+    M = len(mc.map_shapes) if stop is None else stop
+    B, dev = labels_B.shape[0], labels_B.device
+    guided = cfg != 1.0
+    null = torch.full_like(labels_B, mc.num_classes)
+    labels_2 = torch.cat([labels_B, null]) if guided else labels_B
+    cache = model.new_cache()
+    maps: List[torch.Tensor] = []
+    f_hat, f_in = None, None
+    ends = stage_ends(M, num_base if num_base is not None else M, order)
+    stages = []
+    for k in range(M):
+        h, w = mc.map_shapes[k]
+        x = None if k == 0 else (torch.cat([f_in, f_in]) if guided else f_in)
+        if k < len(prefix):
+            model.step(k, labels_2, x, cache)
+            idx_Bhw = prefix[k].to(dev)
+        else:
+            logits = model.step(k, labels_2, x, cache).float()
+            if guided:
+                c, u = logits.chunk(2)
+                logits = u + guidance_scale(cfg, k, len(mc.map_shapes)) * (c - u)
+            logits = filter_logits(logits / max(temperature, 1e-6), top_k, top_p)
+            probs = logits.softmax(-1).flatten(0, 1)
+            idx_Bhw = torch.multinomial(probs, 1, generator=generator).view(B, h, w)
+        maps.append(idx_Bhw)
+        nxt = mc.map_shapes[k + 1] if k + 1 < M else None
+        f_hat, f_in = next_input(quantizer, k, idx_Bhw, f_hat, nxt)
+        if k + 1 in ends:
+            stages.append(f_hat)
+    return Generated(maps, f_hat, stages)
+
+
+# ----------------------------------------------------------------------------- high resolution
+
+def requantize_base(quantizer, f_BCLL: torch.Tensor, num_base: int) -> List[torch.Tensor]:
+    """The base maps of a base feature: the quantizer's multi-scale residual quantization
+    (Algorithm 1's base stage) of f, maps 0..num_base-1."""
+    part, maps = torch.zeros_like(f_BCLL), []
+    for k in range(num_base):
+        idx, c = quantizer._step(k, f_BCLL - part)
+        maps.append(idx)
+        part = part + c
+    return maps
+
+
+def tent(L: int, device) -> torch.Tensor:
+    """(L, L) separable tent window, > 0 everywhere, for blending 50%-overlapping patches."""
+    t = 1.0 - (2 * (torch.arange(L, device=device) + 0.5) / L - 1).abs() + 1.0 / L
+    return t[:, None] * t[None, :]
+
+
+@torch.no_grad()
+def generate_highres(model, quantizer, labels_B, *, scale: int = 2, overlap: bool = False, num_base: int,
+                     order: int, patch_batch: int = 64, **kw):
+    """(f_base_up, f_hat) at (B, Cvae, scale L, scale L): the upsampled base and base + patchwise details.
+    kw: cfg, top_k, top_p, temperature, generator as in `generate`."""
+    M = len(model.cfg.map_shapes)
+    if num_base >= M:
+        raise SampleError("high-resolution generation needs a base-detail model (detail maps after the base)")
+    if scale < 1:
+        raise SampleError(f"scale {scale}: must be >= 1")
+    L = quantizer.latent
+    base = generate(model, quantizer, labels_B, stop=num_base, **kw)
+    f_up = F.interpolate(base.f_hat, scale_factor=scale, mode="bicubic") if scale > 1 else base.f_hat
+    S = scale * L
+    stride = max(1, L // 2) if overlap else L
+    starts = list(range(0, S - L + 1, stride))
+    if starts[-1] != S - L:
+        starts.append(S - L)
+    boxes = [(y, x) for y in starts for x in starts]
+    B = labels_B.shape[0]
+    win = tent(L, f_up.device) if overlap else torch.ones(L, L, device=f_up.device)
+    acc, wsum = torch.zeros_like(f_up), torch.zeros(S, S, device=f_up.device)
+    crops = torch.cat([f_up[:, :, y:y + L, x:x + L] for y, x in boxes])      # (P B, C, L, L), patch-major
+    labels_P = labels_B.repeat(len(boxes))
+    for lo in range(0, crops.shape[0], patch_batch):
+        f_p = crops[lo:lo + patch_batch]
+        prefix = requantize_base(quantizer, f_p, num_base)
+        out = generate(model, quantizer, labels_P[lo:lo + patch_batch], prefix=prefix, **kw)
+        detail = out.f_hat - sum(contribution(quantizer, k, m) for k, m in enumerate(prefix))
+        for j in range(detail.shape[0]):
+            p, b = divmod(lo + j, B)
+            y, x = boxes[p]
+            acc[b, :, y:y + L, x:x + L] += detail[j] * win
+            wsum[y:y + L, x:x + L] += win
+    return f_up, f_up + acc / wsum
+
+
+# ----------------------------------------------------------------------------- runs and files
+
+@dataclass
+class Run:
+    model: NextDetailTransformer
+    tokenizer: Tokenizer
+    num_base: int
+    order: int
+    checkpoint: Path
+    meta: dict
+
+
+def load_run(run, tokenizer=None, device="cpu") -> Run:
+    """The latest checkpoint of a training run folder (or a checkpoint file) and its tokenizer
+    (the recorded checkpoint, or `tokenizer`: a run folder or checkpoint with the same sha256)."""
+    from ..tokenize.evaluate import latest_checkpoint
+    from ..tokenize.train import TrainError as TokTrainError
+    from .tokens import file_sha256
+
+    run = Path(run)
+    path = run if run.is_file() else (sorted(run.glob("ckpt-*.pt"))[-1] if run.is_dir() and
+                                      any(run.glob("ckpt-*.pt")) else None)
+    if path is None:
+        raise SampleError(f"{run}: no checkpoint (ckpt-*.pt) of `nextdetail train` here")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+        mcfg = TransformerConfig.from_dict(ck["model_config"])
+    except Exception as e:  # truncated file, foreign pickle, missing keys
+        raise SampleError(f"{path}: not a readable `nextdetail train` checkpoint ({type(e).__name__}: {e})") from None
+    model = NextDetailTransformer(mcfg).to(device)
+    model.load_state_dict(ck["model"])
+    model.eval()
+    try:
+        tok_path = latest_checkpoint(tokenizer) if tokenizer is not None else Path(ck["tokenizer"]["checkpoint"])
+    except TokTrainError as e:
+        raise SampleError(str(e)) from None
+    if not tok_path.is_file():
+        raise SampleError(f"{path}: its tokenizer {tok_path} is not here; pass --tokenizer RUN")
+    if file_sha256(tok_path) != ck["tokenizer"]["sha256"]:
+        raise SampleError(f"tokenizer {tok_path} is not the one {path} was trained with "
+                          f"({ck['tokenizer']['checkpoint']})")
+    try:
+        tok = Tokenizer.from_checkpoint(tok_path, map_location=device).to(device)
+    except CheckpointError as e:
+        raise SampleError(str(e)) from None
+    return Run(model, tok, int(ck["data"]["num_base"]), int(ck["data"]["order"]), path,
+               {"step": ck["step"], "tokenizer": str(tok_path)})
+
+
+@torch.no_grad()
+def decode(tok: Tokenizer, f_hat_BCHW: torch.Tensor) -> np.ndarray:
+    """Features -> uint8 images (B, H, W, 3)."""
+    img = to_image(tok.decoder(f_hat_BCHW.float())).clamp(0, 1)
+    return (img.permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def tile(images: Sequence[np.ndarray], cols: int, gap: int = 2) -> np.ndarray:
+    """uint8 (H, W, 3) images of one size -> one grid image, white gaps."""
+    h, w = images[0].shape[:2]
+    rows = math.ceil(len(images) / cols)
+    out = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = im
+    return out
+
+
+@dataclass
+class SampleReport:
+    out: Path
+    n: int
+    seconds: float
+    files: List[Path]
+
+    def summary(self) -> str:
+        rate = self.n / self.seconds if self.seconds > 0 else float("nan")
+        return (f"sampled {self.n} images in {self.seconds:.1f} s ({rate:.2f} images/s); "
+                f"grid {self.files[0]}; per-sample strips in {self.out}")
+
+
+@torch.no_grad()
+def sample_to_folder(run: Run, out, *, label: int = -1, n: int = 16, cfg: float = 1.5, top_k: int = 0,
+                     top_p: float = 0.0, temperature: float = 1.0, seed: int = 0, batch_size: int = 16,
+                     highres: int = 1, overlap: bool = False, progress=None) -> SampleReport:
+    """Generate n images of class `label` into `out`: grid.png (final images), sample_XXX.png per
+    sample (base only, then + each detail factor, the last is the final image), samples.json."""
+    import time
+    from PIL import Image
+
+    nc = run.model.cfg.num_classes
+    if label >= nc or label < -1:
+        raise SampleError(f"class {label}: this model knows classes 0..{nc - 1}" if nc else
+                          f"class {label}: this model was trained without labels; leave --class out")
+    if n < 1 or batch_size < 1:
+        raise SampleError(f"--n {n}, --batch-size {batch_size}: must be >= 1")
+    if highres > 1 and run.num_base >= len(run.model.cfg.map_shapes):
+        raise SampleError("--highres needs a base-detail model (its tokens have detail maps after the base)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = next(run.model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    q = run.tokenizer.quantizer
+    t0 = time.perf_counter()
+    finals, files = [], []
+    for lo in range(0, n, batch_size):
+        labels = torch.full((min(batch_size, n - lo),), label, dtype=torch.int64, device=dev)
+        kw = dict(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, generator=gen)
+        if highres > 1:
+            f_base, f_final = generate_highres(run.model, q, labels, scale=highres, overlap=overlap,
+                                               num_base=run.num_base, order=run.order, **kw)
+            stages = [f_base, f_final]
+        else:
+            g = generate(run.model, q, labels, num_base=run.num_base, order=run.order, **kw)
+            stages = g.f_stages
+        imgs = [decode(run.tokenizer, f) for f in stages]            # each (b, H, W, 3)
+        for j in range(labels.shape[0]):
+            path = out / f"sample_{lo + j:03d}.png"
+            Image.fromarray(tile([im[j] for im in imgs], cols=len(imgs))).save(path)
+            files.append(path)
+            finals.append(imgs[-1][j])
+        if progress is not None:
+            progress(labels.shape[0])
+    grid = out / "grid.png"
+    Image.fromarray(tile(finals, cols=math.ceil(math.sqrt(len(finals))))).save(grid)
+    meta = {"checkpoint": str(run.checkpoint), "step": run.meta["step"], "class": label, "n": n, "cfg": cfg,
+            "top_k": top_k, "top_p": top_p, "temperature": temperature, "seed": seed, "highres": highres,
+            "overlap": overlap, "strip": ("base, " + ", ".join(f"+D_{k}" for k in range(run.order, 0, -1))
+                                          if highres == 1 and len(stages) > 1 else
+                                          ("upsampled base, final" if highres > 1 else "final"))}
+    (out / "samples.json").write_text(json.dumps(meta, indent=1))
+    return SampleReport(out, n, time.perf_counter() - t0, [grid] + files)
