@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 IMAGES ?=
 OUT    ?= out/demo
 
-.PHONY: install test demo bench bench-pipeline clean
+.PHONY: install test demo bench bench-pipeline bench-tokens clean
 
 install: $(STAMP)
 
@@ -26,9 +26,13 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_decomp.py
 	$(PY) benchmarks/bench_pipeline.py
+	$(PY) benchmarks/bench_tokens.py
 
 bench-pipeline: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py
+
+bench-tokens: $(STAMP)
+	$(PY) benchmarks/bench_tokens.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
