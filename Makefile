@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 IMAGES ?=
 OUT    ?= out/demo
 
-.PHONY: install test demo bench bench-pipeline bench-train clean
+.PHONY: install test demo bench bench-pipeline bench-tokens bench-train clean
 
 install: $(STAMP)
 
@@ -26,10 +26,14 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_decomp.py
 	$(PY) benchmarks/bench_pipeline.py
+	$(PY) benchmarks/bench_tokens.py
 	$(PY) benchmarks/bench_train.py
 
 bench-pipeline: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py
+
+bench-tokens: $(STAMP)
+	$(PY) benchmarks/bench_tokens.py
 
 bench-train: $(STAMP)
 	$(PY) benchmarks/bench_train.py

@@ -1,0 +1,131 @@
+"""`nextdetail export-tokens`: the Ray job writes the same bytes as the in-process export, a
+finished store is not redone, a driver killed mid-way resumes to the same store, and bad
+inputs are refused in one line without touching what is there."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nextdetail import cli
+from nextdetail.pipelines.encode_worker import PARTS
+from nextdetail.pipelines.export import ExportConfig, export_in_process
+from nextdetail.train import TokenDataset
+from nextdetail.train.tokens import INDEX, META, TOKENS
+from pipeline_data import make_store
+from token_data import tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A 64 px store of 40 images and a ch=32 tokenizer: ~25 ms per image to encode on one
+    thread, so a one-worker export of one-image blocks lasts about a second after start-up."""
+    tmp = tmp_path_factory.mktemp("export")
+    store = make_store(tmp / "store", n=40, size=64, order=3)
+    ckpt = tiny_tokenizer(store, tmp / "tokenizer", image_size=64, steps=1, ch=32)
+    reference = tmp / "reference"
+    export_in_process(ExportConfig(data=store, tokenizer=ckpt, out=reference))
+    return store, ckpt, reference
+
+
+def args(store, ckpt, out, *extra):
+    return ["export-tokens", "--data", str(store), "--tokenizer", str(ckpt), "--out", str(out), *extra]
+
+
+def same_store(out: Path, reference: Path):
+    for name in (TOKENS, INDEX):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    assert not (out / PARTS).exists()
+
+
+def test_ray_job_equals_the_in_process_export(ray_session, inputs, tmp_path, capsys):
+    store, ckpt, reference = inputs
+    out = tmp_path / "tokens"
+    assert cli.main(args(store, ckpt, out, "--workers", "2", "--block-rows", "3", "--batch-size", "2")) == 0
+    summary = capsys.readouterr().out
+    assert "40 images x" in summary and "in 14 blocks" in summary and "on 2 cpu workers" in summary
+    same_store(out, reference)
+    ds = TokenDataset(out, tokenizer=ckpt)
+    assert ds.meta["tokenizer"]["sha256"] == TokenDataset(reference).meta["tokenizer"]["sha256"]
+    # A finished store: the same command has nothing left to do and changes nothing.
+    before = (out / META).read_bytes()
+    assert cli.main(args(store, ckpt, out, "--workers", "2", "--block-rows", "3")) == 0
+    assert "(40 already done)" in capsys.readouterr().out
+    assert (out / META).read_bytes() == before
+
+
+def test_sharded_ray_export(ray_session, inputs, tmp_path):
+    store, ckpt, reference = inputs
+    out = tmp_path / "tokens"
+    assert cli.main(args(store, ckpt, out, "--workers", "2", "--shard-rows", "16")) == 0
+    ds, ref = TokenDataset(out), TokenDataset(reference)
+    assert [s["rows"] for s in ds.meta["shards"]] == [16, 16, 8]
+    idx = list(range(39, -1, -3))
+    assert ds.get_batch(idx)[0].equal(ref.get_batch(idx)[0])
+
+
+def test_bad_inputs_are_refused_in_one_line(inputs, tmp_path, capsys):
+    store, ckpt, reference = inputs
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine\n")
+    cases = [(args(store, ckpt, foreign), "is not a token store"),
+             (args(tmp_path, ckpt, tmp_path / "t1"), "not a decomposition store"),
+             (args(store, tmp_path / "nothing", tmp_path / "t2"), "no checkpoint"),
+             (args(store, ckpt, tmp_path / "t3", "--block-rows", "0"), "--block-rows must be an integer >= 1")]
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert (foreign / "notes.txt").read_text() == "mine\n"
+
+
+def test_another_tokenizer_is_refused_unless_overwrite(inputs, tmp_path, capsys):
+    store, ckpt, reference = inputs
+    out = tmp_path / "tokens"
+    export_in_process(ExportConfig(data=store, tokenizer=ckpt, out=out))
+    other = tiny_tokenizer(store, tmp_path / "other", image_size=64, steps=1, ch=8)
+    assert cli.main(args(store, other, out)) == 2
+    assert "exported from another tokenizer checkpoint" in capsys.readouterr().err
+    same_store(out, reference)                                  # nothing lost
+    export_in_process(ExportConfig(data=store, tokenizer=other, out=out, overwrite=True))
+    assert TokenDataset(out, tokenizer=other).L == TokenDataset(reference).L
+
+
+def test_driver_killed_mid_way_then_rerun_equals_uninterrupted(ray_session, inputs, tmp_path, capsys):
+    store, ckpt, reference = inputs
+    out = tmp_path / "tokens"
+    argv = args(store, ckpt, out, "--workers", "1", "--block-rows", "1", "--batch-size", "1")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "nextdetail.cli", *argv], cwd=REPO, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = lambda: list((out / PARTS).glob("block-*.bin")) if (out / PARTS).is_dir() else []  # noqa: E731
+    try:
+        deadline = time.monotonic() + 240
+        while len(parts()) < 3:
+            assert proc.poll() is None, "the export ended before it could be killed"
+            assert time.monotonic() < deadline, "no part files appeared"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)                      # the driver only, as a crash would
+        proc.wait(timeout=30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)                # Ray helpers left behind
+        except ProcessLookupError:
+            pass
+    time.sleep(1)
+    assert not (out / META).exists(), "the kill came too late: the export had finished"
+    done = len(parts())
+    assert 0 < done < 40
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"resuming: {done} images already exported" in err
+    same_store(out, reference)
