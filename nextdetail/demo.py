@@ -8,6 +8,19 @@ work is done by `nextdetail decompose` itself (nextdetail.cli.main), so the demo
 exactly the command users run. Then `nextdetail decompose-dataset` (a local Ray) puts the
 same images into the store DIR/dataset-store, and the demo renders the first image read
 back from it as DIR/dataset-store-contact.png.
+
+Then the whole generation chain on the same photos, small (64 px) so that it runs in a few
+minutes on a 2-core CPU, each step a `nextdetail` command printing where its output is
+(`--no-chain` skips it):
+
+    decompose-dataset LIST --out DIR/chain/store --size 64
+    train-tokenizer --data DIR/chain/store --out DIR/chain/tokenizer --image-size 64 --downsample 8 ...
+    export-tokens --data DIR/chain/store --tokenizer DIR/chain/tokenizer --out DIR/chain/tokens
+    train --tokens DIR/chain/tokens --tokenizer DIR/chain/tokenizer --out DIR/chain/transformer ...
+    sample DIR/chain/transformer --out DIR/chain/samples
+
+A handful of photos and a few hundred steps make a tokenizer and a transformer that run, not
+ones that generate convincing images: the chain shows the commands and their files.
 """
 from __future__ import annotations
 
@@ -29,6 +42,7 @@ BUNDLED_PHOTOS = ("astronaut", "coffee", "chelsea")
 # The dataset job's store inside --out, beside the per-image folders of `decompose`. Should
 # an input be called dataset-store.png, the job refuses that foreign folder; nothing is lost.
 STORE_NAME = "dataset-store"
+CHAIN_NAME = "chain"
 
 
 def write_bundled_photos(folder: Path) -> List[Path]:
@@ -54,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, metavar="N",
                    help="center-crop to N x N (default 256; 0 keeps the original size)")
     p.add_argument("--backend", choices=cli.BACKENDS, default="auto", help="solver backend (default auto)")
+    p.add_argument("--chain", action=argparse.BooleanOptionalAction, default=True,
+                   help="then run the generation chain (tokenizer, tokens, transformer, samples); default on")
+    p.add_argument("--chain-size", type=int, default=64, metavar="N", help="image side of the chain (default 64)")
+    p.add_argument("--tokenizer-steps", type=int, default=300, metavar="N", help="chain: tokenizer steps (default 300)")
+    p.add_argument("--train-steps", type=int, default=300, metavar="N", help="chain: transformer steps (default 300)")
     return p
 
 
@@ -83,7 +102,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"  {s}")
     dataset_status = run_dataset_job(inputs, args.out / STORE_NAME, size=args.size or 256,
                                      backend=args.backend)
-    return status or dataset_status
+    chain_status = 0
+    if args.chain:
+        chain_status = run_chain(inputs, args.out / CHAIN_NAME, size=args.chain_size, backend=args.backend,
+                                 tokenizer_steps=args.tokenizer_steps, train_steps=args.train_steps)
+    return status or dataset_status or chain_status
 
 
 def run_dataset_job(inputs: Sequence[str], store: Path, *, size: int, backend: str) -> int:
@@ -120,6 +143,54 @@ def run_dataset_job(inputs: Sequence[str], store: Path, *, size: int, backend: s
         image.save(sheet)
         print(f"contact sheet of {Path(item.id).name} from the store (bases B_k, details D_k): {sheet}")
     return status
+
+
+def clear_run(folder: Path) -> None:
+    """Remove a previous demo run's own files (checkpoints, log, plot) so it starts afresh;
+    anything else in the folder is left alone."""
+    if folder.is_dir():
+        for f in [*folder.glob("ckpt-*.pt"), folder / "log.jsonl", folder / "loss.png"]:
+            if f.is_file():
+                f.unlink()
+
+
+def run_chain(inputs: Sequence[str], out: Path, *, size: int, backend: str, tokenizer_steps: int,
+              train_steps: int) -> int:
+    """decompose-dataset -> train-tokenizer -> export-tokens -> train -> sample, each through
+    nextdetail.cli.main exactly as a user types it; stops at the first failing step."""
+    store, tokenizer, tokens = out / "store", out / "tokenizer", out / "tokens"
+    transformer, samples = out / "transformer", out / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    listing = out / "inputs.txt"
+    listing.write_text("".join(f"{p.resolve()}\n" for p in list_images(inputs)))
+    clear_run(tokenizer)
+    clear_run(transformer)
+    steps = [
+        (["decompose-dataset", str(listing), "--out", str(store), "--size", str(size), "--backend", backend,
+          "--overwrite"], f"decomposition store: {store}"),
+        (["train-tokenizer", "--data", str(store), "--out", str(tokenizer), "--image-size", str(size),
+          "--downsample", "8", "--ch", "16", "--num-res-blocks", "1", "--no-attn", "--vocab", "512",
+          "--steps", str(tokenizer_steps), "--batch-size", "4", "--lr", "1e-3", "--lpips-weight", "0",
+          "--disc-start", str(10 ** 9), "--ckpt-every", str(tokenizer_steps)],
+         f"tokenizer run (checkpoint, log.jsonl, loss.png): {tokenizer}"),
+        (["export-tokens", "--data", str(store), "--tokenizer", str(tokenizer), "--out", str(tokens),
+          "--workers", "1", "--overwrite"], f"token store: {tokens}"),
+        (["train", "--tokens", str(tokens), "--tokenizer", str(tokenizer), "--out", str(transformer),
+          "--depth", "2", "--width", "128", "--heads", "4", "--steps", str(train_steps), "--batch-size", "4",
+          "--lr", "1e-3", "--warmup", str(min(20, train_steps)), "--val-fraction", "0",
+          "--val-every", str(train_steps), "--ckpt-every", str(train_steps)],
+         f"transformer run (checkpoint, log.jsonl with per-map loss, loss.png): {transformer}"),
+        (["sample", str(transformer), "--out", str(samples), "--n", "4", "--seed", "0"],
+         f"samples (grid.png; sample_XXX.png: base, then + each detail factor): {samples}"),
+    ]
+    for argv, where in steps:
+        print(f"$ nextdetail {' '.join(argv)}", flush=True)
+        status = cli.main(argv)
+        if status not in (0, 1):          # 1: some images failed; the rest of the chain can still run
+            print(f"demo: the chain stopped at `nextdetail {argv[0]}` (exit status {status})", file=sys.stderr)
+            return status
+        print(where, flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -316,7 +316,7 @@ def test_contact_sheet_renders_the_grid_and_marks_the_batch_index():
 
 def test_demo_bundled_photos_run_through_the_cli(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = demo.main(["--out", str(out), "--size", "16", "--backend", "numpy"])
+    rc = demo.main(["--out", str(out), "--size", "16", "--backend", "numpy", "--no-chain"])
     stdout = capsys.readouterr().out
     assert rc == 0
     for name in demo.BUNDLED_PHOTOS:
@@ -330,7 +330,7 @@ def test_demo_bundled_photos_run_through_the_cli(tmp_path, capsys):
 def test_demo_with_images_reports_failures(tmp_path, capsys):
     good = write_rgb(tmp_path / "good.png", 8, 8)
     rc = demo.main(["--out", str(tmp_path / "o"), "--images", str(good), str(tmp_path / "gone.png"),
-                    "--size", "8", "--backend", "numpy"])
+                    "--size", "8", "--backend", "numpy", "--no-chain"])
     captured = capsys.readouterr()
     assert rc == 1 and "gone.png" in captured.err
     assert str(tmp_path / "o" / "good" / "contact.png") in captured.out
