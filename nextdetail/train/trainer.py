@@ -267,7 +267,9 @@ class Trainer:
         self.net = self.model
         if d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # The only buffers (level index, mask) are constants: nothing to broadcast per step.
+            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                           broadcast_buffers=False)
         if cfg.compile:
             self.net = torch.compile(self.net)
         self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
@@ -315,11 +317,11 @@ class Trainer:
         nb = self.device.type == "cuda"
         return tokens_BL.to(self.device, non_blocking=nb), labels_B.to(self.device, non_blocking=nb)
 
-    def losses(self, tokens_BL, labels_B):
+    def losses(self, tokens_BL, labels_B, net=None):
         """Per-token cross entropy (B, L) and hits (B, L) under teacher forcing."""
         f_BLc = teacher_inputs(self.quantizer, self.ds.split_maps(tokens_BL))
         with self.amp:
-            logits_BLV = self.net(labels_B, f_BLc)
+            logits_BLV = (net or self.net)(labels_B, f_BLc)
         loss_BL = F.cross_entropy(logits_BLV.float().flatten(0, 1), tokens_BL.flatten(),
                                   reduction="none").view_as(tokens_BL)
         return loss_BL, logits_BLV.argmax(-1) == tokens_BL
@@ -363,7 +365,8 @@ class Trainer:
 
         M = len(self.mcfg.map_shapes)
         vs = EpochSampler(len(self.val_idx), self.cfg.batch_size, self.cfg.seed, self.dist.rank, self.dist.world)
-        self.net.eval()
+        # The bare model: ranks may run one batch more or fewer here, so no DDP collectives.
+        self.model.eval()
         stats = torch.zeros(2, M, dtype=torch.float64, device=self.device)
         n = torch.zeros((), dtype=torch.float64, device=self.device)
         for b, idx in enumerate(vs.iter_epoch(0)):
@@ -371,7 +374,7 @@ class Trainer:
                 break
             tokens_BL, labels_B = self.ds.get_batch(self.val_idx[idx])
             tokens_BL, labels_B = tokens_BL.to(self.device), labels_B.to(self.device)
-            loss_BL, hit_BL = self.losses(tokens_BL, labels_B)
+            loss_BL, hit_BL = self.losses(tokens_BL, labels_B, net=self.model)
             stats += map_stats(loss_BL, hit_BL, self.level_L, M)
             n += tokens_BL.shape[0]
         stats, n = all_reduce_sum(stats, self.dist), all_reduce_sum(n, self.dist)
