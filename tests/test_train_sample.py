@@ -14,7 +14,7 @@ from nextdetail.tokenize import config_for
 from nextdetail.tokenize.quant import build_quantizer
 from nextdetail.train.model import NextDetailTransformer, TransformerConfig
 from nextdetail.train.sample import (SampleError, filter_logits, generate, generate_highres, guidance_scale,
-                                     load_run, sample_to_folder, stage_ends)
+                                     load_run, patch_boxes, requantize_base, sample_to_folder, stage_ends)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,21 @@ def test_highres_generation_doubles_the_latent_in_both_patch_variants():
         assert torch.isfinite(f_hat).all() and not torch.allclose(f_base, f_hat)
     with pytest.raises(SampleError, match="base-detail"):
         generate_highres(model, q, labels, num_base=len(q.sizes), order=0)
+
+
+def test_highres_windows_and_base_requantization():
+    assert patch_boxes(8, 4, overlap=False) == [(0, 0), (0, 4), (4, 0), (4, 4)]
+    assert patch_boxes(8, 4, overlap=True) == [(y, x) for y in (0, 2, 4) for x in (0, 2, 4)]
+    assert patch_boxes(12, 8, overlap=True) == [(y, x) for y in (0, 4) for x in (0, 4)]
+    # re-quantizing a base feature gives the maps the tokenizer's own base stage gives
+    cfg = config_for("basedetail", 32, 8, ch=8, num_res_blocks=1, vocab=32)
+    torch.manual_seed(1)
+    q = build_quantizer(cfg.quant, cfg.model.z_channels, cfg.latent()).eval()
+    f = [torch.randn(2, cfg.model.z_channels, 4, 4) for _ in range(4)]        # f_I, f_B1..f_B3
+    with torch.no_grad():
+        want = q(f[0], f[1:]).idx[:4]
+        got = requantize_base(q, f[3], 4)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_sample_to_folder_writes_grid_strips_and_is_seeded(trained, tmp_path):

@@ -1,4 +1,8 @@
-"""Training on cached tokens: the token store reader (tokens.py).
+"""Training on cached tokens: the token store reader (tokens.py), the next-detail transformer
+(model.py), its continuous inputs from the tokenizer's quantizer (inputs.py), the trainer
+(trainer.py: `nextdetail train`) and the sampler (sample.py: `nextdetail sample`). Only the
+reader is imported here; the others import torch and are imported by path, e.g.
+`from nextdetail.train.trainer import TrainConfig, train`.
 
     from nextdetail.train import TokenDataset, EpochSampler
     ds = TokenDataset("TOKENS")                   # exported by `nextdetail export-tokens`

@@ -26,6 +26,7 @@ latent directly.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -100,6 +101,8 @@ def generate(model: NextDetailTransformer, quantizer, labels_B: torch.Tensor, *,
     null = torch.full_like(labels_B, mc.num_classes)
     labels_2 = torch.cat([labels_B, null]) if guided else labels_B
     cache = model.new_cache()
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if labels_B.device.type == "cuda"
+           else contextlib.nullcontext())
     maps: List[torch.Tensor] = []
     f_hat, f_in = None, None
     ends = stage_ends(M, num_base if num_base is not None else M, order)
@@ -108,10 +111,12 @@ def generate(model: NextDetailTransformer, quantizer, labels_B: torch.Tensor, *,
         h, w = mc.map_shapes[k]
         x = None if k == 0 else (torch.cat([f_in, f_in]) if guided else f_in)
         if k < len(prefix):
-            model.step(k, labels_2, x, cache)
+            with amp:
+                model.step(k, labels_2, x, cache)
             idx_Bhw = prefix[k].to(dev)
         else:
-            logits = model.step(k, labels_2, x, cache).float()
+            with amp:
+                logits = model.step(k, labels_2, x, cache).float()
             if guided:
                 c, u = logits.chunk(2)
                 logits = u + guidance_scale(cfg, k, len(mc.map_shapes)) * (c - u)
@@ -139,6 +144,16 @@ def requantize_base(quantizer, f_BCLL: torch.Tensor, num_base: int) -> List[torc
     return maps
 
 
+def patch_boxes(S: int, L: int, overlap: bool) -> List[tuple]:
+    """Top-left corners (y, x) of the L x L windows over an S x S latent: a tiling (stride L) or
+    50 % overlapping windows (stride L/2); the last row/column is moved in to end at S."""
+    stride = max(1, L // 2) if overlap else L
+    starts = list(range(0, S - L + 1, stride))
+    if starts[-1] != S - L:
+        starts.append(S - L)
+    return [(y, x) for y in starts for x in starts]
+
+
 def tent(L: int, device) -> torch.Tensor:
     """(L, L) separable tent window, > 0 everywhere, for blending 50%-overlapping patches."""
     t = 1.0 - (2 * (torch.arange(L, device=device) + 0.5) / L - 1).abs() + 1.0 / L
@@ -159,11 +174,7 @@ def generate_highres(model, quantizer, labels_B, *, scale: int = 2, overlap: boo
     base = generate(model, quantizer, labels_B, stop=num_base, **kw)
     f_up = F.interpolate(base.f_hat, scale_factor=scale, mode="bicubic") if scale > 1 else base.f_hat
     S = scale * L
-    stride = max(1, L // 2) if overlap else L
-    starts = list(range(0, S - L + 1, stride))
-    if starts[-1] != S - L:
-        starts.append(S - L)
-    boxes = [(y, x) for y in starts for x in starts]
+    boxes = patch_boxes(S, L, overlap)
     B = labels_B.shape[0]
     win = tent(L, f_up.device) if overlap else torch.ones(L, L, device=f_up.device)
     acc, wsum = torch.zeros_like(f_up), torch.zeros(S, S, device=f_up.device)
