@@ -88,9 +88,11 @@ class TrainConfig:
                      "val_batches"):
             if getattr(self, name) < 1:
                 raise TrainError(f"{name} {getattr(self, name)}: must be >= 1")
-        for name in ("cond_drop", "val_fraction", "min_lr"):
-            if not 0.0 <= getattr(self, name) < 1.0 + (name == "min_lr"):
-                raise TrainError(f"{name} {getattr(self, name)}: must be in [0, 1]")
+        for name in ("cond_drop", "val_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise TrainError(f"{name} {getattr(self, name)}: must be in [0, 1)")
+        if not 0.0 <= self.min_lr <= 1.0:
+            raise TrainError(f"min_lr {self.min_lr}: must be in [0, 1] (a fraction of lr)")
         if self.lr <= 0 or self.warmup < 0 or self.grad_clip < 0:
             raise TrainError(f"lr {self.lr}, warmup {self.warmup}, grad_clip {self.grad_clip}: "
                              "need lr > 0, warmup >= 0, grad_clip >= 0")
