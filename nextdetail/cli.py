@@ -733,6 +733,8 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--highres", type=int, default=1, metavar="S",
                    help="integer upscale of the trained resolution (base upsampled, details patchwise)")
     p.add_argument("--overlap", action="store_true", help="--highres: 50%%-overlapping detail patches")
+    p.add_argument("--highres-base", choices=("image", "latent"), default="image",
+                   help="--highres: upsample the base as an image and re-encode it (default), or its features")
     p.add_argument("--tokenizer", type=Path, default=None, metavar="RUN",
                    help="the tokenizer run, when it moved since training (its sha256 must match)")
     p.add_argument("--device", default="cpu")
@@ -755,6 +757,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             report = sample_to_folder(run, args.out, label=args.label, n=args.n, cfg=args.cfg, top_k=args.top_k,
                                       top_p=args.top_p, temperature=args.temperature, seed=args.seed,
                                       batch_size=args.batch_size, highres=args.highres, overlap=args.overlap,
+                                      highres_base=args.highres_base,
                                       progress=bar.update)
         finally:
             bar.close()

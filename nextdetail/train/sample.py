@@ -161,10 +161,26 @@ def tent(L: int, device) -> torch.Tensor:
 
 
 @torch.no_grad()
+def upsample_base(f_base_BCLL: torch.Tensor, scale: int, tokenizer=None) -> torch.Tensor:
+    """The base features at scale x the latent side. With a tokenizer (the default path): decode
+    the base to an image, bicubic-upsample the image, and encode it again, which is how a base
+    image's features f_Bn are made in training; without one: bicubic upsampling of the features."""
+    if scale == 1:
+        return f_base_BCLL
+    if tokenizer is None:
+        return F.interpolate(f_base_BCLL, scale_factor=scale, mode="bicubic")
+    from ..tokenize.tokenizer import to_model
+    img = to_image(tokenizer.decoder(f_base_BCLL)).clamp(0, 1)
+    img = F.interpolate(img, scale_factor=scale, mode="bicubic").clamp(0, 1)
+    return tokenizer.encoder(to_model(img))
+
+
+@torch.no_grad()
 def generate_highres(model, quantizer, labels_B, *, scale: int = 2, overlap: bool = False, num_base: int,
-                     order: int, patch_batch: int = 64, **kw):
+                     order: int, patch_batch: int = 64, tokenizer=None, **kw):
     """(f_base_up, f_hat) at (B, Cvae, scale L, scale L): the upsampled base and base + patchwise details.
-    kw: cfg, top_k, top_p, temperature, generator as in `generate`."""
+    tokenizer: upsample the base as an image (decode, resize, encode; see `upsample_base`), else
+    the features. kw: cfg, top_k, top_p, temperature, generator as in `generate`."""
     M = len(model.cfg.map_shapes)
     if num_base >= M:
         raise SampleError("high-resolution generation needs a base-detail model (detail maps after the base)")
@@ -172,7 +188,7 @@ def generate_highres(model, quantizer, labels_B, *, scale: int = 2, overlap: boo
         raise SampleError(f"scale {scale}: must be >= 1")
     L = quantizer.latent
     base = generate(model, quantizer, labels_B, stop=num_base, **kw)
-    f_up = F.interpolate(base.f_hat, scale_factor=scale, mode="bicubic") if scale > 1 else base.f_hat
+    f_up = upsample_base(base.f_hat, scale, tokenizer)
     S = scale * L
     boxes = patch_boxes(S, L, overlap)
     B = labels_B.shape[0]
@@ -276,7 +292,8 @@ class SampleReport:
 @torch.no_grad()
 def sample_to_folder(run: Run, out, *, label: int = -1, n: int = 16, cfg: float = 1.5, top_k: int = 0,
                      top_p: float = 0.0, temperature: float = 1.0, seed: int = 0, batch_size: int = 16,
-                     highres: int = 1, overlap: bool = False, progress=None) -> SampleReport:
+                     highres: int = 1, overlap: bool = False, highres_base: str = "image",
+                     progress=None) -> SampleReport:
     """Generate n images of class `label` into `out`: grid.png (final images), sample_XXX.png per
     sample (base only, then + each detail factor, the last is the final image), samples.json."""
     import time
@@ -302,7 +319,8 @@ def sample_to_folder(run: Run, out, *, label: int = -1, n: int = 16, cfg: float 
         kw = dict(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, generator=gen)
         if highres > 1:
             f_base, f_final = generate_highres(run.model, q, labels, scale=highres, overlap=overlap,
-                                               num_base=run.num_base, order=run.order, **kw)
+                                               num_base=run.num_base, order=run.order,
+                                               tokenizer=run.tokenizer if highres_base == "image" else None, **kw)
             stages = [f_base, f_final]
         else:
             g = generate(run.model, q, labels, num_base=run.num_base, order=run.order, **kw)
@@ -319,7 +337,7 @@ def sample_to_folder(run: Run, out, *, label: int = -1, n: int = 16, cfg: float 
     Image.fromarray(tile(finals, cols=math.ceil(math.sqrt(len(finals))))).save(grid)
     meta = {"checkpoint": str(run.checkpoint), "step": run.meta["step"], "class": label, "n": n, "cfg": cfg,
             "top_k": top_k, "top_p": top_p, "temperature": temperature, "seed": seed, "highres": highres,
-            "overlap": overlap, "strip": ("base, " + ", ".join(f"+D_{k}" for k in range(run.order, 0, -1))
+            "overlap": overlap, "highres_base": highres_base, "strip": ("base, " + ", ".join(f"+D_{k}" for k in range(run.order, 0, -1))
                                           if highres == 1 and len(stages) > 1 else
                                           ("upsampled base, final" if highres > 1 else "final"))}
     (out / "samples.json").write_text(json.dumps(meta, indent=1))
