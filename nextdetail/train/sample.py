@@ -16,7 +16,8 @@ map to `cfg` on the last (VAR's ramp, written so that cfg = 1 switches guidance 
 unconditional half).
 
 High resolution without retraining (CART): `generate_highres` draws the base maps at the
-trained size, bicubic-upsamples the base features f_base by an integer `scale`, and draws the
+trained size, upsamples the base by an integer `scale` (as an image, decoded, resized and
+encoded again, or as features; `upsample_base`), and draws the
 detail maps patchwise on L x L windows of the (scale L)^2 latent, each window conditioned on its
 own crop of the upsampled base (re-quantized into the base maps by the tokenizer's own
 multi-scale residual quantization, then fed as a teacher-forced prefix). Windows either tile the
