@@ -129,3 +129,42 @@ def test_driver_killed_mid_way_then_rerun_equals_uninterrupted(ray_session, inpu
     err = capsys.readouterr().err
     assert f"resuming: {done} images already exported" in err
     same_store(out, reference)
+
+
+def encode_actor_pids():
+    """PIDs of live Ray actor processes running EncodeWorker (from their process titles)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"EncodeWorker" in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the actor through /proc")
+def test_killed_worker_is_restarted_and_its_block_redone(ray_session, inputs, tmp_path):
+    import threading
+
+    from nextdetail.pipelines.export import run_export
+
+    store, ckpt, reference = inputs
+    out = tmp_path / "tokens"
+    cfg = ExportConfig(data=store, tokenizer=ckpt, out=out, workers=2, block_rows=1, batch_size=1)
+    result = {}
+    job = threading.Thread(target=lambda: result.update(report=run_export(cfg)), daemon=True)
+    job.start()
+    deadline = time.monotonic() + 240
+    while not ((out / PARTS).is_dir() and list((out / PARTS).glob("block-*.bin"))):
+        assert job.is_alive(), "the export ended before a worker could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    victims = encode_actor_pids()
+    assert victims, "no EncodeWorker process found"
+    os.kill(victims[0], signal.SIGKILL)
+    assert not (out / META).exists(), "the kill came too late: the export had finished"
+    job.join(timeout=240)
+    assert not job.is_alive() and result["report"].encoded == 40
+    same_store(out, reference)
