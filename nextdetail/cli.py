@@ -526,7 +526,7 @@ def add_eval_tokenizer(sub: argparse._SubParsersAction) -> None:
 def cmd_eval_tokenizer(args: argparse.Namespace) -> int:
     from .tokenize import CheckpointError
     from .tokenize.evaluate import evaluate, table, write_results
-    from .tokenize.train import TrainError
+    from .runs import RunError
 
     name = f"{PROG} eval-tokenizer"
     if args.images < 1 or args.batch_size < 1:
@@ -534,7 +534,7 @@ def cmd_eval_tokenizer(args: argparse.Namespace) -> int:
         return 2
     try:
         rows = evaluate(args.runs, args.data, limit=args.images, batch=args.batch_size)
-    except (TrainError, CheckpointError) as e:
+    except (RunError, CheckpointError) as e:      # TrainError is a RunError
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     files = write_results(rows, args.out)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 
 import numpy as np
-import pytest
 
 from nextdetail import cli
 from nextdetail.imageio import load_image

@@ -12,7 +12,6 @@ import torch
 
 from token_data import make_token_store
 
-from nextdetail.train import TokenDataset
 from nextdetail.train.trainer import (TrainConfig, TrainError, checkpoints, label_dropout, lr_at, read_log,
                                       split_indices, train)
 
@@ -72,7 +71,7 @@ def test_overfits_a_tiny_token_set(tokens, tmp_path):
 
 
 def test_resume_is_bitwise_an_uninterrupted_run(tokens, tmp_path):
-    full = train(cfg(tokens, tmp_path / "full", steps=6, ckpt_every=3))
+    train(cfg(tokens, tmp_path / "full", steps=6, ckpt_every=3))
     part = train(cfg(tokens, tmp_path / "part", steps=3, ckpt_every=3))
     assert part.steps == 3
     resumed = train(cfg(tokens, tmp_path / "part", steps=6, ckpt_every=3), resume=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -159,23 +158,16 @@ class ExportPlan:
 
 def make_plan(cfg: ExportConfig) -> ExportPlan:
     """Read the store's manifest and the tokenizer's config (not its weights); check they fit."""
-    import torch
-
-    from ..tokenize import CheckpointError, TokenizerConfig
-    from ..tokenize.evaluate import latest_checkpoint
-    from ..tokenize.train import TrainError
+    from ..runs import RunError, latest_checkpoint
+    from ..tokenize import CheckpointError
+    from ..tokenize.tokenizer import read_checkpoint
 
     store = DecompositionStore(cfg.data)
     try:
         ckpt = latest_checkpoint(cfg.tokenizer)
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        tcfg = TokenizerConfig.from_dict(state["config"]["tokenizer"])
-    except (TrainError, CheckpointError) as e:
+        tcfg = read_checkpoint(ckpt)[1]
+    except (RunError, CheckpointError) as e:
         raise ConfigError(f"--tokenizer {e}") from None
-    except Exception as e:  # unreadable file, not a checkpoint
-        raise ConfigError(f"--tokenizer {cfg.tokenizer}: not a tokenizer checkpoint "
-                          f"({type(e).__name__}: {e})") from None
-    del state
     if tcfg.quant.vocab > MAX_VOCAB:
         raise ConfigError(f"--tokenizer {ckpt}: a vocabulary of {tcfg.quant.vocab} does not fit the "
                           f"token store's uint16 (at most {MAX_VOCAB})")

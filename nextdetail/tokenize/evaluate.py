@@ -18,7 +18,8 @@ import torch
 
 from .losses import backbone_path, build_lpips
 from .tokenizer import Tokenizer, to_image, to_model
-from .train import TrainError, checkpoints, split_layers
+from ..runs import latest_checkpoint
+from .train import TrainError, split_layers
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,6 @@ class DepthRow:
     psnr: float
     images: int
     lpips: float = float("nan")
-
-
-def latest_checkpoint(run) -> Path:
-    run = Path(run)
-    if run.is_file():
-        return run
-    found = checkpoints(run) if run.is_dir() else []
-    if not found:
-        raise TrainError(f"{run}: no checkpoint (ckpt-*.pt) in this run folder")
-    return found[-1]
 
 
 def centre_crops(store, size: int, n_bases: int, limit: int, batch: int):

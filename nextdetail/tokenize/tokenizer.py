@@ -95,19 +95,32 @@ class Tokenizer(nn.Module):
         """Rebuild from a training checkpoint (its own config); `expect` refuses another config.
         With `ema` (default) the EMA weights are used when the run kept them (--ema)."""
         path = Path(path)
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from None
-        if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-            raise CheckpointError(f"{path}: not a nextdetail tokenizer checkpoint")
-        try:
-            config = TokenizerConfig.from_dict(ckpt["config"]["tokenizer"])
-        except (ConfigError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: bad tokenizer config ({e})") from None
+        ckpt, config = read_checkpoint(path, map_location)
         if expect is not None and config != expect:
             raise CheckpointError(f"{path}: checkpoint of another config: "
                                   + "; ".join(config.differences(expect)))
         tok = cls(config)
-        tok.load_state_dict(ckpt["model_ema"] if ema and "model_ema" in ckpt else ckpt["model"])
+        tok.load_state_dict(checkpoint_weights(ckpt, ema))
         return tok.eval()
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """(checkpoint dict, TokenizerConfig) of a `train-tokenizer` checkpoint; CheckpointError
+    (one line naming the file) when it is unreadable or not one."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise CheckpointError(f"{path}: not a nextdetail tokenizer checkpoint")
+    try:
+        config = TokenizerConfig.from_dict(ckpt["config"]["tokenizer"]).validate()
+    except (ConfigError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: bad tokenizer config ({e})") from None
+    return ckpt, config
+
+
+def checkpoint_weights(ckpt: dict, ema: bool = True) -> dict:
+    """The model's state dict: the EMA weights when asked for and the run kept them."""
+    return ckpt["model_ema"] if ema and "model_ema" in ckpt else ckpt["model"]

@@ -14,16 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..runs import RunError, checkpoint_name, checkpoints, save_checkpoint, truncate_log
 from .config import TokenizerConfig
 from .losses import PatchDiscriminator, build_lpips, hinge_d_loss, hinge_g_loss
 from .tokenizer import Tokenizer, to_model
@@ -34,7 +34,7 @@ LOG = "log.jsonl"
 PLOT = "loss.png"
 
 
-class TrainError(ValueError):
+class TrainError(RunError):
     """Training cannot start as asked (bad store, run folder, config); one line."""
 
 
@@ -138,18 +138,6 @@ def split_layers(layers_BL3HW: torch.Tensor, n: int):
     return sums[:, N], [sums[:, N - k] for k in range(1, n + 1)]
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def checkpoints(out: Path) -> List[Path]:
-    return sorted(Path(out).glob("ckpt-*.pt"))
-
-
-def _save(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)                          # never a half-written checkpoint
-
-
 def plot_log(out: Path) -> Path:
     """loss.png: the log's losses against step, each a running mean over ~1/50 of the run
     (per-step values of a batch of a few crops are too noisy to read)."""
@@ -213,7 +201,7 @@ def train(cfg: TrainConfig, *, resume: bool = False,
         step = ckpt["step"]
         log.info("resuming %s from step %d", found[-1], step)
     out.mkdir(parents=True, exist_ok=True)
-    _truncate_log(out / LOG, step)
+    truncate_log(out / LOG, step)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     def save():
@@ -222,7 +210,7 @@ def train(cfg: TrainConfig, *, resume: bool = False,
                  "rng": {"torch": torch.get_rng_state(), "data": batches.gen.get_state()}}
         if ema is not None:
             state["model_ema"] = ema
-        _save(out / f"ckpt-{step:07d}.pt", state)
+        save_checkpoint(out / checkpoint_name(step), state)
 
     start, t0, rec = step, time.perf_counter(), {}
     tok.train()
@@ -293,10 +281,3 @@ def adaptive_weight(recon, g, last_layer) -> torch.Tensor:
     g_gan = torch.autograd.grad(g, last_layer, retain_graph=True)[0]
     return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()
 
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log records past the resumed checkpoint, so the log reads as one uninterrupted run."""
-    if not path.exists():
-        return
-    keep = [s for s in path.read_text().splitlines() if s.strip() and json.loads(s)["step"] <= step]
-    path.write_text("".join(s + "\n" for s in keep))

@@ -12,33 +12,20 @@ convs are needed, so `load_quantizer` builds just the quantizer from a tokenizer
 """
 from __future__ import annotations
 
-import pickle
-from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ..tokenize import CheckpointError, TokenizerConfig
-from ..tokenize.config import ConfigError
 from ..tokenize.quant import Quantizer, build_quantizer
+from ..tokenize.tokenizer import checkpoint_weights, read_checkpoint
 
 
 def load_quantizer(path, map_location="cpu", ema: bool = True) -> Quantizer:
     """The quantizer (codebook + phi convs) of a tokenizer checkpoint, in eval mode, frozen."""
-    path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise CheckpointError(f"{path}: not a nextdetail tokenizer checkpoint")
-    try:
-        cfg = TokenizerConfig.from_dict(ckpt["config"]["tokenizer"]).validate()
-    except (ConfigError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: bad tokenizer config ({e})") from None
+    ckpt, cfg = read_checkpoint(path, map_location)
     q = build_quantizer(cfg.quant, cfg.model.z_channels, cfg.latent())
-    state = ckpt["model_ema"] if ema and "model_ema" in ckpt else ckpt["model"]
+    state = checkpoint_weights(ckpt, ema)
     q.load_state_dict({k[len("quantizer."):]: v for k, v in state.items() if k.startswith("quantizer.")})
     q.eval().requires_grad_(False)
     return q

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..tokenize import CheckpointError, Tokenizer
 from ..tokenize.tokenizer import to_image
-from .inputs import contribution, next_input, resize, tokens_of
+from .inputs import contribution, next_input
 from .model import NextDetailTransformer, TransformerConfig
 
 log = logging.getLogger(__name__)
@@ -225,15 +225,13 @@ class Run:
 def load_run(run, tokenizer=None, device="cpu") -> Run:
     """The latest checkpoint of a training run folder (or a checkpoint file) and its tokenizer
     (the recorded checkpoint, or `tokenizer`: a run folder or checkpoint with the same sha256)."""
-    from ..tokenize.evaluate import latest_checkpoint
-    from ..tokenize.train import TrainError as TokTrainError
+    from ..runs import RunError, latest_checkpoint
     from .tokens import file_sha256
 
-    run = Path(run)
-    path = run if run.is_file() else (sorted(run.glob("ckpt-*.pt"))[-1] if run.is_dir() and
-                                      any(run.glob("ckpt-*.pt")) else None)
-    if path is None:
-        raise SampleError(f"{run}: no checkpoint (ckpt-*.pt) of `nextdetail train` here")
+    try:
+        path = latest_checkpoint(run)
+    except RunError as e:
+        raise SampleError(f"{e} (a `nextdetail train` run)") from None
     try:
         ck = torch.load(path, map_location=device, weights_only=False)
         mcfg = TransformerConfig.from_dict(ck["model_config"])
@@ -244,7 +242,7 @@ def load_run(run, tokenizer=None, device="cpu") -> Run:
     model.eval()
     try:
         tok_path = latest_checkpoint(tokenizer) if tokenizer is not None else Path(ck["tokenizer"]["checkpoint"])
-    except TokTrainError as e:
+    except RunError as e:
         raise SampleError(str(e)) from None
     if not tok_path.is_file():
         raise SampleError(f"{path}: its tokenizer {tok_path} is not here; pass --tokenizer RUN")

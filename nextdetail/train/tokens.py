@@ -219,12 +219,11 @@ class TokenDataset:
 
     def check_tokenizer(self, tokenizer) -> Path:
         """Resolve a run folder / checkpoint and refuse it unless its sha256 is the recorded one."""
-        from ..tokenize.evaluate import latest_checkpoint
-        from ..tokenize.train import TrainError
+        from ..runs import RunError, latest_checkpoint
 
         try:
             ckpt = latest_checkpoint(tokenizer)
-        except TrainError as e:
+        except RunError as e:
             raise TokenStoreError(self.path, str(e)) from None
         recorded = self.meta.get("tokenizer", {}).get("sha256")
         digest = file_sha256(ckpt)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..runs import RunError, checkpoint_name, checkpoints, latest_checkpoint, save_checkpoint, truncate_log
 from .inputs import load_quantizer, teacher_inputs
 from .model import NextDetailTransformer, TransformerConfig
 
@@ -46,7 +47,7 @@ LOG = "log.jsonl"
 PLOT = "loss.png"
 
 
-class TrainError(ValueError):
+class TrainError(RunError):
     """Training cannot start as asked (token store, run folder, config); one line."""
 
 
@@ -204,24 +205,12 @@ class TrainReport:
                 f"{rate:.2f} steps/s, {tps:,.0f} tokens/s); last: {last}{val}; run {self.out}")
 
 
-def checkpoints(out: Path) -> List[Path]:
-    return sorted(Path(out).glob("ckpt-*.pt"))
-
-
-def _save(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class Trainer:
     """The state of one training process; `train()` drives it. Split into `next_batch` (data)
     and `step` (inputs, forward, backward, update) so the benchmark can time them apart."""
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, dist_: Optional[Dist] = None):
         from ..tokenize import CheckpointError
-        from ..tokenize.evaluate import latest_checkpoint
-        from ..tokenize.train import TrainError as TokTrainError
         from .tokens import EpochSampler, TokenDataset, TokenStoreError
         from .tokens import file_sha256
 
@@ -240,7 +229,7 @@ class Trainer:
         try:
             self.ds = TokenDataset(cfg.tokens, tokenizer=cfg.tokenizer)
             self.tok_ckpt = latest_checkpoint(cfg.tokenizer)
-        except (TokenStoreError, TokTrainError) as e:
+        except (TokenStoreError, RunError) as e:
             raise TrainError(str(e)) from None
         self.tok_sha = file_sha256(self.tok_ckpt)
         try:
@@ -289,8 +278,8 @@ class Trainer:
                          "val_samples": len(self.val_idx)}}
 
     def save(self) -> Path:
-        path = self.out / f"ckpt-{self.step_:07d}.pt"
-        _save(path, self.state())
+        path = self.out / checkpoint_name(self.step_)
+        save_checkpoint(path, self.state())
         return path
 
     def _load(self, path: Path) -> None:
@@ -408,14 +397,6 @@ def plot_log(out: Path) -> Path:
     return out / PLOT
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log records past the resumed checkpoint, so the log reads as one uninterrupted run."""
-    if not path.exists():
-        return
-    keep = [s for s in path.read_text().splitlines() if s.strip() and json.loads(s)["step"] <= step]
-    path.write_text("".join(s + "\n" for s in keep))
-
-
 # ----------------------------------------------------------------------------- loop
 
 def train(cfg: TrainConfig, *, resume: bool = False,
@@ -436,7 +417,7 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, progress) -> TrainReport:
     start, t0, tokens, rec, val = tr.step_, time.perf_counter(), 0, {}, None
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        _truncate_log(out / LOG, start)
+        truncate_log(out / LOG, start)
     logf = open(out / LOG, "a") if d.main else None
     try:
         while tr.step_ < cfg.steps:
