@@ -323,18 +323,22 @@ def add_decompose_dataset(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_decompose_dataset)
 
 
-class DatasetProgress:
-    """tqdm bar for the dataset job; failed images are printed as "<path>: <reason>" lines."""
+class JobProgress:
+    """tqdm bar over images for the Ray jobs. `update` takes a count, or the decomposition job's
+    manifest rows, whose failed images are printed as "<path>: <reason>" lines."""
 
-    def __init__(self):
-        self.bar = None
+    def __init__(self, desc: str, already: str):
+        self.desc, self.already, self.bar = desc, already, None
 
     def start(self, todo: int, done: int) -> None:
-        self.bar = tqdm(total=todo, unit="img", desc="decompose-dataset", file=sys.stderr, disable=None)
+        self.bar = tqdm(total=todo, unit="img", desc=self.desc, file=sys.stderr, disable=None)
         if done:
-            tqdm.write(f"resuming: {done} images already in the store, {todo} to do", file=sys.stderr)
+            tqdm.write(f"resuming: {done} images {self.already}, {todo} to do", file=sys.stderr)
 
     def update(self, rows) -> None:
+        if isinstance(rows, int):
+            self.bar.update(rows)
+            return
         for r in rows:
             if r["status"] != "ok":
                 tqdm.write(f"{r['path']}: {r['error']}", file=sys.stderr)
@@ -380,7 +384,7 @@ def cmd_decompose_dataset(args: argparse.Namespace) -> int:
     if not args.verbose:
         quiet_ray_data()
     try:
-        report = run_job(cfg, progress=DatasetProgress())
+        report = run_job(cfg, progress=JobProgress("decompose-dataset", "already in the store"))
     except (SourceError, StoreError, ConfigError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
@@ -576,25 +580,6 @@ def add_export_tokens(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export_tokens)
 
 
-class ExportProgress:
-    """tqdm bar over images for export-tokens."""
-
-    def __init__(self):
-        self.bar = None
-
-    def start(self, todo: int, done: int) -> None:
-        self.bar = tqdm(total=todo, unit="img", desc="export-tokens", file=sys.stderr, disable=None)
-        if done:
-            tqdm.write(f"resuming: {done} images already exported, {todo} to do", file=sys.stderr)
-
-    def update(self, rows: int) -> None:
-        self.bar.update(rows)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def cmd_export_tokens(args: argparse.Namespace) -> int:
     from .pipelines import ConfigError, JobError, StoreError
     from .pipelines.export import ExportConfig, run_export
@@ -611,7 +596,7 @@ def cmd_export_tokens(args: argparse.Namespace) -> int:
     if not args.verbose:
         quiet_ray_data()
     try:
-        report = run_export(cfg, progress=ExportProgress())
+        report = run_export(cfg, progress=JobProgress("export-tokens", "already exported"))
     except (StoreError, ConfigError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
