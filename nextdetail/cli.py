@@ -294,6 +294,16 @@ def cmd_decompose(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- decompose-dataset
 
+def add_ray_arguments(p: argparse.ArgumentParser, actors: str) -> None:
+    """Where a Ray job runs and how many actors it gets (decompose-dataset, export-tokens)."""
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="join a Ray cluster ('auto' or ray://host:port); default: start a local Ray")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help=f"{actors} (default: one per CPU, or per G GPUs)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                   help="GPUs per actor (default 1 when the cluster has GPUs, else 0)")
+
+
 def add_decompose_dataset(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "decompose-dataset", help="decompose a whole dataset with Ray into a Zarr + Parquet store",
@@ -311,12 +321,7 @@ def add_decompose_dataset(sub: argparse._SubParsersAction) -> None:
     add_solver_arguments(p)
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto = cupy on GPU workers, else numba")
-    p.add_argument("--address", default=None, metavar="ADDR",
-                   help="join a Ray cluster ('auto' or ray://host:port); default: start a local Ray")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="actors in the pool (default: one per CPU, or per G GPUs)")
-    p.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
-                   help="GPUs per actor (default 1 when the cluster has GPUs, else 0)")
+    add_ray_arguments(p, "actors in the pool")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per solver call (default 8)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a store made with other parameters or from other images")
@@ -564,12 +569,7 @@ def add_export_tokens(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", required=True, type=Path, metavar="RUN",
                    help="tokenizer run folder (latest checkpoint) or checkpoint file")
     p.add_argument("--out", required=True, type=Path, metavar="TOKENS", help="token store folder")
-    p.add_argument("--address", default=None, metavar="ADDR",
-                   help="join a Ray cluster ('auto' or ray://host:port); default: start a local Ray")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="actors, each with its own tokenizer (default: one per CPU, or per G GPUs)")
-    p.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
-                   help="GPUs per actor (default 1 when the cluster has GPUs, else 0)")
+    add_ray_arguments(p, "actors, each with its own tokenizer")
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="images per encoder call (default 32)")
     p.add_argument("--block-rows", type=int, default=512, metavar="R",
                    help="images per part file, the unit of work and of resume (default 512)")
