@@ -706,8 +706,8 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
                     "2 usage, run or tokenizer error.")
     p.add_argument("run", type=Path, metavar="RUN2", help="run folder of `nextdetail train` (or a checkpoint)")
     p.add_argument("--out", type=Path, default=Path("out/samples"), metavar="DIR", help="output folder")
-    p.add_argument("--class", dest="label", type=int, default=-1, metavar="C",
-                   help="class label (default: none, unconditional)")
+    p.add_argument("--class", dest="label", default="-1", metavar="C",
+                   help="class label or class name (a class folder of the data; default: none, unconditional)")
     p.add_argument("--n", type=int, default=16, help="images (default 16)")
     p.add_argument("--cfg", type=float, default=1.5, help="guidance scale on the last map; 1: off (default 1.5)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0: all")
@@ -727,7 +727,7 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .train.sample import SampleError, load_run, sample_to_folder
+    from .train.sample import SampleError, class_label, load_run, sample_to_folder
 
     name = f"{PROG} sample"
     try:
@@ -739,7 +739,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         run = load_run(args.run, tokenizer=args.tokenizer, device=args.device)
         bar = tqdm(total=args.n, unit="img", desc="sample", file=sys.stderr, disable=None)
         try:
-            report = sample_to_folder(run, args.out, label=args.label, n=args.n, cfg=args.cfg, top_k=args.top_k,
+            report = sample_to_folder(run, args.out, label=class_label(args.label, run.meta["class_names"]), n=args.n, cfg=args.cfg, top_k=args.top_k,
                                       top_p=args.top_p, temperature=args.temperature, seed=args.seed,
                                       batch_size=args.batch_size, highres=args.highres, overlap=args.overlap,
                                       highres_base=args.highres_base,

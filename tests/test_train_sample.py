@@ -13,7 +13,7 @@ from nextdetail.cli import main
 from nextdetail.tokenize import config_for
 from nextdetail.tokenize.quant import build_quantizer
 from nextdetail.train.model import NextDetailTransformer, TransformerConfig
-from nextdetail.train.sample import (SampleError, filter_logits, generate, generate_highres, guidance_scale,
+from nextdetail.train.sample import (SampleError, class_label, filter_logits, generate, generate_highres, guidance_scale,
                                      load_run, patch_boxes, requantize_base, sample_to_folder, stage_ends)
 
 
@@ -163,6 +163,20 @@ def test_sample_cli_and_its_errors(trained, tmp_path, capsys):
     assert "--top-p 2.0" in capsys.readouterr().err
     assert main(["sample", str(run), "--out", str(tmp_path / "x"), "--tokenizer", str(tokens)]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    # The tiny store has no labels: a class name is refused in one line naming what there is.
+    assert load_run(run).meta["class_names"] == []
+    assert main(["sample", str(run), "--out", str(tmp_path / "x"), "--class", "cat"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "class 'cat': not a class of this model's training data; its names: none" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_class_is_a_label_or_a_class_name():
+    names = ["airplane", "bird", None, "cat"]
+    assert class_label("3", names) == 3 and class_label("-1", names) == -1
+    assert class_label("bird", names) == 1 and class_label("cat", names) == 3
+    with pytest.raises(SampleError, match="its names: 0=airplane, 1=bird, 3=cat"):
+        class_label("dog", names)
 
 
 def test_train_cli_reports_resumes_and_refuses(trained, tmp_path, capsys):

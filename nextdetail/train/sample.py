@@ -254,7 +254,20 @@ def load_run(run, tokenizer=None, device="cpu") -> Run:
     except CheckpointError as e:
         raise SampleError(str(e)) from None
     return Run(model, tok, int(ck["data"]["num_base"]), int(ck["data"]["order"]), path,
-               {"step": ck["step"], "tokenizer": str(tok_path)})
+               {"step": ck["step"], "tokenizer": str(tok_path),
+                "class_names": list(ck["data"].get("class_names") or [])})
+
+
+def class_label(value: str, class_names: Sequence[Optional[str]]) -> int:
+    """--class as given: an integer label, or a class name of the training data (its folder name)."""
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    if value in class_names:
+        return list(class_names).index(value)
+    known = ", ".join(f"{i}={c}" for i, c in enumerate(class_names) if c) or "none (integer labels only)"
+    raise SampleError(f"class {value!r}: not a class of this model's training data; its names: {known}")
 
 
 @torch.no_grad()

@@ -275,7 +275,8 @@ class Trainer:
                 "tokenizer": {"checkpoint": str(self.tok_ckpt.resolve()), "sha256": self.tok_sha},
                 "data": {"tokens": str(Path(self.cfg.tokens).resolve()), "num_base": self.ds.num_base,
                          "order": self.ds.order, "num_samples": len(self.ds),
-                         "val_samples": len(self.val_idx)}}
+                         "val_samples": len(self.val_idx),
+                         "class_names": list(self.ds.meta.get("class_names") or [])}}
 
     def save(self) -> Path:
         path = self.out / checkpoint_name(self.step_)
