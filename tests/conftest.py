@@ -1,6 +1,7 @@
 """Shared test fixtures. Real photos live outside the repository, in <repo>/../shared/data."""
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,20 @@ def ray_session():
         ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAY_FORWARDED = re.compile(r"^\((?:raylet|gcs_server)\)|^\(.*?\bpid=\w+\)")
+
+
+def own_lines(text: str) -> list:
+    """The non-empty lines of captured stderr that our code wrote. Once a test has started Ray
+    (the session's Ray stays up), Ray forwards log lines of its workers and daemons to the
+    driver's stderr at any moment, prefixed "(pid=...)", "(raylet)" or "(<actor> pid=...)";
+    assertions about our own one-line errors must not depend on when those arrive."""
+    lines = []
+    for line in text.splitlines():
+        plain = _ANSI.sub("", line).strip()
+        if plain and not _RAY_FORWARDED.match(plain):
+            lines.append(plain)
+    return lines

@@ -19,6 +19,7 @@ from nextdetail.train import TokenDataset
 from nextdetail.train.tokens import INDEX, META, TOKENS
 from pipeline_data import make_store
 from token_data import tiny_tokenizer
+from conftest import own_lines
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,7 +84,7 @@ def test_bad_inputs_are_refused_in_one_line(inputs, tmp_path, capsys):
     for argv, message in cases:
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
-        assert message in err and len(err.splitlines()) == 1, err
+        assert message in err and len(own_lines(err)) == 1, err
     assert (foreign / "notes.txt").read_text() == "mine\n"
 
 

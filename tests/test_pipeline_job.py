@@ -15,6 +15,7 @@ from nextdetail.imageio import load_image
 from nextdetail.pipelines import DecompositionStore, JobConfig, list_sources, run_job
 from nextdetail.pipelines.store import LAYERS, MANIFEST, META, RUN_DEPENDENT_COLUMNS
 from pipeline_data import broken_files, class_folder, listing, photo_paths
+from conftest import own_lines
 
 SUMMARY = re.compile(r"^(\d+) images: (\d+) ok, (\d+) error(?: \((\d+) already done\))?; processed (\d+) "
                      r"in [\d.]+ s = [\d.]+ images/s on (\d+) (\w+) workers; Ray start-up [\d.]+ s, "
@@ -103,9 +104,9 @@ def test_rerun_resumes_refuses_other_parameters_and_overwrites(ray_session, tmp_
 
     rc, out, err = run_cli(capsys, lst, "--out", store, "--size", 48, "--alpha", 5, *FAST[2:], "--order", 2)
     assert (rc, out) == (2, "")
-    assert err.strip() == (f"nextdetail decompose-dataset: error: {store}: store made with other parameters: "
-                           f"size 32 (store) != 48 (this run); alpha 10.0 (store) != 5.0 (this run); rerun with "
-                           f"the store's parameters, or pass --overwrite to replace it")
+    assert own_lines(err) == [f"nextdetail decompose-dataset: error: {store}: store made with other parameters: "
+                              f"size 32 (store) != 48 (this run); alpha 10.0 (store) != 5.0 (this run); rerun "
+                              f"with the store's parameters, or pass --overwrite to replace it"]
     assert tree_bytes(store / LAYERS) == before            # refused before touching anything
 
     rc, out, err = run_cli(capsys, listing(photos[:5], tmp_path / "l5.txt"), "--out", store, "--size", 32, *FAST)
@@ -140,7 +141,7 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
     ]:
         rc, out, err = run_cli(capsys, *argv)
         assert rc == 2 and out == ""
-        assert len(err.strip().splitlines()) == 1 and message in err, err
+        assert len(own_lines(err)) == 1 and message in err, err
 
 
 def test_job_failure_exits_3(monkeypatch, tmp_path, capsys):

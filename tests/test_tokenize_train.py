@@ -12,6 +12,7 @@ from nextdetail.cli import main
 from nextdetail.tokenize import CheckpointError, Tokenizer, config_for
 from nextdetail.tokenize.train import StoreBatches, TrainConfig, TrainError, checkpoints, split_layers, train
 from pipeline_data import make_store
+from conftest import own_lines
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,7 @@ def test_cli_trains_resumes_and_reports(store, tmp_path, capsys):
     assert main(["train-tokenizer", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2"),
                  "--lpips-random-backbone"]) == 2
     err = capsys.readouterr().err
-    assert "no such store" in err and len(err.strip().splitlines()) == 1
+    assert "no such store" in err and len(own_lines(err)) == 1
     assert main(args(tmp_path / "r3", 2, "--image-size", "36")) == 2
     assert "not divisible by downsample 8" in capsys.readouterr().err
 

@@ -15,6 +15,7 @@ from nextdetail.tokenize.quant import build_quantizer
 from nextdetail.train.model import NextDetailTransformer, TransformerConfig
 from nextdetail.train.sample import (SampleError, class_label, filter_logits, generate, generate_highres, guidance_scale,
                                      load_run, patch_boxes, requantize_base, sample_to_folder, stage_ends)
+from conftest import own_lines
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +169,7 @@ def test_sample_cli_and_its_errors(trained, tmp_path, capsys):
     assert main(["sample", str(run), "--out", str(tmp_path / "x"), "--class", "cat"]) == 2
     err = capsys.readouterr().err.strip()
     assert "class 'cat': not a class of this model's training data; its names: none" in err
-    assert len(err.splitlines()) == 1
+    assert len(own_lines(err)) == 1
 
 
 def test_class_is_a_label_or_a_class_name():
