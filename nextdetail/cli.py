@@ -374,8 +374,29 @@ def quiet_ray_data() -> None:
             handler.addFilter(_DropRayNoise())
 
 
+def run_ray_command(args: argparse.Namespace, name: str, output: str, run: Callable):
+    """Run a Ray job of a command: (report, 0), or (None, status) after one stderr line:
+    2 bad input or a refused output folder, 3 the job did not finish, 130 interrupted. `output`
+    names what a rerun of the same command resumes."""
+    from .pipelines import ConfigError, JobError, SourceError, StoreError
+
+    if not args.verbose:
+        quiet_ray_data()
+    try:
+        return run(), 0
+    except (SourceError, StoreError, ConfigError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return None, 2
+    except JobError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return None, 3
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; the {output} is resumable: rerun the same command", file=sys.stderr)
+        return None, 130
+
+
 def cmd_decompose_dataset(args: argparse.Namespace) -> int:
-    from .pipelines import ConfigError, JobConfig, JobError, SourceError, StoreError, run_job
+    from .pipelines import ConfigError, JobConfig, run_job
 
     name = f"{PROG} decompose-dataset"
     try:
@@ -386,19 +407,10 @@ def cmd_decompose_dataset(args: argparse.Namespace) -> int:
     except (ParameterError, ConfigError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
-    if not args.verbose:
-        quiet_ray_data()
-    try:
-        report = run_job(cfg, progress=JobProgress("decompose-dataset", "already in the store"))
-    except (SourceError, StoreError, ConfigError) as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 2
-    except JobError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted; the store is resumable: rerun the same command", file=sys.stderr)
-        return 130
+    report, status = run_ray_command(args, name, "store",
+                                     lambda: run_job(cfg, JobProgress("decompose-dataset", "already in the store")))
+    if report is None:
+        return status
     print(report.summary())
     return 0 if report.error == 0 else 1
 
@@ -581,7 +593,7 @@ def add_export_tokens(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export_tokens(args: argparse.Namespace) -> int:
-    from .pipelines import ConfigError, JobError, StoreError
+    from .pipelines import ConfigError
     from .pipelines.export import ExportConfig, run_export
 
     name = f"{PROG} export-tokens"
@@ -593,19 +605,10 @@ def cmd_export_tokens(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
-    if not args.verbose:
-        quiet_ray_data()
-    try:
-        report = run_export(cfg, progress=JobProgress("export-tokens", "already exported"))
-    except (StoreError, ConfigError) as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 2
-    except JobError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted; the token store is resumable: rerun the same command", file=sys.stderr)
-        return 130
+    report, status = run_ray_command(args, name, "token store",
+                                     lambda: run_export(cfg, JobProgress("export-tokens", "already exported")))
+    if report is None:
+        return status
     print(report.summary())
     return 0
 

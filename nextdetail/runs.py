@@ -4,6 +4,7 @@
                           written to a temp name and renamed: never a half-written checkpoint
     RUN/log.jsonl         one JSON record per line, each with its "step"; on resume the records
                           past the resumed checkpoint are dropped, so the log reads as one run
+    RUN/loss.png          the log's losses against step
 
 `latest_checkpoint(RUN)` is how every command turns "a run folder or a checkpoint file" into
 a file.
@@ -14,6 +15,10 @@ import json
 import os
 from pathlib import Path
 from typing import List
+
+
+LOG = "log.jsonl"
+PLOT = "loss.png"          # the log's losses against step, drawn by each command
 
 
 class RunError(ValueError):
@@ -47,6 +52,12 @@ def save_checkpoint(path: Path, obj) -> None:
     tmp = Path(path).with_suffix(".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def read_log(run) -> List[dict]:
+    """The records of RUN/log.jsonl, in order ([] when there is no log yet)."""
+    path = Path(run) / LOG
+    return [json.loads(s) for s in path.read_text().splitlines() if s.strip()] if path.exists() else []
 
 
 def truncate_log(path: Path, step: int) -> None:

@@ -2,11 +2,16 @@
 import logging
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +53,25 @@ def own_lines(text: str) -> list:
         if plain and not _RAY_FORWARDED.match(plain):
             lines.append(plain)
     return lines
+
+
+def kill_cli_when(argv, ready, what: str, timeout: float = 240) -> None:
+    """Run `python -m nextdetail.cli ARGV` in a session of its own and SIGKILL the driver alone
+    (as a crash would) as soon as `ready()` holds, then the Ray helpers it left behind."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "nextdetail.cli", *map(str, argv)], cwd=REPO, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None, f"the {what} ended before it could be killed"
+            assert time.monotonic() < deadline, f"the {what} wrote nothing to wait for"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,9 +17,8 @@ from nextdetail.train import TokenDataset
 from nextdetail.train.tokens import INDEX, META, TOKENS
 from pipeline_data import make_store
 from token_data import tiny_tokenizer
-from conftest import own_lines
+from conftest import kill_cli_when, own_lines
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -104,24 +101,8 @@ def test_driver_killed_mid_way_then_rerun_equals_uninterrupted(ray_session, inpu
     store, ckpt, reference = inputs
     out = tmp_path / "tokens"
     argv = args(store, ckpt, out, "--workers", "1", "--block-rows", "1", "--batch-size", "1")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "nextdetail.cli", *argv], cwd=REPO, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = lambda: list((out / PARTS).glob("block-*.bin")) if (out / PARTS).is_dir() else []  # noqa: E731
-    try:
-        deadline = time.monotonic() + 240
-        while len(parts()) < 3:
-            assert proc.poll() is None, "the export ended before it could be killed"
-            assert time.monotonic() < deadline, "no part files appeared"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)                      # the driver only, as a crash would
-        proc.wait(timeout=30)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)                # Ray helpers left behind
-        except ProcessLookupError:
-            pass
+    kill_cli_when(argv, lambda: len(parts()) >= 3, "export")
     time.sleep(1)
     assert not (out / META).exists(), "the kill came too late: the export had finished"
     done = len(parts())

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,9 +18,9 @@ from nextdetail import cli
 from nextdetail.decomp import ATParams
 from nextdetail.pipelines import DecompositionStore, JobConfig, run_job
 from nextdetail.pipelines.store import LAYERS, META, PARTS, RUN_DEPENDENT_COLUMNS, manifest_schema
+from conftest import kill_cli_when
 from pipeline_data import SHARED_DATA, listing, synthetic_photo
 
-REPO = Path(__file__).resolve().parents[1]
 # Enough solver work per image (64 px, 3 levels x 150 sweeps) that a run lasts seconds
 # after its first batches are written, so the kill lands mid-way.
 SIZE, ORDER, N_ITER, BATCH = 64, 3, 150, 4
@@ -79,25 +77,7 @@ def journal_rows(store: Path):
 
 def test_driver_killed_mid_way_then_rerun_equals_uninterrupted(reference, dataset, tmp_path, capsys):
     store = tmp_path / "store"
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
-    # Its own session, so the Ray helpers it starts can be cleaned up after the kill.
-    proc = subprocess.Popen([sys.executable, "-m", "nextdetail.cli", *args(dataset, store), "--workers", "2"],
-                            cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while len(journal_rows(store)) < 3 * BATCH:
-            assert proc.poll() is None, "the job ended before it could be killed"
-            assert time.monotonic() < deadline, "no journal parts appeared"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)                  # the driver only, as a crash would
-        proc.wait(timeout=30)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)            # Ray helpers left behind by the dead driver
-        except ProcessLookupError:
-            pass
+    kill_cli_when([*args(dataset, store), "--workers", "2"], lambda: len(journal_rows(store)) >= 3 * BATCH, "job")
     time.sleep(1)                                          # let its dying workers finish their writes
     assert not (store / META).exists(), "the kill came too late: the job had finished"
     done_before = {r["index"] for r in journal_rows(store) if r["status"] == "ok"}

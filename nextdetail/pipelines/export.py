@@ -30,7 +30,7 @@ from ..train.tokens import (DTYPE, FORMAT, FORMAT_VERSION, INDEX, MAX_VOCAB, MET
                             file_sha256, map_offsets, shard_name)
 from .config import ConfigError
 from .encode_worker import PARTS, EncodeWorker, part_path
-from .job import JobError, _quiet_env, _root_cause, connect
+from .job import JobError, connect, job_failures
 from .store import DecompositionStore, StoreError
 from .writer import write_bytes_atomic, write_table_atomic
 
@@ -350,7 +350,6 @@ def run_export(cfg: ExportConfig, progress: Optional[ExportProgress] = None) -> 
     started = False
     try:
         if plan.todo:
-            _quiet_env()
             started, ray_seconds = connect(cfg)
             t_connected = time.time() - ray_seconds
             gpus, workers = _resources(cfg)
@@ -359,7 +358,7 @@ def run_export(cfg: ExportConfig, progress: Optional[ExportProgress] = None) -> 
             if progress:
                 progress.start(sum(hi - lo for _, lo, hi in plan.todo), report.skipped)
             t_first = None
-            try:
+            with job_failures("export", "token store", progress):
                 for batch in _dataset(plan, gpus, workers).iter_batches(batch_size=None, batch_format="numpy"):
                     rows = int(np.sum(batch["rows"]))
                     report.encoded += rows
@@ -367,14 +366,6 @@ def run_export(cfg: ExportConfig, progress: Optional[ExportProgress] = None) -> 
                         t_first = time.time() - float(np.max(batch["seconds"]))
                     if progress:
                         progress.update(rows)
-            except (StoreError, ConfigError):
-                raise
-            except Exception as e:  # Ray wraps worker failures in its own exception types
-                raise JobError(f"the export failed; the token store is resumable, rerun the same command "
-                               f"({_root_cause(e)})") from e
-            finally:
-                if progress:
-                    progress.close()
             if t_first is not None:
                 report.startup_seconds = max(0.0, t_first - t_connected)
                 report.processing_seconds = max(1e-9, time.time() - t_first)

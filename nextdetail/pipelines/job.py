@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import List, Optional, Protocol
 
@@ -187,7 +188,7 @@ def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
         if progress:
             progress.start(len(plan.todo), plan.done)
         t_first, t_last = None, None
-        try:
+        with job_failures("job", "store", progress):
             if plan.todo:
                 for batch in _dataset(plan, cfg, gpus, workers).iter_batches(batch_size=None,
                                                                             batch_format="pyarrow"):
@@ -199,14 +200,6 @@ def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
                     report.errors += [f"{r['path']}: {r['error']}" for r in rows if r["status"] == STATUS_ERROR]
                     if progress:
                         progress.update(rows)
-        except (StoreError, ConfigError):
-            raise
-        except Exception as e:  # Ray wraps worker failures in its own exception types
-            raise JobError(f"the job failed; the store is resumable, rerun the same command "
-                           f"({_root_cause(e)})") from e
-        finally:
-            if progress:
-                progress.close()
         if t_first is not None:
             report.startup_seconds = max(0.0, t_first - t_connected)
             report.processing_seconds = max(1e-9, t_last - t_first)
@@ -220,6 +213,23 @@ def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
             ray.shutdown()
     report.seconds = time.perf_counter() - t_begin
     return report
+
+
+@contextmanager
+def job_failures(job: str, output: str, progress=None):
+    """Around a Ray Data run: bad input and refusals (StoreError, ConfigError) pass through;
+    any other failure, which Ray wraps in its own exception types, becomes one JobError line
+    saying the output is resumable. The progress bar is closed either way."""
+    try:
+        yield
+    except (StoreError, ConfigError):
+        raise
+    except Exception as e:
+        raise JobError(f"the {job} failed; the {output} is resumable, rerun the same command "
+                       f"({_root_cause(e)})") from e
+    finally:
+        if progress:
+            progress.close()
 
 
 def _local_auto(cfg: JobConfig) -> str:

@@ -23,15 +23,13 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..runs import RunError, checkpoint_name, checkpoints, save_checkpoint, truncate_log
+from ..runs import LOG, PLOT, RunError, checkpoint_name, checkpoints, read_log, save_checkpoint, truncate_log
 from .config import TokenizerConfig
 from .losses import PatchDiscriminator, build_lpips, hinge_d_loss, hinge_g_loss
 from .tokenizer import Tokenizer, to_model
 
 log = logging.getLogger(__name__)
 
-LOG = "log.jsonl"
-PLOT = "loss.png"
 
 
 class TrainError(RunError):
@@ -143,7 +141,7 @@ def plot_log(out: Path) -> Path:
     (per-step values of a batch of a few crops are too noisy to read)."""
     from ..viz import line_plot
 
-    recs = [json.loads(s) for s in (out / LOG).read_text().splitlines() if s.strip()]
+    recs = read_log(out)
     win = max(1, len(recs) // 50)
     series = {}
     for k in ("loss", "l2", "vq", "lpips"):                     # g and d are signed: no log axis

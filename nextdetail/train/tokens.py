@@ -163,13 +163,6 @@ class TokenDataset:
             self._pid = os.getpid()
         return self._mm
 
-    @property
-    def tokens(self) -> np.ndarray:
-        """The uint16 (N, L) memmap (single-file stores only; sharded ones: `get_batch`)."""
-        if len(self.files) != 1:
-            raise TokenStoreError(self.path, "a sharded store has one memmap per shard; use get_batch")
-        return self._maps()[0]
-
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_mm"], state["_pid"] = None, None
@@ -213,10 +206,6 @@ class TokenDataset:
                 for (a, b), (h, w) in zip(zip(self.offsets[:-1], self.offsets[1:]), self.map_shapes)]
 
     # -- provenance --------------------------------------------------------------------------
-    def tokenizer_checkpoint(self) -> Path:
-        """The tokenizer checkpoint the tokens were exported with (as recorded; may not exist here)."""
-        return Path(self.meta["tokenizer"]["checkpoint"])
-
     def check_tokenizer(self, tokenizer) -> Path:
         """Resolve a run folder / checkpoint and refuse it unless its sha256 is the recorded one."""
         from ..runs import RunError, latest_checkpoint

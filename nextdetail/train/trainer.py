@@ -37,14 +37,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..runs import RunError, checkpoint_name, checkpoints, latest_checkpoint, save_checkpoint, truncate_log
+from ..runs import (LOG, PLOT, RunError, checkpoint_name, checkpoints, latest_checkpoint, read_log,
+                    save_checkpoint, truncate_log)
 from .inputs import load_quantizer, teacher_inputs
 from .model import NextDetailTransformer, TransformerConfig
 
 log = logging.getLogger(__name__)
 
-LOG = "log.jsonl"
-PLOT = "loss.png"
 
 
 class TrainError(RunError):
@@ -374,11 +373,6 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- log and plot
-
-def read_log(out) -> List[dict]:
-    path = Path(out) / LOG
-    return [json.loads(s) for s in path.read_text().splitlines() if s.strip()] if path.exists() else []
-
 
 def plot_log(out: Path) -> Path:
     """loss.png: train loss (running mean over ~1/50 of the run) and validation loss against step."""
