@@ -582,7 +582,7 @@ def add_export_tokens(sub: argparse._SubParsersAction) -> None:
                    help="tokenizer run folder (latest checkpoint) or checkpoint file")
     p.add_argument("--out", required=True, type=Path, metavar="TOKENS", help="token store folder")
     add_ray_arguments(p, "actors, each with its own tokenizer")
-    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="images per encoder call (default 32)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="images read and encoded per step; the tokens do not depend on it (default 32)")
     p.add_argument("--block-rows", type=int, default=512, metavar="R",
                    help="images per part file, the unit of work and of resume (default 512)")
     p.add_argument("--shard-rows", type=int, default=None, metavar="R",

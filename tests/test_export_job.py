@@ -16,7 +16,7 @@ from nextdetail.pipelines.export import ExportConfig, export_in_process
 from nextdetail.train import TokenDataset
 from nextdetail.train.tokens import INDEX, META, TOKENS
 from pipeline_data import make_store
-from token_data import tiny_tokenizer
+from token_data import near_tie_checkpoint, tiny_tokenizer
 from conftest import kill_cli_when, own_lines
 
 
@@ -34,7 +34,7 @@ def inputs(tmp_path_factory):
 
 
 def args(store, ckpt, out, *extra):
-    return ["export-tokens", "--data", str(store), "--tokenizer", str(ckpt), "--out", str(out), *extra]
+    return ["export-tokens", "--data", str(store), "--tokenizer", str(ckpt), "--out", str(out), *map(str, extra)]
 
 
 def same_store(out: Path, reference: Path):
@@ -52,11 +52,40 @@ def test_ray_job_equals_the_in_process_export(ray_session, inputs, tmp_path, cap
     same_store(out, reference)
     ds = TokenDataset(out, tokenizer=ckpt)
     assert ds.meta["tokenizer"]["sha256"] == TokenDataset(reference).meta["tokenizer"]["sha256"]
+    assert ds.meta["encode"] == [{**ds.meta["encode"][0], "device": "cpu", "threads": 1, "micro_batch": 1}]
     # A finished store: the same command has nothing left to do and changes nothing.
     before = (out / META).read_bytes()
     assert cli.main(args(store, ckpt, out, "--workers", "2", "--block-rows", "3")) == 0
     assert "(40 already done)" in capsys.readouterr().out
     assert (out / META).read_bytes() == before
+
+
+def test_token_bytes_do_not_depend_on_batching_workers_or_threads(ray_session, inputs, tmp_path):
+    """A codebook whose codes all lie within 1e-5 of each other: nearly every token is decided
+    in the 6th digit of a distance, so any float difference between batchings, thread counts or
+    processes shows as flipped tokens (before fixed micro-batches, 27 of 40 rows differed).
+    Each batching is run three times (Ray schedules blocks onto actors differently each time)."""
+    import torch
+
+    store, ckpt, _ = inputs
+    ckpt = near_tie_checkpoint(ckpt, tmp_path / "ties.pt")
+    reference = tmp_path / "reference"
+    export_in_process(ExportConfig(data=store, tokenizer=ckpt, out=reference))
+    threads = torch.get_num_threads()
+    try:
+        for repeat in range(3):
+            torch.set_num_threads(1 + repeat)              # the caller's threads must not matter
+            out = tmp_path / f"in-process-{repeat}"
+            export_in_process(ExportConfig(data=store, tokenizer=ckpt, out=out, batch_size=5 + repeat,
+                                           block_rows=7 + repeat))
+            same_store(out, reference)
+            for batch, workers in ((1, 1), (2, 2), (7, 1), (32, 2)):
+                out = tmp_path / f"ray-{repeat}-{batch}-{workers}"
+                assert cli.main(args(store, ckpt, out, "--batch-size", batch, "--workers", workers,
+                                     "--block-rows", 9 + 4 * repeat)) == 0
+                same_store(out, reference)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_sharded_ray_export(ray_session, inputs, tmp_path):

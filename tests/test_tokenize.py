@@ -79,6 +79,37 @@ def test_encode_then_decode_reproduces_the_forward_pass(kind):
         tok.decode([i.repeat(1, 2, 2) for i in idx])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_images_tokens_do_not_depend_on_its_batch(kind):
+    """Fixed-shape micro-batches: one image's tokens are the same alone, in a batch of 7, in
+    batches of 3 (the last one padded), at micro-batches of 4, and under 1 or 2 threads as long
+    as the thread count is the same for both encodes."""
+    torch.manual_seed(0)
+    tok = Tokenizer(tiny(kind)).eval()
+    with torch.no_grad():                   # all codes within 1e-5: every token is a near-tie
+        e = tok.quantizer.codebook.embed.weight
+        e.copy_(e[:1] + 1e-5 * torch.randn(e.shape))
+    image, bases = inputs(batch=7)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            whole = tok.encode(image, bases)
+            for step, micro in ((1, None), (3, None), (7, 4), (2, 4)):
+                parts = [tok.encode(image[a:a + step], [b[a:a + step] for b in bases], micro_batch=micro)
+                         for a in range(0, 7, step)]
+                got = [torch.cat(maps) for maps in zip(*parts)]
+                if micro is None:                   # the default micro-batch: the same bits
+                    assert all(g.equal(w) for g, w in zip(got, whole)), (t, step)
+                else:                               # another fixed shape, batch-independent too
+                    ref = tok.encode(image, bases, micro_batch=micro)
+                    assert all(g.equal(r) for g, r in zip(got, ref)), (t, step, micro)
+    finally:
+        torch.set_num_threads(threads)
+    empty = tok.encode(image[:0], [b[:0] for b in bases])
+    assert [tuple(m.shape) for m in empty] == [(0, p, p) for p in tok.quantizer.sizes]
+
+
 def test_algorithm1_bookkeeping():
     torch.manual_seed(2)
     tok = Tokenizer(tiny("basedetail")).eval()

@@ -30,3 +30,19 @@ def make_token_store(tmp: Path, n: int = 6, size: int = 40, kind: str = "basedet
     out = tmp / "tokens"
     export_in_process(ExportConfig(data=store, tokenizer=ckpt, out=out, **export))
     return out, ckpt, store
+
+
+def near_tie_checkpoint(ckpt: Path, out: Path, spread: float = 1e-5) -> Path:
+    """A copy of a tokenizer checkpoint whose codes all lie within `spread` of one code: nearly
+    every position's nearest code is then decided in the 6th digit, so any float difference in
+    the encoder (batch shape, thread count) flips tokens. The worst case for bit-stable exports."""
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    for key in ("model", "model_ema"):
+        if key in state:
+            e = state[key]["quantizer.codebook.embed.weight"]
+            state[key]["quantizer.codebook.embed.weight"] = e[:1] + spread * torch.randn(e.shape, generator=g)
+    torch.save(state, out)
+    return out

@@ -5,9 +5,15 @@ layers from the store itself (one Zarr chunk per image), encodes them and writes
 file per block, _parts/block-<b>.bin (uint16 (rows, L), raw), atomically. A block is owned
 by the one task that encodes it and a retried task rewrites the same bytes, so Ray's retries
 and reruns after a kill are safe.
+
+Same bytes whatever the batching: `Tokenizer.encode` runs fixed-shape micro-batches, and the
+actor pins what else decides the order of float sums: one torch thread on the CPU (oneDNN
+splits its loops by thread count: 1 and 2 threads differ in the last bit of the features),
+and on CUDA deterministic cuDNN algorithms without autotuning and no TF32.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -37,30 +43,60 @@ def flatten_maps(maps_M: List["torch.Tensor"]) -> np.ndarray:  # noqa: F821
     return flat_BL.cpu().numpy().astype(DTYPE)
 
 
+ENCODE_THREADS = 1     # torch CPU threads of an encoder: one actor per CPU, and fixed bytes
+
+
+def pin_numerics(device) -> None:
+    """Fix everything besides the input shapes that decides the encoder's float sums."""
+    import torch
+
+    if device.type == "cpu":
+        torch.set_num_threads(ENCODE_THREADS)
+    else:
+        torch.backends.cudnn.benchmark = False        # autotuning picks algorithms by timing
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def numerics(device) -> dict:
+    """What the token bytes depend on besides the inputs (recorded in the token store's meta)."""
+    import torch
+
+    from ..tokenize.tokenizer import encode_micro_batch
+
+    out = {"device": device.type, "micro_batch": encode_micro_batch(device), "torch": torch.__version__}
+    if device.type == "cpu":
+        out.update(threads=ENCODE_THREADS, cpu_capability=torch.backends.cpu.get_cpu_capability())
+    else:
+        out.update(gpu=torch.cuda.get_device_name(device), cudnn=torch.backends.cudnn.version(),
+                   cudnn_deterministic=True, tf32=False)
+    return out
+
+
 class EncodeWorker:
     """Ray Data actor: {block, lo, hi} -> encodes ok images lo..hi-1 of the store, writes the part.
 
     store       : decomposition store path; rows are its ok images in store order.
     checkpoint  : tokenizer checkpoint file (the export recorded its sha256).
     out         : token store folder.
-    batch_size  : images per encoder call.
-    threads     : torch CPU threads (one actor per CPU: 1).
+    batch_size  : images read from the store at a time (the tokens do not depend on it).
     """
 
-    def __init__(self, store: str, checkpoint: str, out: str, batch_size: int = 32, threads: int = 1):
+    def __init__(self, store: str, checkpoint: str, out: str, batch_size: int = 32):
         import torch
 
         from ..tokenize import Tokenizer
         from .store import DecompositionStore
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(1, int(threads)))
+        pin_numerics(self.device)
         self.tok = Tokenizer.from_checkpoint(checkpoint, map_location=self.device).to(self.device)
         self.store = DecompositionStore(store)
         self.out, self.batch_size = Path(out), int(batch_size)
         self.size, self.n_bases = self.tok.config.image_size, self.tok.needs_bases
         self.host, self.pid = socket.gethostname(), os.getpid()
+        self.numerics = json.dumps(numerics(self.device), sort_keys=True)
 
     def encode_rows(self, lo: int, hi: int) -> np.ndarray:
         """uint16 (hi - lo, L): token rows of the store's ok images lo .. hi-1 (centre crops)."""
@@ -79,7 +115,7 @@ class EncodeWorker:
         return np.concatenate(rows) if rows else np.zeros((0, 0), DTYPE)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        out = {"block": [], "rows": [], "seconds": [], "host": []}
+        out = {"block": [], "rows": [], "seconds": [], "host": [], "numerics": []}
         for block, lo, hi in zip(batch["block"], batch["lo"], batch["hi"]):
             t0 = time.perf_counter()
             rows = self.encode_rows(int(lo), int(hi))
@@ -88,4 +124,5 @@ class EncodeWorker:
             out["rows"].append(int(hi) - int(lo))
             out["seconds"].append(time.perf_counter() - t0)
             out["host"].append(self.host)
+            out["numerics"].append(self.numerics)
         return {k: np.asarray(v) for k, v in out.items()}

@@ -50,7 +50,8 @@ class ExportConfig:
     address         : None starts a local Ray; "auto" or "ray://host:port" joins a cluster.
     workers         : actors (None: one per CPU, or one per G GPUs when the cluster has GPUs).
     gpus_per_worker : GPUs per actor (None: 1 when the cluster has GPUs, else 0).
-    batch_size      : images per encoder call.
+    batch_size      : images read and encoded per step (the bytes do not depend on it: the
+                      encoder runs fixed micro-batches, see Tokenizer.encode).
     block_rows      : rows per part file (the unit of work and of resume).
     shard_rows      : None: one tokens.bin; R: keep fixed-size shard files of R rows (multi-node
                       friendly, no final copy); the blocks are then R rows.
@@ -140,6 +141,11 @@ class ExportPlan:
     order: int
     blocks: List[tuple] = field(default_factory=list)     # (block, lo, hi)
     todo: List[tuple] = field(default_factory=list)
+    numerics: set = field(default_factory=set)            # JSON of each encoder set-up seen
+
+    def saw(self, batch) -> None:
+        """Note the encoder set-ups (device, threads, micro-batch...) that encoded a batch."""
+        self.numerics.update(str(v) for v in batch["numerics"])
 
     @property
     def N(self) -> int:
@@ -292,6 +298,13 @@ def finish(plan: ExportPlan) -> None:
                               "order": store.order, "size": store.size, "at": store.meta.get("at"),
                               "backend": store.meta.get("backend")},
             "plan": plan.key()}
+    if plan.numerics:
+        # What the bytes depend on besides the inputs, as the encoders of this run reported it
+        # (blocks finished by an earlier run are not in it). Two entries: mixed bytes.
+        meta["encode"] = [json.loads(s) for s in sorted(plan.numerics)]
+        if len(plan.numerics) > 1:
+            log.warning("%s: blocks were encoded on %d different set-ups (see meta.json 'encode'); "
+                        "their tokens may differ in the last bit of a near-tie", out, len(plan.numerics))
     if sharded:
         meta["shard_rows"] = plan.cfg.shard_rows
         meta["shards"] = [{"file": shard_name(b), "rows": hi - lo} for b, lo, hi in plan.blocks]
@@ -333,8 +346,7 @@ def _dataset(plan: ExportPlan, gpus: float, workers: int):
         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
         num_cpus=1, num_gpus=gpus or None,
         fn_constructor_kwargs={"store": str(plan.store.path.resolve()), "checkpoint": str(plan.checkpoint.resolve()),
-                               "out": str(plan.cfg.out.resolve()), "batch_size": plan.cfg.batch_size,
-                               "threads": 1})
+                               "out": str(plan.cfg.out.resolve()), "batch_size": plan.cfg.batch_size})
 
 
 def run_export(cfg: ExportConfig, progress: Optional[ExportProgress] = None) -> ExportReport:
@@ -362,6 +374,7 @@ def run_export(cfg: ExportConfig, progress: Optional[ExportProgress] = None) -> 
                 for batch in _dataset(plan, gpus, workers).iter_batches(batch_size=None, batch_format="numpy"):
                     rows = int(np.sum(batch["rows"]))
                     report.encoded += rows
+                    plan.saw(batch)
                     if t_first is None:
                         t_first = time.time() - float(np.max(batch["seconds"]))
                     if progress:
@@ -392,11 +405,10 @@ def export_in_process(cfg: ExportConfig) -> ExportReport:
                           workers=1)
     report.skipped = prepare(plan)
     if plan.todo:
-        worker = EncodeWorker(str(plan.store.path), str(plan.checkpoint), str(cfg.out), cfg.batch_size,
-                              threads=os.cpu_count() or 1)
+        worker = EncodeWorker(str(plan.store.path), str(plan.checkpoint), str(cfg.out), cfg.batch_size)
         t1 = time.perf_counter()
         for b, lo, hi in plan.todo:
-            worker({"block": [b], "lo": [lo], "hi": [hi]})
+            plan.saw(worker({"block": [b], "lo": [lo], "hi": [hi]}))
             report.encoded += hi - lo
         report.processing_seconds = time.perf_counter() - t1
     if plan.todo or not (cfg.out / META).is_file():
