@@ -79,6 +79,7 @@ def test_token_bytes_do_not_depend_on_batching_workers_or_threads(ray_session, i
             export_in_process(ExportConfig(data=store, tokenizer=ckpt, out=out, batch_size=5 + repeat,
                                            block_rows=7 + repeat))
             same_store(out, reference)
+            assert torch.get_num_threads() == 1 + repeat       # given back to the caller
             for batch, workers in ((1, 1), (2, 2), (7, 1), (32, 2)):
                 out = tmp_path / f"ray-{repeat}-{batch}-{workers}"
                 assert cli.main(args(store, ckpt, out, "--batch-size", batch, "--workers", workers,

@@ -405,12 +405,18 @@ def export_in_process(cfg: ExportConfig) -> ExportReport:
                           workers=1)
     report.skipped = prepare(plan)
     if plan.todo:
-        worker = EncodeWorker(str(plan.store.path), str(plan.checkpoint), str(cfg.out), cfg.batch_size)
-        t1 = time.perf_counter()
-        for b, lo, hi in plan.todo:
-            plan.saw(worker({"block": [b], "lo": [lo], "hi": [hi]}))
-            report.encoded += hi - lo
-        report.processing_seconds = time.perf_counter() - t1
+        import torch
+
+        threads = torch.get_num_threads()       # the worker pins 1 thread; give the caller its own back
+        try:
+            worker = EncodeWorker(str(plan.store.path), str(plan.checkpoint), str(cfg.out), cfg.batch_size)
+            t1 = time.perf_counter()
+            for b, lo, hi in plan.todo:
+                plan.saw(worker({"block": [b], "lo": [lo], "hi": [hi]}))
+                report.encoded += hi - lo
+            report.processing_seconds = time.perf_counter() - t1
+        finally:
+            torch.set_num_threads(threads)
     if plan.todo or not (cfg.out / META).is_file():
         finish(plan)
     report.seconds = time.perf_counter() - t0
