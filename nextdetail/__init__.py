@@ -1,3 +1,3 @@
 """nextdetail: data pipelines for next-detail (CART) autoregressive image generation."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -7,18 +7,32 @@
     RUN/loss.png          the log's losses against step
 
 `latest_checkpoint(RUN)` is how every command turns "a run folder or a checkpoint file" into
-a file.
+a file, and `load_checkpoint(path)` is how every command reads one.
+
+Checkpoints hold tensors and plain containers only (configs as dicts, RNG states as tensors,
+sampler positions as ints), so they are read with `torch.load(weights_only=True)`: a file
+whose pickle would call anything else (and so could run code) is refused, never executed.
+Since format 2 each checkpoint carries `CHECKPOINT_FORMAT`; one without it was written by
+nextdetail 0.1, which also only stored plain data: it is read the same way, with a warning.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import List
+
+log = logging.getLogger(__name__)
 
 
 LOG = "log.jsonl"
 PLOT = "loss.png"          # the log's losses against step, drawn by each command
+# Written into every checkpoint by save_checkpoint; bump when what a checkpoint holds changes.
+CHECKPOINT_FORMAT = {"format": "nextdetail-checkpoint", "format_version": 2}
 
 
 class RunError(ValueError):
@@ -45,13 +59,53 @@ def latest_checkpoint(run) -> Path:
     return found[-1]
 
 
-def save_checkpoint(path: Path, obj) -> None:
-    """torch.save to a temp name, then rename into place."""
+def save_checkpoint(path: Path, obj: dict) -> None:
+    """torch.save to a temp name, then rename into place. `obj` must hold only what
+    load_checkpoint accepts (tensors, dicts, lists, tuples, str, int, float, bool, None)."""
     import torch
 
     tmp = Path(path).with_suffix(".tmp")
-    torch.save(obj, tmp)
+    torch.save({**obj, "checkpoint": CHECKPOINT_FORMAT}, tmp)
     os.replace(tmp, path)
+
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def load_checkpoint(path, map_location="cpu", what: str = "nextdetail checkpoint") -> dict:
+    """The dict saved by save_checkpoint, read with torch.load(weights_only=True).
+
+    RunError, one line naming the file, when it is missing, truncated or not a torch zip
+    file, when its pickle needs anything but tensors and plain containers (refused, never
+    executed), or when it holds no dict. `what` names the expected kind in messages.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: no such checkpoint file")
+    # torch.save has written zip files since torch 1.6; anything else (a cut-short file has
+    # lost the zip's central directory) would go to the legacy unpickler, whose errors on
+    # random bytes read like refused code.
+    if not zipfile.is_zipfile(path):
+        raise RunError(f"{path}: cannot read checkpoint (truncated, or not a file written by torch.save)")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = _GLOBAL.search(str(e))
+        if found is None:
+            raise RunError(f"{path}: cannot read checkpoint (its pickle is damaged)") from None
+        raise RunError(f"{path}: refused: its pickle needs `{found.group(1)}`, not a tensor or plain "
+                       f"container, so loading it could run code; not a {what}") from None
+    except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"{path}: cannot read checkpoint (damaged: {first})") from None
+    if not isinstance(obj, dict):
+        raise RunError(f"{path}: holds a {type(obj).__name__}, not a {what}")
+    if obj.get("checkpoint") != CHECKPOINT_FORMAT and "model" in obj:
+        log.warning("%s: written before checkpoint format 2 (nextdetail 0.1); it holds plain data only, "
+                    "read safely with weights_only", path)
+    return obj
 
 
 def read_log(run) -> List[dict]:

@@ -61,8 +61,8 @@ def test_resume_equals_an_uninterrupted_run(store, tmp_path, kind, ema):
     full = train(cfg(store, tmp_path / "full", kind, ema=ema))           # 6 steps, D on from step 3
     train(cfg(store, tmp_path / "half", kind, steps=3, ema=ema))          # stop at 3 ...
     train(cfg(store, tmp_path / "half", kind, ema=ema), resume=True)      # ... and resume to 6
-    a = torch.load(checkpoints(tmp_path / "full")[-1], weights_only=False)
-    b = torch.load(checkpoints(tmp_path / "half")[-1], weights_only=False)
+    a = torch.load(checkpoints(tmp_path / "full")[-1], weights_only=True)
+    b = torch.load(checkpoints(tmp_path / "half")[-1], weights_only=True)
     assert a["step"] == b["step"] == full.steps == 6
     assert ("model_ema" in a) == (ema > 0)
     for part in ("model", "disc") + (("model_ema",) if ema else ()):
@@ -181,7 +181,7 @@ def test_ema_weights_follow_the_recurrence_and_are_what_from_checkpoint_loads(st
     d = 0.5
     c = cfg(store, tmp_path / "run", steps=2, ckpt_every=1, ema=d, disc_start=10 ** 6)
     train(c)
-    c1, c2 = [torch.load(p, weights_only=False) for p in checkpoints(tmp_path / "run")]
+    c1, c2 = [torch.load(p, weights_only=True) for p in checkpoints(tmp_path / "run")]
     torch.manual_seed(c.seed)
     init = Tokenizer(c.tokenizer).state_dict()        # the run's seeded starting weights
     k = next(k for k, v in c2["model"].items() if v.is_floating_point() and v.numel() > 1)

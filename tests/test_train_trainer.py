@@ -76,8 +76,8 @@ def test_resume_is_bitwise_an_uninterrupted_run(tokens, tmp_path):
     assert part.steps == 3
     resumed = train(cfg(tokens, tmp_path / "part", steps=6, ckpt_every=3), resume=True)
     assert resumed.start_step == 3
-    a = torch.load(checkpoints(tmp_path / "full")[-1], weights_only=False)
-    b = torch.load(checkpoints(tmp_path / "part")[-1], weights_only=False)
+    a = torch.load(checkpoints(tmp_path / "full")[-1], weights_only=True)
+    b = torch.load(checkpoints(tmp_path / "part")[-1], weights_only=True)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for sa, sb in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
@@ -102,7 +102,7 @@ def test_log_validation_plot_and_checkpoint_contents(tokens, tmp_path):
         assert len(r["map_loss"]) == len(r["map_acc"]) == 10 and r["tokens_per_s"] > 0 and r["lr"] > 0
     assert (tmp_path / "run" / "loss.png").is_file()
     assert [p.name for p in checkpoints(tmp_path / "run")] == ["ckpt-0000002.pt", "ckpt-0000004.pt"]
-    ck = torch.load(checkpoints(tmp_path / "run")[-1], weights_only=False)
+    ck = torch.load(checkpoints(tmp_path / "run")[-1], weights_only=True)
     assert ck["data"]["val_samples"] == 2 and ck["data"]["num_base"] == 4 and ck["data"]["order"] == 3
     assert ck["model_config"]["map_shapes"][0] == [1, 1] or ck["model_config"]["map_shapes"][0] == (1, 1)
     assert report.val is not None and "trained steps 0..4" in report.summary()
@@ -146,7 +146,7 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_doubled_batch(tokens, 
 
     ddp = cfg(tokens, tmp_path / "ddp", steps=3, batch_size=2, ckpt_every=3, val_every=3)
     mp.spawn(_ddp_worker, args=(2, _free_port(), ddp, str(tmp_path / "params")), nprocs=2, join=True)
-    p0, p1 = (torch.load(tmp_path / f"params-{r}.pt") for r in range(2))
+    p0, p1 = (torch.load(tmp_path / f"params-{r}.pt", weights_only=True) for r in range(2))
     single = train(cfg(tokens, tmp_path / "single", steps=3, batch_size=4, ckpt_every=3, val_every=3))
     ref = single.trainer.model.state_dict()
     for k in p0:

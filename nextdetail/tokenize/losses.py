@@ -55,7 +55,12 @@ def build_lpips(net: str = "alex", backbone: str = "pretrained") -> nn.Module:
         torch.manual_seed(0)
         model = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
     if backbone == "pretrained":
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from ..runs import RunError, load_checkpoint
+
+        try:
+            state = load_checkpoint(path, what="torchvision state dict")
+        except RunError as e:
+            raise LPIPSWeightsError(f"LPIPS backbone weights: {e}") from None
         # lpips keeps torchvision's `features.<i>` layers as `slice<j>.<i>`.
         own = model.net.state_dict()
         mapped = {name: state["features." + name.split(".", 1)[1]] for name in own}

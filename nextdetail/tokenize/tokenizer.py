@@ -11,7 +11,6 @@ decoder use); `forward` returns the reconstruction in model space for the traini
 """
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -140,12 +139,14 @@ class Tokenizer(nn.Module):
 def read_checkpoint(path, map_location="cpu"):
     """(checkpoint dict, TokenizerConfig) of a `train-tokenizer` checkpoint; CheckpointError
     (one line naming the file) when it is unreadable or not one."""
+    from ..runs import RunError, load_checkpoint
+
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        ckpt = load_checkpoint(path, map_location, what="nextdetail tokenizer checkpoint")
+    except RunError as e:
+        raise CheckpointError(str(e)) from None
+    if "config" not in ckpt or "model" not in ckpt or not isinstance(ckpt["config"], dict):
         raise CheckpointError(f"{path}: not a nextdetail tokenizer checkpoint")
     try:
         config = TokenizerConfig.from_dict(ckpt["config"]["tokenizer"]).validate()

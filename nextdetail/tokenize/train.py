@@ -23,7 +23,8 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..runs import LOG, PLOT, RunError, checkpoint_name, checkpoints, read_log, save_checkpoint, truncate_log
+from ..runs import (LOG, PLOT, RunError, checkpoint_name, checkpoints, load_checkpoint, read_log, save_checkpoint,
+                    truncate_log)
 from .config import TokenizerConfig
 from .losses import PatchDiscriminator, build_lpips, hinge_d_loss, hinge_g_loss
 from .tokenizer import Tokenizer, to_model
@@ -57,6 +58,12 @@ class TrainConfig:
     ckpt_every: int = 500
     seed: int = 0
     device: str = "cpu"
+
+    def __post_init__(self):
+        # Paths as str: the config is saved in checkpoints, which hold plain data only.
+        for name in ("data", "out"):
+            object.__setattr__(self, name, str(getattr(self, name)))
+        object.__setattr__(self, "betas", tuple(self.betas))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -180,9 +187,9 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     step = 0
     if found:
         try:
-            ckpt = torch.load(found[-1], map_location=device, weights_only=False)
-        except Exception as e:  # torch raises several types for a truncated or foreign file
-            raise TrainError(f"{found[-1]}: cannot read checkpoint ({e}); delete it to resume from the one before") from None
+            ckpt = load_checkpoint(found[-1], device, what="train-tokenizer checkpoint")
+        except RunError as e:
+            raise TrainError(f"{e}; delete it to resume from the one before") from None
         saved = TrainConfig(**{**ckpt["config"], "tokenizer": TokenizerConfig.from_dict(ckpt["config"]["tokenizer"]),
                                "betas": tuple(ckpt["config"]["betas"])})
         diff = saved.differences(cfg)

@@ -225,18 +225,18 @@ class Run:
 def load_run(run, tokenizer=None, device="cpu") -> Run:
     """The latest checkpoint of a training run folder (or a checkpoint file) and its tokenizer
     (the recorded checkpoint, or `tokenizer`: a run folder or checkpoint with the same sha256)."""
-    from ..runs import RunError, latest_checkpoint
+    from ..runs import RunError, latest_checkpoint, load_checkpoint
     from .tokens import file_sha256
 
     try:
         path = latest_checkpoint(run)
+        ck = load_checkpoint(path, device, what="`nextdetail train` checkpoint")
     except RunError as e:
         raise SampleError(f"{e} (a `nextdetail train` run)") from None
     try:
-        ck = torch.load(path, map_location=device, weights_only=False)
         mcfg = TransformerConfig.from_dict(ck["model_config"])
-    except Exception as e:  # truncated file, foreign pickle, missing keys
-        raise SampleError(f"{path}: not a readable `nextdetail train` checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # missing keys, wrong types
+        raise SampleError(f"{path}: not a `nextdetail train` checkpoint ({type(e).__name__}: {e})") from None
     model = NextDetailTransformer(mcfg).to(device)
     model.load_state_dict(ck["model"])
     model.eval()

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..runs import (LOG, PLOT, RunError, checkpoint_name, checkpoints, latest_checkpoint, read_log,
-                    save_checkpoint, truncate_log)
+from ..runs import (LOG, PLOT, RunError, checkpoint_name, checkpoints, latest_checkpoint, load_checkpoint,
+                    read_log, save_checkpoint, truncate_log)
 from .inputs import load_quantizer, teacher_inputs
 from .model import NextDetailTransformer, TransformerConfig
 
@@ -84,6 +84,8 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(self.betas))
+        for name in ("tokens", "tokenizer", "out"):      # plain str: checkpoints hold plain data only
+            object.__setattr__(self, name, str(getattr(self, name)))
         for name in ("depth", "width", "heads", "steps", "batch_size", "ckpt_every", "val_every",
                      "val_batches"):
             if getattr(self, name) < 1:
@@ -284,9 +286,9 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         try:
-            ckpt = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as e:  # torch raises several types for a truncated or foreign file
-            raise TrainError(f"{path}: cannot read checkpoint ({e}); delete it to resume from the one before") from None
+            ckpt = load_checkpoint(path, self.device, what="`nextdetail train` checkpoint")
+        except RunError as e:
+            raise TrainError(f"{e}; delete it to resume from the one before") from None
         saved = TrainConfig.from_dict(ckpt["config"])
         diff = saved.differences(self.cfg)
         if diff:
