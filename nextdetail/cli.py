@@ -17,7 +17,7 @@ per subcommand; `main` only parses and dispatches.
 Exit status: 0 all images done, 1 some input failed, 2 usage or parameter error;
 decompose-dataset also 3: the job did not finish (the store is resumable); train-tokenizer
 0 trained, 2 usage/parameter/store/run-folder error, 3 training failed (non-finite loss, I/O);
-eval-tokenizer 0 done, 2 usage, store or checkpoint error; export-tokens 0 done, 2 usage, store
+eval-tokenizer 0 done, 2 usage, store or checkpoint error; export-tokens 0 done, 1 blocks given up on, 2 usage, store
 or checkpoint error, 3 the export did not finish (rerun to resume); train 0 trained, 2 usage,
 parameter, token store or run-folder error, 3 training failed; sample 0 done, 2 usage, run or
 tokenizer error.
@@ -42,7 +42,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from . import __version__
 from .decomp import ATParams, Decomposition, decompose
 from .decomp.at import BACKENDS, resolve_backend
-from .imageio import ImageError, list_images, load_image, save_png
+from .imageio import DEFAULT_MAX_PIXELS, FolderError, ImageError, list_images, load_image, save_png
+from .pipelines.attempts import DEFAULT_MAX_ATTEMPTS
 from .viz import contact_sheet, detail_scale, detail_to_uint8, edges_to_uint8
 
 log = logging.getLogger(__name__)
@@ -282,7 +283,11 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     except ParameterError as e:
         print(f"{PROG} decompose: error: {e}", file=sys.stderr)
         return 2
-    paths = list_images(args.inputs)
+    try:
+        paths = list_images(args.inputs)
+    except FolderError as e:
+        print(f"{PROG} decompose: error: {e}", file=sys.stderr)
+        return 2
     if not paths:
         print(f"{PROG} decompose: error: no image files in {' '.join(args.inputs)}", file=sys.stderr)
         return 1
@@ -323,9 +328,19 @@ def add_decompose_dataset(sub: argparse._SubParsersAction) -> None:
                    help="auto = cupy on GPU workers, else numba")
     add_ray_arguments(p, "actors in the pool")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per solver call (default 8)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="P",
+                   help="an image whose header declares more pixels is an error row, never decoded "
+                        f"(decompression bombs; default {DEFAULT_MAX_PIXELS:,})")
+    add_max_attempts(p, "an image")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a store made with other parameters or from other images")
     p.set_defaults(func=cmd_decompose_dataset)
+
+
+def add_max_attempts(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--max-attempts", type=int, default=DEFAULT_MAX_ATTEMPTS, metavar="K",
+                   help=f"{what} whose worker process died K times is given up on, so that the job ends "
+                        f"(default {DEFAULT_MAX_ATTEMPTS})")
 
 
 class JobProgress:
@@ -403,7 +418,8 @@ def cmd_decompose_dataset(args: argparse.Namespace) -> int:
         cfg = JobConfig(src=args.src, out=args.out, size=args.size, order=args.order,
                         params=at_params(args), backend=args.backend, address=args.address,
                         workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                        batch_size=args.batch_size, overwrite=args.overwrite)
+                        batch_size=args.batch_size, overwrite=args.overwrite, max_pixels=args.max_pixels,
+                        max_attempts=args.max_attempts)
     except (ParameterError, ConfigError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
@@ -574,9 +590,10 @@ def add_export_tokens(sub: argparse._SubParsersAction) -> None:
                     "the tokenizer of RUN (its latest checkpoint, or a checkpoint file) into "
                     "TOKENS/tokens.bin (uint16 (N, L), maps in generation order), TOKENS/index.parquet "
                     "and TOKENS/meta.json (written last), with a local Ray or a Ray cluster. Rerunning "
-                    "the same command resumes from the finished blocks. Exit status: 0 done, 2 usage, "
-                    "store or checkpoint error, 3 the export did not finish (rerun to resume), 130 "
-                    "interrupted (rerun to resume).")
+                    "the same command resumes from the finished blocks. Exit status: 0 done, 1 some "
+                    "blocks were given up on after --max-attempts worker deaths (the rest is kept, "
+                    "the token store is not finished; rerun), 2 usage, store or checkpoint error, 3 the "
+                    "export did not finish (rerun to resume), 130 interrupted (rerun to resume).")
     p.add_argument("--data", required=True, type=Path, metavar="STORE", help="decomposition store")
     p.add_argument("--tokenizer", required=True, type=Path, metavar="RUN",
                    help="tokenizer run folder (latest checkpoint) or checkpoint file")
@@ -587,6 +604,7 @@ def add_export_tokens(sub: argparse._SubParsersAction) -> None:
                    help="images per part file, the unit of work and of resume (default 512)")
     p.add_argument("--shard-rows", type=int, default=None, metavar="R",
                    help="keep fixed-size shard files of R rows instead of one tokens.bin (multi-node)")
+    add_max_attempts(p, "a block")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a token store exported from another store or tokenizer")
     p.set_defaults(func=cmd_export_tokens)
@@ -601,7 +619,7 @@ def cmd_export_tokens(args: argparse.Namespace) -> int:
         cfg = ExportConfig(data=args.data, tokenizer=args.tokenizer, out=args.out, address=args.address,
                            workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                            batch_size=args.batch_size, block_rows=args.block_rows,
-                           shard_rows=args.shard_rows, overwrite=args.overwrite)
+                           shard_rows=args.shard_rows, overwrite=args.overwrite, max_attempts=args.max_attempts)
     except ConfigError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
@@ -610,7 +628,7 @@ def cmd_export_tokens(args: argparse.Namespace) -> int:
     if report is None:
         return status
     print(report.summary())
-    return 0
+    return 1 if report.failed else 0
 
 
 # --------------------------------------------------------------------------- train

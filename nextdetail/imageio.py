@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, List, Optional, Union
 
@@ -24,8 +26,17 @@ IMAGE_EXTENSIONS = frozenset({
     ".ppm", ".pgm", ".pbm", ".pnm", ".tga",
 })
 
+# Images with more pixels than this (width x height, from the header) are refused before they
+# are decoded: a small file can declare a huge canvas (a decompression bomb). PIL's own limit
+# (it warns above it and refuses at twice it); 268 MB as 8-bit RGB.
+DEFAULT_MAX_PIXELS = 89_478_485
+
 # Integer modes with more than 8 bits per sample; PIL's convert("L") would clip them at 255.
 _HIGH_BIT_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+class FolderError(ValueError):
+    """A folder that cannot be walked (a symlink cycle); str is one line naming the link."""
 
 
 class ImageError(ValueError):
@@ -89,14 +100,20 @@ def _normalized_pil(img: Image.Image, path: PathLike) -> Image.Image:
         raise ImageError(path, f"cannot convert pixel mode {mode} to RGB ({e})") from None
 
 
-def _open_upright(path: Path) -> Image.Image:
+def _open_upright(path: Path, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open, fully decode and EXIF-rotate one image; any failure becomes an ImageError."""
     if not path.exists():
         raise ImageError(path, "no such file")
     if path.is_dir():
         raise ImageError(path, "is a directory, not an image file")
+    # PIL refuses (at open) images over twice its MAX_IMAGE_PIXELS; ours is the limit that counts.
+    limit = max_pixels if max_pixels is not None else 2 * Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as im:
+        with _pil_limit(limit), Image.open(path) as im:
+            w, h = im.size
+            if w * h > limit:
+                raise ImageError(path, f"{w} x {h} = {w * h:,} pixels is over the limit of {limit:,} "
+                                       f"(a decompression bomb?); not decoded (--max-pixels)")
             # Image.open only parses the header; load() decodes the pixels, which is where
             # truncated files fail (ImageFile.LOAD_TRUNCATED_IMAGES is deliberately left False).
             im.load()
@@ -104,23 +121,43 @@ def _open_upright(path: Path) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError(path, "not an image (format not recognised)") from None
     except Image.DecompressionBombError as e:
-        raise ImageError(path, str(e)) from None
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)):,} pixels" if found else "its size"
+        raise ImageError(path, f"{size} is over the limit of {limit:,} (a decompression bomb?); "
+                               "not decoded (--max-pixels)") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         # PIL reports broken streams as OSError ("image file is truncated"), SyntaxError
         # ("broken PNG file"), ValueError or struct.error, depending on the format.
         raise ImageError(path, f"corrupt or truncated image ({e or type(e).__name__})") from None
 
 
-def load_image_pil(path: PathLike, size: Optional[int] = None) -> Image.Image:
+@contextmanager
+def _pil_limit(limit: int):
+    """Let PIL open what `limit` allows (PIL warns above its MAX_IMAGE_PIXELS and refuses at
+    twice it); restored after. Image reading is single-threaded in every worker."""
+    default = Image.MAX_IMAGE_PIXELS
+    if default is None or limit <= default:
+        yield
+        return
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = default
+
+
+def load_image_pil(path: PathLike, size: Optional[int] = None,
+                   max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Image.Image:
     """`load_image` stopping short of numpy: an "RGB" or (grey, > 8-bit source) "F" image."""
     path = Path(path)
-    img = _normalized_pil(_open_upright(path), path)
+    img = _normalized_pil(_open_upright(path, max_pixels), path)
     if size is not None:
         img = resize_center_crop(img, size)
     return img
 
 
-def load_image(path: PathLike, size: Optional[int] = None) -> np.ndarray:
+def load_image(path: PathLike, size: Optional[int] = None,
+               max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read an image file as float32 RGB in [0, 1], shape (H, W, 3) (or (size, size, 3)).
 
     - Grey (1, L) and 16-bit grey (I, I;16 - e.g. 16-bit PNG) are replicated to three
@@ -132,11 +169,13 @@ def load_image(path: PathLike, size: Optional[int] = None) -> np.ndarray:
     - The EXIF orientation tag is applied, so the array is upright as viewers show it.
     - size: if given, shorter side scaled to `size` (Lanczos) and the center size x size
       cropped, see `resize_center_crop`.
+    - max_pixels: an image whose header declares more pixels is refused undecoded (None: no
+      limit of ours; PIL still refuses above 2 x its MAX_IMAGE_PIXELS).
 
     Raises ImageError (a ValueError; str is "<path>: <reason>") for a missing file, a file
-    that is not an image, or a truncated/corrupt one.
+    that is not an image, a truncated/corrupt one, or one over max_pixels.
     """
-    img = load_image_pil(path, size)
+    img = load_image_pil(path, size, max_pixels)
     if img.mode == "F":
         grey = np.asarray(img, dtype=np.float32)
         # Lanczos overshoots near sharp edges; 8-bit images are clipped by PIL itself.
@@ -150,20 +189,18 @@ def list_images(inputs: Iterable[PathLike]) -> List[Path]:
 
     A folder is walked recursively for files whose suffix is in IMAGE_EXTENSIONS (any case),
     skipping hidden files and folders (names starting with "."), sorted by their path
-    relative to the folder, so the order is the same on every machine. Anything else -
-    a file of any extension, or a path that does not exist - passes through as given, so
-    that it fails visibly when loaded instead of vanishing. A path met twice is kept once
-    (the first time).
+    relative to the folder, so the order is the same on every machine. Symlinked folders and
+    files are followed (ImageNet subsets are usually built from links); a link back to one
+    of its own ancestors raises FolderError. Anything else - a file of any extension, or a
+    path that does not exist - passes through as given, so that it fails visibly when loaded
+    instead of vanishing. A path met twice is kept once (the first time).
     """
     out: List[Path] = []
     seen = set()
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = [f for f in p.rglob("*")
-                     if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                     and not any(part.startswith(".") for part in f.relative_to(p).parts)]
-            found.sort(key=lambda f: f.relative_to(p).as_posix())
+            found = _walk_images(p)
             if not found:
                 log.warning("%s: folder holds no image files", p)
         else:
@@ -174,6 +211,50 @@ def list_images(inputs: Iterable[PathLike]) -> List[Path]:
                 seen.add(key)
                 out.append(f)
     return out
+
+
+def _walk_images(root: Path) -> List[Path]:
+    """Image files under root, following symlinks, sorted by relative path. Each folder's
+    (device, inode) is checked against its ancestors': a link to an ancestor is a cycle, which
+    os.walk(followlinks=True) would follow forever. Two links to one folder are not a cycle
+    (its files are listed under both names, as torchvision's ImageFolder does)."""
+    found: List[tuple] = []
+    st = root.stat()
+    stack = [(root, "", ((st.st_dev, st.st_ino),))]
+    while stack:
+        folder, rel, ancestors = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as e:
+            log.warning("%s: cannot list folder (%s)", folder, e.strerror or e)
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = folder / entry.name
+            sub = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                is_dir = entry.is_dir()               # follows symlinks
+            except OSError:
+                is_dir = False
+            if is_dir:
+                st = path.stat()
+                key = (st.st_dev, st.st_ino)
+                if key in ancestors:
+                    raise FolderError(f"symlink cycle: {path} leads back to {os.path.realpath(path)}, "
+                                      "a folder that contains it")
+                stack.append((path, sub, ancestors + (key,)))
+            elif entry.name.rsplit(".", 1)[-1].lower() in _SUFFIXES and "." in entry.name:
+                try:
+                    if entry.is_file():               # follows symlinks; a dangling link is skipped
+                        found.append((sub, path))
+                except OSError:
+                    pass
+    found.sort(key=lambda t: t[0])
+    return [path for _, path in found]
+
+
+_SUFFIXES = frozenset(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
 
 def to_uint8(array: np.ndarray) -> np.ndarray:

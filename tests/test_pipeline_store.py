@@ -54,7 +54,7 @@ def test_worker_writes_whole_chunks_idempotently_and_reader_round_trips(tmp_path
     w2 = DecomposeWorker(str(store), PARAMS.to_dict(), run=plan.run, read_size=SIZE)
     w2(batch_of(src[:4]))
     assert tree_bytes(store / LAYERS) == first
-    assert [p.name for p in (store / PARTS / "run-0001").iterdir()] == ["part-000000000.parquet"]
+    assert [p.name for p in (store / PARTS / "run-0001").glob("part-*")] == ["part-000000000.parquet"]
     # Chunks are one image each: image 3 failed, so its chunk was never written.
     chunk_files = {p.relative_to(store / LAYERS / "c").parts[0] for p in (store / LAYERS / "c").rglob("*") if p.is_file()}
     assert chunk_files == {"0", "1", "2"}

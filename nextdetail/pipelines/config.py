@@ -7,6 +7,8 @@ from typing import List, Optional
 
 from ..decomp import ATParams
 from ..decomp.at import BACKENDS
+from ..imageio import DEFAULT_MAX_PIXELS
+from .attempts import DEFAULT_MAX_ATTEMPTS
 
 
 class ConfigError(ValueError):
@@ -78,6 +80,10 @@ class JobConfig:
     batch_size      : images per solver call (and per manifest part file).
     overwrite       : replace an existing store made with other parameters or sources.
     num_cpus        : logical CPUs of the local Ray (None: max(os.cpu_count(), workers)).
+    max_pixels      : an image with more pixels (width x height, read from its header) is an
+                      error row, never decoded: decompression bombs cannot exhaust memory.
+    max_attempts    : an image that killed its worker process this many times is an error row
+                      (Ray would otherwise retry it forever).
     """
 
     src: Path
@@ -93,6 +99,8 @@ class JobConfig:
     overwrite: bool = False
     num_cpus: Optional[int] = None
     method: str = "base_detail"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
     def __post_init__(self):
         object.__setattr__(self, "src", Path(self.src))
@@ -114,6 +122,10 @@ class JobConfig:
             raise ConfigError(f"--batch-size must be an integer >= 1, got {self.batch_size!r}")
         if self.num_cpus is not None and (int(self.num_cpus) != self.num_cpus or self.num_cpus < 1):
             raise ConfigError(f"num_cpus must be an integer >= 1, got {self.num_cpus!r}")
+        for name in ("max_pixels", "max_attempts"):
+            v = getattr(self, name)
+            if int(v) != v or v < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
         if self.num_cpus is not None and self.address is not None:
             raise ConfigError("num_cpus applies to the local Ray only; a cluster has its own")
 

@@ -19,11 +19,12 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
 from ..train.tokens import DTYPE
+from .attempts import DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
 from .writer import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,16 @@ log = logging.getLogger(__name__)
 PARTS = "_parts"
 
 
+ATTEMPTS = "attempts"       # _parts/attempts/block-<b>.log: journals of blocks in flight
+
+
 def part_path(out: Path, block: int) -> Path:
     return Path(out) / PARTS / f"block-{block:06d}.bin"
+
+
+def failed_path(out: Path, block: int) -> Path:
+    """A block given up on after --max-attempts deaths of its worker (JSON: block, lo, hi, reason)."""
+    return Path(out) / PARTS / f"block-{block:06d}.failed"
 
 
 def flatten_maps(maps_M: List["torch.Tensor"]) -> np.ndarray:  # noqa: F821
@@ -83,7 +92,8 @@ class EncodeWorker:
     batch_size  : images read from the store at a time (the tokens do not depend on it).
     """
 
-    def __init__(self, store: str, checkpoint: str, out: str, batch_size: int = 32):
+    def __init__(self, store: str, checkpoint: str, out: str, batch_size: int = 32,
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, crash_on: Optional[str] = None):
         import torch
 
         from ..tokenize import Tokenizer
@@ -97,6 +107,7 @@ class EncodeWorker:
         self.size, self.n_bases = self.tok.config.image_size, self.tok.needs_bases
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.numerics = json.dumps(numerics(self.device), sort_keys=True)
+        self.max_attempts, self.crash_on = int(max_attempts), crash_on
 
     def encode_rows(self, lo: int, hi: int) -> np.ndarray:
         """uint16 (hi - lo, L): token rows of the store's ok images lo .. hi-1 (centre crops)."""
@@ -107,6 +118,8 @@ class EncodeWorker:
         s, o = self.size, (self.store.size - self.size) // 2
         rows = []
         for a in range(lo, hi, self.batch_size):
+            for i in range(a, min(hi, a + self.batch_size)):
+                maybe_crash(self.store.id(i), self.crash_on)
             layers = np.stack([self.store.layers(i)[:, :, o:o + s, o:o + s]
                                for i in range(a, min(hi, a + self.batch_size))])
             x = torch.from_numpy(layers.astype(np.float32)).to(self.device)
@@ -115,13 +128,26 @@ class EncodeWorker:
         return np.concatenate(rows) if rows else np.zeros((0, 0), DTYPE)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        out = {"block": [], "rows": [], "seconds": [], "host": [], "numerics": []}
+        out = {"block": [], "rows": [], "failed": [], "seconds": [], "host": [], "numerics": []}
         for block, lo, hi in zip(batch["block"], batch["lo"], batch["hi"]):
+            block, lo, hi = int(block), int(lo), int(hi)
             t0 = time.perf_counter()
-            rows = self.encode_rows(int(lo), int(hi))
-            write_bytes_atomic(part_path(self.out, int(block)), rows.tobytes())
-            out["block"].append(int(block))
-            out["rows"].append(int(hi) - int(lo))
+            journal = AttemptJournal(self.out / PARTS / ATTEMPTS / f"block-{block:06d}.log")
+            deaths = journal.deaths("encode")
+            if deaths >= self.max_attempts:
+                # Given up: recorded for the driver, which finishes every other block and
+                # leaves the token store unfinished (exit status 1); a rerun tries again.
+                reason = died_message(f"encoding block {block}", deaths, self.max_attempts)
+                write_bytes_atomic(failed_path(self.out, block), json.dumps(
+                    {"block": block, "lo": lo, "hi": hi, "reason": reason}).encode())
+            else:
+                with journal.attempt("encode"):
+                    rows = self.encode_rows(lo, hi)
+                write_bytes_atomic(part_path(self.out, block), rows.tobytes())
+            journal.drop()
+            out["block"].append(block)
+            out["rows"].append(hi - lo)
+            out["failed"].append(deaths >= self.max_attempts)
             out["seconds"].append(time.perf_counter() - t0)
             out["host"].append(self.host)
             out["numerics"].append(self.numerics)

@@ -29,7 +29,8 @@ from .. import __version__
 from ..train.tokens import (DTYPE, FORMAT, FORMAT_VERSION, INDEX, MAX_VOCAB, META, SHARDS, TOKENS,
                             file_sha256, map_offsets, shard_name)
 from .config import ConfigError
-from .encode_worker import PARTS, EncodeWorker, part_path
+from .attempts import DEFAULT_MAX_ATTEMPTS, crash_hook
+from .encode_worker import ATTEMPTS, PARTS, EncodeWorker, failed_path, part_path
 from .job import JobError, connect, job_failures
 from .store import DecompositionStore, StoreError
 from .writer import write_bytes_atomic, write_table_atomic
@@ -57,6 +58,8 @@ class ExportConfig:
                       friendly, no final copy); the blocks are then R rows.
     overwrite       : replace a token store exported from another store or tokenizer.
     num_cpus        : logical CPUs of the local Ray (None: the machine's).
+    max_attempts    : a block whose worker process died this many times is given up on: the
+                      other blocks finish, the store stays unfinished (exit status 1).
     """
 
     data: Path
@@ -70,11 +73,12 @@ class ExportConfig:
     shard_rows: Optional[int] = None
     overwrite: bool = False
     num_cpus: Optional[int] = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
     def __post_init__(self):
         for name in ("data", "tokenizer", "out"):
             object.__setattr__(self, name, Path(getattr(self, name)))
-        for name in ("batch_size", "block_rows"):
+        for name in ("batch_size", "block_rows", "max_attempts"):
             v = getattr(self, name)
             if int(v) != v or v < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
@@ -113,6 +117,7 @@ class ExportReport:
     seconds: float = 0.0
     startup_seconds: float = 0.0
     processing_seconds: float = 0.0
+    failed: List[dict] = field(default_factory=list)   # blocks given up on: {block, lo, hi, reason}
 
     @property
     def rate(self) -> float:
@@ -120,10 +125,15 @@ class ExportReport:
 
     def summary(self) -> str:
         skipped = f" ({self.skipped} already done)" if self.skipped else ""
+        failed = ""
+        if self.failed:
+            f = self.failed[0]
+            failed = (f"; {len(self.failed)} blocks FAILED (e.g. block {f['block']}, rows {f['lo']}..{f['hi'] - 1}: "
+                      f"{f['reason']}): token store NOT finished, the rest is kept; fix and rerun")
         return (f"{self.rows} images x {self.tokens_per_row} tokens in {self.blocks} blocks{skipped}; "
                 f"encoded {self.encoded} in {self.processing_seconds:.1f} s = {self.rate:.1f} images/s on "
                 f"{self.workers} {self.device} workers; Ray start-up {self.startup_seconds:.1f} s, total "
-                f"{self.seconds:.1f} s; token store {self.out}")
+                f"{self.seconds:.1f} s; token store {self.out}{failed}")
 
 
 # ----------------------------------------------------------------------------- plan
@@ -236,6 +246,10 @@ def prepare(plan: ExportPlan) -> int:
     else:
         parts.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(parts / PLAN, json.dumps(key).encode())
+    # Blocks given up on by an earlier run are tried again, with fresh attempt counts.
+    for b, _, _ in plan.blocks:
+        failed_path(out, b).unlink(missing_ok=True)
+    shutil.rmtree(parts / ATTEMPTS, ignore_errors=True)
     plan.todo = [b for b in plan.blocks if not _block_done(out, plan, b)]
     return sum(hi - lo for b, lo, hi in plan.blocks) - sum(hi - lo for b, lo, hi in plan.todo)
 
@@ -248,6 +262,16 @@ def _differs(old, new) -> str:
              "sharded": "another --shard-rows", "L": "another token layout", "N": "another number of images"}
     diffs = [names[k] for k in names if old.get(k) != new.get(k)]
     return ", ".join(diffs) or "another plan"
+
+
+def failed_blocks(plan: ExportPlan) -> List[dict]:
+    """The blocks this run gave up on (their worker died --max-attempts times), in order."""
+    out = []
+    for b, _, _ in plan.blocks:
+        p = failed_path(plan.cfg.out, b)
+        if p.is_file():
+            out.append(json.loads(p.read_text()))
+    return out
 
 
 def finish(plan: ExportPlan) -> None:
@@ -346,7 +370,8 @@ def _dataset(plan: ExportPlan, gpus: float, workers: int):
         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
         num_cpus=1, num_gpus=gpus or None,
         fn_constructor_kwargs={"store": str(plan.store.path.resolve()), "checkpoint": str(plan.checkpoint.resolve()),
-                               "out": str(plan.cfg.out.resolve()), "batch_size": plan.cfg.batch_size})
+                               "out": str(plan.cfg.out.resolve()), "batch_size": plan.cfg.batch_size,
+                               "max_attempts": plan.cfg.max_attempts, "crash_on": crash_hook()})
 
 
 def run_export(cfg: ExportConfig, progress: Optional[ExportProgress] = None) -> ExportReport:
@@ -373,7 +398,7 @@ def run_export(cfg: ExportConfig, progress: Optional[ExportProgress] = None) -> 
             with job_failures("export", "token store", progress):
                 for batch in _dataset(plan, gpus, workers).iter_batches(batch_size=None, batch_format="numpy"):
                     rows = int(np.sum(batch["rows"]))
-                    report.encoded += rows
+                    report.encoded += int(np.sum(np.asarray(batch["rows"])[~np.asarray(batch["failed"], bool)]))
                     plan.saw(batch)
                     if t_first is None:
                         t_first = time.time() - float(np.max(batch["seconds"]))
@@ -382,6 +407,10 @@ def run_export(cfg: ExportConfig, progress: Optional[ExportProgress] = None) -> 
             if t_first is not None:
                 report.startup_seconds = max(0.0, t_first - t_connected)
                 report.processing_seconds = max(1e-9, time.time() - t_first)
+        report.failed = failed_blocks(plan)
+        if report.failed:
+            report.seconds = time.perf_counter() - t_begin
+            return report
         missing = [b for b in plan.blocks if not _block_done(cfg.out, plan, b)]
         if missing:
             raise JobError(f"{len(missing)} blocks have no part file after the run (e.g. block {missing[0][0]}); "
@@ -409,15 +438,18 @@ def export_in_process(cfg: ExportConfig) -> ExportReport:
 
         threads = torch.get_num_threads()       # the worker pins 1 thread; give the caller its own back
         try:
-            worker = EncodeWorker(str(plan.store.path), str(plan.checkpoint), str(cfg.out), cfg.batch_size)
+            worker = EncodeWorker(str(plan.store.path), str(plan.checkpoint), str(cfg.out), cfg.batch_size,
+                                  cfg.max_attempts)
             t1 = time.perf_counter()
             for b, lo, hi in plan.todo:
-                plan.saw(worker({"block": [b], "lo": [lo], "hi": [hi]}))
-                report.encoded += hi - lo
+                done = worker({"block": [b], "lo": [lo], "hi": [hi]})
+                plan.saw(done)
+                report.encoded += 0 if done["failed"][0] else hi - lo
             report.processing_seconds = time.perf_counter() - t1
         finally:
             torch.set_num_threads(threads)
-    if plan.todo or not (cfg.out / META).is_file():
+    report.failed = failed_blocks(plan)
+    if not report.failed and (plan.todo or not (cfg.out / META).is_file()):
         finish(plan)
     report.seconds = time.perf_counter() - t0
     return report

@@ -19,10 +19,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import List, Optional, Protocol
 
+from .attempts import crash_hook
 from .config import ConfigError, JobConfig
 from .sources import list_sources
-from .store import STATUS_ERROR, StoreError
-from .worker import T_END, T_START, DecomposeWorker, read_batch
+from .store import PARTS, STATUS_ERROR, StoreError
+from .worker import ATTEMPTS, T_END, T_START, DecomposeWorker, read_batch
 from .writer import StorePlan, check_store, finish_store, prepare_store
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,13 @@ def _dataset(plan: StorePlan, cfg: JobConfig, gpus: float, workers: int):
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     if gpus:
         # GPU actors should not spend their time decoding: CPU tasks read ahead of them.
-        ds = ds.map_batches(read_batch, batch_size=cfg.batch_size, fn_kwargs={"size": plan.params.size},
-                            batch_format="numpy", num_cpus=1)
+        # max_retries=-1: a read task whose process died is retried until its journal (in
+        # the store's _parts) says an image killed it --max-attempts times: an error row.
+        ds = ds.map_batches(read_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1,
+                            max_retries=-1,
+                            fn_kwargs={"size": plan.params.size, "max_pixels": cfg.max_pixels,
+                                       "journal": str((plan.path / PARTS / f"run-{plan.run:04d}" / ATTEMPTS).resolve()),
+                                       "max_attempts": cfg.max_attempts, "crash_on": crash_hook()})
     # CPU actors read their own batches (read_size): the pixels stay in the process that
     # decodes them, and no read task competes with the actors for the CPUs. (A separate
     # read stage is not fused into the actors here, and on a 2-CPU machine its tasks wait
@@ -154,12 +160,14 @@ def _dataset(plan: StorePlan, cfg: JobConfig, gpus: float, workers: int):
         # A small queue per actor: enough to keep it busy, few enough that the last
         # batches do not wait behind one actor while another idles.
         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
-        # Ray Data restarts a dead actor and retries its batch (its default, max_restarts
-        # = max_task_retries = -1); limiting that needs the deprecated ray_remote_args.
+        # Ray Data restarts a dead actor and retries its batch without limit (max_restarts =
+        # max_task_retries = -1); the worker's attempt journal makes an image that killed the
+        # process --max-attempts times an error row, so the retries end (pipelines/attempts.py).
         num_cpus=1, num_gpus=gpus or None,
         fn_constructor_kwargs={"store": str(plan.path.resolve()), "params": plan.params.to_dict(),
                                "run": plan.run, "threads": 1,
-                               "read_size": None if gpus else plan.params.size})
+                               "read_size": None if gpus else plan.params.size, "max_pixels": cfg.max_pixels,
+                               "max_attempts": cfg.max_attempts, "crash_on": crash_hook()})
 
 
 def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from ..imageio import list_images
+from ..imageio import FolderError, list_images
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,11 @@ def _from_folder(src: Path) -> list:
     classes = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
     label_of = {name: k for k, name in enumerate(classes)}
     items = []
-    for path in list_images([src]):
+    try:
+        paths = list_images([src])
+    except FolderError as e:
+        raise SourceError(src, str(e)) from None
+    for path in paths:
         rel = path.relative_to(src)
         cls = rel.parts[0] if len(rel.parts) > 1 else None
         items.append((rel.as_posix(), os.path.abspath(path), label_of.get(cls, NO_LABEL), cls))

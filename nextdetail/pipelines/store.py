@@ -183,6 +183,10 @@ class DecompositionStore:
             raise IndexError(f"image {i} out of range for a store of {n} ok images")
         return int(self.ok_indices[i])
 
+    def id(self, i: int) -> str:
+        """The id (path relative to SRC, or as listed) of ok image i."""
+        return str(self._ids[self._row(i)])
+
     def layers(self, i: int) -> np.ndarray:
         """The stored float16 (n+1, 3, H, W) of ok image i, generation order."""
         return np.asarray(self._layers()[self._row(i)])

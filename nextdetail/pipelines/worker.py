@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -17,34 +18,55 @@ import numpy as np
 
 from ..decomp import decompose
 from ..imageio import ImageError, load_image
+from .attempts import DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
 from .config import StoreParams
 from .store import LAYERS, STATUS_ERROR, STATUS_OK, manifest_schema
 from .writer import write_table_atomic
 
 log = logging.getLogger(__name__)
 
+ATTEMPTS = "attempts"      # _parts/run-R/attempts/: the journals of batches in flight
+
 # Extra columns a worker returns to the driver (not stored): wall-clock start and end of
 # its batch, so the driver can tell start-up time from processing time.
 T_START, T_END = "_t_start", "_t_end"
 
 
-def read_batch(batch: Dict[str, np.ndarray], size: int) -> Dict[str, np.ndarray]:
+def read_batch(batch: Dict[str, np.ndarray], size: int, max_pixels: Optional[int] = None,
+               journal=None, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+               crash_on: Optional[str] = None) -> Dict[str, np.ndarray]:
     """{index, id, path, label, class_name} -> the same plus image (B, size, size, 3) float32,
-    error ('' when read), read_seconds, and the batch's wall-clock start."""
+    error ('' when read), read_seconds, and the batch's wall-clock start.
+
+    journal: an AttemptJournal (or the folder for one, in the GPU path's read tasks): an image
+    whose reads killed the process max_attempts times becomes an error, not another attempt.
+    """
     t_start = time.time()
     n = len(batch["index"])
+    own = journal is not None and not isinstance(journal, AttemptJournal)
+    if own:
+        journal = AttemptJournal(Path(journal) / f"read-{int(np.min(batch['index'])):09d}.log")
     images = np.zeros((n, size, size, 3), np.float32)
     errors, seconds = [], np.zeros(n)
-    for j, path in enumerate(batch["path"]):
+    for j, (i, path) in enumerate(zip(batch["index"], batch["path"])):
         t0 = time.perf_counter()
+        item = f"read:{int(i)}"
+        deaths = journal.deaths(item) if journal is not None else 0
+        if deaths >= max_attempts:
+            errors.append(died_message("reading this image", deaths, max_attempts))
+            continue
         try:
-            images[j] = load_image(str(path), size)
+            with journal.attempt(item) if journal is not None else nullcontext():
+                maybe_crash(path, crash_on)
+                images[j] = load_image(str(path), size, max_pixels=max_pixels)
             errors.append("")
         except ImageError as e:
             errors.append(e.reason)
         except Exception as e:  # noqa: BLE001 - one bad file must not stop the dataset
             errors.append(f"cannot read ({type(e).__name__}: {e})")
         seconds[j] = time.perf_counter() - t0
+    if own:
+        journal.drop()          # read: what follows (the solve) is journaled by the actor
     out = dict(batch)
     out.update(image=images, error=np.asarray(errors, object), read_seconds=seconds)
     out[T_START] = np.full(n, t_start)
@@ -71,11 +93,13 @@ class DecomposeWorker:
     """
 
     def __init__(self, store: str, params: dict, run: int, threads: int = 1,
-                 read_size: Optional[int] = None):
+                 read_size: Optional[int] = None, max_pixels: Optional[int] = None,
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, crash_on: Optional[str] = None):
         import zarr
 
         # read_size: read the batch's files here (CPU workers); None: batches arrive read.
-        self.read_size = read_size
+        self.read_size, self.max_pixels = read_size, max_pixels
+        self.max_attempts, self.crash_on = int(max_attempts), crash_on
         self.params = StoreParams.from_dict(params)
         self.order = self.params.order
         self.threads = None
@@ -102,16 +126,31 @@ class DecomposeWorker:
         at = dict(self.params.params.to_dict(), **override)
         return decompose(images, self.order, method=self.params.method, backend=self.params.backend, **at)
 
-    def _solve(self, images: np.ndarray) -> tuple:
-        """Layers (B, n+1, 3, H, W) float16 and energies (B, n); per image when the batch fails."""
-        try:
-            return self._solve_batch(images), None
-        except (ValueError, RuntimeError, MemoryError, TypeError) as e:
-            log.warning("batch of %d failed (%s); solving its images one by one", len(images), e)
-        out, errs = [], []
-        for im in images:
+    def _solve(self, images: np.ndarray, index: np.ndarray, journal: AttemptJournal) -> tuple:
+        """Layers (B, n+1, 3, H, W) float16 and energies (B, n); per image when the batch fails
+        or when a process died solving it before (then per-image deaths are journaled too: a
+        death of the batch solve counts as an attempt at each of its images)."""
+        batch_deaths = journal.deaths("solve")
+        if not batch_deaths:
             try:
-                out.append(self._solve_batch(im[None]))
+                with journal.attempt("solve"):
+                    return self._solve_batch(images), None
+            except (ValueError, RuntimeError, MemoryError, TypeError) as e:
+                log.warning("batch of %d failed (%s); solving its images one by one", len(images), e)
+        else:
+            log.warning("a worker died solving the batch of image %d; solving its %d images one by one",
+                        int(index.min()), len(images))
+        out, errs = [], []
+        for im, i in zip(images, index):
+            item = f"solve:{int(i)}"
+            deaths = batch_deaths + journal.deaths(item)
+            if deaths >= self.max_attempts:
+                out.append(None)
+                errs.append(died_message("decomposing this image", deaths, self.max_attempts))
+                continue
+            try:
+                with journal.attempt(item):
+                    out.append(self._solve_batch(im[None]))
                 errs.append("")
             except (ValueError, RuntimeError, MemoryError, TypeError) as e:
                 out.append(None)
@@ -127,10 +166,11 @@ class DecomposeWorker:
         import pyarrow as pa
 
         self._limit_threads()
-        if self.read_size is not None:
-            batch = read_batch(batch, self.read_size)
-        t_start = float(np.min(batch[T_START]))
         index = np.asarray(batch["index"], np.int64)
+        journal = AttemptJournal(self.parts / ATTEMPTS / f"batch-{int(index.min()):09d}.log")
+        if self.read_size is not None:
+            batch = read_batch(batch, self.read_size, self.max_pixels, journal, self.max_attempts, self.crash_on)
+        t_start = float(np.min(batch[T_START]))
         n = len(index)
         errors: List[str] = list(batch["error"])
         seconds = np.asarray(batch["read_seconds"], np.float64).copy()
@@ -138,7 +178,7 @@ class DecomposeWorker:
         energies = np.full((len(index), self.order), np.nan)
         if good:
             t0 = time.perf_counter()
-            solved, per_image_errors = self._solve(np.asarray(batch["image"])[good])
+            solved, per_image_errors = self._solve(np.asarray(batch["image"])[good], index[good], journal)
             if per_image_errors is None:
                 layers, e = solved
                 results = [(layers[k], e[k]) for k in range(len(good))]
@@ -169,6 +209,7 @@ class DecomposeWorker:
                          schema=self.schema)
         # After the chunks: a part only ever describes images already on disk.
         write_table_atomic(table, self.parts / f"part-{int(index.min()):09d}.parquet")
+        journal.drop()
         now = time.time()
         return table.append_column(T_START, pa.array([t_start] * n, pa.float64())) \
                     .append_column(T_END, pa.array([now] * n, pa.float64()))
