@@ -495,6 +495,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from .tokenize import ConfigError, config_for
     from .tokenize.losses import LPIPSWeightsError
     from .tokenize.train import TrainConfig, TrainError, train
+    from .pipelines.store import StoreError
 
     name = f"{PROG} train-tokenizer"
     try:
@@ -529,7 +530,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     try:
         with logging_redirect_tqdm():
             report = train(cfg, resume=args.resume, progress=progress)
-    except (TrainError, ConfigError, LPIPSWeightsError) as e:
+    except (TrainError, ConfigError, LPIPSWeightsError, StoreError) as e:   # StoreError: a damaged image
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except (FloatingPointError, OSError) as e:
@@ -563,6 +564,7 @@ def add_eval_tokenizer(sub: argparse._SubParsersAction) -> None:
 def cmd_eval_tokenizer(args: argparse.Namespace) -> int:
     from .tokenize import CheckpointError
     from .tokenize.evaluate import evaluate, table, write_results
+    from .pipelines.store import StoreError
     from .runs import RunError
 
     name = f"{PROG} eval-tokenizer"
@@ -571,7 +573,7 @@ def cmd_eval_tokenizer(args: argparse.Namespace) -> int:
         return 2
     try:
         rows = evaluate(args.runs, args.data, limit=args.images, batch=args.batch_size)
-    except (RunError, CheckpointError) as e:      # TrainError is a RunError
+    except (RunError, CheckpointError, StoreError) as e:      # TrainError is a RunError
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     files = write_results(rows, args.out)

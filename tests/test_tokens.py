@@ -153,7 +153,7 @@ def test_tokens_bin_size_must_match_meta(tokens, tmp_path):
     bad = copy_store(tokens[0], tmp_path / "t")
     with open(bad / TOKENS, "ab") as f:
         f.write(b"\0\0")
-    with pytest.raises(TokenStoreError, match="tokens.bin holds .* bytes; meta.json says 6 rows"):
+    with pytest.raises(TokenStoreError, match="tokens.bin: holds .* bytes; meta.json says 6 rows"):
         TokenDataset(bad)
 
 

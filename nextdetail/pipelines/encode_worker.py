@@ -25,6 +25,7 @@ import numpy as np
 
 from ..train.tokens import DTYPE
 from .attempts import DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
+from .store import StoreError
 from .writer import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -128,10 +129,10 @@ class EncodeWorker:
         return np.concatenate(rows) if rows else np.zeros((0, 0), DTYPE)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        out = {"block": [], "rows": [], "failed": [], "seconds": [], "host": [], "numerics": []}
+        out = {"block": [], "rows": [], "failed": [], "bad_input": [], "seconds": [], "host": [], "numerics": []}
         for block, lo, hi in zip(batch["block"], batch["lo"], batch["hi"]):
             block, lo, hi = int(block), int(lo), int(hi)
-            t0 = time.perf_counter()
+            t0, bad_input = time.perf_counter(), ""
             journal = AttemptJournal(self.out / PARTS / ATTEMPTS / f"block-{block:06d}.log")
             deaths = journal.deaths("encode")
             if deaths >= self.max_attempts:
@@ -141,13 +142,20 @@ class EncodeWorker:
                 write_bytes_atomic(failed_path(self.out, block), json.dumps(
                     {"block": block, "lo": lo, "hi": hi, "reason": reason}).encode())
             else:
-                with journal.attempt("encode"):
-                    rows = self.encode_rows(lo, hi)
-                write_bytes_atomic(part_path(self.out, block), rows.tobytes())
+                try:
+                    with journal.attempt("encode"):
+                        rows = self.encode_rows(lo, hi)
+                except StoreError as e:
+                    # A damaged store: sent home as data (Ray Data's wrappers drop the exception's
+                    # type); the driver stops the job naming the file.
+                    bad_input = json.dumps([str(e.path), e.reason])
+                else:
+                    write_bytes_atomic(part_path(self.out, block), rows.tobytes())
             journal.drop()
             out["block"].append(block)
             out["rows"].append(hi - lo)
             out["failed"].append(deaths >= self.max_attempts)
+            out["bad_input"].append(bad_input)
             out["seconds"].append(time.perf_counter() - t0)
             out["host"].append(self.host)
             out["numerics"].append(self.numerics)

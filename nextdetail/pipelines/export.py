@@ -154,7 +154,11 @@ class ExportPlan:
     numerics: set = field(default_factory=set)            # JSON of each encoder set-up seen
 
     def saw(self, batch) -> None:
-        """Note the encoder set-ups (device, threads, micro-batch...) that encoded a batch."""
+        """Note the encoder set-ups (device, threads, micro-batch...) that encoded a batch;
+        StoreError when a worker met a damaged input store."""
+        for bad in batch["bad_input"]:
+            if bad:
+                raise StoreError(*json.loads(str(bad)))
         self.numerics.update(str(v) for v in batch["numerics"])
 
     @property
@@ -397,9 +401,9 @@ def run_export(cfg: ExportConfig, progress: Optional[ExportProgress] = None) -> 
             t_first = None
             with job_failures("export", "token store", progress):
                 for batch in _dataset(plan, gpus, workers).iter_batches(batch_size=None, batch_format="numpy"):
+                    plan.saw(batch)
                     rows = int(np.sum(batch["rows"]))
                     report.encoded += int(np.sum(np.asarray(batch["rows"])[~np.asarray(batch["failed"], bool)]))
-                    plan.saw(batch)
                     if t_first is None:
                         t_first = time.time() - float(np.max(batch["seconds"]))
                     if progress:

@@ -42,11 +42,26 @@ RUN_DEPENDENT_COLUMNS = ("seconds", "worker_host", "worker_pid")
 
 
 class StoreError(ValueError):
-    """A store that cannot be used as asked; str is one line "<STORE>: <reason>"."""
+    """A store that cannot be used as asked; str is one line "<STORE or its file>: <reason>"."""
 
     def __init__(self, path, reason: str):
-        self.path = Path(path)
+        self.path, self.reason = Path(path), reason
         super().__init__(f"{path}: {reason}")
+
+    def __reduce__(self):   # pickles with its two arguments (Ray sends worker errors home)
+        return (type(self), (self.path, self.reason))
+
+
+# What readers use of meta.json: key -> (type, check). A store whose meta.json is edited or
+# damaged is refused naming the key, instead of failing later in a traceback.
+_META_KEYS = {"method": str, "order": int, "size": int, "backend": str, "at": dict, "dtype": str,
+              "counts": dict}
+_COUNT_KEYS = ("images", "ok", "error")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def layer_names(order: int) -> List[str]:
@@ -82,7 +97,7 @@ def read_meta(path) -> dict:
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError) as e:
-        raise StoreError(path, f"cannot read meta.json ({e})") from None
+        raise StoreError(meta_file, f"cannot read it as JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise StoreError(path, f"meta.json does not describe a {FORMAT}")
     version = meta.get("format_version")
@@ -90,7 +105,23 @@ def read_meta(path) -> dict:
         raise StoreError(path, f"store format version {version!r} (written by nextdetail "
                                f"{meta.get('nextdetail_version', '?')}); this nextdetail reads "
                                f"version {FORMAT_VERSION} only")
+    for key, kind in _META_KEYS.items():
+        _check_meta_value(meta_file, key, meta.get(key), kind, key in meta)
+    for key in _COUNT_KEYS:
+        _check_meta_value(meta_file, f"counts.{key}", meta["counts"].get(key), int, key in meta["counts"])
+    for key in ("order", "size"):
+        if meta[key] < 1:
+            raise StoreError(meta_file, f"'{key}' is {meta[key]}, must be >= 1")
     return meta
+
+
+def _check_meta_value(meta_file: Path, key: str, value, kind: type, present: bool) -> None:
+    if not present:
+        raise StoreError(meta_file, f"missing key '{key}'")
+    # bool is an int to Python, never to a store.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise StoreError(meta_file, f"'{key}' is {type(value).__name__} {value!r}, expected "
+                                    f"{ {int: 'an integer', str: 'a string', dict: 'an object'}[kind]}")
 
 
 @dataclass
@@ -140,14 +171,18 @@ class DecompositionStore:
         self.meta = read_meta(self.path)
         try:
             table = pq.read_table(self.path / MANIFEST)
-        except Exception as e:  # missing or unreadable Parquet
-            raise StoreError(self.path, f"cannot read {MANIFEST} ({e})") from None
+        except Exception as e:  # missing, truncated or unreadable Parquet
+            raise StoreError(self.path / MANIFEST, f"cannot read the manifest ({_first_line(e)})") from None
+        missing = [c for c in ("index", "id", "label", "class_name", "status") if c not in table.column_names]
+        if missing:
+            raise StoreError(self.path / MANIFEST, f"lacks the column(s) {', '.join(missing)}")
         self.manifest = table.to_pandas()
-        n = int(self.meta["counts"]["images"])
-        if len(self.manifest) != n:
-            raise StoreError(self.path, f"{MANIFEST} has {len(self.manifest)} rows, meta.json says {n} images")
-        self.order = int(self.meta["order"])
-        self.size = int(self.meta["size"])
+        n = self.meta["counts"]["images"]
+        if len(self.manifest) != n or not (self.manifest["index"].to_numpy() == np.arange(n)).all():
+            raise StoreError(self.path / MANIFEST, f"has {len(self.manifest)} rows, not rows 0..{n - 1} "
+                                                   f"of meta.json's {n} images")
+        self.order = self.meta["order"]
+        self.size = self.meta["size"]
         ok = (self.manifest["status"] == STATUS_OK).to_numpy()
         self.ok_indices = self.manifest["index"].to_numpy()[ok]
         self._ids = self.manifest["id"].tolist()
@@ -189,11 +224,31 @@ class DecompositionStore:
 
     def layers(self, i: int) -> np.ndarray:
         """The stored float16 (n+1, 3, H, W) of ok image i, generation order."""
-        return np.asarray(self._layers()[self._row(i)])
+        return self._read(self._row(i))
+
+    def _read(self, row: int) -> np.ndarray:
+        """Chunk `row`, decoded; StoreError naming the chunk file when it is damaged or gone."""
+        array = self._layers()
+        try:
+            layers = np.asarray(array[row])
+        except Exception as e:  # zstd/zarr raise RuntimeError, ValueError, ... for damaged bytes
+            raise StoreError(self._chunk_file(row), f"image {row} ({self._ids[row]}): damaged chunk, "
+                                                    f"cannot decode it ({_first_line(e)})") from None
+        # An ok image is never NaN (the solver's output is finite); the array's fill value is
+        # NaN, which is what a missing chunk file reads as.
+        if np.isnan(layers).any():
+            what = "missing chunk file" if not self._chunk_file(row).exists() else "chunk holds NaN"
+            raise StoreError(self._chunk_file(row), f"image {row} ({self._ids[row]}) is ok in the "
+                                                    f"manifest but its layers are not there ({what})")
+        return layers
+
+    def _chunk_file(self, row: int) -> Path:
+        key = self._layers().metadata.chunk_key_encoding.encode_chunk_key((row, 0, 0, 0, 0))
+        return self.path / LAYERS / key
 
     def __getitem__(self, i: int) -> StoreItem:
         row = self._row(i)
-        layers = np.asarray(self._layers()[row])
+        layers = self._read(row)
         image, bases, details = layers_to_item(layers)
         return StoreItem(index=row, id=self._ids[row], label=int(self._labels[row]),
                          class_name=self._classes[row], image=image, bases=bases, details=details,

@@ -32,6 +32,7 @@ FORMAT_VERSION = 1
 TOKENS = "tokens.bin"
 INDEX = "index.parquet"
 META = "meta.json"
+INDEX_COLUMNS = ("row", "id", "label", "class_name", "store_index")   # index.parquet, in order
 SHARDS = "shards"
 DTYPE = np.dtype("<u2")             # uint16, little-endian on every machine
 MAX_VOCAB = int(np.iinfo(DTYPE).max) + 1
@@ -75,17 +76,31 @@ def read_token_meta(path) -> dict:
     try:
         meta = json.loads((path / META).read_text())
     except (OSError, ValueError) as e:
-        raise TokenStoreError(path, f"cannot read meta.json ({e})") from None
+        raise TokenStoreError(path / META, f"cannot read it as JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise TokenStoreError(path, f"meta.json does not describe a {FORMAT}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise TokenStoreError(path, f"token store format version {meta.get('format_version')!r}; this "
                                     f"nextdetail reads version {FORMAT_VERSION} only")
+    meta_file = path / META
+    for key in ("vocab", "N", "L", "num_base", "order", "num_classes") + (("shard_rows",) if "shards" in meta else ()):
+        if key not in meta and key in ("vocab", "N", "L", "shard_rows"):
+            raise TokenStoreError(meta_file, f"missing key '{key}'")
+        if key in meta and (not isinstance(meta[key], int) or isinstance(meta[key], bool)):
+            raise TokenStoreError(meta_file, f"'{key}' is {type(meta[key]).__name__} {meta[key]!r}, expected an integer")
+    vocab, N, L = meta["vocab"], meta["N"], meta["L"]
     try:
-        vocab, N, L = int(meta["vocab"]), int(meta["N"]), int(meta["L"])
         shapes = [tuple(int(v) for v in s) for s in meta["map_shapes"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise TokenStoreError(path, f"meta.json lacks a valid {e} entry") from None
+        if not shapes or any(len(s) != 2 for s in shapes):
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise TokenStoreError(meta_file, f"'map_shapes' must be a list of [h, w] pairs, got "
+                                         f"{meta.get('map_shapes')!r}"[:200]) from None
+    shards = meta.get("shards")
+    if shards is not None and not (isinstance(shards, list) and all(
+            isinstance(x, dict) and isinstance(x.get("file"), str) and isinstance(x.get("rows"), int)
+            for x in shards)):
+        raise TokenStoreError(meta_file, "'shards' must be a list of {file, rows} objects")
     if meta.get("dtype") != "uint16":
         raise TokenStoreError(path, f"meta.json dtype {meta.get('dtype')!r}: this reader takes uint16")
     if not 1 <= vocab <= MAX_VOCAB:
@@ -122,17 +137,21 @@ class TokenDataset:
         for f, rows in self.files:
             size = (self.path / f).stat().st_size if (self.path / f).is_file() else None
             if size is None:
-                raise TokenStoreError(self.path, f"{f} is missing")
+                raise TokenStoreError(self.path / f, "is missing")
             if size != rows * self.L * DTYPE.itemsize:
-                raise TokenStoreError(self.path, f"{f} holds {size} bytes; meta.json says {rows} rows x "
-                                                 f"{self.L} tokens x {DTYPE.itemsize} bytes = "
-                                                 f"{rows * self.L * DTYPE.itemsize}")
+                raise TokenStoreError(self.path / f, f"holds {size} bytes; meta.json says {rows} rows x "
+                                                     f"{self.L} tokens x {DTYPE.itemsize} bytes = "
+                                                     f"{rows * self.L * DTYPE.itemsize} (truncated or damaged)")
         try:
             index = pq.read_table(self.path / INDEX).to_pandas()
-        except Exception as e:  # missing or unreadable Parquet
-            raise TokenStoreError(self.path, f"cannot read {INDEX} ({type(e).__name__}: {e})") from None
+        except Exception as e:  # missing, truncated or unreadable Parquet
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise TokenStoreError(self.path / INDEX, f"cannot read it ({type(e).__name__}: {first})") from None
+        missing = [c for c in INDEX_COLUMNS if c not in index.columns]
+        if missing:
+            raise TokenStoreError(self.path / INDEX, f"lacks the column(s) {', '.join(missing)}")
         if len(index) != self.N or not (index["row"].to_numpy() == np.arange(self.N)).all():
-            raise TokenStoreError(self.path, f"{INDEX} has {len(index)} rows, not rows 0..{self.N - 1} of meta.json")
+            raise TokenStoreError(self.path / INDEX, f"has {len(index)} rows, not rows 0..{self.N - 1} of meta.json")
         self.index = index
         self.labels = index["label"].fillna(-1).to_numpy(np.int64)
         self.ids = index["id"].tolist()
