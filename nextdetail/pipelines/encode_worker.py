@@ -63,10 +63,15 @@ def pin_numerics(device) -> None:
     if device.type == "cpu":
         torch.set_num_threads(ENCODE_THREADS)
     else:
-        torch.backends.cudnn.benchmark = False        # autotuning picks algorithms by timing
+        # cuBLAS is run-to-run deterministic for a shape only with a fixed workspace (set before
+        # its first call in this process); cuDNN only with autotuning off (it picks algorithms
+        # by timing) and its deterministic algorithms; TF32 would round the convolutions.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def numerics(device) -> dict:
