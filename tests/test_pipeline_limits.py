@@ -161,3 +161,28 @@ def _png_header(path, w: int, h: int) -> None:
 
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
                      + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_a_journal_left_by_a_killed_worker_is_not_read_as_a_part(tmp_path):
+    """A worker killed mid-batch leaves its attempt journal beside the journal parts; the
+    resume and the finish read the parts as a Parquet dataset, which must skip it. (Once named
+    `attempts/`, it made a rerun after a killed driver fail intermittently.)"""
+    from nextdetail.decomp import ATParams
+    from nextdetail.pipelines import StoreParams
+    from nextdetail.pipelines.attempts import ATTEMPTS
+    from nextdetail.pipelines.worker import DecomposeWorker
+    from nextdetail.pipelines.writer import finish_store, merged_manifest, prepare_store
+    from pipeline_data import batch_of
+
+    params = StoreParams(order=2, size=16, params=ATParams(n_iter=2), backend="numpy")
+    src = list_sources(listing(photo_paths(3, tmp_path), tmp_path / "l.txt"))
+    plan = prepare_store(tmp_path / "store", params, src, overwrite=False)
+    DecomposeWorker(str(tmp_path / "store"), params.to_dict(), run=plan.run, read_size=16)(batch_of(src[:2]))
+    left = tmp_path / "store" / PARTS / f"run-{plan.run:04d}" / ATTEMPTS / "batch-000000002.log"
+    left.parent.mkdir(parents=True, exist_ok=True)
+    left.write_text("start read:2\n")                                   # its worker died here
+    assert merged_manifest(tmp_path / "store", 2)["status"].tolist() == ["ok", "ok", "pending"]
+    plan = prepare_store(tmp_path / "store", params, src, overwrite=False)   # the rerun
+    assert [s.index for s in plan.todo] == [2]
+    DecomposeWorker(str(tmp_path / "store"), params.to_dict(), run=plan.run, read_size=16)(batch_of(plan.todo))
+    assert finish_store(plan, src="l.txt") == {"images": 3, "ok": 3, "error": 0}

@@ -25,6 +25,11 @@ from typing import Optional
 
 DEFAULT_MAX_ATTEMPTS = 3
 
+# The journals' folder inside a job's _parts folder. Named with "_" so that pyarrow.dataset,
+# which reads the journal parts of a store by listing their folder, skips it (as it skips
+# "."- and "_"-named entries): a journal left by a killed worker must never be read as Parquet.
+ATTEMPTS = "_attempts"
+
 # Test-only hook: a worker whose input's path or id contains this environment variable's value
 # exits at once, as a process killed by an input would. Read by the driver and handed to the
 # workers (Ray's workers do not see the driver's later environment).

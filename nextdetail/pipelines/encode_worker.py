@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..train.tokens import DTYPE
-from .attempts import DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
+from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
 from .store import StoreError
 from .writer import write_bytes_atomic
 
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 PARTS = "_parts"
 
 
-ATTEMPTS = "attempts"       # _parts/attempts/block-<b>.log: journals of blocks in flight
 
 
 def part_path(out: Path, block: int) -> Path:

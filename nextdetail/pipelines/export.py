@@ -29,8 +29,8 @@ from .. import __version__
 from ..train.tokens import (DTYPE, FORMAT, FORMAT_VERSION, INDEX, MAX_VOCAB, META, SHARDS, TOKENS,
                             file_sha256, map_offsets, shard_name)
 from .config import ConfigError
-from .attempts import DEFAULT_MAX_ATTEMPTS, crash_hook
-from .encode_worker import ATTEMPTS, PARTS, EncodeWorker, failed_path, part_path
+from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, crash_hook
+from .encode_worker import PARTS, EncodeWorker, failed_path, part_path
 from .job import JobError, connect, job_failures
 from .store import DecompositionStore, StoreError
 from .writer import write_bytes_atomic, write_table_atomic

@@ -19,11 +19,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import List, Optional, Protocol
 
-from .attempts import crash_hook
+from .attempts import ATTEMPTS, crash_hook
 from .config import ConfigError, JobConfig
 from .sources import list_sources
 from .store import PARTS, STATUS_ERROR, StoreError
-from .worker import ATTEMPTS, T_END, T_START, DecomposeWorker, read_batch
+from .worker import T_END, T_START, DecomposeWorker, read_batch
 from .writer import StorePlan, check_store, finish_store, prepare_store
 
 log = logging.getLogger(__name__)

@@ -18,14 +18,13 @@ import numpy as np
 
 from ..decomp import decompose
 from ..imageio import ImageError, load_image
-from .attempts import DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
+from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
 from .config import StoreParams
 from .store import LAYERS, STATUS_ERROR, STATUS_OK, manifest_schema
 from .writer import write_table_atomic
 
 log = logging.getLogger(__name__)
 
-ATTEMPTS = "attempts"      # _parts/run-R/attempts/: the journals of batches in flight
 
 # Extra columns a worker returns to the driver (not stored): wall-clock start and end of
 # its batch, so the driver can tell start-up time from processing time.
