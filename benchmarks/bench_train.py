@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 
 from nextdetail.train.inputs import teacher_inputs  # noqa: E402
-from nextdetail.train.trainer import Trainer, TrainConfig  # noqa: E402
+from nextdetail.train.trainer import Trainer, TransformerTrainConfig  # noqa: E402
 
 
 def build_tokens(tmp: Path, images: int, size: int, downsample: int, vocab: int):
@@ -46,7 +46,7 @@ def build_tokens(tmp: Path, images: int, size: int, downsample: int, vocab: int)
     from pipeline_data import make_store          # tests/pipeline_data.py
     from nextdetail.pipelines.export import ExportConfig, export_in_process
     from nextdetail.tokenize import config_for
-    from nextdetail.tokenize.train import TrainConfig as TokConfig, checkpoints, train as train_tok
+    from nextdetail.tokenize.train import TokenizerTrainConfig as TokConfig, checkpoints, train as train_tok
 
     store = make_store(tmp / "store", n=images, size=size, order=3)
     tok = config_for("basedetail", size, downsample, ch=16, num_res_blocks=1, attn=False, vocab=vocab)
@@ -93,7 +93,7 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             a.tokens, a.tokenizer = build_tokens(tmp, a.images, a.image_size, a.downsample, a.vocab)
             print(f"built a token store of {a.images} images in {time.perf_counter() - t0:.1f} s (not timed)")
-        cfg = TrainConfig(tokens=str(a.tokens), tokenizer=str(a.tokenizer), out=str(tmp / "run"), depth=a.depth,
+        cfg = TransformerTrainConfig(tokens=str(a.tokens), tokenizer=str(a.tokenizer), out=str(tmp / "run"), depth=a.depth,
                           width=a.width, heads=a.heads, batch_size=a.batch_size, steps=10 ** 9, warmup=10,
                           val_fraction=0.0, device=a.device, compile=a.compile)
         tr = Trainer(cfg)

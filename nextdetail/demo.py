@@ -33,7 +33,10 @@ from typing import List, Optional, Sequence
 from PIL import ImageOps
 
 from . import cli
+from .decomp.at import BACKENDS
+from .decomp.files import output_names
 from .imageio import list_images, save_png
+from .runs import LOG, PLOT, checkpoints
 from .viz import contact_sheet
 
 # skimage.data loaders whose files are inside the wheel (skimage/data/*.png), unlike the
@@ -67,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image files or folders (default: photos bundled with scikit-image)")
     p.add_argument("--size", type=int, default=256, metavar="N",
                    help="center-crop to N x N (default 256; 0 keeps the original size)")
-    p.add_argument("--backend", choices=cli.BACKENDS, default="auto", help="solver backend (default auto)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="solver backend (default auto)")
     p.add_argument("--chain", action=argparse.BooleanOptionalAction, default=True,
                    help="then run the generation chain (tokenizer, tokens, transformer, samples); default on")
     p.add_argument("--chain-size", type=int, default=64, metavar="N", help="image side of the chain (default 64)")
@@ -93,7 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     status = cli.main(argv_cli)
     # Same names as the CLI gives its folders, computed by the same functions; a sheet older
     # than this run is a leftover of an earlier one whose image failed now, so not listed.
-    names = cli.output_names(list_images(inputs))
+    names = output_names(list_images(inputs))
     sheets = [args.out / n / "contact.png" for n in names]
     sheets = [s for s in sheets if s.is_file() and s.stat().st_mtime >= started - 1]
     if sheets:
@@ -149,7 +152,7 @@ def clear_run(folder: Path) -> None:
     """Remove a previous demo run's own files (checkpoints, log, plot) so it starts afresh;
     anything else in the folder is left alone."""
     if folder.is_dir():
-        for f in [*folder.glob("ckpt-*.pt"), folder / "log.jsonl", folder / "loss.png"]:
+        for f in [*checkpoints(folder), folder / LOG, folder / PLOT]:
             if f.is_file():
                 f.unlink()
 

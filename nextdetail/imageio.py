@@ -16,6 +16,8 @@ from typing import Iterable, List, Optional, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import NextDetailError, PathError
+
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -35,18 +37,16 @@ DEFAULT_MAX_PIXELS = 89_478_485
 _HIGH_BIT_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
-class FolderError(ValueError):
+class FolderError(NextDetailError, ValueError):
     """A folder that cannot be walked (a symlink cycle); str is one line naming the link."""
 
 
-class ImageError(ValueError):
+class ImageError(PathError):
     """A file that cannot be read as an image. str(e) is one line: "<path>: <reason>"."""
 
     def __init__(self, path: PathLike, reason: str):
-        self.path = Path(path)
         # Decoder messages sometimes span lines; the CLI promises one line per bad file.
-        self.reason = " ".join(str(reason).split())
-        super().__init__(f"{path}: {self.reason}")
+        super().__init__(path, " ".join(str(reason).split()))
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:

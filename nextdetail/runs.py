@@ -26,6 +26,9 @@ import zipfile
 from pathlib import Path
 from typing import List
 
+from .errors import NextDetailError
+from .stores import atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -35,8 +38,12 @@ PLOT = "loss.png"          # the log's losses against step, drawn by each comman
 CHECKPOINT_FORMAT = {"format": "nextdetail-checkpoint", "format_version": 2}
 
 
-class RunError(ValueError):
+class RunError(NextDetailError, ValueError):
     """A run folder or checkpoint that cannot be used as asked; str is one line naming it."""
+
+
+class TrainError(RunError):
+    """Training cannot start as asked (data, run folder, config); one line. Both trainers."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -64,9 +71,8 @@ def save_checkpoint(path: Path, obj: dict) -> None:
     load_checkpoint accepts (tensors, dicts, lists, tuples, str, int, float, bool, None)."""
     import torch
 
-    tmp = Path(path).with_suffix(".tmp")
-    torch.save({**obj, "checkpoint": CHECKPOINT_FORMAT}, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save({**obj, "checkpoint": CHECKPOINT_FORMAT}, tmp)
 
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
@@ -112,6 +118,18 @@ def read_log(run) -> List[dict]:
     """The records of RUN/log.jsonl, in order ([] when there is no log yet)."""
     path = Path(run) / LOG
     return [json.loads(s) for s in path.read_text().splitlines() if s.strip()] if path.exists() else []
+
+
+def running_mean(ys, window: int) -> list:
+    """Mean of each value and the window - 1 before it (fewer at the start): per-step losses of
+    a few-image batch are too noisy to read as they are."""
+    out, total = [], 0.0
+    for i, y in enumerate(ys):
+        total += y
+        if i >= window:
+            total -= ys[i - window]
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def truncate_log(path: Path, step: int) -> None:

@@ -22,16 +22,6 @@ from .imageio import to_uint8
 DETAIL_PERCENTILE = 99.5
 
 
-def base_to_uint8(base: np.ndarray) -> np.ndarray:
-    """Base layer (float, nominally [0, 1]) -> uint8, clipped."""
-    return to_uint8(base)
-
-
-def edges_to_uint8(s: np.ndarray) -> np.ndarray:
-    """Edge field s (float in [0, 1], (H, W)) -> uint8 grey, 255 on edges."""
-    return to_uint8(s)
-
-
 def detail_scale(detail: np.ndarray, percentile: float = DETAIL_PERCENTILE) -> float:
     """Robust amplitude of a detail layer: the `percentile` of |D| over the whole array.
 
@@ -103,14 +93,14 @@ def sheet_tiles(decomposition, image_index: Optional[int] = None) -> List[List[O
     """
     i, _ = _pick(decomposition, image_index)
     sel = (lambda a: np.asarray(a)) if i < 0 else (lambda a: np.asarray(a)[i])
-    bases = [Tile("input" if k == 0 else f"B{k}", _rgb(base_to_uint8(sel(b))))
+    bases = [Tile("input" if k == 0 else f"B{k}", _rgb(to_uint8(sel(b))))
              for k, b in enumerate(decomposition.bases)]
     details: List[Optional[Tile]] = [None]
     for k, d in enumerate(decomposition.details, start=1):
         d = sel(d)
         scale = detail_scale(d)
         details.append(Tile(f"D{k} (+/-{scale:.2g})", _rgb(detail_to_uint8(d, scale))))
-    edges: List[Optional[Tile]] = [None] + [Tile(f"s{k}", _rgb(edges_to_uint8(sel(s))))
+    edges: List[Optional[Tile]] = [None] + [Tile(f"s{k}", _rgb(to_uint8(sel(s))))
                                              for k, s in enumerate(decomposition.edges, start=1)]
     return [bases, details, edges]
 
@@ -179,61 +169,3 @@ def contact_sheet(decomposition, image_index: Optional[int] = None, *, title: Op
             draw.text((x, y), label, fill=(0, 0, 0), font=font)
             sheet.paste(pic, (x, y + line_h))
     return sheet
-
-
-PLOT_COLORS = [(31, 119, 180), (214, 39, 40), (230, 171, 2), (44, 160, 44), (148, 103, 189),
-               (140, 86, 75), (227, 119, 194), (127, 127, 127)]
-
-
-def line_plot(series: dict, *, title: str = "", xlabel: str = "", ylabel: str = "",
-              log_y: bool = False, size=(800, 480)) -> Image.Image:
-    """A plain line chart with PIL (no matplotlib dependency): series {name: (xs, ys)}, one
-    colour each, axes with min/max tick labels, a legend. Non-finite points are skipped;
-    log_y plots log10 of the positive values."""
-    w, h = size
-    font = ImageFont.load_default(size=13)
-    left, right, top, bottom = 70, 20, 30, 45
-    pts = {}
-    for name, (xs, ys) in series.items():
-        xy = [(float(x), float(y)) for x, y in zip(xs, ys)
-              if np.isfinite(x) and np.isfinite(y) and (y > 0 or not log_y)]
-        pts[name] = [(x, np.log10(y) if log_y else y) for x, y in xy]
-    allp = [p for v in pts.values() for p in v]
-    img = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    draw.text((left, 8), title, fill=(0, 0, 0), font=font)
-    if not allp:
-        draw.text((left, h // 2), "no data", fill=(0, 0, 0), font=font)
-        return img
-    x0, x1 = min(p[0] for p in allp), max(p[0] for p in allp)
-    y0, y1 = min(p[1] for p in allp), max(p[1] for p in allp)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-
-    def at(x, y):
-        return (left + (x - x0) / (x1 - x0) * (w - left - right),
-                h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
-
-    draw.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
-    ylab = (lambda v: f"{10 ** v:.3g}") if log_y else (lambda v: f"{v:.3g}")
-    for v in (y0, (y0 + y1) / 2, y1):
-        _, y = at(x0, v)
-        draw.line([left - 4, y, left, y], fill=(0, 0, 0))
-        draw.text((4, y - 7), ylab(v), fill=(0, 0, 0), font=font)
-    for v in (x0, (x0 + x1) / 2, x1):
-        x, _ = at(v, y0)
-        draw.line([x, h - bottom, x, h - bottom + 4], fill=(0, 0, 0))
-        draw.text((x - 10, h - bottom + 6), f"{v:.4g}", fill=(0, 0, 0), font=font)
-    draw.text((w // 2 - 40, h - 18), xlabel + ("" if not ylabel else f"   (y: {ylabel}{', log' if log_y else ''})"),
-              fill=(0, 0, 0), font=font)
-    lx = w - right - 36 - max(int(font.getlength(name)) for name in pts)   # legend fits inside
-    for k, (name, p) in enumerate(pts.items()):
-        color = PLOT_COLORS[k % len(PLOT_COLORS)]
-        xy = [at(x, y) for x, y in p]
-        if len(xy) > 1:
-            draw.line(xy, fill=color, width=2)
-        for x, y in xy if len(xy) <= 40 else []:
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
-        ly = top + 6 + 16 * k
-        draw.line([lx, ly + 7, lx + 20, ly + 7], fill=color, width=3)
-        draw.text((lx + 25, ly), name, fill=(0, 0, 0), font=font)
-    return img

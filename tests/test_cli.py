@@ -16,9 +16,9 @@ from PIL import Image
 
 from nextdetail import cli, demo
 from nextdetail.decomp import Decomposition
-from nextdetail.imageio import load_image
-from nextdetail.viz import (base_to_uint8, contact_sheet, detail_scale, detail_to_uint8,
-                            edges_to_uint8, sheet_tiles)
+from nextdetail.decomp.files import output_names
+from nextdetail.imageio import load_image, to_uint8
+from nextdetail.viz import contact_sheet, detail_scale, detail_to_uint8, sheet_tiles
 from conftest import own_lines
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -182,7 +182,7 @@ def test_inputs_sharing_a_stem_get_separate_folders(tmp_path, capsys):
     out = tmp_path / "out"
     rc, _, _ = run(capsys, "decompose", *paths, "--out", out, *FAST)
     assert rc == 0
-    assert cli.output_names(paths) == ["x", "x-2", "X-3"]
+    assert output_names(paths) == ["x", "x-2", "X-3"]
     for folder, src in zip(["x", "x-2", "X-3"], paths):
         assert json.loads((out / folder / "meta.json").read_text())["source"] == str(src)
         np.testing.assert_allclose(np.load(out / folder / "base_2.npy") + np.load(out / folder / "detail_2.npy")
@@ -190,7 +190,9 @@ def test_inputs_sharing_a_stem_get_separate_folders(tmp_path, capsys):
 
 
 def test_auto_backend_falls_back_to_numpy_only_for_auto(monkeypatch, caplog):
-    monkeypatch.setattr(cli, "resolve_backend", lambda name: "numba" if name == "auto" else name)
+    from nextdetail.decomp import at
+
+    monkeypatch.setattr(at, "cupy_usable", lambda: False)
     real_import = importlib.import_module
 
     def no_numba(name, *a):
@@ -198,12 +200,12 @@ def test_auto_backend_falls_back_to_numpy_only_for_auto(monkeypatch, caplog):
             raise ImportError("numba is broken here")
         return real_import(name, *a)
 
-    monkeypatch.setattr(cli.importlib, "import_module", no_numba)
-    assert cli.usable_backend("auto") == "numpy"
+    monkeypatch.setattr(at.importlib, "import_module", no_numba)
+    assert at.resolve_backend("auto") == "numpy"
     assert "numba is broken here" in caplog.text
-    with pytest.raises(cli.ParameterError, match="numba"):
-        cli.usable_backend("numba")
-    assert cli.usable_backend("numpy") == "numpy"
+    with pytest.raises(RuntimeError, match="numba"):
+        at.resolve_backend("numba")
+    assert at.resolve_backend("numpy") == "numpy"
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data not present")
@@ -261,8 +263,8 @@ def test_detail_scale_is_robust_to_a_few_strong_pixels():
 
 
 def test_base_and_edge_mappings_clip_to_unit_range():
-    assert base_to_uint8(np.array([-0.1, 0.0, 0.5, 1.2])).tolist() == [0, 0, 128, 255]
-    assert edges_to_uint8(np.array([[0.0, 1.0]])).tolist() == [[0, 255]]
+    assert to_uint8(np.array([-0.1, 0.0, 0.5, 1.2])).tolist() == [0, 0, 128, 255]
+    assert to_uint8(np.array([[0.0, 1.0]])).tolist() == [[0, 255]]
 
 
 def fake_decomposition(n_images=None, order=2, h=6, w=9) -> Decomposition:

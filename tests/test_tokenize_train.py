@@ -10,7 +10,7 @@ import torch
 
 from nextdetail.cli import main
 from nextdetail.tokenize import CheckpointError, Tokenizer, config_for
-from nextdetail.tokenize.train import StoreBatches, TrainConfig, TrainError, checkpoints, split_layers, train
+from nextdetail.tokenize.train import StoreBatches, TokenizerTrainConfig, TrainError, checkpoints, split_layers, train
 from pipeline_data import make_store
 from conftest import own_lines
 
@@ -25,7 +25,7 @@ def cfg(store, out, kind="basedetail", **kw):
     base = dict(data=str(store), out=str(out), tokenizer=tok, steps=6, batch_size=2, lr=2e-3,
                 lpips_backbone="random", disc_start=3, ckpt_every=3)
     base.update(kw)
-    return TrainConfig(**base)
+    return TokenizerTrainConfig(**base)
 
 
 def records(run):

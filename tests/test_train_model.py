@@ -5,7 +5,8 @@ import torch
 from nextdetail.tokenize import config_for
 from nextdetail.tokenize.quant import build_quantizer
 from nextdetail.train.inputs import next_input, teacher_inputs
-from nextdetail.train.model import (ModelConfigError, NextDetailTransformer, TransformerConfig,
+from nextdetail.errors import ConfigError
+from nextdetail.train.model import (NextDetailTransformer, TransformerConfig,
                                     block_causal_mask, normalized_positions)
 
 SHAPES = ((1, 1), (2, 2), (4, 4), (4, 4))          # a tiny base-detail-like schedule, L = 37
@@ -79,11 +80,11 @@ def test_normalized_positions_share_centres_across_sizes():
 
 
 def test_bad_configs_are_refused_by_name():
-    with pytest.raises(ModelConfigError, match="heads"):
+    with pytest.raises(ConfigError, match="heads"):
         TransformerConfig(vocab=4, map_shapes=SHAPES, cvae=2, width=30, heads=4)
-    with pytest.raises(ModelConfigError, match="pos"):
+    with pytest.raises(ConfigError, match="pos"):
         TransformerConfig(vocab=4, map_shapes=SHAPES, cvae=2, pos="sinusoid")
-    with pytest.raises(ModelConfigError, match="RoPE"):
+    with pytest.raises(ConfigError, match="RoPE"):
         TransformerConfig(vocab=4, map_shapes=SHAPES, cvae=2, width=12, heads=2)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from token_data import make_token_store
 
-from nextdetail.train.trainer import (TrainConfig, TrainError, checkpoints, label_dropout, lr_at, read_log,
+from nextdetail.train.trainer import (TransformerTrainConfig, TrainError, checkpoints, label_dropout, lr_at, read_log,
                                       split_indices, train)
 
 
@@ -38,11 +38,11 @@ def relabel(src, dst, labels):
 def cfg(tokens, out, **kw):
     base = dict(tokens=str(tokens[0]), tokenizer=str(tokens[1]), out=str(out), depth=2, width=32, heads=2,
                 steps=4, batch_size=4, lr=1e-3, warmup=2, val_fraction=0.25, val_every=2, ckpt_every=2)
-    return TrainConfig(**{**base, **kw})
+    return TransformerTrainConfig(**{**base, **kw})
 
 
 def test_schedule_split_and_label_dropout_are_deterministic():
-    c = TrainConfig(tokens="t", tokenizer="r", out="o", lr=1.0, warmup=10, steps=110, min_lr=0.1)
+    c = TransformerTrainConfig(tokens="t", tokenizer="r", out="o", lr=1.0, warmup=10, steps=110, min_lr=0.1)
     assert lr_at(c, 0) == pytest.approx(0.1) and lr_at(c, 9) == pytest.approx(1.0)
     assert lr_at(c, 60) == pytest.approx(0.55) and lr_at(c, 110) == pytest.approx(0.1)
     tr, va = split_indices(20, 0.25, seed=3)

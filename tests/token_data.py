@@ -11,11 +11,11 @@ def tiny_tokenizer(store: Path, out: Path, kind: str = "basedetail", image_size:
                    steps: int = 2, vocab: int = 64, ch: int = 8) -> Path:
     """Train a small tokenizer (~20k parameters at ch=8) for `steps` steps; returns its checkpoint."""
     from nextdetail.tokenize import config_for
-    from nextdetail.tokenize.train import TrainConfig, checkpoints, train
+    from nextdetail.tokenize.train import TokenizerTrainConfig, checkpoints, train
 
     tok = config_for(kind, image_size, 8, ch=ch, num_res_blocks=1, attn=False, vocab=vocab,
                      **({"depth": 4} if kind == "vanilla" else {}))
-    train(TrainConfig(data=str(store), out=str(out), tokenizer=tok, steps=steps, batch_size=2, lr=2e-3,
+    train(TokenizerTrainConfig(data=str(store), out=str(out), tokenizer=tok, steps=steps, batch_size=2, lr=2e-3,
                       lpips_weight=0.0, disc_start=10 ** 9, ckpt_every=steps))
     return checkpoints(out)[-1]
 

@@ -1,13 +1,13 @@
 """Public entry point of the Ambrosio-Tortorelli (AT) solver: shapes, checks, backends."""
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-from .energy import at_energy
 from .params import ATParams
 
 log = logging.getLogger(__name__)
@@ -46,14 +46,26 @@ def cupy_usable() -> bool:
 
 
 def resolve_backend(backend: str) -> str:
+    """The backend that runs for `backend`, its module importable.
+
+    'auto' is cupy with a usable GPU, else numba, and falls back to numpy (with a warning) when
+    the compiled backend cannot be imported, so a broken numba install slows a run down instead
+    of stopping it; a backend asked for by name must work (RuntimeError otherwise).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "auto":
-        return "cupy" if cupy_usable() else "numba"
     if backend == "cupy" and not cupy_usable():
         raise RuntimeError("backend 'cupy' asked for, but cupy is not installed or sees no CUDA device "
                            "(pip install 'nextdetail[gpu]')")
-    return backend
+    resolved = backend if backend != "auto" else ("cupy" if cupy_usable() else "numba")
+    try:
+        importlib.import_module(f"{__package__}.backend_{resolved}")
+    except ImportError as e:
+        if backend != "auto" or resolved == "numpy":
+            raise RuntimeError(f"backend {resolved!r} is not available ({e})") from None
+        log.warning("backend %s is not available (%s); using numpy, which is much slower", resolved, e)
+        return "numpy"
+    return resolved
 
 
 def as_batch(f) -> tuple[np.ndarray, tuple, bool]:
@@ -132,9 +144,3 @@ def ambrosio_tortorelli(f, alpha: float = 10.0, lam: float = 0.01, eps: float = 
         energy = float(energy[0])
         history = history[:, 0] if history is not None else None
     return ATResult(u=u, s=s, energy=energy, iterations=p.n_iter, energy_history=history, backend=name)
-
-
-def batch_energy(u_NHWC, f_NHWC, s_NHW, p: ATParams) -> np.ndarray:
-    """E(u, s) of each image of a batch, by the reference `at_energy`."""
-    return np.array([at_energy(u_NHWC[n], f_NHWC[n], s_NHW[n], p.alpha, p.lam, p.eps)
-                     for n in range(u_NHWC.shape[0])])

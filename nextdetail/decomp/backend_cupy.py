@@ -25,7 +25,6 @@ import numpy as np
 
 from .params import ATParams
 
-BYTES_PER_PIXEL_SWEEP = 44  # for C = 3; see the module docstring
 
 # The per-pixel steps are __host__ __device__ so that tests can run this exact source on the
 # CPU through nvcc's host compiler (tests/test_cuda_source.py) where no GPU is present.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .energy import batch_energy
 from .params import ATParams
 
 
@@ -76,7 +77,6 @@ def solve(f_NHWC: np.ndarray, p: ATParams, track_energy: bool = False):
 
     Returns (u_NHWC, s_NHW, energy_N, history); history lists the per-image energies
     from u = f and after each sweep when track_energy, else None."""
-    from .at import batch_energy
     energy_fn = (lambda u, s: batch_energy(u, f_NHWC, s, p)) if track_energy else None
     N, H, W, C = f_NHWC.shape
     ii, jj = np.indices((H, W))

@@ -52,3 +52,9 @@ def at_energy(u, f, s, alpha: float, lam: float, eps: float) -> float:
     smooth = alpha * ((1.0 - s) ** 2 * grad2).sum()
     edges = lam * (eps * (forward_diff(s, 1) ** 2 + forward_diff(s, 0) ** 2).sum() + (s ** 2).sum() / (4.0 * eps))
     return float(data + smooth + edges)
+
+
+def batch_energy(u_NHWC, f_NHWC, s_NHW, p) -> np.ndarray:
+    """E(u, s) of each image of a batch (N,), by `at_energy`; p holds alpha, lam, eps (ATParams)."""
+    return np.array([at_energy(u_NHWC[n], f_NHWC[n], s_NHW[n], p.alpha, p.lam, p.eps)
+                     for n in range(u_NHWC.shape[0])])

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..options import opt
+
 
 @dataclass(frozen=True)
 class ATParams:
@@ -19,11 +21,11 @@ class ATParams:
             (0.1% at 100, for twice the time); see README, "Quality and speed".
     """
 
-    alpha: float = 10.0
-    lam: float = 0.01
-    eps: float = 0.01
-    omega: float = 1.6
-    n_iter: int = 50
+    alpha: float = opt(10.0, "smoothness weight")
+    lam: float = opt(0.01, "edge-length weight")
+    eps: float = opt(0.01, "edge width in px")
+    omega: float = opt(1.6, "SOR relaxation in (0,2)")
+    n_iter: int = opt(50, "solver sweeps per level")
 
     def __post_init__(self):
         if not (self.alpha >= 0 and float(self.alpha) < float("inf")):

@@ -1,18 +1,16 @@
 """Typed settings of the dataset decomposition job and of the store it writes."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import List, Optional
 
 from ..decomp import ATParams
+from ..errors import ConfigError
+from ..options import check_int, nested, opt
 from ..decomp.at import BACKENDS
 from ..imageio import DEFAULT_MAX_PIXELS
 from .attempts import DEFAULT_MAX_ATTEMPTS
-
-
-class ConfigError(ValueError):
-    """A setting that parses but makes no sense; str is one line naming the setting."""
 
 
 STORE_DTYPE = "float16"
@@ -55,79 +53,66 @@ class StoreParams:
         return [f"{k} {mine[k]!r} (store) != {theirs[k]!r} (this run)"
                 for k in mine if k not in ignore and mine[k] != theirs[k]]
 
-    @property
-    def layer_names(self) -> List[str]:
-        """Generation order, coarse to fine: B_n, D_n, ..., D_1."""
-        n = self.order
-        return [f"B_{n}"] + [f"D_{k}" for k in range(n, 0, -1)]
 
+@dataclass(frozen=True, kw_only=True)
+class RayJobConfig:
+    """What every Ray job of nextdetail takes (decompose-dataset, export-tokens): where it runs,
+    how many actors, how often a dying input is retried, whether an old output is replaced.
+    num_cpus is for tests and benchmarks (logical CPUs of the local Ray), not an option."""
 
-@dataclass(frozen=True)
-class JobConfig:
-    """Settings of `nextdetail decompose-dataset`.
-
-    src             : folder of images (class sub-folders give labels) or a .txt/.parquet listing.
-    out             : the store folder.
-    size            : square side of every stored image (shorter side resized, center-cropped).
-    order           : levels n; the store holds n + 1 layers per image.
-    params          : AT solver parameters.
-    backend         : auto (cupy when the workers get GPUs, else numba), numba, numpy or cupy.
-    address         : None starts a local Ray for this command; "auto" or "ray://host:port"
-                      joins a running cluster.
-    workers         : actors in the pool; None = one per CPU (numba) or per G GPUs (cupy).
-    gpus_per_worker : GPUs per actor; None = 1 when the cluster has GPUs and the backend
-                      is auto or cupy, else 0.
-    batch_size      : images per solver call (and per manifest part file).
-    overwrite       : replace an existing store made with other parameters or sources.
-    num_cpus        : logical CPUs of the local Ray (None: max(os.cpu_count(), workers)).
-    max_pixels      : an image with more pixels (width x height, read from its header) is an
-                      error row, never decoded: decompression bombs cannot exhaust memory.
-    max_attempts    : an image that killed its worker process this many times is an error row
-                      (Ray would otherwise retry it forever).
-    """
-
-    src: Path
-    out: Path
-    size: int = 256
-    order: int = 3
-    params: ATParams = field(default_factory=ATParams)
-    backend: str = "auto"
-    address: Optional[str] = None
-    workers: Optional[int] = None
-    gpus_per_worker: Optional[float] = None
-    batch_size: int = 8
-    overwrite: bool = False
+    address: Optional[str] = opt(None, "join a Ray cluster ('auto' or ray://host:port); default: start a "
+                                       "local Ray", metavar="ADDR")
+    workers: Optional[int] = opt(None, "Ray actors (default: one per CPU, or one per G GPUs)", metavar="N")
+    gpus_per_worker: Optional[float] = opt(None, "GPUs per actor (default 1 when the cluster has GPUs, else 0)",
+                                           metavar="G")
+    max_attempts: int = opt(DEFAULT_MAX_ATTEMPTS, "an input whose worker process died K times is given up "
+                                                  "on, so that the job ends", metavar="K")
+    overwrite: bool = opt(False, "replace an output made from other inputs or with other parameters "
+                                 "(only ever an output of this command)")
     num_cpus: Optional[int] = None
-    method: str = "base_detail"
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
     def __post_init__(self):
-        object.__setattr__(self, "src", Path(self.src))
-        object.__setattr__(self, "out", Path(self.out))
-        if int(self.size) != self.size or self.size < 1:
-            raise ConfigError(f"--size must be an integer >= 1, got {self.size!r}")
-        if int(self.order) != self.order or self.order < 1:
-            raise ConfigError(f"--order must be an integer >= 1, got {self.order!r}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.workers is not None and (int(self.workers) != self.workers or self.workers < 1):
-            raise ConfigError(f"--workers must be an integer >= 1, got {self.workers!r}")
+        check_int("workers", self.workers, optional=True)
+        check_int("max_attempts", self.max_attempts)
         if self.gpus_per_worker is not None and not self.gpus_per_worker >= 0:
             raise ConfigError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker!r}")
+        if self.num_cpus is not None and (int(self.num_cpus) != self.num_cpus or self.num_cpus < 1):
+            raise ConfigError(f"num_cpus must be an integer >= 1, got {self.num_cpus!r}")
+        if self.num_cpus is not None and self.address is not None:
+            raise ConfigError("num_cpus applies to the local Ray only; a cluster has its own")
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobConfig(RayJobConfig):
+    """Settings of `nextdetail decompose-dataset` (and the RayJobConfig ones).
+
+    backend 'auto' is cupy when the workers get GPUs, else numba; gpus_per_worker None is 1
+    when the cluster has GPUs and the backend is auto or cupy, else 0.
+    """
+
+    src: Path = opt(help="folder of images (class sub-folders give labels) or a .txt/.parquet listing",
+                    positional=True, metavar="SRC")
+    out: Path = opt(help="store folder", metavar="STORE")
+    size: int = opt(256, "shorter side resized to N (LANCZOS), center-cropped N x N", metavar="N")
+    order: int = opt(3, "levels n; the store holds n + 1 layers per image")
+    params: ATParams = nested(ATParams)
+    backend: str = opt("auto", "auto = cupy on GPU workers, else numba", choices=BACKENDS)
+    batch_size: int = opt(8, "images per solver call (and per manifest part file)", metavar="B")
+    max_pixels: int = opt(DEFAULT_MAX_PIXELS, "an image whose header declares more pixels is an error row, "
+                                              "never decoded (decompression bombs)", metavar="P")
+    method: str = "base_detail"
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "src", Path(self.src))
+        object.__setattr__(self, "out", Path(self.out))
+        for name in ("size", "order", "batch_size", "max_pixels"):
+            check_int(name, getattr(self, name))
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.gpus_per_worker and self.backend in ("numba", "numpy"):
             raise ConfigError(f"--gpus-per-worker {self.gpus_per_worker} needs the cupy backend, "
                               f"not {self.backend!r}")
-        if int(self.batch_size) != self.batch_size or self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be an integer >= 1, got {self.batch_size!r}")
-        if self.num_cpus is not None and (int(self.num_cpus) != self.num_cpus or self.num_cpus < 1):
-            raise ConfigError(f"num_cpus must be an integer >= 1, got {self.num_cpus!r}")
-        for name in ("max_pixels", "max_attempts"):
-            v = getattr(self, name)
-            if int(v) != v or v < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
-        if self.num_cpus is not None and self.address is not None:
-            raise ConfigError("num_cpus applies to the local Ray only; a cluster has its own")
 
     def store_params(self, backend: str) -> StoreParams:
         """The store parameters of this job once `backend` is resolved (not auto)."""

@@ -26,11 +26,10 @@ import numpy as np
 from ..train.tokens import DTYPE
 from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
 from .store import StoreError
-from .writer import write_bytes_atomic
+from ..stores import PARTS, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
-PARTS = "_parts"
 
 
 

@@ -28,12 +28,13 @@ import numpy as np
 from .. import __version__
 from ..train.tokens import (DTYPE, FORMAT, FORMAT_VERSION, INDEX, MAX_VOCAB, META, SHARDS, TOKENS,
                             file_sha256, map_offsets, shard_name)
-from .config import ConfigError
-from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, crash_hook
-from .encode_worker import PARTS, EncodeWorker, failed_path, part_path
+from ..options import check_int, opt
+from ..stores import PARTS, atomic_write, write_bytes_atomic, write_table_atomic
+from .attempts import ATTEMPTS, crash_hook
+from .config import ConfigError, RayJobConfig
+from .encode_worker import EncodeWorker, failed_path, part_path
 from .job import JobError, connect, job_failures
 from .store import DecompositionStore, StoreError
-from .writer import write_bytes_atomic, write_table_atomic
 
 log = logging.getLogger(__name__)
 
@@ -41,53 +42,27 @@ PLAN = "plan.json"
 ENTRIES = (TOKENS, INDEX, META, PARTS, SHARDS)       # the only names --overwrite removes
 
 
-@dataclass(frozen=True)
-class ExportConfig:
-    """Settings of `nextdetail export-tokens`.
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig(RayJobConfig):
+    """Settings of `nextdetail export-tokens` (and the RayJobConfig ones). A block given up on
+    after max_attempts worker deaths leaves the token store unfinished (exit status 1)."""
 
-    data            : finished decomposition store (its ok images are exported, in store order).
-    tokenizer       : tokenizer run folder (its latest checkpoint) or checkpoint file.
-    out             : token store folder.
-    address         : None starts a local Ray; "auto" or "ray://host:port" joins a cluster.
-    workers         : actors (None: one per CPU, or one per G GPUs when the cluster has GPUs).
-    gpus_per_worker : GPUs per actor (None: 1 when the cluster has GPUs, else 0).
-    batch_size      : images read and encoded per step (the bytes do not depend on it: the
-                      encoder runs fixed micro-batches, see Tokenizer.encode).
-    block_rows      : rows per part file (the unit of work and of resume).
-    shard_rows      : None: one tokens.bin; R: keep fixed-size shard files of R rows (multi-node
-                      friendly, no final copy); the blocks are then R rows.
-    overwrite       : replace a token store exported from another store or tokenizer.
-    num_cpus        : logical CPUs of the local Ray (None: the machine's).
-    max_attempts    : a block whose worker process died this many times is given up on: the
-                      other blocks finish, the store stays unfinished (exit status 1).
-    """
-
-    data: Path
-    tokenizer: Path
-    out: Path
-    address: Optional[str] = None
-    workers: Optional[int] = None
-    gpus_per_worker: Optional[float] = None
-    batch_size: int = 32
-    block_rows: int = 512
-    shard_rows: Optional[int] = None
-    overwrite: bool = False
-    num_cpus: Optional[int] = None
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    data: Path = opt(help="decomposition store (its ok images are exported, in store order)", metavar="STORE")
+    tokenizer: Path = opt(help="tokenizer run folder (latest checkpoint) or checkpoint file", metavar="RUN")
+    out: Path = opt(help="token store folder", metavar="TOKENS")
+    batch_size: int = opt(32, "images read and encoded per step; the tokens do not depend on it "
+                              "(the encoder runs fixed micro-batches, see Tokenizer.encode)", metavar="B")
+    block_rows: int = opt(512, "images per part file, the unit of work and of resume", metavar="R")
+    shard_rows: Optional[int] = opt(None, "keep fixed-size shard files of R rows instead of one tokens.bin "
+                                          "(multi-node friendly, no final copy)", metavar="R")
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("data", "tokenizer", "out"):
             object.__setattr__(self, name, Path(getattr(self, name)))
-        for name in ("batch_size", "block_rows", "max_attempts"):
-            v = getattr(self, name)
-            if int(v) != v or v < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
-        if self.shard_rows is not None and (int(self.shard_rows) != self.shard_rows or self.shard_rows < 1):
-            raise ConfigError(f"--shard-rows must be an integer >= 1, got {self.shard_rows!r}")
-        if self.workers is not None and (int(self.workers) != self.workers or self.workers < 1):
-            raise ConfigError(f"--workers must be an integer >= 1, got {self.workers!r}")
-        if self.gpus_per_worker is not None and not self.gpus_per_worker >= 0:
-            raise ConfigError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker!r}")
+        check_int("batch_size", self.batch_size)
+        check_int("block_rows", self.block_rows)
+        check_int("shard_rows", self.shard_rows, optional=True)
 
     @property
     def rows_per_block(self) -> int:
@@ -290,14 +265,10 @@ def finish(plan: ExportPlan) -> None:
             if part_path(out, b).is_file():        # not yet moved by an earlier finish
                 os.replace(part_path(out, b), out / shard_name(b))
     else:
-        tmp = out / f".{TOKENS}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as dst:
+        with atomic_write(out / TOKENS) as tmp, open(tmp, "wb") as dst:
             for b, lo, hi in plan.blocks:
                 with open(part_path(out, b), "rb") as src:
                     shutil.copyfileobj(src, dst, 1 << 24)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, out / TOKENS)
     store = plan.store
     m = store.manifest.set_index("index").loc[store.ok_indices]
     labels = store.labels.astype(np.int64)

@@ -19,18 +19,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import List, Optional, Protocol
 
+from ..errors import JobError
 from .attempts import ATTEMPTS, crash_hook
 from .config import ConfigError, JobConfig
 from .sources import list_sources
-from .store import PARTS, STATUS_ERROR, StoreError
+from .store import STATUS_ERROR, StoreError, run_parts
 from .worker import T_END, T_START, DecomposeWorker, read_batch
 from .writer import StorePlan, check_store, finish_store, prepare_store
 
 log = logging.getLogger(__name__)
-
-
-class JobError(RuntimeError):
-    """The job could not run or finish (Ray, cluster, store I/O). The store stays resumable."""
 
 
 class Progress(Protocol):
@@ -149,7 +146,7 @@ def _dataset(plan: StorePlan, cfg: JobConfig, gpus: float, workers: int):
         ds = ds.map_batches(read_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1,
                             max_retries=-1,
                             fn_kwargs={"size": plan.params.size, "max_pixels": cfg.max_pixels,
-                                       "journal": str((plan.path / PARTS / f"run-{plan.run:04d}" / ATTEMPTS).resolve()),
+                                       "journal": str((run_parts(plan.path, plan.run) / ATTEMPTS).resolve()),
                                        "max_attempts": cfg.max_attempts, "crash_on": crash_hook()})
     # CPU actors read their own batches (read_size): the pixels stay in the process that
     # decodes them, and no read task competes with the actors for the CPUs. (A separate

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from ..errors import PathError
 from ..imageio import FolderError, list_images
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,8 @@ log = logging.getLogger(__name__)
 NO_LABEL = -1
 
 
-class SourceError(ValueError):
+class SourceError(PathError):
     """SRC cannot be listed; str is one line "<SRC>: <reason>"."""
-
-    def __init__(self, src, reason: str):
-        super().__init__(f"{src}: {reason}")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
     STORE/layers.zarr       float16 (N, n+1, 3, H, W), Zarr v3, chunk (1, n+1, 3, H, W):
                             image i's layers in generation order [B_n, D_n, ..., D_1].
                             Rows of images that failed hold the fill value NaN.
-    STORE/manifest.parquet  one row per source image, sorted by index (MANIFEST_COLUMNS).
+    STORE/manifest.parquet  one row per source image, sorted by index (manifest_schema).
     STORE/meta.json         parameters, layer order, counts, versions. Written last: a
                             store without it is incomplete (a job is running or died).
     STORE/_parts/           the job's journal (per-batch manifest rows); gone when complete.
@@ -21,35 +21,27 @@ from typing import List, Optional
 
 import numpy as np
 
+from ..errors import PathError
+from ..stores import PARTS
+
 FORMAT = "nextdetail.decomposition_store"
 FORMAT_VERSION = 1
 
 LAYERS = "layers.zarr"
 MANIFEST = "manifest.parquet"
 META = "meta.json"
-PARTS = "_parts"
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 STATUS_PENDING = "pending"     # only in incomplete stores: not processed yet
 
-# Manifest columns besides energy_k / iterations_k (k = 1..n, level k makes B_k from B_(k-1)).
-MANIFEST_COLUMNS = ("index", "id", "path", "label", "class_name", "status", "error",
-                    "seconds", "backend", "worker_host", "worker_pid")
-# Columns that depend on when and where an image ran, not on what it is: everything else
-# is the same for an interrupted-and-resumed run as for an uninterrupted one.
+# Columns of the manifest that depend on when and where an image ran, not on what it is:
+# everything else is the same for an interrupted-and-resumed run as for an uninterrupted one.
 RUN_DEPENDENT_COLUMNS = ("seconds", "worker_host", "worker_pid")
 
 
-class StoreError(ValueError):
+class StoreError(PathError):
     """A store that cannot be used as asked; str is one line "<STORE or its file>: <reason>"."""
-
-    def __init__(self, path, reason: str):
-        self.path, self.reason = Path(path), reason
-        super().__init__(f"{path}: {reason}")
-
-    def __reduce__(self):   # pickles with its two arguments (Ray sends worker errors home)
-        return (type(self), (self.path, self.reason))
 
 
 # What readers use of meta.json: key -> (type, check). A store whose meta.json is edited or
@@ -57,6 +49,11 @@ class StoreError(ValueError):
 _META_KEYS = {"method": str, "order": int, "size": int, "backend": str, "at": dict, "dtype": str,
               "counts": dict}
 _COUNT_KEYS = ("images", "ok", "error")
+
+
+def run_parts(store, run: int) -> Path:
+    """The journal folder of run `run` of a store being written (see writer.py)."""
+    return Path(store) / PARTS / f"run-{run:04d}"
 
 
 def _first_line(e: BaseException) -> str:

@@ -20,8 +20,8 @@ from ..decomp import decompose
 from ..imageio import ImageError, load_image
 from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
 from .config import StoreParams
-from .store import LAYERS, STATUS_ERROR, STATUS_OK, manifest_schema
-from .writer import write_table_atomic
+from .store import LAYERS, STATUS_ERROR, STATUS_OK, manifest_schema, run_parts
+from ..stores import write_table_atomic
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class DecomposeWorker:
             self.threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
             self._limit_threads()
         self.array = zarr.open_array(Path(store) / LAYERS, mode="r+")
-        self.parts = Path(store) / "_parts" / f"run-{run:04d}"
+        self.parts = run_parts(store, run)
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.schema = manifest_schema(self.order)
         # Warm-up: kernels are compiled per process; do it before the first real batch.

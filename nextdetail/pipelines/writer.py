@@ -19,17 +19,18 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence
 
 import numpy as np
 
 from .. import __version__
+from ..stores import write_bytes_atomic, write_table_atomic
 from .config import StoreParams
 from .sources import Source
 from .store import (FORMAT, FORMAT_VERSION, LAYERS, MANIFEST, META, PARTS, STATUS_ERROR, STATUS_OK,
-                    STATUS_PENDING, StoreError, layer_names, manifest_schema)
+                    STATUS_PENDING, StoreError, layer_names, manifest_schema, run_parts)
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,6 @@ class StorePlan:
     run: int                      # journal run number of this run (1, 2, ...)
     created: bool = False
     previous_errors: int = 0      # images retried because an earlier run marked them error
-    parts_dir: Path = field(init=False)
-
-    def __post_init__(self):
-        self.parts_dir = self.path / PARTS / f"run-{self.run:04d}"
 
 
 def zarr_attributes(params: StoreParams, n_images: int) -> dict:
@@ -60,22 +57,6 @@ def zarr_attributes(params: StoreParams, n_images: int) -> dict:
     return {"nextdetail": {"format": FORMAT, "format_version": FORMAT_VERSION,
                            "params": params.to_dict(), "layer_order": layer_names(params.order),
                            "images": n_images}}
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def write_table_atomic(table, path: Path) -> None:
-    """Parquet written to a dot-named temp file (ignored by readers) and renamed into place."""
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
 
 
 def _store_state(path: Path) -> str:
@@ -213,7 +194,7 @@ def merged_manifest(path: Path, order: int):
     frames = [base.assign(_run=0)]
     for run in _runs(path):
         # pyarrow.dataset skips names starting with "." or "_": half-written temp files.
-        table = pads.dataset(path / PARTS / f"run-{run:04d}", format="parquet", schema=schema).to_table()
+        table = pads.dataset(run_parts(path, run), format="parquet", schema=schema).to_table()
         if table.num_rows:
             frames.append(table.to_pandas().assign(_run=run))
     df = pd.concat(frames, ignore_index=True)

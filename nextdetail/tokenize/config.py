@@ -12,18 +12,17 @@ Schedules (token maps in generation order; L = latent side = image side / downsa
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import List, Optional, Tuple
+
+from ..errors import ConfigError
+from ..options import check_int, nested, opt
 
 KINDS = ("vanilla", "multiscale", "basedetail")
 
 # VAR's and CART-256's schedules on a 16x16 latent (256 px, x16).
 VAR_PATCH_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 CART_BASE_PATCH_SIZES = (1, 2, 3, 4, 6, 9, 13, 16)
-
-
-class ConfigError(ValueError):
-    """A tokenizer configuration that cannot work; str is one line naming the field."""
 
 
 def scale_patch_sizes(sizes, latent: int, reference: int = 16) -> Tuple[int, ...]:
@@ -46,12 +45,16 @@ class ModelConfig:
     """Convolutional encoder/decoder (VQGAN/LDM style). Images are (B, 3, H, W) with H and W
     divisible by `downsample`; latents are (B, z_channels, H/downsample, W/downsample)."""
 
-    downsample: int = 16           # 16 (default) or 8: number of x2 stages = log2(downsample)
-    ch: int = 128                  # channels of the first stage
-    ch_mult: Optional[Tuple[int, ...]] = None   # per stage; None: (1, 1, 2, 2, 4)[:stages + 1]
-    num_res_blocks: int = 2
-    attn: bool = True              # self-attention at the lowest resolution
+    downsample: int = opt(16, "encoder stride: log2 of it x2 stages", choices=(8, 16))
+    ch: int = opt(128, "channels of the first stage")
+    ch_mult: Optional[Tuple[int, ...]] = None   # per stage; None: (1, 1, 2, 2, 4, 4)[:stages + 1]
+    num_res_blocks: int = opt(2, "residual blocks per stage")
+    attn: bool = opt(True, "no self-attention at the lowest resolution", flag="--no-attn")
     z_channels: int = 32           # Cvae
+
+    def __post_init__(self):
+        for name in ("ch", "num_res_blocks", "z_channels"):
+            check_int(name, getattr(self, name))
 
     def stages(self) -> int:
         if self.downsample not in (2, 4, 8, 16, 32):
@@ -68,16 +71,20 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    kind: str = "basedetail"
-    vocab: int = 4096              # V: one codebook shared by every token map
-    beta: float = 0.25             # commitment weight
-    depth: int = 14                # vanilla: maps at full latent resolution
-    patch_sizes: Tuple[int, ...] = VAR_PATCH_SIZES           # multiscale
-    base_patch_sizes: Tuple[int, ...] = CART_BASE_PATCH_SIZES  # basedetail: base maps
-    order: int = 3                 # basedetail: n detail factors
-    detail_depth: int = 2          # basedetail: (M - B) / n maps per detail factor
+    kind: str = opt("basedetail", "token-map schedule", flag="--quantizer", choices=KINDS)
+    vocab: int = opt(4096, "codebook size V, one codebook shared by every token map")
+    beta: float = opt(0.25, "commitment weight")
+    depth: int = opt(14, "vanilla: residual depth (maps at full latent resolution)")
+    # None: the reference schedule (VAR's, CART's) scaled to the latent side; a TokenizerConfig
+    # always holds the resolved sizes, so checkpoints record them.
+    patch_sizes: Optional[Tuple[int, ...]] = opt(
+        None, "multiscale map sides, ending at the latent side (default VAR's, scaled to it)", metavar="P,P,...")
+    base_patch_sizes: Optional[Tuple[int, ...]] = opt(
+        None, "basedetail base map sides (default CART's 8, scaled to the latent side)", metavar="P,P,...")
+    order: int = opt(3, "basedetail: detail factors n")
+    detail_depth: int = opt(2, "basedetail: maps per detail factor, (M - B) / n")
     phi_ratio: float = 0.5         # phi_k(z) = (1 - r) z + r conv3x3(z), as VAR's quant_resi
-    dead_after: int = 200          # a code unused for this many steps (EMA) is re-initialised
+    dead_after: int = opt(200, "steps unused before a code is re-initialised")
     usage_decay: float = 0.99
 
     def __post_init__(self):
@@ -87,23 +94,34 @@ class QuantConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} {getattr(self, name)}: must be >= 1")
         for name in ("patch_sizes", "base_patch_sizes"):
+            if getattr(self, name) is None:
+                continue
             sizes = tuple(getattr(self, name))
             object.__setattr__(self, name, sizes)
             if not sizes or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] < 1:
                 raise ConfigError(f"{name} {sizes}: must be strictly increasing positive sizes")
 
+    def schedule(self, latent: int) -> "QuantConfig":
+        """This config with the default schedules scaled to a latent of side `latent`."""
+        return replace(self,
+                       patch_sizes=self.patch_sizes or scale_patch_sizes(VAR_PATCH_SIZES, latent),
+                       base_patch_sizes=self.base_patch_sizes or scale_patch_sizes(CART_BASE_PATCH_SIZES, latent))
+
     def num_maps(self) -> int:
+        """M; with default schedules, at the reference 16 x 16 latent."""
+        q = self.schedule(16)
         if self.kind == "vanilla":
             return self.depth
         if self.kind == "multiscale":
-            return len(self.patch_sizes)
-        return len(self.base_patch_sizes) + self.order * self.detail_depth
+            return len(q.patch_sizes)
+        return len(q.base_patch_sizes) + self.order * self.detail_depth
 
     def map_sizes(self, latent: int) -> List[int]:
         """Side of each token map, in generation order, for a latent of side `latent`."""
         if self.kind == "vanilla":
             return [latent] * self.depth
-        sizes = self.patch_sizes if self.kind == "multiscale" else self.base_patch_sizes
+        q = self.schedule(latent)
+        sizes = q.patch_sizes if self.kind == "multiscale" else q.base_patch_sizes
         name = "patch_sizes" if self.kind == "multiscale" else "base_patch_sizes"
         if sizes[-1] != latent:
             raise ConfigError(f"{name} {sizes} must end at the latent side {latent} "
@@ -115,9 +133,14 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    image_size: int = 256          # training crop side; fixes the latent side of the schedules
+    model: ModelConfig = nested(ModelConfig)
+    quant: QuantConfig = nested(QuantConfig)
+    image_size: int = opt(256, "training crop side (random crops of the store's images)", metavar="S")
+
+    def __post_init__(self):
+        check_int("image_size", self.image_size)
+        # Default schedules scaled to this latent side, held explicitly (saved in checkpoints).
+        object.__setattr__(self, "quant", self.quant.schedule(self.latent()))
 
     def latent(self) -> int:
         if self.image_size % self.model.downsample:
@@ -166,13 +189,6 @@ def config_for(kind: str = "basedetail", image_size: int = 256, downsample: int 
     """A validated config whose default schedules are scaled to the latent side (identity at
     256 px, x16). E.g. 64x64 crops with x8 -> 8x8 latent: base maps and VAR sizes 1..8, CART's
     M = 8 + 3 * 2 = 14. Explicit `patch_sizes` / `base_patch_sizes` are kept as given."""
-    if image_size % downsample:
-        raise ConfigError(f"image_size {image_size} is not divisible by downsample {downsample}")
-    latent = image_size // downsample
-    if quant.get("patch_sizes") is None:
-        quant["patch_sizes"] = scale_patch_sizes(VAR_PATCH_SIZES, latent)
-    if quant.get("base_patch_sizes") is None:
-        quant["base_patch_sizes"] = scale_patch_sizes(CART_BASE_PATCH_SIZES, latent)
     return TokenizerConfig(model=ModelConfig(downsample=downsample, ch=ch, num_res_blocks=num_res_blocks,
                                              attn=attn),
                            quant=QuantConfig(kind=kind, **quant), image_size=image_size).validate()

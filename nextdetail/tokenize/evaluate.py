@@ -12,16 +12,33 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from ..options import check_int, opt
 from .losses import backbone_path, build_lpips
 from .tokenizer import Tokenizer, to_image, to_model
 from ..runs import latest_checkpoint
 from .train import TrainError, split_layers
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of `nextdetail eval-tokenizer`."""
+
+    runs: Tuple[Path, ...] = opt(help="run folder or checkpoint file", positional=True, nargs="+", metavar="RUN",
+                                 type=Path)
+    data: Path = opt(help="decomposition store", metavar="STORE")
+    out: Path = opt(Path("out/eval-tokenizer"), "output folder")
+    images: int = opt(64, "images evaluated", metavar="N")
+    batch_size: int = opt(16, "images per encoder call")
+
+    def __post_init__(self):
+        check_int("images", self.images)
+        check_int("batch_size", self.batch_size)
 
 
 @dataclass
@@ -96,7 +113,7 @@ def evaluate(runs: Sequence, store_path, *, limit: int = 64, batch: int = 16) ->
 
 
 def write_results(rows: Sequence[DepthRow], out: Path) -> Dict[str, Path]:
-    from ..viz import line_plot
+    from ..plots import line_plot
 
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "eval.csv", "w", newline="") as f:
@@ -110,8 +127,8 @@ def write_results(rows: Sequence[DepthRow], out: Path) -> Dict[str, Path]:
         xs, ys = series.setdefault(f"{r.run} ({r.quantizer})", ([], []))
         xs.append(r.depth)
         ys.append(r.mse)
-    line_plot(series, title="reconstruction MSE after each quantization depth", xlabel="quantization depth",
-              ylabel="MSE").save(out / "eval.png")
+    line_plot(series, out / "eval.png", title="reconstruction MSE after each quantization depth",
+              xlabel="quantization depth", ylabel="MSE")
     return {"csv": out / "eval.csv", "png": out / "eval.png"}
 
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import NextDetailError
+
 log = logging.getLogger(__name__)
 
 # torchvision's file names for the backbones LPIPS uses (what torch.hub would download).
@@ -23,7 +25,7 @@ BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth
                   "squeeze": "squeezenet1_1-b8a52dc0.pth"}
 
 
-class LPIPSWeightsError(FileNotFoundError):
+class LPIPSWeightsError(NextDetailError, FileNotFoundError):
     """The backbone weights are not in the local torch hub cache (one line: which file where)."""
 
 

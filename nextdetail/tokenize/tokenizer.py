@@ -18,12 +18,13 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from .config import ConfigError, TokenizerConfig
+from ..errors import ConfigError, NextDetailError
+from .config import TokenizerConfig
 from .model import Decoder, Encoder
 from .quant import QuantOut, build_quantizer
 
 
-class CheckpointError(ValueError):
+class CheckpointError(NextDetailError, ValueError):
     """A checkpoint that cannot be loaded as asked; str is one line naming the file."""
 
 

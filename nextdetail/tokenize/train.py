@@ -1,7 +1,7 @@
 """Training the tokenizer on a decomposition store with the compound loss
 L = L2 + VQ/commitment + lambda_p LPIPS + lambda_G hinge-GAN (PatchGAN, from `disc_start`).
 
-    report = train(TrainConfig(data="STORE", out="RUN", tokenizer=config_for("basedetail")))
+    report = train(TokenizerTrainConfig(data="STORE", out="RUN", tokenizer=config_for("basedetail")))
 
 RUN/ holds `ckpt-<step>.pt` (every `ckpt_every` steps and at the end: model, discriminator,
 both AdamW states, step, both configs, RNG states), `log.jsonl` (one record per step) and
@@ -23,8 +23,10 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..runs import (LOG, PLOT, RunError, checkpoint_name, checkpoints, load_checkpoint, read_log, save_checkpoint,
+from ..runs import (LOG, PLOT, RunError, TrainError, checkpoint_name, checkpoints, load_checkpoint, read_log, running_mean, save_checkpoint,
                     truncate_log)
+from ..errors import ConfigError
+from ..options import check_int, nested, opt
 from .config import TokenizerConfig
 from .losses import PatchDiscriminator, build_lpips, hinge_d_loss, hinge_g_loss
 from .tokenizer import Tokenizer, to_model
@@ -33,37 +35,42 @@ log = logging.getLogger(__name__)
 
 
 
-class TrainError(RunError):
-    """Training cannot start as asked (bad store, run folder, config); one line."""
-
-
 @dataclass(frozen=True)
-class TrainConfig:
-    data: str
-    out: str
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    steps: int = 1000
-    batch_size: int = 8
-    lr: float = 1e-4
+class TokenizerTrainConfig:
+    """Settings of `nextdetail train-tokenizer`: the tokenizer (nested) and its training."""
+
+    data: str = opt(help="decomposition store", metavar="STORE")
+    out: str = opt(help="run folder", metavar="RUN")
+    tokenizer: TokenizerConfig = nested(TokenizerConfig)
+    steps: int = opt(1000, "training steps")
+    batch_size: int = opt(8, "images per step")
+    lr: float = opt(1e-4, "AdamW learning rate (generator and discriminator)")
     betas: tuple = (0.5, 0.9)
-    weight_decay: float = 1e-4
-    lpips_weight: float = 1.0
-    lpips_net: str = "alex"
-    lpips_backbone: str = "pretrained"      # or "random" (offline tests; warns)
-    disc_weight: float = 0.1
-    disc_start: int = 2000                  # the discriminator trains, and its loss counts, from here
-    disc_ch: int = 64
-    adaptive_gan: bool = False              # VQGAN's weight: |grad rec| / |grad G| at the decoder's last layer
-    ema: float = 0.0                        # decay of an exponential moving average of the weights; 0: none
-    ckpt_every: int = 500
-    seed: int = 0
-    device: str = "cpu"
+    weight_decay: float = opt(1e-4, "AdamW weight decay")
+    lpips_weight: float = opt(1.0, "LPIPS weight; 0 switches LPIPS off")
+    lpips_net: str = opt("alex", "LPIPS backbone", choices=("alex", "vgg", "squeeze"))
+    lpips_backbone: str = opt("pretrained", "random LPIPS backbone instead of the pretrained weights from "
+                                            "the torch hub cache (offline tests; warns)",
+                              flag="--lpips-random-backbone", action="store_const", const="random")
+    disc_weight: float = opt(0.1, "PatchGAN loss weight")
+    disc_start: int = opt(2000, "step from which the discriminator trains, and its loss counts")
+    disc_ch: int = opt(64, "PatchGAN width")
+    adaptive_gan: bool = opt(False, "scale the GAN loss by |grad rec| / |grad G| at the decoder's last layer "
+                                    "(VQGAN)", flag="--adaptive-gan-weight")
+    ema: float = opt(0.0, "keep an EMA of the weights with this decay (e.g. 0.999); 0: off", metavar="DECAY")
+    ckpt_every: int = opt(500, "steps between checkpoints")
+    seed: int = opt(0, "seed of the weights and of the batches")
+    device: str = opt("cpu", "torch device (cuda: bf16 autocast)")
 
     def __post_init__(self):
         # Paths as str: the config is saved in checkpoints, which hold plain data only.
         for name in ("data", "out"):
             object.__setattr__(self, name, str(getattr(self, name)))
         object.__setattr__(self, "betas", tuple(self.betas))
+        for name in ("steps", "batch_size", "ckpt_every"):
+            check_int(name, getattr(self, name))
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"--ema {self.ema}: must be in [0, 1)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -73,7 +80,7 @@ class TrainConfig:
     # Fields a resumed run may change: where it writes and how long it goes on.
     RESUMABLE_CHANGES = ("steps", "out", "ckpt_every")
 
-    def differences(self, other: "TrainConfig") -> List[str]:
+    def differences(self, other: "TokenizerTrainConfig") -> List[str]:
         a, b = self.to_dict(), other.to_dict()
         out = [f"{k} {a[k]} (checkpoint) != {b[k]} (asked)" for k in a
                if k not in self.RESUMABLE_CHANGES and k != "tokenizer" and a[k] != b[k]]
@@ -146,7 +153,7 @@ def split_layers(layers_BL3HW: torch.Tensor, n: int):
 def plot_log(out: Path) -> Path:
     """loss.png: the log's losses against step, each a running mean over ~1/50 of the run
     (per-step values of a batch of a few crops are too noisy to read)."""
-    from ..viz import line_plot
+    from ..plots import line_plot
 
     recs = read_log(out)
     win = max(1, len(recs) // 50)
@@ -154,18 +161,14 @@ def plot_log(out: Path) -> Path:
     for k in ("loss", "l2", "vq", "lpips"):                     # g and d are signed: no log axis
         pts = [(r["step"], r[k]) for r in recs if k in r]
         if pts:
-            ys = [sum(y for _, y in pts[max(0, i - win + 1):i + 1]) / len(pts[max(0, i - win + 1):i + 1])
-                  for i in range(len(pts))]
-            series[k] = ([x for x, _ in pts], ys)
+            series[k] = ([x for x, _ in pts], running_mean([y for _, y in pts], win))
     title = f"tokenizer training: {out.name}" + (f" (running mean of {win} steps)" if win > 1 else "")
-    img = line_plot(series, title=title, xlabel="step", ylabel="loss", log_y=True)
-    img.save(out / PLOT)
-    return out / PLOT
+    return line_plot(series, out / PLOT, title=title, xlabel="step", ylabel="loss", log_y=True)
 
 
 # ----------------------------------------------------------------------------- loop
 
-def train(cfg: TrainConfig, *, resume: bool = False,
+def train(cfg: TokenizerTrainConfig, *, resume: bool = False,
           progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainReport:
     """Train (or resume) into cfg.out; `progress(step, steps, record)` after every step."""
     out = Path(cfg.out)
@@ -190,7 +193,7 @@ def train(cfg: TrainConfig, *, resume: bool = False,
             ckpt = load_checkpoint(found[-1], device, what="train-tokenizer checkpoint")
         except RunError as e:
             raise TrainError(f"{e}; delete it to resume from the one before") from None
-        saved = TrainConfig(**{**ckpt["config"], "tokenizer": TokenizerConfig.from_dict(ckpt["config"]["tokenizer"]),
+        saved = TokenizerTrainConfig(**{**ckpt["config"], "tokenizer": TokenizerConfig.from_dict(ckpt["config"]["tokenizer"]),
                                "betas": tuple(ckpt["config"]["betas"])})
         diff = saved.differences(cfg)
         if diff:

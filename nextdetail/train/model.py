@@ -32,9 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class ModelConfigError(ValueError):
-    """A transformer configuration that cannot work; one line naming the field."""
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -56,18 +54,18 @@ class TransformerConfig:
     def __post_init__(self):
         object.__setattr__(self, "map_shapes", tuple((int(h), int(w)) for h, w in self.map_shapes))
         if not self.map_shapes or any(h < 1 or w < 1 for h, w in self.map_shapes):
-            raise ModelConfigError(f"map_shapes {self.map_shapes}: need at least one map of positive size")
+            raise ConfigError(f"map_shapes {self.map_shapes}: need at least one map of positive size")
         for name in ("vocab", "cvae", "depth", "width", "heads"):
             if getattr(self, name) < 1:
-                raise ModelConfigError(f"{name} {getattr(self, name)}: must be >= 1")
+                raise ConfigError(f"{name} {getattr(self, name)}: must be >= 1")
         if self.num_classes < 0:
-            raise ModelConfigError(f"num_classes {self.num_classes}: must be >= 0")
+            raise ConfigError(f"num_classes {self.num_classes}: must be >= 0")
         if self.width % self.heads:
-            raise ModelConfigError(f"width {self.width} is not divisible by heads {self.heads}")
+            raise ConfigError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.pos not in ("rope", "learned"):
-            raise ModelConfigError(f"pos {self.pos!r}: 'rope' or 'learned'")
+            raise ConfigError(f"pos {self.pos!r}: 'rope' or 'learned'")
         if self.pos == "rope" and (self.width // self.heads) % 4:
-            raise ModelConfigError(f"head dim {self.width // self.heads}: 2-D RoPE needs a multiple of 4")
+            raise ConfigError(f"head dim {self.width // self.heads}: 2-D RoPE needs a multiple of 4")
 
     @property
     def seq_len(self) -> int:

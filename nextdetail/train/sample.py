@@ -31,7 +31,7 @@ import contextlib
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -39,6 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError, NextDetailError
+from ..options import check_int, opt
 from ..tokenize import CheckpointError, Tokenizer
 from ..tokenize.tokenizer import to_image
 from .inputs import contribution, next_input
@@ -47,8 +49,46 @@ from .model import NextDetailTransformer, TransformerConfig
 log = logging.getLogger(__name__)
 
 
-class SampleError(ValueError):
+class SampleError(NextDetailError, ValueError):
     """Sampling cannot run as asked (run folder, tokenizer, class, options); one line."""
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Settings of `nextdetail sample`; the generation fields are sample_to_folder's keywords."""
+
+    run: Path = opt(help="run folder of `nextdetail train` (or a checkpoint)", positional=True, metavar="RUN2")
+    out: Path = opt(Path("out/samples"), "output folder", metavar="DIR")
+    label: str = opt("-1", "class label or class name (a class folder of the data; default: none, "
+                           "unconditional)", flag="--class", metavar="C", default_help="none")
+    n: int = opt(16, "images")
+    cfg: float = opt(1.5, "guidance scale on the last map; 1: off")
+    top_k: int = opt(0, "keep the k most likely tokens; 0: all")
+    top_p: float = opt(0.0, "nucleus sampling mass; 0: off")
+    temperature: float = opt(1.0, "softmax temperature")
+    seed: int = opt(0, "seed of the samples")
+    batch_size: int = opt(16, "images generated at once")
+    highres: int = opt(1, "integer upscale of the trained resolution (base upsampled, details patchwise)",
+                       metavar="S")
+    overlap: bool = opt(False, "--highres: 50%% overlapping detail patches")
+    highres_base: str = opt("image", "--highres: upsample the base as an image and re-encode it, or its "
+                                     "features", choices=("image", "latent"))
+    tokenizer: Optional[Path] = opt(None, "the tokenizer run, when it moved since training (its sha256 must "
+                                          "match)", metavar="RUN")
+    device: str = opt("cpu", "torch device")
+
+    def __post_init__(self):
+        if not 0.0 <= self.top_p <= 1.0 or self.top_k < 0 or self.temperature <= 0 or self.cfg < 0:
+            raise ConfigError(f"--top-p {self.top_p}, --top-k {self.top_k}, --temperature {self.temperature}, "
+                              f"--cfg {self.cfg}: need 0 <= top-p <= 1, top-k >= 0, temperature > 0, cfg >= 0")
+        check_int("highres", self.highres)
+        check_int("n", self.n)
+        check_int("batch_size", self.batch_size)
+
+    def generation(self) -> dict:
+        """The keywords of sample_to_folder besides the run, the folder and the label."""
+        skip = ("run", "out", "label", "tokenizer", "device")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
 @dataclass

@@ -27,6 +27,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import PathError
+from ..stores import PARTS
+
 FORMAT = "nextdetail.token_store"
 FORMAT_VERSION = 1
 TOKENS = "tokens.bin"
@@ -38,12 +41,8 @@ DTYPE = np.dtype("<u2")             # uint16, little-endian on every machine
 MAX_VOCAB = int(np.iinfo(DTYPE).max) + 1
 
 
-class TokenStoreError(ValueError):
-    """A token store that cannot be used as asked; str is one line "<TOKENS>: <reason>"."""
-
-    def __init__(self, path, reason: str):
-        self.path = Path(path)
-        super().__init__(f"{path}: {reason}")
+class TokenStoreError(PathError):
+    """A token store that cannot be used as asked; str is one line "<TOKENS or its file>: <reason>"."""
 
 
 def file_sha256(path, chunk: int = 1 << 20) -> str:
@@ -69,7 +68,7 @@ def read_token_meta(path) -> dict:
     if not path.is_dir():
         raise TokenStoreError(path, "no such token store (not a folder)")
     if not (path / META).is_file():
-        if (path / "_parts").exists() or (path / TOKENS).exists():
+        if (path / PARTS).exists() or (path / TOKENS).exists():
             raise TokenStoreError(path, "incomplete token store (no meta.json): its export has not "
                                         "finished; rerun the same `nextdetail export-tokens` command")
         raise TokenStoreError(path, "not a token store (no meta.json)")

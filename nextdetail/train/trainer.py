@@ -1,6 +1,6 @@
 """Training the next-detail transformer on a token store (never images).
 
-    report = train(TrainConfig(tokens="TOKENS", tokenizer="RUN", out="RUN2", steps=1000))
+    report = train(TransformerTrainConfig(tokens="TOKENS", tokenizer="RUN", out="RUN2", steps=1000))
 
 Reads the token store (`TokenDataset`, one memmap gather per batch) and the tokenizer's quantizer
 (codebook + phi convs, `inputs.load_quantizer`) to build the continuous inputs. Loss: cross
@@ -37,8 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..runs import (LOG, PLOT, RunError, checkpoint_name, checkpoints, latest_checkpoint, load_checkpoint,
-                    read_log, save_checkpoint, truncate_log)
+from ..options import opt
+from ..runs import (LOG, PLOT, RunError, TrainError, checkpoint_name, checkpoints, latest_checkpoint, load_checkpoint,
+                    read_log, running_mean, save_checkpoint, truncate_log)
 from .inputs import load_quantizer, teacher_inputs
 from .model import NextDetailTransformer, TransformerConfig
 
@@ -46,37 +47,35 @@ log = logging.getLogger(__name__)
 
 
 
-class TrainError(RunError):
-    """Training cannot start as asked (token store, run folder, config); one line."""
-
-
 @dataclass(frozen=True)
-class TrainConfig:
-    tokens: str                        # token store folder (nextdetail export-tokens)
-    tokenizer: str                     # its tokenizer: run folder or checkpoint file
-    out: str                           # run folder of this training
-    depth: int = 6
-    width: int = 384
-    heads: int = 6
-    mlp_ratio: float = 4.0
-    pos: str = "rope"                  # "rope" (normalized 2-D RoPE) or "learned"
-    adaln: bool = False
-    steps: int = 1000
-    batch_size: int = 32               # per process
-    lr: float = 3e-4
-    min_lr: float = 0.1                # the cosine ends at min_lr * lr
-    warmup: int = 100
-    weight_decay: float = 0.05
+class TransformerTrainConfig:
+    """Settings of `nextdetail train`: the model's shape and its training."""
+
+    tokens: str = opt(help="token store (nextdetail export-tokens)", metavar="TOKENS")
+    tokenizer: str = opt(help="tokenizer run folder or checkpoint the tokens were exported with", metavar="RUN")
+    out: str = opt(help="run folder of this training", metavar="RUN2")
+    depth: int = opt(6, "transformer blocks")
+    width: int = opt(384, "model width")
+    heads: int = opt(6, "attention heads")
+    mlp_ratio: float = opt(4.0, "MLP width / model width")
+    pos: str = opt("rope", "normalized 2-D RoPE or learned absolute positions", choices=("rope", "learned"))
+    adaln: bool = opt(False, "condition every block on the class by AdaLN")
+    steps: int = opt(1000, "training steps")
+    batch_size: int = opt(32, "samples per step and process")
+    lr: float = opt(3e-4, "peak AdamW learning rate")
+    min_lr: float = opt(0.1, "cosine floor as a fraction of --lr")
+    warmup: int = opt(100, "linear warmup steps")
+    weight_decay: float = opt(0.05, "AdamW weight decay")
     betas: Tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0             # 0: no clipping
-    cond_drop: float = 0.1             # probability of the null class (classifier-free guidance)
-    val_fraction: float = 0.05
-    val_every: int = 500
+    grad_clip: float = opt(1.0, "max gradient norm; 0: off")
+    cond_drop: float = opt(0.1, "null-class probability (classifier-free guidance)")
+    val_fraction: float = opt(0.05, "held-out samples")
+    val_every: int = opt(500, "steps between validations")
     val_batches: int = 20              # at most this many batches per validation
-    ckpt_every: int = 500
-    seed: int = 0
-    device: str = "cpu"
-    compile: bool = False
+    ckpt_every: int = opt(500, "steps between checkpoints")
+    seed: int = opt(0, "seed of the weights, the split and the batch order")
+    device: str = opt("cpu", "torch device (cuda: bf16 autocast)")
+    compile: bool = opt(False, "torch.compile the model")
 
     # Fields a resumed run may change: where and how long it runs, how often it reports.
     RESUMABLE_CHANGES = ("out", "steps", "ckpt_every", "val_every", "val_batches", "device", "compile",
@@ -103,17 +102,17 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> "TransformerTrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def differences(self, other: "TrainConfig") -> List[str]:
+    def differences(self, other: "TransformerTrainConfig") -> List[str]:
         a, b = self.to_dict(), other.to_dict()
         return [f"{k} {a[k]} (checkpoint) != {b[k]} (asked)" for k in a
                 if k not in self.RESUMABLE_CHANGES and a[k] != b[k]]
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
+def lr_at(cfg: TransformerTrainConfig, step: int) -> float:
     """Learning rate of step `step` (0-based): linear warmup, then cosine to min_lr * lr."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -210,7 +209,7 @@ class Trainer:
     """The state of one training process; `train()` drives it. Split into `next_batch` (data)
     and `step` (inputs, forward, backward, update) so the benchmark can time them apart."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, dist_: Optional[Dist] = None):
+    def __init__(self, cfg: TransformerTrainConfig, *, resume: bool = False, dist_: Optional[Dist] = None):
         from ..tokenize import CheckpointError
         from .tokens import EpochSampler, TokenDataset, TokenStoreError
         from .tokens import file_sha256
@@ -289,7 +288,7 @@ class Trainer:
             ckpt = load_checkpoint(path, self.device, what="`nextdetail train` checkpoint")
         except RunError as e:
             raise TrainError(f"{e}; delete it to resume from the one before") from None
-        saved = TrainConfig.from_dict(ckpt["config"])
+        saved = TransformerTrainConfig.from_dict(ckpt["config"])
         diff = saved.differences(self.cfg)
         if diff:
             raise TrainError(f"{path}: checkpoint of another config: " + "; ".join(diff))
@@ -378,25 +377,22 @@ class Trainer:
 
 def plot_log(out: Path) -> Path:
     """loss.png: train loss (running mean over ~1/50 of the run) and validation loss against step."""
-    from ..viz import line_plot
+    from ..plots import line_plot
 
     recs = read_log(out)
     train_pts = [(r["step"], r["loss"]) for r in recs if r.get("split") == "train"]
     win = max(1, len(train_pts) // 50)
-    ys = [sum(y for _, y in train_pts[max(0, i - win + 1):i + 1]) / len(train_pts[max(0, i - win + 1):i + 1])
-          for i in range(len(train_pts))]
-    series = {"train loss": ([x for x, _ in train_pts], ys)}
+    series = {"train loss": ([x for x, _ in train_pts], running_mean([y for _, y in train_pts], win))}
     val = [(r["step"], r["loss"]) for r in recs if r.get("split") == "val"]
     if val:
         series["val loss"] = ([x for x, _ in val], [y for _, y in val])
     title = f"next-detail transformer: {out.name}" + (f" (train: running mean of {win})" if win > 1 else "")
-    line_plot(series, title=title, xlabel="step", ylabel="cross entropy", log_y=True).save(out / PLOT)
-    return out / PLOT
+    return line_plot(series, out / PLOT, title=title, xlabel="step", ylabel="cross entropy", log_y=True)
 
 
 # ----------------------------------------------------------------------------- loop
 
-def train(cfg: TrainConfig, *, resume: bool = False,
+def train(cfg: TransformerTrainConfig, *, resume: bool = False,
           progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainReport:
     """Train (or resume) into cfg.out; `progress(step, steps, record)` after every step (rank 0)."""
     d = setup_distributed(cfg.device)
@@ -408,7 +404,7 @@ def train(cfg: TrainConfig, *, resume: bool = False,
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, d: Dist, resume: bool, progress) -> TrainReport:
+def _train(cfg: TransformerTrainConfig, d: Dist, resume: bool, progress) -> TrainReport:
     tr = Trainer(cfg, resume=resume, dist_=d)
     out = tr.out
     start, t0, tokens, rec, val = tr.step_, time.perf_counter(), 0, {}, None

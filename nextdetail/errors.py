@@ -1,0 +1,42 @@
+"""The errors a command reports: one base carrying the exit status, handled once in `cli.main`.
+
+Every error's str is one line naming the thing at fault (an option, a file, a store, a row).
+
+    NextDetailError                exit 2: usage or input (an option, a file, a store, a checkpoint)
+      ConfigError                  a setting that parses but makes no sense: names the option
+      PathError                    "<path>: <reason>"; .path and .reason; pickles (Ray sends it home)
+      JobError                     exit 3: the job or its I/O failed; rerunning resumes
+
+The subclasses each module raises (StoreError, TokenStoreError, CheckpointError, ...) say which
+thing failed; none is mapped to an exit status anywhere but here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class NextDetailError(Exception):
+    """Base of every error a command reports in one line."""
+
+    exit_status = 2
+
+
+class ConfigError(NextDetailError, ValueError):
+    """A setting (option or config field) that makes no sense; str names it."""
+
+
+class PathError(NextDetailError, ValueError):
+    """Something wrong with a file or folder: str is "<path>: <reason>"."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path}: {reason}")
+
+    def __reduce__(self):   # pickles with its two arguments (Ray sends worker errors home)
+        return (type(self), (self.path, self.reason))
+
+
+class JobError(NextDetailError, RuntimeError):
+    """The job could not run or finish (Ray, cluster, I/O, a diverged loss); rerunning resumes."""
+
+    exit_status = 3
