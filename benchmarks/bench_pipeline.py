@@ -61,7 +61,7 @@ def plain_loop(paths, params: StoreParams, batch: int, threads: int, out: Path) 
     from zarr.codecs import ZstdCodec
 
     from nextdetail.pipelines.worker import stored_layers
-    from nextdetail.pipelines.writer import ZSTD_LEVEL
+    from nextdetail.stores.decomposition_writer import ZSTD_LEVEL
 
     numba.set_num_threads(threads)
     L, s = params.order + 1, params.size

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nextdetail.tokenize.config import TokenizerConfig  # noqa: E402
-from nextdetail.train.tokens import (DTYPE, FORMAT, FORMAT_VERSION, INDEX, META, TOKENS,  # noqa: E402
+from nextdetail.stores.tokens import (DTYPE, FORMAT, FORMAT_VERSION, INDEX, META, TOKENS,  # noqa: E402
                                      TokenDataset, map_offsets)
 
 

@@ -83,7 +83,7 @@ def make_store(path: Path, n: int = 4, size: int = 32, order: int = 3, n_iter: i
     from nextdetail.decomp import ATParams
     from nextdetail.pipelines import StoreParams, list_sources
     from nextdetail.pipelines.worker import DecomposeWorker
-    from nextdetail.pipelines.writer import finish_store, prepare_store
+    from nextdetail.stores.decomposition_writer import finish_store, prepare_store
 
     params = StoreParams(order=order, size=size, params=ATParams(n_iter=n_iter), backend="numba")
     src = list_sources(listing(photo_paths(n, path.parent), path.parent / f"{path.name}.txt"))

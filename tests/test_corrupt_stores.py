@@ -11,8 +11,8 @@ import pytest
 
 from nextdetail import cli
 from nextdetail.pipelines.export import ExportConfig, export_in_process
-from nextdetail.pipelines.store import LAYERS, MANIFEST, META, DecompositionStore, StoreError
-from nextdetail.train.tokens import INDEX, TOKENS
+from nextdetail.stores.decomposition import LAYERS, MANIFEST, META, DecompositionStore, StoreError
+from nextdetail.stores.tokens import INDEX, TOKENS
 from pipeline_data import make_store
 from token_data import tiny_tokenizer
 from conftest import own_lines

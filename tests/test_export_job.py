@@ -14,7 +14,7 @@ from nextdetail import cli
 from nextdetail.pipelines.encode_worker import PARTS
 from nextdetail.pipelines.export import ExportConfig, export_in_process
 from nextdetail.train import TokenDataset
-from nextdetail.train.tokens import INDEX, META, TOKENS
+from nextdetail.stores.tokens import INDEX, META, TOKENS
 from pipeline_data import make_store
 from token_data import near_tie_checkpoint, tiny_tokenizer
 from conftest import kill_cli_when, own_lines
@@ -178,5 +178,5 @@ def test_killed_worker_is_restarted_and_its_block_redone(ray_session, inputs, tm
     os.kill(victims[0], signal.SIGKILL)
     assert not (out / META).exists(), "the kill came too late: the export had finished"
     job.join(timeout=240)
-    assert not job.is_alive() and result["report"].encoded == 40
+    assert not job.is_alive() and result["report"].processed == 40
     same_store(out, reference)

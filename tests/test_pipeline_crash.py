@@ -17,7 +17,7 @@ import pytest
 from nextdetail import cli
 from nextdetail.decomp import ATParams
 from nextdetail.pipelines import DecompositionStore, JobConfig, run_job
-from nextdetail.pipelines.store import LAYERS, META, PARTS, RUN_DEPENDENT_COLUMNS, manifest_schema
+from nextdetail.stores.decomposition import LAYERS, META, PARTS, RUN_DEPENDENT_COLUMNS, manifest_schema
 from conftest import kill_cli_when
 from pipeline_data import SHARED_DATA, listing, synthetic_photo
 

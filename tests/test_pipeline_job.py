@@ -13,7 +13,7 @@ import numpy as np
 from nextdetail import cli
 from nextdetail.imageio import load_image
 from nextdetail.pipelines import DecompositionStore, JobConfig, list_sources, run_job
-from nextdetail.pipelines.store import LAYERS, MANIFEST, META, RUN_DEPENDENT_COLUMNS
+from nextdetail.stores.decomposition import LAYERS, MANIFEST, META, RUN_DEPENDENT_COLUMNS
 from pipeline_data import broken_files, class_folder, listing, photo_paths
 from conftest import own_lines
 

@@ -17,7 +17,7 @@ from nextdetail.pipelines import DecompositionStore, list_sources
 from nextdetail.pipelines.attempts import CRASH_HOOK_ENV, AttemptJournal
 from nextdetail.pipelines.encode_worker import PARTS
 from nextdetail.pipelines.export import ExportConfig, export_in_process
-from nextdetail.train.tokens import META, TOKENS
+from nextdetail.stores.tokens import META, TOKENS
 from pipeline_data import listing, make_store, photo_paths, synthetic_photo
 from token_data import tiny_tokenizer
 from conftest import own_lines
@@ -171,7 +171,7 @@ def test_a_journal_left_by_a_killed_worker_is_not_read_as_a_part(tmp_path):
     from nextdetail.pipelines import StoreParams
     from nextdetail.pipelines.attempts import ATTEMPTS
     from nextdetail.pipelines.worker import DecomposeWorker
-    from nextdetail.pipelines.writer import finish_store, merged_manifest, prepare_store
+    from nextdetail.stores.decomposition_writer import finish_store, merged_manifest, prepare_store
     from pipeline_data import batch_of
 
     params = StoreParams(order=2, size=16, params=ATParams(n_iter=2), backend="numpy")

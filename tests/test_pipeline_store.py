@@ -12,10 +12,10 @@ import pytest
 from nextdetail.decomp import ATParams, decompose
 from nextdetail.imageio import load_image
 from nextdetail.pipelines import DecompositionStore, StoreError, StoreParams, list_sources
-from nextdetail.pipelines.store import (FORMAT_VERSION, LAYERS, MANIFEST, META, PARTS, layer_names,
+from nextdetail.stores.decomposition import (FORMAT_VERSION, LAYERS, MANIFEST, META, PARTS, layer_names,
                                         layers_to_item)
 from nextdetail.pipelines.worker import DecomposeWorker
-from nextdetail.pipelines.writer import finish_store, merged_manifest, prepare_store
+from nextdetail.stores.decomposition_writer import finish_store, merged_manifest, prepare_store
 from pipeline_data import batch_of, broken_files, photo_paths, listing
 
 SIZE = 24

@@ -13,9 +13,9 @@ import torch
 from nextdetail.pipelines import DecompositionStore
 from nextdetail.pipelines.export import ExportConfig, export_in_process
 from nextdetail.tokenize import Tokenizer
-from nextdetail.tokenize.train import split_layers
+from nextdetail.stores.layers import split_layers
 from nextdetail.train import EpochSampler, TokenDataset, TokenStoreError
-from nextdetail.train.tokens import INDEX, META, TOKENS
+from nextdetail.stores.tokens import INDEX, META, TOKENS
 from token_data import make_token_store, tiny_tokenizer
 
 

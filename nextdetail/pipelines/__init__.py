@@ -10,7 +10,7 @@ package stays cheap.
 from .config import ConfigError, JobConfig, StoreParams
 from .job import JobError, JobReport, run_job
 from .sources import Source, SourceError, list_sources
-from .store import DecompositionStore, StoreError, StoreItem
+from ..stores.decomposition import DecompositionStore, StoreError, StoreItem
 
 __all__ = ["ConfigError", "DecompositionStore", "JobConfig", "JobError", "JobReport", "Source",
            "SourceError", "StoreError", "StoreItem", "StoreParams", "list_sources", "run_job"]

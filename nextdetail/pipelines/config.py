@@ -1,57 +1,17 @@
 """Typed settings of the dataset decomposition job and of the store it writes."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional
 
 from ..decomp import ATParams
 from ..errors import ConfigError
 from ..options import check_int, nested, opt
+from ..stores.decomposition import StoreParams
 from ..decomp.at import BACKENDS
 from ..imageio import DEFAULT_MAX_PIXELS
 from .attempts import DEFAULT_MAX_ATTEMPTS
-
-
-STORE_DTYPE = "float16"
-
-
-@dataclass(frozen=True)
-class StoreParams:
-    """Everything that decides the bytes of a store: a rerun must ask for exactly these.
-
-    backend is the resolved solver (numba, cupy or numpy, never auto): backends agree only
-    to float32 rounding, so mixing two in one store would break byte-for-byte resumes.
-    """
-
-    order: int
-    size: int
-    params: ATParams
-    backend: str
-    method: str = "base_detail"
-    dtype: str = STORE_DTYPE
-
-    def to_dict(self) -> dict:
-        return {"method": self.method, "order": self.order, "size": self.size,
-                "backend": self.backend, "dtype": self.dtype, "at": self.params.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "StoreParams":
-        return cls(order=int(d["order"]), size=int(d["size"]), params=ATParams(**d["at"]),
-                   backend=str(d["backend"]), method=str(d["method"]), dtype=str(d["dtype"]))
-
-    def flat(self) -> dict:
-        """One level of names, as the command line spells them (for difference messages)."""
-        out = {"method": self.method, "order": self.order, "size": self.size,
-               "backend": self.backend, "dtype": self.dtype}
-        out.update({f.name.replace("_", "-"): getattr(self.params, f.name) for f in fields(ATParams)})
-        return out
-
-    def differences(self, other: "StoreParams", *, ignore: tuple = ()) -> List[str]:
-        """'name A (store) != B (this run)' for every setting that differs, in a fixed order."""
-        mine, theirs = self.flat(), other.flat()
-        return [f"{k} {mine[k]!r} (store) != {theirs[k]!r} (this run)"
-                for k in mine if k not in ignore and mine[k] != theirs[k]]
 
 
 @dataclass(frozen=True, kw_only=True)

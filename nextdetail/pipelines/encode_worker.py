@@ -23,10 +23,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..train.tokens import DTYPE
-from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
-from .store import StoreError
 from ..stores import PARTS, write_bytes_atomic
+from ..stores.decomposition import DecompositionStore, StoreError
+from ..stores.layers import centre_crop, split_layers
+from ..stores.tokens import DTYPE
+from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,6 @@ class EncodeWorker:
         import torch
 
         from ..tokenize import Tokenizer
-        from .store import DecompositionStore
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         pin_numerics(self.device)
@@ -117,14 +117,11 @@ class EncodeWorker:
         """uint16 (hi - lo, L): token rows of the store's ok images lo .. hi-1 (centre crops)."""
         import torch
 
-        from ..tokenize.train import split_layers
-
-        s, o = self.size, (self.store.size - self.size) // 2
         rows = []
         for a in range(lo, hi, self.batch_size):
             for i in range(a, min(hi, a + self.batch_size)):
                 maybe_crash(self.store.id(i), self.crash_on)
-            layers = np.stack([self.store.layers(i)[:, :, o:o + s, o:o + s]
+            layers = np.stack([centre_crop(self.store.layers(i), self.size)
                                for i in range(a, min(hi, a + self.batch_size))])
             x = torch.from_numpy(layers.astype(np.float32)).to(self.device)
             image, bases = split_layers(x, self.n_bases)

@@ -10,7 +10,7 @@
 
 Resume works from the folder alone: a part exists only once complete (atomic rename), so a
 killed run loses at most the blocks in flight. The token store format is documented in
-nextdetail.train.tokens.
+nextdetail.stores.tokens.
 """
 from __future__ import annotations
 
@@ -21,20 +21,22 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Protocol
+from typing import List, Optional
 
 import numpy as np
 
 from .. import __version__
-from ..train.tokens import (DTYPE, FORMAT, FORMAT_VERSION, INDEX, MAX_VOCAB, META, SHARDS, TOKENS,
-                            file_sha256, map_offsets, shard_name)
+from ..errors import ConfigError, JobError
 from ..options import check_int, opt
 from ..stores import PARTS, atomic_write, write_bytes_atomic, write_table_atomic
+from ..stores.decomposition import DecompositionStore, StoreError
+from ..stores.tokens import (DTYPE, FORMAT, FORMAT_VERSION, INDEX, MAX_VOCAB, META, SHARDS, TOKENS,
+                             file_sha256, map_offsets, shard_name)
 from .attempts import ATTEMPTS, crash_hook
-from .config import ConfigError, RayJobConfig
+from .config import RayJobConfig
 from .encode_worker import EncodeWorker, failed_path, part_path
-from .job import JobError, connect, job_failures
-from .store import DecompositionStore, StoreError
+from .ray_job import (Progress, RayJobReport, cluster_resources, connect, job_failures, quiet_data_context,
+                      resolve_workers)
 
 log = logging.getLogger(__name__)
 
@@ -69,34 +71,15 @@ class ExportConfig(RayJobConfig):
         return int(self.shard_rows or self.block_rows)
 
 
-class ExportProgress(Protocol):
-    """Where the export reports progress, in rows (the CLI draws a bar)."""
-
-    def start(self, todo: int, done: int) -> None: ...
-
-    def update(self, rows: int) -> None: ...
-
-    def close(self) -> None: ...
-
-
 @dataclass
-class ExportReport:
-    out: str
+class ExportReport(RayJobReport):
+    """What an export-tokens run did (processed: rows encoded by this run)."""
+
+    out: str = ""
     rows: int = 0                  # N in the token store
     tokens_per_row: int = 0        # L
     blocks: int = 0
-    encoded: int = 0               # rows encoded by this run
-    skipped: int = 0               # rows already in finished parts
-    workers: int = 0
-    device: str = "cpu"
-    seconds: float = 0.0
-    startup_seconds: float = 0.0
-    processing_seconds: float = 0.0
     failed: List[dict] = field(default_factory=list)   # blocks given up on: {block, lo, hi, reason}
-
-    @property
-    def rate(self) -> float:
-        return self.encoded / self.processing_seconds if self.processing_seconds > 0 else 0.0
 
     def summary(self) -> str:
         skipped = f" ({self.skipped} already done)" if self.skipped else ""
@@ -106,9 +89,7 @@ class ExportReport:
             failed = (f"; {len(self.failed)} blocks FAILED (e.g. block {f['block']}, rows {f['lo']}..{f['hi'] - 1}: "
                       f"{f['reason']}): token store NOT finished, the rest is kept; fix and rerun")
         return (f"{self.rows} images x {self.tokens_per_row} tokens in {self.blocks} blocks{skipped}; "
-                f"encoded {self.encoded} in {self.processing_seconds:.1f} s = {self.rate:.1f} images/s on "
-                f"{self.workers} {self.device} workers; Ray start-up {self.startup_seconds:.1f} s, total "
-                f"{self.seconds:.1f} s; token store {self.out}{failed}")
+                f"{self.timing('encoded')}; token store {self.out}{failed}")
 
 
 # ----------------------------------------------------------------------------- plan
@@ -313,31 +294,10 @@ def finish(plan: ExportPlan) -> None:
 
 # ----------------------------------------------------------------------------- the job
 
-def _resources(cfg: ExportConfig) -> tuple:
-    """(gpus_per_worker, workers) for the Ray we are connected to."""
-    import ray
-
-    res = ray.cluster_resources()
-    cpus, gpus = int(res.get("CPU", 0)), float(res.get("GPU", 0))
-    per = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if gpus >= 1 else 0.0)
-    if per and gpus < per:
-        raise ConfigError(f"--gpus-per-worker {per:g} but the Ray cluster has {gpus:g} GPUs")
-    workers = cfg.workers or (int(gpus // per) if per else max(1, cpus))
-    if workers > cpus:
-        raise ConfigError(f"--workers {workers} needs {workers} CPUs; the Ray cluster has {cpus}")
-    if per and workers * per > gpus:
-        raise ConfigError(f"--workers {workers} x --gpus-per-worker {per:g} needs {workers * per:g} GPUs; "
-                          f"the Ray cluster has {gpus:g}")
-    return per, workers
-
-
 def _dataset(plan: ExportPlan, gpus: float, workers: int):
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.enable_auto_log_stats = False
+    quiet_data_context()
     items = [{"block": b, "lo": lo, "hi": hi} for b, lo, hi in plan.todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(
@@ -349,7 +309,7 @@ def _dataset(plan: ExportPlan, gpus: float, workers: int):
                                "max_attempts": plan.cfg.max_attempts, "crash_on": crash_hook()})
 
 
-def run_export(cfg: ExportConfig, progress: Optional[ExportProgress] = None) -> ExportReport:
+def run_export(cfg: ExportConfig, progress: Optional[Progress] = None) -> ExportReport:
     """Export every ok image of cfg.data not yet in cfg.out. Raises StoreError / ConfigError (bad
     input, refused folder) or JobError (Ray or I/O failure; a rerun resumes)."""
     t_begin = time.perf_counter()
@@ -364,7 +324,7 @@ def run_export(cfg: ExportConfig, progress: Optional[ExportProgress] = None) -> 
         if plan.todo:
             started, ray_seconds = connect(cfg)
             t_connected = time.time() - ray_seconds
-            gpus, workers = _resources(cfg)
+            gpus, workers = resolve_workers(cfg, gpu_job=cluster_resources()[1] >= 1)
             report.workers = workers = min(workers, len(plan.todo))
             report.device = "gpu" if gpus else "cpu"
             if progress:
@@ -374,14 +334,12 @@ def run_export(cfg: ExportConfig, progress: Optional[ExportProgress] = None) -> 
                 for batch in _dataset(plan, gpus, workers).iter_batches(batch_size=None, batch_format="numpy"):
                     plan.saw(batch)
                     rows = int(np.sum(batch["rows"]))
-                    report.encoded += int(np.sum(np.asarray(batch["rows"])[~np.asarray(batch["failed"], bool)]))
+                    report.processed += int(np.sum(np.asarray(batch["rows"])[~np.asarray(batch["failed"], bool)]))
                     if t_first is None:
                         t_first = time.time() - float(np.max(batch["seconds"]))
                     if progress:
                         progress.update(rows)
-            if t_first is not None:
-                report.startup_seconds = max(0.0, t_first - t_connected)
-                report.processing_seconds = max(1e-9, time.time() - t_first)
+            report.timed(t_connected, t_first, time.time())
         report.failed = failed_blocks(plan)
         if report.failed:
             report.seconds = time.perf_counter() - t_begin
@@ -406,7 +364,7 @@ def export_in_process(cfg: ExportConfig) -> ExportReport:
     t0 = time.perf_counter()
     plan = make_plan(cfg)
     report = ExportReport(out=str(cfg.out), rows=plan.N, tokens_per_row=plan.L, blocks=len(plan.blocks),
-                          workers=1)
+                          device="cpu", workers=1)
     report.skipped = prepare(plan)
     if plan.todo:
         import torch
@@ -419,7 +377,7 @@ def export_in_process(cfg: ExportConfig) -> ExportReport:
             for b, lo, hi in plan.todo:
                 done = worker({"block": [b], "lo": [lo], "hi": [hi]})
                 plan.saw(done)
-                report.encoded += 0 if done["failed"][0] else hi - lo
+                report.processed += 0 if done["failed"][0] else hi - lo
             report.processing_seconds = time.perf_counter() - t1
         finally:
             torch.set_num_threads(threads)

@@ -7,134 +7,64 @@
     finish the store (manifest.parquet, then meta.json)
 
 Only paths go out of the driver and only manifest rows come back; pixels are read, solved
-and written by the workers, so the job scales with the cluster.
+and written by the workers, so the job scales with the cluster. What both Ray jobs share
+(connecting, resources, failures, timing) is in ray_job.py.
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import List, Optional, Protocol
+from typing import List, Optional
 
-from ..errors import JobError
+from ..errors import ConfigError, JobError
+from ..stores.decomposition import STATUS_ERROR, run_parts
+from ..stores.decomposition_writer import StorePlan, check_store, finish_store, prepare_store
 from .attempts import ATTEMPTS, crash_hook
-from .config import ConfigError, JobConfig
+from .config import JobConfig
+from .ray_job import (Progress, RayJobReport, cluster_resources, connect, job_failures, quiet_data_context,
+                      resolve_workers)
 from .sources import list_sources
-from .store import STATUS_ERROR, StoreError, run_parts
 from .worker import T_END, T_START, DecomposeWorker, read_batch
-from .writer import StorePlan, check_store, finish_store, prepare_store
 
 log = logging.getLogger(__name__)
 
 
-class Progress(Protocol):
-    """Where the job reports progress (the CLI draws a bar; None reports nothing)."""
-
-    def start(self, todo: int, done: int) -> None: ...
-
-    def update(self, rows: List[dict]) -> None: ...
-
-    def close(self) -> None: ...
-
-
 @dataclass
-class JobReport:
-    """What a run did. `rate` is this run's images per second of processing, Ray's start-up
-    (ray.init, actor pool, kernel warm-up) excluded; `seconds` is the whole command."""
+class JobReport(RayJobReport):
+    """What a decompose-dataset run did (device: the solver backend)."""
 
-    store: str
+    store: str = ""
     images: int = 0
-    processed: int = 0             # by this run
-    skipped: int = 0               # already ok in the store
     ok: int = 0                    # in the finished store
     error: int = 0
-    backend: str = ""
-    workers: int = 0
-    seconds: float = 0.0
-    ray_seconds: float = 0.0       # ray.init (0 when joining an already running Ray)
-    startup_seconds: float = 0.0   # from connecting to the first batch starting
-    processing_seconds: float = 0.0
     errors: List[str] = field(default_factory=list)   # "id: reason" of this run's error rows
-
-    @property
-    def rate(self) -> float:
-        return self.processed / self.processing_seconds if self.processing_seconds > 0 else 0.0
 
     def summary(self) -> str:
         skipped = f" ({self.skipped} already done)" if self.skipped else ""
-        return (f"{self.images} images: {self.ok} ok, {self.error} error{skipped}; processed "
-                f"{self.processed} in {self.processing_seconds:.1f} s = {self.rate:.1f} images/s "
-                f"on {self.workers} {self.backend} workers; Ray start-up {self.startup_seconds:.1f} s, "
-                f"total {self.seconds:.1f} s; store {self.store}")
-
-
-def _quiet_env() -> None:
-    # Ray 2.60 turns token auth on by default; a local, single-user Ray does not need it.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def connect(cfg: JobConfig) -> tuple:
-    """Start or join Ray. Returns (we_started_it, seconds). Reuses an initialized Ray (tests)."""
-    import ray
-
-    if ray.is_initialized():
-        return False, 0.0
-    _quiet_env()
-    t0 = time.perf_counter()
-    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        if cfg.address is None:
-            workers = cfg.workers or 0
-            # address="local": a new Ray of our own, even when RAY_ADDRESS points elsewhere.
-            ray.init(address="local", num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, workers), **kwargs)
-        else:
-            ray.init(address=cfg.address, **kwargs)
-    except Exception as e:  # ConnectionError, RuntimeError, ... from Ray
-        where = "a local Ray" if cfg.address is None else f"Ray at {cfg.address}"
-        raise JobError(f"cannot start {where} ({type(e).__name__}: {e})") from None
-    return True, time.perf_counter() - t0
+        return (f"{self.images} images: {self.ok} ok, {self.error} error{skipped}; {self.timing()}; "
+                f"store {self.store}")
 
 
 def resolve_resources(cfg: JobConfig) -> tuple:
     """(backend, gpus_per_worker, workers) for the Ray we are connected to."""
-    import ray
-
-    res = ray.cluster_resources()
-    cpus, gpus = int(res.get("CPU", 0)), float(res.get("GPU", 0))
     backend = cfg.backend
     if backend == "auto":
         if cfg.address is None:
             backend = _local_auto(cfg)
         else:  # the driver may run on a node without a GPU: go by the cluster's resources
-            backend = "cupy" if gpus and cfg.gpus_per_worker != 0 else "numba"
-    per_worker = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if backend == "cupy" else 0.0)
-    if backend == "cupy" and per_worker <= 0:
+            backend = "cupy" if cluster_resources()[1] and cfg.gpus_per_worker != 0 else "numba"
+    if backend == "cupy" and cfg.gpus_per_worker is not None and cfg.gpus_per_worker <= 0:
         raise ConfigError("the cupy backend needs --gpus-per-worker > 0")
-    if per_worker and gpus < per_worker:
-        raise ConfigError(f"--gpus-per-worker {per_worker:g} but the Ray cluster has {gpus:g} GPUs")
-    workers = cfg.workers or (int(gpus // per_worker) if per_worker else max(1, cpus))
-    # Each actor holds one CPU; GPU actors also need at least one CPU left for read tasks.
-    need = workers + (1 if per_worker else 0)
-    if need > cpus:
-        raise ConfigError(f"--workers {workers} needs {need} CPUs; the Ray cluster has {cpus}")
-    if per_worker and workers * per_worker > gpus:
-        raise ConfigError(f"--workers {workers} x --gpus-per-worker {per_worker:g} needs "
-                          f"{workers * per_worker:g} GPUs; the Ray cluster has {gpus:g}")
-    return backend, per_worker, workers
+    # GPU actors also need a CPU left for the read tasks that feed them.
+    return (backend, *resolve_workers(cfg, gpu_job=backend == "cupy", spare_cpus=1))
 
 
 def _dataset(plan: StorePlan, cfg: JobConfig, gpus: float, workers: int):
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    # Our own progress bar and summary replace Ray Data's.
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.enable_auto_log_stats = False
+    quiet_data_context()
     items = [{"index": s.index, "path": s.path} for s in plan.todo]
     # One block per batch: blocks are what Ray schedules, so this spreads batches evenly.
     blocks = max(1, math.ceil(len(items) / cfg.batch_size))
@@ -182,7 +112,7 @@ def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
     t_connected = time.time() - report.ray_seconds
     try:
         backend, gpus, workers = resolve_resources(cfg)
-        report.backend, report.workers = backend, workers
+        report.device, report.workers = backend, workers
         plan = prepare_store(cfg.out, cfg.store_params(backend), sources, overwrite=cfg.overwrite)
         report.skipped = plan.done
         if plan.previous_errors:
@@ -205,9 +135,7 @@ def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
                     report.errors += [f"{r['path']}: {r['error']}" for r in rows if r["status"] == STATUS_ERROR]
                     if progress:
                         progress.update(rows)
-        if t_first is not None:
-            report.startup_seconds = max(0.0, t_first - t_connected)
-            report.processing_seconds = max(1e-9, t_last - t_first)
+        report.timed(t_connected, t_first, t_last)
         counts = finish_store(plan, src=str(cfg.src))
         report.ok, report.error = counts["ok"], counts["error"]
     except OSError as e:   # creating or finishing the store on the driver's side
@@ -220,34 +148,7 @@ def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
     return report
 
 
-@contextmanager
-def job_failures(job: str, output: str, progress=None):
-    """Around a Ray Data run: bad input and refusals (StoreError, ConfigError) pass through;
-    any other failure, which Ray wraps in its own exception types, becomes one JobError line
-    saying the output is resumable. The progress bar is closed either way."""
-    try:
-        yield
-    except (StoreError, ConfigError):
-        raise
-    except Exception as e:
-        raise JobError(f"the {job} failed; the {output} is resumable, rerun the same command "
-                       f"({_root_cause(e)})") from e
-    finally:
-        if progress:
-            progress.close()
-
-
 def _local_auto(cfg: JobConfig) -> str:
     """'auto' on this machine: cupy when it has a usable GPU and GPUs are not turned off."""
     from ..decomp.at import cupy_usable
     return "cupy" if cfg.gpus_per_worker != 0 and cupy_usable() else "numba"
-
-
-def _root_cause(e: BaseException) -> str:
-    """'Type: message' of the innermost cause (Ray wraps worker errors several times)."""
-    seen = set()
-    while (e.__cause__ or getattr(e, "cause", None)) is not None and id(e) not in seen:
-        seen.add(id(e))
-        e = e.__cause__ or e.cause
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:300]}"

@@ -24,25 +24,14 @@ from typing import List, Optional
 
 from ..errors import PathError
 from ..imageio import FolderError, list_images
+from ..stores.decomposition import NO_LABEL, Source
 
 log = logging.getLogger(__name__)
 
-NO_LABEL = -1
 
 
 class SourceError(PathError):
     """SRC cannot be listed; str is one line "<SRC>: <reason>"."""
-
-
-@dataclass(frozen=True)
-class Source:
-    """One image of the job. index is its row in the store, path what workers open."""
-
-    index: int
-    id: str
-    path: str
-    label: int = NO_LABEL
-    class_name: Optional[str] = None
 
 
 def list_sources(src) -> List[Source]:

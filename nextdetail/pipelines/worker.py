@@ -18,10 +18,9 @@ import numpy as np
 
 from ..decomp import decompose
 from ..imageio import ImageError, load_image
-from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
-from .config import StoreParams
-from .store import LAYERS, STATUS_ERROR, STATUS_OK, manifest_schema, run_parts
 from ..stores import write_table_atomic
+from ..stores.decomposition import LAYERS, STATUS_ERROR, STATUS_OK, StoreParams, manifest_schema, run_parts
+from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
 
 log = logging.getLogger(__name__)
 

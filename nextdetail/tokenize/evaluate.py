@@ -17,10 +17,11 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from ..options import check_int, opt
+from ..runs import TrainError, latest_checkpoint
+from ..stores.decomposition import DecompositionStore, StoreError
+from ..stores.layers import centre_crop, split_layers
 from .losses import backbone_path, build_lpips
 from .tokenizer import Tokenizer, to_image, to_model
-from ..runs import latest_checkpoint
-from .train import TrainError, split_layers
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,8 @@ class DepthRow:
 def centre_crops(store, size: int, n_bases: int, limit: int, batch: int):
     """(image, bases) batches of the first `limit` ok images, centre-cropped to size."""
     n = min(len(store), limit)
-    o = (store.size - size) // 2
     for lo in range(0, n, batch):
-        layers = torch.stack([torch.from_numpy(store.layers(i)[:, :, o:o + size, o:o + size].astype("float32"))
+        layers = torch.stack([torch.from_numpy(centre_crop(store.layers(i), size).astype("float32"))
                               for i in range(lo, min(n, lo + batch))])
         yield split_layers(layers, n_bases)
 
@@ -97,7 +97,6 @@ def evaluate_run(run, store, *, limit: int = 64, batch: int = 16, lpips=None) ->
 
 
 def evaluate(runs: Sequence, store_path, *, limit: int = 64, batch: int = 16) -> List[DepthRow]:
-    from ..pipelines import DecompositionStore, StoreError
 
     try:
         store = DecompositionStore(store_path)

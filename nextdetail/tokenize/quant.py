@@ -124,13 +124,16 @@ class Quantizer(nn.Module):
         self.phi = nn.ModuleList(Phi(dim, cfg.phi_ratio) for _ in self.sizes)
 
     # -- one map: quantize the residual at size p, return (idx, phi contribution at L x L)
-    def _step(self, k: int, rest_BChw: torch.Tensor):
+    def quantize_map(self, k: int, rest_BChw: torch.Tensor):
+        """Map k of the residual rest (B, C, L, L): area-down to p_k, nearest codes ->
+        (idx (B, p_k, p_k), phi_k(up(z_k)) (B, C, L, L)). The sampler calls it map by map."""
         p, L = self.sizes[k], rest_BChw.shape[-1]
         small = rest_BChw if p == L else F.interpolate(rest_BChw, size=(p, p), mode="area")
         idx = self.codebook.quantize(small)
-        return idx, self._contrib(k, idx, L)
+        return idx, self.map_contribution(k, idx, L)
 
-    def _contrib(self, k: int, idx_Bhw: torch.Tensor, L: int) -> torch.Tensor:
+    def map_contribution(self, k: int, idx_Bhw: torch.Tensor, L: int) -> torch.Tensor:
+        """phi_k(up(lookup(idx))): token map k as features (B, C, L, L)."""
         z = self.codebook.lookup(idx_Bhw)
         if z.shape[-1] != L:
             z = F.interpolate(z, size=(L, L), mode="bicubic")
@@ -155,7 +158,7 @@ class Quantizer(nn.Module):
             for k in range(lo, hi):
                 rest = target - part
                 inputs.append(rest)
-                i, c = self._step(k, rest)
+                i, c = self.quantize_map(k, rest)
                 idx.append(i)
                 contribs.append(c)
                 part = part + c
@@ -184,7 +187,7 @@ class Quantizer(nn.Module):
         for k, (i, p) in enumerate(zip(idx, self.sizes)):
             if tuple(i.shape[-2:]) != (p, p):
                 raise ValueError(f"token map {k} has shape {tuple(i.shape[-2:])}, the schedule says ({p}, {p})")
-        return [self._contrib(k, i, self.latent) for k, i in enumerate(idx)]
+        return [self.map_contribution(k, i, self.latent) for k, i in enumerate(idx)]
 
 
 class ResidualQuantizer(Quantizer):

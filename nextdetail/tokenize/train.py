@@ -27,6 +27,8 @@ from ..runs import (LOG, PLOT, RunError, TrainError, checkpoint_name, checkpoint
                     truncate_log)
 from ..errors import ConfigError
 from ..options import check_int, nested, opt
+from ..stores.decomposition import DecompositionStore, StoreError
+from ..stores.layers import crop_layers, split_layers
 from .config import TokenizerConfig
 from .losses import PatchDiscriminator, build_lpips, hinge_d_loss, hinge_g_loss
 from .tokenizer import Tokenizer, to_model
@@ -115,8 +117,6 @@ class StoreBatches:
     goes into the checkpoint."""
 
     def __init__(self, path, crop: int, needs_bases: int, seed: int):
-        from ..pipelines import DecompositionStore, StoreError
-
         try:
             self.store = DecompositionStore(path)
         except StoreError as e:
@@ -138,16 +138,9 @@ class StoreBatches:
         span = self.store.size - self.crop + 1
         off = torch.randint(span, (batch_size, 2), generator=self.gen).tolist()
         c = self.crop
-        layers = torch.stack([torch.from_numpy(self.store.layers(i)[:, :, y:y + c, x:x + c].astype("float32"))
+        layers = torch.stack([torch.from_numpy(crop_layers(self.store.layers(i), y, x, c).astype("float32"))
                               for i, (y, x) in zip(idx, off)])
         return split_layers(layers, self.n)
-
-
-def split_layers(layers_BL3HW: torch.Tensor, n: int):
-    """Store layers (B, N+1, 3, H, W), generation order -> (I, [B_1, ..., B_n]) for n <= N."""
-    sums = layers_BL3HW.cumsum(1)                  # sums[:, j] = B_(N-j)
-    N = layers_BL3HW.shape[1] - 1
-    return sums[:, N], [sums[:, N - k] for k in range(1, n + 1)]
 
 
 def plot_log(out: Path) -> Path:

@@ -1,8 +1,8 @@
-"""Training on cached tokens: the token store reader (tokens.py), the next-detail transformer
+"""Training on cached tokens (read by nextdetail.stores.tokens): the next-detail transformer
 (model.py), its continuous inputs from the tokenizer's quantizer (inputs.py), the trainer
-(trainer.py: `nextdetail train`) and the sampler (sample.py: `nextdetail sample`). Only the
-reader is imported here; the others import torch and are imported by path, e.g.
-`from nextdetail.train.trainer import TrainConfig, train`.
+(trainer.py: `nextdetail train`), the epoch order (sampler.py) and sampling (sample.py:
+`nextdetail sample`). Only the reader and the epoch order are imported here; the others import
+torch and are imported by path, e.g. `from nextdetail.train.trainer import train`.
 
     from nextdetail.train import TokenDataset, EpochSampler
     ds = TokenDataset("TOKENS")                   # exported by `nextdetail export-tokens`
@@ -10,6 +10,7 @@ reader is imported here; the others import torch and are imported by path, e.g.
     tokens_BL, labels_B = ds.get_batch(sampler.next_batch())
     maps = ds.split_maps(tokens_BL)               # [r_1 .. r_M], (B, h_k, w_k) views
 """
-from .tokens import EpochSampler, TokenDataset, TokenStoreError, read_token_meta
+from ..stores.tokens import TokenDataset, TokenStoreError, read_token_meta
+from .sampler import EpochSampler
 
 __all__ = ["EpochSampler", "TokenDataset", "TokenStoreError", "read_token_meta"]

@@ -62,7 +62,7 @@ def teacher_inputs(quantizer: Quantizer, maps: Sequence[torch.Tensor],
 @torch.no_grad()
 def contribution(quantizer: Quantizer, k: int, idx_Bhw: torch.Tensor) -> torch.Tensor:
     """phi_k(up(lookup(r_k))) at the latent size (B, Cvae, L, L)."""
-    return quantizer._contrib(k, idx_Bhw, quantizer.latent)
+    return quantizer.map_contribution(k, idx_Bhw, quantizer.latent)
 
 
 @torch.no_grad()

@@ -179,7 +179,7 @@ def requantize_base(quantizer, f_BCLL: torch.Tensor, num_base: int) -> List[torc
     (Algorithm 1's base stage) of f, maps 0..num_base-1."""
     part, maps = torch.zeros_like(f_BCLL), []
     for k in range(num_base):
-        idx, c = quantizer._step(k, f_BCLL - part)
+        idx, c = quantizer.quantize_map(k, f_BCLL - part)
         maps.append(idx)
         part = part + c
     return maps
@@ -266,7 +266,7 @@ def load_run(run, tokenizer=None, device="cpu") -> Run:
     """The latest checkpoint of a training run folder (or a checkpoint file) and its tokenizer
     (the recorded checkpoint, or `tokenizer`: a run folder or checkpoint with the same sha256)."""
     from ..runs import RunError, latest_checkpoint, load_checkpoint
-    from .tokens import file_sha256
+    from ..stores.tokens import file_sha256
 
     try:
         path = latest_checkpoint(run)

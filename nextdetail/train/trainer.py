@@ -211,8 +211,8 @@ class Trainer:
 
     def __init__(self, cfg: TransformerTrainConfig, *, resume: bool = False, dist_: Optional[Dist] = None):
         from ..tokenize import CheckpointError
-        from .tokens import EpochSampler, TokenDataset, TokenStoreError
-        from .tokens import file_sha256
+        from ..stores.tokens import TokenDataset, TokenStoreError, file_sha256
+        from .sampler import EpochSampler
 
         self.cfg = cfg
         self.dist = dist_ or Dist()
@@ -353,7 +353,7 @@ class Trainer:
         """Per-map loss and accuracy on the held-out samples (true labels), summed over ranks."""
         if not len(self.val_idx):
             return None
-        from .tokens import EpochSampler
+        from .sampler import EpochSampler
 
         M = len(self.mcfg.map_shapes)
         vs = EpochSampler(len(self.val_idx), self.cfg.batch_size, self.cfg.seed, self.dist.rank, self.dist.world)

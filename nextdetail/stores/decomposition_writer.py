@@ -26,11 +26,9 @@ from typing import List, Sequence
 import numpy as np
 
 from .. import __version__
-from ..stores import write_bytes_atomic, write_table_atomic
-from .config import StoreParams
-from .sources import Source
-from .store import (FORMAT, FORMAT_VERSION, LAYERS, MANIFEST, META, PARTS, STATUS_ERROR, STATUS_OK,
-                    STATUS_PENDING, StoreError, layer_names, manifest_schema, run_parts)
+from .atomic import write_bytes_atomic, write_table_atomic
+from .decomposition import (FORMAT, FORMAT_VERSION, LAYERS, MANIFEST, META, PARTS, STATUS_ERROR, STATUS_OK,
+                    STATUS_PENDING, Source, StoreError, StoreParams, layer_names, manifest_schema, run_parts)
 
 log = logging.getLogger(__name__)
 

@@ -15,14 +15,15 @@ format version with a one-line `StoreError`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
 
+from ..decomp import ATParams
 from ..errors import PathError
-from ..stores import PARTS
+from .atomic import PARTS
 
 FORMAT = "nextdetail.decomposition_store"
 FORMAT_VERSION = 1
@@ -51,8 +52,63 @@ _META_KEYS = {"method": str, "order": int, "size": int, "backend": str, "at": di
 _COUNT_KEYS = ("images", "ok", "error")
 
 
+NO_LABEL = -1
+
+
+@dataclass(frozen=True)
+class Source:
+    """One image of the job. index is its row in the store, path what workers open."""
+
+    index: int
+    id: str
+    path: str
+    label: int = NO_LABEL
+    class_name: Optional[str] = None
+
+
+STORE_DTYPE = "float16"
+
+
+@dataclass(frozen=True)
+class StoreParams:
+    """Everything that decides the bytes of a store: a rerun must ask for exactly these.
+
+    backend is the resolved solver (numba, cupy or numpy, never auto): backends agree only
+    to float32 rounding, so mixing two in one store would break byte-for-byte resumes.
+    """
+
+    order: int
+    size: int
+    params: ATParams
+    backend: str
+    method: str = "base_detail"
+    dtype: str = STORE_DTYPE
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "order": self.order, "size": self.size,
+                "backend": self.backend, "dtype": self.dtype, "at": self.params.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StoreParams":
+        return cls(order=int(d["order"]), size=int(d["size"]), params=ATParams(**d["at"]),
+                   backend=str(d["backend"]), method=str(d["method"]), dtype=str(d["dtype"]))
+
+    def flat(self) -> dict:
+        """One level of names, as the command line spells them (for difference messages)."""
+        out = {"method": self.method, "order": self.order, "size": self.size,
+               "backend": self.backend, "dtype": self.dtype}
+        out.update({f.name.replace("_", "-"): getattr(self.params, f.name) for f in fields(ATParams)})
+        return out
+
+    def differences(self, other: "StoreParams", *, ignore: tuple = ()) -> List[str]:
+        """'name A (store) != B (this run)' for every setting that differs, in a fixed order."""
+        mine, theirs = self.flat(), other.flat()
+        return [f"{k} {mine[k]!r} (store) != {theirs[k]!r} (this run)"
+                for k in mine if k not in ignore and mine[k] != theirs[k]]
+
+
 def run_parts(store, run: int) -> Path:
-    """The journal folder of run `run` of a store being written (see writer.py)."""
+    """The journal folder of run `run` of a store being written (see decomposition_writer.py)."""
     return Path(store) / PARTS / f"run-{run:04d}"
 
 

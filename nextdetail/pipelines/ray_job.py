@@ -1,0 +1,154 @@
+"""What both Ray jobs (decompose-dataset, export-tokens) share: starting or joining Ray, how
+many actors on which resources, the Data context, the progress protocol, the report's timing
+and the one place Ray's failures become a JobError.
+
+    started, ray_seconds = connect(cfg)             # cfg: a RayJobConfig
+    gpus, workers = resolve_workers(cfg, gpu_job)   # checks --workers / --gpus-per-worker once
+    ds = ray.data.from_items(items, ...)            # after quiet_data_context()
+    with job_failures("export", "token store", progress): ...
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..errors import ConfigError, JobError
+from ..stores.decomposition import StoreError
+from .config import RayJobConfig
+
+
+class Progress(Protocol):
+    """Where a job reports progress: images to do and done, then counts or manifest rows as
+    they finish (the CLI draws a bar; None reports nothing)."""
+
+    def start(self, todo: int, done: int) -> None: ...
+
+    def update(self, rows) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class RayJobReport:
+    """Timing of a run. `rate` is this run's items per second of processing, Ray's start-up
+    (ray.init, actor pool, warm-up) excluded; `seconds` is the whole command."""
+
+    processed: int = 0             # items this run did
+    skipped: int = 0               # already done before it
+    workers: int = 0
+    device: str = ""               # what the workers ran on (numba, cupy, cpu, gpu)
+    seconds: float = 0.0
+    ray_seconds: float = 0.0       # ray.init (0 when joining an already running Ray)
+    startup_seconds: float = 0.0   # from connecting to the first batch starting
+    processing_seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.processed / self.processing_seconds if self.processing_seconds > 0 else 0.0
+
+    def timing(self, verb: str = "processed") -> str:
+        return (f"{verb} {self.processed} in {self.processing_seconds:.1f} s = {self.rate:.1f} images/s on "
+                f"{self.workers} {self.device} workers; Ray start-up {self.startup_seconds:.1f} s, total "
+                f"{self.seconds:.1f} s")
+
+    def timed(self, t_connected: float, t_first, t_last) -> None:
+        """Split start-up from processing (wall-clock times: connected, first batch began, last
+        batch ended; t_first None when nothing ran)."""
+        if t_first is not None:
+            self.startup_seconds = max(0.0, t_first - t_connected)
+            self.processing_seconds = max(1e-9, t_last - t_first)
+
+
+def _quiet_env() -> None:
+    # Ray 2.60 turns token auth on by default; a local, single-user Ray does not need it.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def connect(cfg: RayJobConfig) -> tuple:
+    """Start or join Ray. Returns (we_started_it, seconds). Reuses an initialized Ray (tests)."""
+    import ray
+
+    if ray.is_initialized():
+        return False, 0.0
+    _quiet_env()
+    t0 = time.perf_counter()
+    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        if cfg.address is None:
+            workers = cfg.workers or 0
+            # address="local": a new Ray of our own, even when RAY_ADDRESS points elsewhere.
+            ray.init(address="local", num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, workers), **kwargs)
+        else:
+            ray.init(address=cfg.address, **kwargs)
+    except Exception as e:  # ConnectionError, RuntimeError, ... from Ray
+        where = "a local Ray" if cfg.address is None else f"Ray at {cfg.address}"
+        raise JobError(f"cannot start {where} ({type(e).__name__}: {e})") from None
+    return True, time.perf_counter() - t0
+
+
+def cluster_resources() -> tuple:
+    """(CPUs, GPUs) of the Ray we are connected to."""
+    import ray
+
+    res = ray.cluster_resources()
+    return int(res.get("CPU", 0)), float(res.get("GPU", 0))
+
+
+def resolve_workers(cfg: RayJobConfig, gpu_job: bool, spare_cpus: int = 0) -> tuple:
+    """(gpus_per_worker, workers) on the connected cluster. gpu_job: the actors take a GPU each
+    unless --gpus-per-worker says otherwise; spare_cpus: CPUs the job needs besides one per
+    actor (GPU jobs' read tasks). ConfigError names the option the cluster cannot satisfy."""
+    cpus, gpus = cluster_resources()
+    per = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if gpu_job else 0.0)
+    if per and gpus < per:
+        raise ConfigError(f"--gpus-per-worker {per:g} but the Ray cluster has {gpus:g} GPUs")
+    workers = cfg.workers or (int(gpus // per) if per else max(1, cpus))
+    need = workers + (spare_cpus if per else 0)
+    if need > cpus:
+        raise ConfigError(f"--workers {workers} needs {need} CPUs; the Ray cluster has {cpus}")
+    if per and workers * per > gpus:
+        raise ConfigError(f"--workers {workers} x --gpus-per-worker {per:g} needs {workers * per:g} GPUs; "
+                          f"the Ray cluster has {gpus:g}")
+    return per, workers
+
+
+def quiet_data_context() -> None:
+    """Our own progress bar and summary replace Ray Data's."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+
+
+@contextmanager
+def job_failures(job: str, output: str, progress=None):
+    """Around a Ray Data run: bad input and refusals (StoreError, ConfigError) pass through;
+    any other failure, which Ray wraps in its own exception types, becomes one JobError line
+    saying the output is resumable. The progress bar is closed either way."""
+    try:
+        yield
+    except (StoreError, ConfigError):
+        raise
+    except Exception as e:
+        raise JobError(f"the {job} failed; the {output} is resumable, rerun the same command "
+                       f"({_root_cause(e)})") from e
+    finally:
+        if progress:
+            progress.close()
+
+
+def _root_cause(e: BaseException) -> str:
+    """'Type: message' of the innermost cause (Ray wraps worker errors several times)."""
+    seen = set()
+    while (e.__cause__ or getattr(e, "cause", None)) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.cause
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"
