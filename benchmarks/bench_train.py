@@ -46,7 +46,8 @@ def build_tokens(tmp: Path, images: int, size: int, downsample: int, vocab: int)
     from pipeline_data import make_store          # tests/pipeline_data.py
     from nextdetail.pipelines.export import ExportConfig, export_in_process
     from nextdetail.tokenize import config_for
-    from nextdetail.tokenize.train import TokenizerTrainConfig as TokConfig, checkpoints, train as train_tok
+    from nextdetail.runs import checkpoints
+    from nextdetail.tokenize.train import TokenizerTrainConfig as TokConfig, train as train_tok
 
     store = make_store(tmp / "store", n=images, size=size, order=3)
     tok = config_for("basedetail", size, downsample, ch=16, num_res_blocks=1, attn=False, vocab=vocab)

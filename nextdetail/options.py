@@ -143,6 +143,25 @@ def build(cls, args: argparse.Namespace, **given):
         raise ConfigError(str(e)) from None
 
 
+def differences(a, b, *, ignore: tuple = (), labels=("checkpoint", "asked"), flatten: bool = False,
+                value: Callable[[Any], str] = str, prefix: str = "") -> list:
+    """'name A (labels[0]) != B (labels[1])' for each field of two configs of one class that
+    differs, in declaration order; nested configs field by field, as 'part.field' (or, with
+    flatten, by their own names spelt as options: 'n-iter'). `ignore` names fields to skip."""
+    out = []
+    for f in dataclasses.fields(a):
+        if f.name in ignore:
+            continue
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(x) and dataclasses.is_dataclass(y):
+            out += differences(x, y, ignore=ignore, labels=labels, flatten=flatten, value=value,
+                               prefix="" if flatten else f"{prefix}{f.name}.")
+        elif x != y:
+            name = f.name.replace("_", "-") if flatten else prefix + f.name
+            out.append(f"{name} {value(x)} ({labels[0]}) != {value(y)} ({labels[1]})")
+    return out
+
+
 def check_int(name: str, value, low: int = 1, *, optional: bool = False) -> None:
     """ConfigError "--name must be an integer >= low, got V" unless value is one."""
     if optional and value is None:

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import List
+from typing import Callable, List, Optional
 
 from .errors import NextDetailError
 from .stores import atomic_write
@@ -112,6 +111,67 @@ def load_checkpoint(path, map_location="cpu", what: str = "nextdetail checkpoint
         log.warning("%s: written before checkpoint format 2 (nextdetail 0.1); it holds plain data only, "
                     "read safely with weights_only", path)
     return obj
+
+
+def resume_from(out, resume: bool) -> Optional[Path]:
+    """The checkpoint a run resumes from: None for a new run folder; TrainError when the folder
+    already holds checkpoints and resume was not asked for (a run is never overwritten)."""
+    out = Path(out)
+    found = checkpoints(out) if out.is_dir() else []
+    if found and not resume:
+        raise TrainError(f"{out}: already holds checkpoints ({found[-1].name}); resume it or choose another --out")
+    return found[-1] if found else None
+
+
+def load_resumed(path: Path, map_location, what: str, saved_config, asked) -> dict:
+    """The checkpoint to resume from, its config checked: `saved_config(ckpt["config"])` must
+    equal `asked` but for what may change on resume (its differences()); TrainError naming each
+    difference, or the unreadable file, otherwise."""
+    try:
+        ckpt = load_checkpoint(path, map_location, what=what)
+    except RunError as e:
+        raise TrainError(f"{e}; delete it to resume from the one before") from None
+    diff = saved_config(ckpt["config"]).differences(asked)
+    if diff:
+        raise TrainError(f"{path}: checkpoint of another config: " + "; ".join(diff))
+    log.info("resuming %s from step %d", path, ckpt["step"])
+    return ckpt
+
+
+class RunLog:
+    """The tail of every training step, the same for both trainers: a record appended to
+    RUN/log.jsonl; every `every` steps and at the last one, the log flushed, a checkpoint
+    saved and RUN/loss.png redrawn. On a resume the records past the resumed step are dropped
+    first. Only the main process (rank 0) writes: `main=False` makes it a no-op."""
+
+    def __init__(self, out, start: int, *, main: bool = True):
+        self.out, self.main = Path(out), main
+        self._file = None
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            truncate_log(self.out / LOG, start)
+            self._file = open(self.out / LOG, "a")
+
+    def write(self, *records: dict) -> None:
+        if self._file is not None:
+            for rec in records:
+                self._file.write(json.dumps(rec) + "\n")
+
+    def end_step(self, step: int, steps: int, every: int, save: Callable[[], object],
+                 plot: Callable[[Path], object]) -> None:
+        if self._file is not None and (step % every == 0 or step == steps):
+            self._file.flush()
+            save()
+            plot(self.out)
+
+    def close(self, plot: Callable[[Path], object]) -> None:
+        """Close the log; draw the plot when this run wrote no checkpoint and there is none."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        if not (self.out / PLOT).exists() and read_log(self.out):
+            plot(self.out)
 
 
 def read_log(run) -> List[dict]:

@@ -11,7 +11,8 @@ import torch
 from nextdetail.cli import main
 from nextdetail.tokenize import CheckpointError, Tokenizer, config_for
 from nextdetail.stores.layers import split_layers
-from nextdetail.tokenize.train import StoreBatches, TokenizerTrainConfig, TrainError, checkpoints, train
+from nextdetail.runs import checkpoints
+from nextdetail.tokenize.train import StoreBatches, TokenizerTrainConfig, TrainError, train
 from pipeline_data import make_store
 from conftest import own_lines
 

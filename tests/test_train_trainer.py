@@ -12,8 +12,8 @@ import torch
 
 from token_data import make_token_store
 
-from nextdetail.train.trainer import (TransformerTrainConfig, TrainError, checkpoints, label_dropout, lr_at, read_log,
-                                      split_indices, train)
+from nextdetail.runs import TrainError, checkpoints, read_log
+from nextdetail.train.trainer import TransformerTrainConfig, label_dropout, lr_at, split_indices, train
 
 
 @pytest.fixture(scope="module")

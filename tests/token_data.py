@@ -11,7 +11,8 @@ def tiny_tokenizer(store: Path, out: Path, kind: str = "basedetail", image_size:
                    steps: int = 2, vocab: int = 64, ch: int = 8) -> Path:
     """Train a small tokenizer (~20k parameters at ch=8) for `steps` steps; returns its checkpoint."""
     from nextdetail.tokenize import config_for
-    from nextdetail.tokenize.train import TokenizerTrainConfig, checkpoints, train
+    from nextdetail.runs import checkpoints
+    from nextdetail.tokenize.train import TokenizerTrainConfig, train
 
     tok = config_for(kind, image_size, 8, ch=ch, num_res_blocks=1, attn=False, vocab=vocab,
                      **({"depth": 4} if kind == "vanilla" else {}))

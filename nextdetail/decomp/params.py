@@ -18,7 +18,7 @@ class ATParams:
     omega : over-relaxation of the red-black SOR u-step, 0 < omega < 2.
     n_iter: sweeps (one sweep = both colours, s and u updated at every pixel). 50 ends
             within 0.3% of the exact alternating minimization's energy on real photographs
-            (0.1% at 100, for twice the time); see README, "Quality and speed".
+            (0.1% at 100, for twice the time); see docs/decomposition.md, "Quality and speed".
     """
 
     alpha: float = opt(10.0, "smoothness weight")

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 from ..errors import PathError
 from ..imageio import FolderError, list_images

@@ -15,7 +15,7 @@ format version with a one-line `StoreError`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -23,6 +23,7 @@ import numpy as np
 
 from ..decomp import ATParams
 from ..errors import PathError
+from ..options import differences
 from .atomic import PARTS
 
 FORMAT = "nextdetail.decomposition_store"
@@ -93,18 +94,10 @@ class StoreParams:
         return cls(order=int(d["order"]), size=int(d["size"]), params=ATParams(**d["at"]),
                    backend=str(d["backend"]), method=str(d["method"]), dtype=str(d["dtype"]))
 
-    def flat(self) -> dict:
-        """One level of names, as the command line spells them (for difference messages)."""
-        out = {"method": self.method, "order": self.order, "size": self.size,
-               "backend": self.backend, "dtype": self.dtype}
-        out.update({f.name.replace("_", "-"): getattr(self.params, f.name) for f in fields(ATParams)})
-        return out
-
     def differences(self, other: "StoreParams", *, ignore: tuple = ()) -> List[str]:
-        """'name A (store) != B (this run)' for every setting that differs, in a fixed order."""
-        mine, theirs = self.flat(), other.flat()
-        return [f"{k} {mine[k]!r} (store) != {theirs[k]!r} (this run)"
-                for k in mine if k not in ignore and mine[k] != theirs[k]]
+        """'name A (store) != B (this run)' for every setting that differs, named as the command
+        line spells it, in a fixed order."""
+        return differences(self, other, ignore=ignore, labels=("store", "this run"), flatten=True, value=repr)
 
 
 def run_parts(store, run: int) -> Path:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import List, Optional, Tuple
 
 from ..errors import ConfigError
-from ..options import check_int, nested, opt
+from ..options import check_int, differences, nested, opt
 
 KINDS = ("vanilla", "multiscale", "basedetail")
 
@@ -173,15 +173,7 @@ class TokenizerConfig:
 
     def differences(self, other: "TokenizerConfig") -> List[str]:
         """'quant.kind basedetail (checkpoint) != vanilla (asked)' for each field that differs."""
-        out = []
-        a, b = self.to_dict(), other.to_dict()
-        for part in ("model", "quant"):
-            for k in a[part]:
-                if a[part][k] != b[part][k]:
-                    out.append(f"{part}.{k} {a[part][k]} (checkpoint) != {b[part][k]} (asked)")
-        if a["image_size"] != b["image_size"]:
-            out.append(f"image_size {a['image_size']} (checkpoint) != {b['image_size']} (asked)")
-        return out
+        return differences(self, other)
 
 
 def config_for(kind: str = "basedetail", image_size: int = 256, downsample: int = 16, *, ch: int = 128,

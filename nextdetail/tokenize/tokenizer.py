@@ -95,7 +95,7 @@ class Tokenizer(nn.Module):
         alone flips tokens. Every image sits alone in its rows of each kernel, and exact
         distance ties go to the lowest code index (argmin). What still changes the bits:
         the torch thread count on the CPU (the export pins it), the device, and the library
-        builds; see README "Token store".
+        builds; see docs/token-store.md.
         """
         K = int(micro_batch or encode_micro_batch(image.device))
         n, B = self.needs_bases, image.shape[0]

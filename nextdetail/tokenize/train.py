@@ -11,22 +11,21 @@ dead-code restarts) comes from RNG states stored in the checkpoint.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..runs import (LOG, PLOT, RunError, TrainError, checkpoint_name, checkpoints, load_checkpoint, read_log, running_mean, save_checkpoint,
-                    truncate_log)
+from ..runs import (PLOT, RunLog, TrainError, checkpoint_name, load_resumed, read_log, resume_from,
+                    running_mean, save_checkpoint)
 from ..errors import ConfigError
-from ..options import check_int, nested, opt
+from ..options import check_int, differences, nested, opt
 from ..stores.decomposition import DecompositionStore, StoreError
 from ..stores.layers import crop_layers, split_layers
 from .config import TokenizerConfig
@@ -83,10 +82,9 @@ class TokenizerTrainConfig:
     RESUMABLE_CHANGES = ("steps", "out", "ckpt_every")
 
     def differences(self, other: "TokenizerTrainConfig") -> List[str]:
-        a, b = self.to_dict(), other.to_dict()
-        out = [f"{k} {a[k]} (checkpoint) != {b[k]} (asked)" for k in a
-               if k not in self.RESUMABLE_CHANGES and k != "tokenizer" and a[k] != b[k]]
-        return self.tokenizer.differences(other.tokenizer) + out
+        """The tokenizer's differences first, named as in its own config ('quant.vocab ...')."""
+        return (self.tokenizer.differences(other.tokenizer)
+                + differences(self, other, ignore=self.RESUMABLE_CHANGES + ("tokenizer",)))
 
 
 @dataclass
@@ -161,118 +159,136 @@ def plot_log(out: Path) -> Path:
 
 # ----------------------------------------------------------------------------- loop
 
+class TokenizerTrainer:
+    """The state of one tokenizer training: models, optimizers, EMA weights, the batch stream
+    and the step counter; `step()` trains one batch, `save()` writes a checkpoint; `train()`
+    drives it. Resume restores all of it, so a resumed run equals an uninterrupted one bitwise
+    on the CPU."""
+
+    def __init__(self, cfg: TokenizerTrainConfig, *, resume: bool = False):
+        self.cfg, self.out = cfg, Path(cfg.out)
+        found = resume_from(self.out, resume)
+        self.device = torch.device(cfg.device)
+        cfg.tokenizer.validate()
+        self.batches = StoreBatches(cfg.data, cfg.tokenizer.image_size, cfg.tokenizer.needs_bases(), cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.tok = Tokenizer(cfg.tokenizer).to(self.device)   # weights from the seeded RNG
+        self.disc = PatchDiscriminator(cfg.disc_ch).to(self.device)
+        self.lpips = (build_lpips(cfg.lpips_net, cfg.lpips_backbone).to(self.device)
+                      if cfg.lpips_weight > 0 else None)
+        self.opt = torch.optim.AdamW(self.tok.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                     weight_decay=cfg.weight_decay)
+        self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                       weight_decay=cfg.weight_decay)
+        # EMA weights: theta_ema <- ema * theta_ema + (1 - ema) * theta after every step; integer
+        # buffers (codebook counters) are copied. Saved as "model_ema"; from_checkpoint prefers them.
+        self.ema = {k: v.detach().clone() for k, v in self.tok.state_dict().items()} if cfg.ema > 0 else None
+        self.step_ = 0
+        if found is not None:
+            self._load(found)
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        self.tok.train()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state(self) -> dict:
+        state = {"config": self.cfg.to_dict(), "model": self.tok.state_dict(), "disc": self.disc.state_dict(),
+                 "opt": self.opt.state_dict(), "opt_d": self.opt_d.state_dict(), "step": self.step_,
+                 "rng": {"torch": torch.get_rng_state(), "data": self.batches.gen.get_state()}}
+        if self.ema is not None:
+            state["model_ema"] = self.ema
+        return state
+
+    def save(self) -> Path:
+        path = self.out / checkpoint_name(self.step_)
+        save_checkpoint(path, self.state())
+        return path
+
+    def _load(self, path: Path) -> None:
+        def saved_config(d: dict) -> TokenizerTrainConfig:
+            return TokenizerTrainConfig(**{**d, "tokenizer": TokenizerConfig.from_dict(d["tokenizer"]),
+                                           "betas": tuple(d["betas"])})
+
+        ckpt = load_resumed(path, self.device, "train-tokenizer checkpoint", saved_config, self.cfg)
+        self.tok.load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            self.ema = {k: v.to(self.device) for k, v in ckpt["model_ema"].items()}
+        self.disc.load_state_dict(ckpt["disc"])
+        self.opt.load_state_dict(ckpt["opt"])
+        self.opt_d.load_state_dict(ckpt["opt_d"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.batches.gen.set_state(ckpt["rng"]["data"])
+        self.step_ = ckpt["step"]
+
+    # -- one step ------------------------------------------------------------------------------
+    def step(self) -> dict:
+        """Train one batch: the generator (L2 + VQ + LPIPS, + GAN from disc_start), the codebook's
+        dead-code restarts, the EMA, then the discriminator. Returns the step's log record."""
+        cfg, tok, disc = self.cfg, self.tok, self.disc
+        image, bases = self.batches.next(cfg.batch_size)
+        image, bases = image.to(self.device), [b.to(self.device) for b in bases]
+        x = to_model(image)
+        gan = self.step_ >= cfg.disc_start
+        with self.amp:
+            o = tok(image, bases)
+            l2 = F.mse_loss(o.x_hat.float(), x)
+            recon = l2
+            rec = {"step": self.step_ + 1, "l2": l2.item(), "vq": o.q.vq_loss.item()}
+            if self.lpips is not None:
+                p = self.lpips(o.x_hat.float(), x).mean()
+                recon = recon + cfg.lpips_weight * p
+                rec["lpips"] = p.item()
+            loss = recon + o.q.vq_loss
+            if gan:
+                for q in disc.parameters():
+                    q.requires_grad_(False)      # the generator step does not train D
+                g = hinge_g_loss(disc(o.x_hat))
+                for q in disc.parameters():
+                    q.requires_grad_(True)
+                w = adaptive_weight(recon, g, tok.decoder.net[-1].weight) if cfg.adaptive_gan else 1.0
+                loss = loss + cfg.disc_weight * w * g
+                rec["g"], rec["gan_w"] = g.item(), cfg.disc_weight * float(w)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step_ + 1}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        rec["restarted"] = tok.quantizer.codebook.end_step()
+        if self.ema is not None:
+            with torch.no_grad():
+                for k, v in tok.state_dict().items():
+                    if v.is_floating_point():
+                        self.ema[k].mul_(cfg.ema).add_(v, alpha=1.0 - cfg.ema)
+                    else:
+                        self.ema[k].copy_(v)
+        if gan:
+            with self.amp:
+                d = hinge_d_loss(disc(x), disc(o.x_hat.detach()))
+            self.opt_d.zero_grad(set_to_none=True)
+            d.backward()
+            self.opt_d.step()
+            rec["d"] = d.item()
+        rec["loss"] = loss.item()
+        rec["perplexity"] = tok.quantizer.codebook.perplexity()
+        self.step_ += 1
+        return rec
+
+
 def train(cfg: TokenizerTrainConfig, *, resume: bool = False,
           progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainReport:
     """Train (or resume) into cfg.out; `progress(step, steps, record)` after every step."""
-    out = Path(cfg.out)
-    found = checkpoints(out) if out.is_dir() else []
-    if found and not resume:
-        raise TrainError(f"{out}: already holds checkpoints ({found[-1].name}); resume it or choose another --out")
-    device = torch.device(cfg.device)
-    cfg.tokenizer.validate()
-    batches = StoreBatches(cfg.data, cfg.tokenizer.image_size, cfg.tokenizer.needs_bases(), cfg.seed)
-    torch.manual_seed(cfg.seed)
-    tok = Tokenizer(cfg.tokenizer).to(device)   # weights from the seeded RNG
-    disc = PatchDiscriminator(cfg.disc_ch).to(device)
-    lpips = build_lpips(cfg.lpips_net, cfg.lpips_backbone).to(device) if cfg.lpips_weight > 0 else None
-    opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    # EMA weights: theta_ema <- ema * theta_ema + (1 - ema) * theta after every step; integer
-    # buffers (codebook counters) are copied. Saved as "model_ema"; from_checkpoint prefers them.
-    ema = {k: v.detach().clone() for k, v in tok.state_dict().items()} if cfg.ema > 0 else None
-    step = 0
-    if found:
-        try:
-            ckpt = load_checkpoint(found[-1], device, what="train-tokenizer checkpoint")
-        except RunError as e:
-            raise TrainError(f"{e}; delete it to resume from the one before") from None
-        saved = TokenizerTrainConfig(**{**ckpt["config"], "tokenizer": TokenizerConfig.from_dict(ckpt["config"]["tokenizer"]),
-                               "betas": tuple(ckpt["config"]["betas"])})
-        diff = saved.differences(cfg)
-        if diff:
-            raise TrainError(f"{found[-1]}: checkpoint of another config: " + "; ".join(diff))
-        tok.load_state_dict(ckpt["model"])
-        if ema is not None:
-            ema = {k: v.to(device) for k, v in ckpt["model_ema"].items()}
-        disc.load_state_dict(ckpt["disc"])
-        opt.load_state_dict(ckpt["opt"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        batches.gen.set_state(ckpt["rng"]["data"])
-        step = ckpt["step"]
-        log.info("resuming %s from step %d", found[-1], step)
-    out.mkdir(parents=True, exist_ok=True)
-    truncate_log(out / LOG, step)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-    def save():
-        state = {"config": cfg.to_dict(), "model": tok.state_dict(), "disc": disc.state_dict(),
-                 "opt": opt.state_dict(), "opt_d": opt_d.state_dict(), "step": step,
-                 "rng": {"torch": torch.get_rng_state(), "data": batches.gen.get_state()}}
-        if ema is not None:
-            state["model_ema"] = ema
-        save_checkpoint(out / checkpoint_name(step), state)
-
-    start, t0, rec = step, time.perf_counter(), {}
-    tok.train()
-    with open(out / LOG, "a") as logf:
-        while step < cfg.steps:
-            image, bases = batches.next(cfg.batch_size)
-            image, bases = image.to(device), [b.to(device) for b in bases]
-            x = to_model(image)
-            gan = step >= cfg.disc_start
-            with amp:
-                o = tok(image, bases)
-                l2 = F.mse_loss(o.x_hat.float(), x)
-                recon = l2
-                rec = {"step": step + 1, "l2": l2.item(), "vq": o.q.vq_loss.item()}
-                if lpips is not None:
-                    p = lpips(o.x_hat.float(), x).mean()
-                    recon = recon + cfg.lpips_weight * p
-                    rec["lpips"] = p.item()
-                loss = recon + o.q.vq_loss
-                if gan:
-                    for q in disc.parameters():
-                        q.requires_grad_(False)      # the generator step does not train D
-                    g = hinge_g_loss(disc(o.x_hat))
-                    for q in disc.parameters():
-                        q.requires_grad_(True)
-                    w = adaptive_weight(recon, g, tok.decoder.net[-1].weight) if cfg.adaptive_gan else 1.0
-                    loss = loss + cfg.disc_weight * w * g
-                    rec["g"], rec["gan_w"] = g.item(), cfg.disc_weight * float(w)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            rec["restarted"] = tok.quantizer.codebook.end_step()
-            if ema is not None:
-                with torch.no_grad():
-                    for k, v in tok.state_dict().items():
-                        if v.is_floating_point():
-                            ema[k].mul_(cfg.ema).add_(v, alpha=1.0 - cfg.ema)
-                        else:
-                            ema[k].copy_(v)
-            if gan:
-                with amp:
-                    d = hinge_d_loss(disc(x), disc(o.x_hat.detach()))
-                opt_d.zero_grad(set_to_none=True)
-                d.backward()
-                opt_d.step()
-                rec["d"] = d.item()
-            rec["loss"] = loss.item()
-            rec["perplexity"] = tok.quantizer.codebook.perplexity()
-            step += 1
-            logf.write(json.dumps(rec) + "\n")
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                logf.flush()
-                save()
-                plot_log(out)
+    tr = TokenizerTrainer(cfg, resume=resume)
+    start, t0, rec = tr.step_, time.perf_counter(), {}
+    run_log = RunLog(tr.out, start)
+    try:
+        while tr.step_ < cfg.steps:
+            rec = tr.step()
+            run_log.write(rec)
+            run_log.end_step(tr.step_, cfg.steps, cfg.ckpt_every, tr.save, plot_log)
             if progress is not None:
-                progress(step, cfg.steps, rec)
-    if step == start and not (out / PLOT).exists() and (out / LOG).stat().st_size:
-        plot_log(out)
-    return TrainReport(out, start, step, time.perf_counter() - t0, rec)
+                progress(tr.step_, cfg.steps, rec)
+    finally:
+        run_log.close(plot_log)
+    return TrainReport(tr.out, start, tr.step_, time.perf_counter() - t0, rec)
 
 
 def adaptive_weight(recon, g, last_layer) -> torch.Tensor:

@@ -23,7 +23,6 @@ the gradients (gloo on the CPU, nccl on CUDA). Rank 0 writes the log and the che
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -37,9 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..options import opt
-from ..runs import (LOG, PLOT, RunError, TrainError, checkpoint_name, checkpoints, latest_checkpoint, load_checkpoint,
-                    read_log, running_mean, save_checkpoint, truncate_log)
+from ..options import differences, opt
+from ..runs import (PLOT, RunError, RunLog, TrainError, checkpoint_name, latest_checkpoint, load_resumed, read_log,
+                    resume_from, running_mean, save_checkpoint)
 from .inputs import load_quantizer, teacher_inputs
 from .model import NextDetailTransformer, TransformerConfig
 
@@ -107,9 +106,7 @@ class TransformerTrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def differences(self, other: "TransformerTrainConfig") -> List[str]:
-        a, b = self.to_dict(), other.to_dict()
-        return [f"{k} {a[k]} (checkpoint) != {b[k]} (asked)" for k in a
-                if k not in self.RESUMABLE_CHANGES and a[k] != b[k]]
+        return differences(self, other, ignore=self.RESUMABLE_CHANGES)
 
 
 def lr_at(cfg: TransformerTrainConfig, step: int) -> float:
@@ -217,10 +214,7 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist_ or Dist()
         self.out = Path(cfg.out)
-        found = checkpoints(self.out) if self.out.is_dir() else []
-        if found and not resume:
-            raise TrainError(f"{self.out}: already holds checkpoints ({found[-1].name}); resume it or "
-                             "choose another --out")
+        found = resume_from(self.out, resume)
         dev = cfg.device
         if dev.startswith("cuda") and self.dist.world > 1:
             dev = f"cuda:{self.dist.local}"
@@ -253,8 +247,8 @@ class Trainer:
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
         self.step_ = 0
-        if found:
-            self._load(found[-1])
+        if found is not None:
+            self._load(found)
         self.net = self.model
         if d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -284,14 +278,8 @@ class Trainer:
         return path
 
     def _load(self, path: Path) -> None:
-        try:
-            ckpt = load_checkpoint(path, self.device, what="`nextdetail train` checkpoint")
-        except RunError as e:
-            raise TrainError(f"{e}; delete it to resume from the one before") from None
-        saved = TransformerTrainConfig.from_dict(ckpt["config"])
-        diff = saved.differences(self.cfg)
-        if diff:
-            raise TrainError(f"{path}: checkpoint of another config: " + "; ".join(diff))
+        ckpt = load_resumed(path, self.device, "`nextdetail train` checkpoint", TransformerTrainConfig.from_dict,
+                            self.cfg)
         if ckpt["tokenizer"]["sha256"] != self.tok_sha:
             raise TrainError(f"{path}: trained with tokenizer {ckpt['tokenizer']['checkpoint']}, not {self.tok_ckpt}")
         self.model.load_state_dict(ckpt["model"])
@@ -406,12 +394,8 @@ def train(cfg: TransformerTrainConfig, *, resume: bool = False,
 
 def _train(cfg: TransformerTrainConfig, d: Dist, resume: bool, progress) -> TrainReport:
     tr = Trainer(cfg, resume=resume, dist_=d)
-    out = tr.out
     start, t0, tokens, rec, val = tr.step_, time.perf_counter(), 0, {}, None
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        truncate_log(out / LOG, start)
-    logf = open(out / LOG, "a") if d.main else None
+    run_log = RunLog(tr.out, start, main=d.main)
     try:
         while tr.step_ < cfg.steps:
             ts = time.perf_counter()
@@ -423,19 +407,10 @@ def _train(cfg: TransformerTrainConfig, d: Dist, resume: bool, progress) -> Trai
             step = tr.step_
             if step % cfg.val_every == 0 or step == cfg.steps:
                 val = tr.validate()
-            if logf is not None:
-                logf.write(json.dumps(rec) + "\n")
-                if val is not None and val["step"] == step:
-                    logf.write(json.dumps(val) + "\n")
-                if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                    logf.flush()
-                    tr.save()
-                    plot_log(out)
+            run_log.write(rec, *([val] if val is not None and val["step"] == step else []))
+            run_log.end_step(step, cfg.steps, cfg.ckpt_every, tr.save, plot_log)
             if progress is not None and d.main:
                 progress(step, cfg.steps, rec)
     finally:
-        if logf is not None:
-            logf.close()
-    if d.main and tr.step_ == start and not (out / PLOT).exists() and read_log(out):
-        plot_log(out)
-    return TrainReport(out, start, tr.step_, time.perf_counter() - t0, tokens, rec, val, tr)
+        run_log.close(plot_log)
+    return TrainReport(tr.out, start, tr.step_, time.perf_counter() - t0, tokens, rec, val, tr)
