@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 
 from nextdetail.train.inputs import teacher_inputs  # noqa: E402
+from nextdetail.train.model import TransformerShape  # noqa: E402
 from nextdetail.train.trainer import Trainer, TransformerTrainConfig  # noqa: E402
 
 
@@ -94,9 +95,10 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             a.tokens, a.tokenizer = build_tokens(tmp, a.images, a.image_size, a.downsample, a.vocab)
             print(f"built a token store of {a.images} images in {time.perf_counter() - t0:.1f} s (not timed)")
-        cfg = TransformerTrainConfig(tokens=str(a.tokens), tokenizer=str(a.tokenizer), out=str(tmp / "run"), depth=a.depth,
-                          width=a.width, heads=a.heads, batch_size=a.batch_size, steps=10 ** 9, warmup=10,
-                          val_fraction=0.0, device=a.device, compile=a.compile)
+        cfg = TransformerTrainConfig(tokens=str(a.tokens), tokenizer=str(a.tokenizer), out=str(tmp / "run"),
+                                     model=TransformerShape(depth=a.depth, width=a.width, heads=a.heads),
+                                     batch_size=a.batch_size, steps=10 ** 9, warmup=10, val_fraction=0.0,
+                                     device=a.device, compile=a.compile)
         tr = Trainer(cfg)
         cuda = tr.device.type == "cuda"
         sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -13,6 +13,7 @@ import torch
 from token_data import make_token_store
 
 from nextdetail.runs import TrainError, checkpoints, read_log
+from nextdetail.train.model import TransformerShape
 from nextdetail.train.trainer import TransformerTrainConfig, label_dropout, lr_at, split_indices, train
 
 
@@ -36,9 +37,10 @@ def relabel(src, dst, labels):
 
 
 def cfg(tokens, out, **kw):
-    base = dict(tokens=str(tokens[0]), tokenizer=str(tokens[1]), out=str(out), depth=2, width=32, heads=2,
+    shape = {"depth": 2, "width": 32, "heads": 2, **{k: kw.pop(k) for k in ("depth", "width", "heads") if k in kw}}
+    base = dict(tokens=str(tokens[0]), tokenizer=str(tokens[1]), out=str(out),
                 steps=4, batch_size=4, lr=1e-3, warmup=2, val_fraction=0.25, val_every=2, ckpt_every=2)
-    return TransformerTrainConfig(**{**base, **kw})
+    return TransformerTrainConfig(**{**base, **kw}, model=TransformerShape(**shape))
 
 
 def test_schedule_split_and_label_dropout_are_deterministic():
@@ -156,3 +158,11 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_doubled_batch(tokens, 
     assert [r["step"] for r in d] == [r["step"] for r in s]
     for a, b in zip(d, s):                                      # the logged metrics are global
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_a_config_saved_before_0_2_reads_back(tokens, tmp_path):
+    """Checkpoints of nextdetail 0.1 kept the model's shape as top-level config keys."""
+    c = cfg(tokens, tmp_path / "run", depth=3)
+    flat = {k: v for k, v in c.to_dict().items() if k != "model"}
+    flat.update(c.to_dict()["model"])
+    assert TransformerTrainConfig.from_dict(flat) == c == TransformerTrainConfig.from_dict(c.to_dict())

@@ -7,10 +7,11 @@
 Ray, Zarr and pyarrow are imported only by the functions that need them, so importing this
 package stays cheap.
 """
-from .config import ConfigError, JobConfig, StoreParams
-from .job import JobError, JobReport, run_job
-from .sources import Source, SourceError, list_sources
-from ..stores.decomposition import DecompositionStore, StoreError, StoreItem
+from ..errors import ConfigError, JobError
+from ..stores.decomposition import DecompositionStore, Source, StoreError, StoreItem, StoreParams
+from .config import JobConfig
+from .job import JobReport, run_job
+from .sources import SourceError, list_sources
 
 __all__ = ["ConfigError", "DecompositionStore", "JobConfig", "JobError", "JobReport", "Source",
            "SourceError", "StoreError", "StoreItem", "StoreParams", "list_sources", "run_job"]

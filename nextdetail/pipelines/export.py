@@ -35,7 +35,7 @@ from ..stores.tokens import (DTYPE, FORMAT, FORMAT_VERSION, INDEX, MAX_VOCAB, ME
 from .attempts import ATTEMPTS, crash_hook
 from .config import RayJobConfig
 from .encode_worker import EncodeWorker, failed_path, part_path
-from .ray_job import (Progress, RayJobReport, cluster_resources, connect, job_failures, quiet_data_context,
+from .ray_job import (Progress, RayJobReport, cluster_resources, job_failures, quiet_data_context, ray_session,
                       resolve_workers)
 
 log = logging.getLogger(__name__)
@@ -319,11 +319,8 @@ def run_export(cfg: ExportConfig, progress: Optional[Progress] = None) -> Export
     if not plan.todo and (cfg.out / META).is_file():
         report.seconds = time.perf_counter() - t_begin
         return report
-    started = False
-    try:
+    with ray_session(cfg, "token store", report, needed=bool(plan.todo)) as t_connected:
         if plan.todo:
-            started, ray_seconds = connect(cfg)
-            t_connected = time.time() - ray_seconds
             gpus, workers = resolve_workers(cfg, gpu_job=cluster_resources()[1] >= 1)
             report.workers = workers = min(workers, len(plan.todo))
             report.device = "gpu" if gpus else "cpu"
@@ -349,12 +346,6 @@ def run_export(cfg: ExportConfig, progress: Optional[Progress] = None) -> Export
             raise JobError(f"{len(missing)} blocks have no part file after the run (e.g. block {missing[0][0]}); "
                            f"rerun the same command")
         finish(plan)
-    except OSError as e:
-        raise JobError(f"cannot write the token store ({e}); rerun the same command once fixed") from e
-    finally:
-        if started:
-            import ray
-            ray.shutdown()
     report.seconds = time.perf_counter() - t_begin
     return report
 

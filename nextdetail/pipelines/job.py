@@ -18,12 +18,12 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ..errors import ConfigError, JobError
+from ..errors import ConfigError
 from ..stores.decomposition import STATUS_ERROR, run_parts
 from ..stores.decomposition_writer import StorePlan, check_store, finish_store, prepare_store
 from .attempts import ATTEMPTS, crash_hook
 from .config import JobConfig
-from .ray_job import (Progress, RayJobReport, cluster_resources, connect, job_failures, quiet_data_context,
+from .ray_job import (Progress, RayJobReport, cluster_resources, job_failures, quiet_data_context, ray_session,
                       resolve_workers)
 from .sources import list_sources
 from .worker import T_END, T_START, DecomposeWorker, read_batch
@@ -108,9 +108,7 @@ def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
     early_backend = cfg.backend if cfg.backend != "auto" or cfg.address is not None else _local_auto(cfg)
     ignore = ("backend",) if early_backend == "auto" else ()
     check_store(cfg.out, cfg.store_params(early_backend), sources, overwrite=cfg.overwrite, ignore=ignore)
-    started, report.ray_seconds = connect(cfg)
-    t_connected = time.time() - report.ray_seconds
-    try:
+    with ray_session(cfg, "store", report) as t_connected:
         backend, gpus, workers = resolve_resources(cfg)
         report.device, report.workers = backend, workers
         plan = prepare_store(cfg.out, cfg.store_params(backend), sources, overwrite=cfg.overwrite)
@@ -138,12 +136,6 @@ def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
         report.timed(t_connected, t_first, t_last)
         counts = finish_store(plan, src=str(cfg.src))
         report.ok, report.error = counts["ok"], counts["error"]
-    except OSError as e:   # creating or finishing the store on the driver's side
-        raise JobError(f"cannot write the store ({e}); rerun the same command once fixed") from e
-    finally:
-        if started:
-            import ray
-            ray.shutdown()
     report.seconds = time.perf_counter() - t_begin
     return report
 

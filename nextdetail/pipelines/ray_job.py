@@ -91,6 +91,22 @@ def connect(cfg: RayJobConfig) -> tuple:
     return True, time.perf_counter() - t0
 
 
+@contextmanager
+def ray_session(cfg: RayJobConfig, output: str, report: RayJobReport, needed: bool = True):
+    """Connect (when `needed`) for the block; yield the wall-clock time Ray was ready. OSError on
+    the driver's side (writing the output) becomes a JobError naming it; a Ray we started is
+    shut down either way."""
+    started, report.ray_seconds = connect(cfg) if needed else (False, 0.0)
+    try:
+        yield time.time() - report.ray_seconds
+    except OSError as e:
+        raise JobError(f"cannot write the {output} ({e}); rerun the same command once fixed") from e
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
+
+
 def cluster_resources() -> tuple:
     """(CPUs, GPUs) of the Ray we are connected to."""
     import ray

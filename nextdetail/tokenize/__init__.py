@@ -9,7 +9,8 @@ config.py (typed configs, schedules), model.py (encoder/decoder), quant.py (code
 three quantizers), tokenizer.py (the API), losses.py (LPIPS, PatchGAN), train.py (training).
 PyTorch is imported by this package; the rest of nextdetail does not need it.
 """
-from .config import ConfigError, ModelConfig, QuantConfig, TokenizerConfig, scale_patch_sizes, config_for
+from ..errors import ConfigError
+from .config import ModelConfig, QuantConfig, TokenizerConfig, scale_patch_sizes, config_for
 from .tokenizer import CheckpointError, Tokenizer
 
 __all__ = ["CheckpointError", "ConfigError", "ModelConfig", "QuantConfig", "Tokenizer", "TokenizerConfig",

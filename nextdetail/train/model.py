@@ -33,39 +33,55 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..options import opt
 
 
 @dataclass(frozen=True)
-class TransformerConfig:
-    vocab: int                                  # V, the tokenizer's codebook size
-    map_shapes: Tuple[Tuple[int, int], ...]     # (h_k, w_k), generation order
-    cvae: int                                   # channels of the continuous inputs (tokenizer latent)
-    num_classes: int = 0                        # class labels 0..C-1; C is the null class
-    depth: int = 6
-    width: int = 384
-    heads: int = 6
-    mlp_ratio: float = 4.0
-    pos: str = "rope"                           # "rope" (normalized 2-D RoPE) or "learned"
+class TransformerShape:
+    """The transformer's architecture: what a user chooses (the options of `nextdetail train`)."""
+
+    depth: int = opt(6, "transformer blocks")
+    width: int = opt(384, "model width")
+    heads: int = opt(6, "attention heads")
+    mlp_ratio: float = opt(4.0, "MLP width / model width")
+    pos: str = opt("rope", "normalized 2-D RoPE or learned absolute positions", choices=("rope", "learned"))
     rope_grid: float = 0.0                      # G of the normalized positions; 0: the largest map side
     rope_base: float = 100.0
-    adaln: bool = False
+    adaln: bool = opt(False, "condition every block on the class by AdaLN")
     init_std: float = 0.02
 
     def __post_init__(self):
-        object.__setattr__(self, "map_shapes", tuple((int(h), int(w)) for h, w in self.map_shapes))
-        if not self.map_shapes or any(h < 1 or w < 1 for h, w in self.map_shapes):
-            raise ConfigError(f"map_shapes {self.map_shapes}: need at least one map of positive size")
-        for name in ("vocab", "cvae", "depth", "width", "heads"):
+        for name in ("depth", "width", "heads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} {getattr(self, name)}: must be >= 1")
-        if self.num_classes < 0:
-            raise ConfigError(f"num_classes {self.num_classes}: must be >= 0")
         if self.width % self.heads:
             raise ConfigError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.pos not in ("rope", "learned"):
             raise ConfigError(f"pos {self.pos!r}: 'rope' or 'learned'")
         if self.pos == "rope" and (self.width // self.heads) % 4:
             raise ConfigError(f"head dim {self.width // self.heads}: 2-D RoPE needs a multiple of 4")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransformerConfig(TransformerShape):
+    """The shape and what the data fixes: the vocabulary, the token maps, the tokenizer's
+    latent channels and the classes. Saved flat in every checkpoint ("model_config")."""
+
+    vocab: int                                  # V, the tokenizer's codebook size
+    map_shapes: Tuple[Tuple[int, int], ...]     # (h_k, w_k), generation order
+    cvae: int                                   # channels of the continuous inputs (tokenizer latent)
+    num_classes: int = 0                        # class labels 0..C-1; C is the null class
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "map_shapes", tuple((int(h), int(w)) for h, w in self.map_shapes))
+        if not self.map_shapes or any(h < 1 or w < 1 for h, w in self.map_shapes):
+            raise ConfigError(f"map_shapes {self.map_shapes}: need at least one map of positive size")
+        for name in ("vocab", "cvae"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} {getattr(self, name)}: must be >= 1")
+        if self.num_classes < 0:
+            raise ConfigError(f"num_classes {self.num_classes}: must be >= 0")
 
     @property
     def seq_len(self) -> int:

@@ -36,11 +36,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..options import differences, opt
+from ..options import differences, nested, opt
 from ..runs import (PLOT, RunError, RunLog, TrainError, checkpoint_name, latest_checkpoint, load_resumed, read_log,
                     resume_from, running_mean, save_checkpoint)
 from .inputs import load_quantizer, teacher_inputs
-from .model import NextDetailTransformer, TransformerConfig
+from .model import NextDetailTransformer, TransformerConfig, TransformerShape
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,7 @@ class TransformerTrainConfig:
     tokens: str = opt(help="token store (nextdetail export-tokens)", metavar="TOKENS")
     tokenizer: str = opt(help="tokenizer run folder or checkpoint the tokens were exported with", metavar="RUN")
     out: str = opt(help="run folder of this training", metavar="RUN2")
-    depth: int = opt(6, "transformer blocks")
-    width: int = opt(384, "model width")
-    heads: int = opt(6, "attention heads")
-    mlp_ratio: float = opt(4.0, "MLP width / model width")
-    pos: str = opt("rope", "normalized 2-D RoPE or learned absolute positions", choices=("rope", "learned"))
-    adaln: bool = opt(False, "condition every block on the class by AdaLN")
+    model: TransformerShape = nested(TransformerShape)
     steps: int = opt(1000, "training steps")
     batch_size: int = opt(32, "samples per step and process")
     lr: float = opt(3e-4, "peak AdamW learning rate")
@@ -84,7 +79,7 @@ class TransformerTrainConfig:
         object.__setattr__(self, "betas", tuple(self.betas))
         for name in ("tokens", "tokenizer", "out"):      # plain str: checkpoints hold plain data only
             object.__setattr__(self, name, str(getattr(self, name)))
-        for name in ("depth", "width", "heads", "steps", "batch_size", "ckpt_every", "val_every",
+        for name in ("steps", "batch_size", "ckpt_every", "val_every",
                      "val_batches"):
             if getattr(self, name) < 1:
                 raise TrainError(f"{name} {getattr(self, name)}: must be >= 1")
@@ -102,8 +97,11 @@ class TransformerTrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TransformerTrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """From a checkpoint's config; before 0.2 the shape's fields were top-level keys."""
+        shape = {f.name for f in fields(TransformerShape)}
+        model = dict(d.get("model") or {k: v for k, v in d.items() if k in shape})
+        known = {f.name for f in fields(cls)} - {"model"}
+        return cls(**{k: v for k, v in d.items() if k in known}, model=TransformerShape(**model))
 
     def differences(self, other: "TransformerTrainConfig") -> List[str]:
         return differences(self, other, ignore=self.RESUMABLE_CHANGES)
@@ -235,8 +233,7 @@ class Trainer:
                              f"schedule {self.quantizer.sizes}")
         self.mcfg = TransformerConfig(vocab=self.ds.vocab, map_shapes=tuple(self.ds.map_shapes),
                                       cvae=self.quantizer.codebook.embed.weight.shape[1],
-                                      num_classes=self.ds.num_classes, depth=cfg.depth, width=cfg.width,
-                                      heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, pos=cfg.pos, adaln=cfg.adaln)
+                                      num_classes=self.ds.num_classes, **asdict(cfg.model))
         torch.manual_seed(cfg.seed)
         self.model = NextDetailTransformer(self.mcfg).to(self.device)
         self.train_idx, self.val_idx = split_indices(len(self.ds), cfg.val_fraction, cfg.seed)
