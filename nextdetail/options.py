@@ -87,7 +87,12 @@ def option_fields(cls) -> list:
 
 def add_options(parser, cls, *, skip: tuple = ()) -> None:
     """Add an argparse option (or positional) for every `opt` field of cls, nested included."""
-    for f, hint in option_fields(cls):
+    def first(item):        # what a command needs (positional, required) before what it may take
+        f = item[0]
+        return not (f.metadata["option"]["positional"] or
+                    (f.default is _MISSING and f.default_factory is _MISSING))
+
+    for f, hint in sorted(option_fields(cls), key=first):
         if f.name in skip:
             continue
         o = dict(f.metadata["option"])

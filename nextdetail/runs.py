@@ -25,7 +25,10 @@ import zipfile
 from pathlib import Path
 from typing import Callable, List, Optional
 
+from dataclasses import dataclass
+
 from .errors import NextDetailError
+from .options import check_int, opt
 from .stores import atomic_write
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,21 @@ class RunError(NextDetailError, ValueError):
 
 class TrainError(RunError):
     """Training cannot start as asked (data, run folder, config); one line. Both trainers."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """What both trainers take besides their data, model and optimizer: how long, how often to
+    checkpoint, the seed of every random draw, the device. The trainers' configs extend it."""
+
+    steps: int = opt(1000, "training steps")
+    ckpt_every: int = opt(500, "steps between checkpoints")
+    seed: int = opt(0, "seed of the weights, the data order and every random draw")
+    device: str = opt("cpu", "torch device (cuda: bf16 autocast)")
+
+    def __post_init__(self):
+        check_int("steps", self.steps)
+        check_int("ckpt_every", self.ckpt_every)
 
 
 def checkpoint_name(step: int) -> str:
@@ -111,6 +129,23 @@ def load_checkpoint(path, map_location="cpu", what: str = "nextdetail checkpoint
         log.warning("%s: written before checkpoint format 2 (nextdetail 0.1); it holds plain data only, "
                     "read safely with weights_only", path)
     return obj
+
+
+@dataclass
+class RunReport:
+    """What a training command did: steps start_step..steps in `seconds`, the last step's record."""
+
+    out: Path
+    start_step: int
+    steps: int
+    seconds: float
+    last: dict
+
+    def timing(self, extra: str = "") -> str:
+        done = self.steps - self.start_step
+        rate = done / self.seconds if self.seconds > 0 else float("nan")
+        return (f"trained steps {self.start_step}..{self.steps} ({done} steps, {self.seconds:.1f} s, "
+                f"{rate:.2f} steps/s{extra})")
 
 
 def resume_from(out, resume: bool) -> Optional[Path]:

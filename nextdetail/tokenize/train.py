@@ -22,9 +22,9 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..runs import (PLOT, RunLog, TrainError, checkpoint_name, load_resumed, read_log, resume_from,
-                    running_mean, save_checkpoint)
 from ..errors import ConfigError
+from ..runs import (PLOT, RunConfig, RunLog, RunReport, TrainError, checkpoint_name, load_resumed, read_log,
+                    resume_from, running_mean, save_checkpoint)
 from ..options import check_int, differences, nested, opt
 from ..stores.decomposition import DecompositionStore, StoreError
 from ..stores.layers import crop_layers, split_layers
@@ -36,14 +36,13 @@ log = logging.getLogger(__name__)
 
 
 
-@dataclass(frozen=True)
-class TokenizerTrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class TokenizerTrainConfig(RunConfig):
     """Settings of `nextdetail train-tokenizer`: the tokenizer (nested) and its training."""
 
     data: str = opt(help="decomposition store", metavar="STORE")
     out: str = opt(help="run folder", metavar="RUN")
     tokenizer: TokenizerConfig = nested(TokenizerConfig)
-    steps: int = opt(1000, "training steps")
     batch_size: int = opt(8, "images per step")
     lr: float = opt(1e-4, "AdamW learning rate (generator and discriminator)")
     betas: tuple = (0.5, 0.9)
@@ -59,17 +58,14 @@ class TokenizerTrainConfig:
     adaptive_gan: bool = opt(False, "scale the GAN loss by |grad rec| / |grad G| at the decoder's last layer "
                                     "(VQGAN)", flag="--adaptive-gan-weight")
     ema: float = opt(0.0, "keep an EMA of the weights with this decay (e.g. 0.999); 0: off", metavar="DECAY")
-    ckpt_every: int = opt(500, "steps between checkpoints")
-    seed: int = opt(0, "seed of the weights and of the batches")
-    device: str = opt("cpu", "torch device (cuda: bf16 autocast)")
 
     def __post_init__(self):
+        super().__post_init__()
         # Paths as str: the config is saved in checkpoints, which hold plain data only.
         for name in ("data", "out"):
             object.__setattr__(self, name, str(getattr(self, name)))
         object.__setattr__(self, "betas", tuple(self.betas))
-        for name in ("steps", "batch_size", "ckpt_every"):
-            check_int(name, getattr(self, name))
+        check_int("batch_size", self.batch_size)
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"--ema {self.ema}: must be in [0, 1)")
 
@@ -88,20 +84,11 @@ class TokenizerTrainConfig:
 
 
 @dataclass
-class TrainReport:
-    out: Path
-    start_step: int
-    steps: int
-    seconds: float
-    last: dict
-
+class TrainReport(RunReport):
     def summary(self) -> str:
-        done = self.steps - self.start_step
-        rate = done / self.seconds if self.seconds > 0 else float("nan")
         losses = " ".join(f"{k}={self.last[k]:.4g}" for k in ("loss", "l2", "vq", "lpips", "g", "d")
                           if k in self.last)
-        return (f"trained steps {self.start_step}..{self.steps} ({done} steps, {self.seconds:.1f} s, "
-                f"{rate:.2f} steps/s); last: {losses}; perplexity {self.last.get('perplexity', 0):.1f}; "
+        return (f"{self.timing()}; last: {losses}; perplexity {self.last.get('perplexity', 0):.1f}; "
                 f"run {self.out}")
 
 
@@ -288,7 +275,7 @@ def train(cfg: TokenizerTrainConfig, *, resume: bool = False,
                 progress(tr.step_, cfg.steps, rec)
     finally:
         run_log.close(plot_log)
-    return TrainReport(tr.out, start, tr.step_, time.perf_counter() - t0, rec)
+    return TrainReport(out=tr.out, start_step=start, steps=tr.step_, seconds=time.perf_counter() - t0, last=rec)
 
 
 def adaptive_weight(recon, g, last_layer) -> torch.Tensor:

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from ..options import differences, nested, opt
-from ..runs import (PLOT, RunError, RunLog, TrainError, checkpoint_name, latest_checkpoint, load_resumed, read_log,
-                    resume_from, running_mean, save_checkpoint)
+from ..runs import (PLOT, RunConfig, RunError, RunLog, RunReport, TrainError, checkpoint_name, latest_checkpoint,
+                    load_resumed, read_log, resume_from, running_mean, save_checkpoint)
 from .inputs import load_quantizer, teacher_inputs
 from .model import NextDetailTransformer, TransformerConfig, TransformerShape
 
@@ -46,15 +46,14 @@ log = logging.getLogger(__name__)
 
 
 
-@dataclass(frozen=True)
-class TransformerTrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class TransformerTrainConfig(RunConfig):
     """Settings of `nextdetail train`: the model's shape and its training."""
 
     tokens: str = opt(help="token store (nextdetail export-tokens)", metavar="TOKENS")
     tokenizer: str = opt(help="tokenizer run folder or checkpoint the tokens were exported with", metavar="RUN")
     out: str = opt(help="run folder of this training", metavar="RUN2")
     model: TransformerShape = nested(TransformerShape)
-    steps: int = opt(1000, "training steps")
     batch_size: int = opt(32, "samples per step and process")
     lr: float = opt(3e-4, "peak AdamW learning rate")
     min_lr: float = opt(0.1, "cosine floor as a fraction of --lr")
@@ -66,9 +65,6 @@ class TransformerTrainConfig:
     val_fraction: float = opt(0.05, "held-out samples")
     val_every: int = opt(500, "steps between validations")
     val_batches: int = 20              # at most this many batches per validation
-    ckpt_every: int = opt(500, "steps between checkpoints")
-    seed: int = opt(0, "seed of the weights, the split and the batch order")
-    device: str = opt("cpu", "torch device (cuda: bf16 autocast)")
     compile: bool = opt(False, "torch.compile the model")
 
     # Fields a resumed run may change: where and how long it runs, how often it reports.
@@ -76,11 +72,11 @@ class TransformerTrainConfig:
                          "tokens", "tokenizer")
 
     def __post_init__(self):
+        super().__post_init__()
         object.__setattr__(self, "betas", tuple(self.betas))
         for name in ("tokens", "tokenizer", "out"):      # plain str: checkpoints hold plain data only
             object.__setattr__(self, name, str(getattr(self, name)))
-        for name in ("steps", "batch_size", "ckpt_every", "val_every",
-                     "val_batches"):
+        for name in ("batch_size", "val_every", "val_batches"):
             if getattr(self, name) < 1:
                 raise TrainError(f"{name} {getattr(self, name)}: must be >= 1")
         for name in ("cond_drop", "val_fraction"):
@@ -180,24 +176,16 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
 # ----------------------------------------------------------------------------- trainer
 
 @dataclass
-class TrainReport:
-    out: Path
-    start_step: int
-    steps: int
-    seconds: float
-    tokens: int
-    last: dict
-    val: Optional[dict]
+class TrainReport(RunReport):
+    tokens: int = 0
+    val: Optional[dict] = None
     trainer: Optional["Trainer"] = field(default=None, repr=False)    # the final state (tests, bench)
 
     def summary(self) -> str:
-        done = self.steps - self.start_step
-        rate = done / self.seconds if self.seconds > 0 else float("nan")
         tps = self.tokens / self.seconds if self.seconds > 0 else float("nan")
         last = (f"loss {self.last['loss']:.4f} acc {self.last['acc']:.3f}" if self.last else "no step run")
         val = f"; val loss {self.val['loss']:.4f} acc {self.val['acc']:.3f}" if self.val else ""
-        return (f"trained steps {self.start_step}..{self.steps} ({done} steps, {self.seconds:.1f} s, "
-                f"{rate:.2f} steps/s, {tps:,.0f} tokens/s); last: {last}{val}; run {self.out}")
+        return f"{self.timing(f', {tps:,.0f} tokens/s')}; last: {last}{val}; run {self.out}"
 
 
 class Trainer:
@@ -410,4 +398,5 @@ def _train(cfg: TransformerTrainConfig, d: Dist, resume: bool, progress) -> Trai
                 progress(step, cfg.steps, rec)
     finally:
         run_log.close(plot_log)
-    return TrainReport(tr.out, start, tr.step_, time.perf_counter() - t0, tokens, rec, val, tr)
+    return TrainReport(out=tr.out, start_step=start, steps=tr.step_, seconds=time.perf_counter() - t0, last=rec,
+                       tokens=tokens, val=val, trainer=tr)
