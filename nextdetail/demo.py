@@ -28,7 +28,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 from PIL import ImageOps
 
@@ -36,6 +37,7 @@ from . import cli
 from .decomp.at import BACKENDS
 from .decomp.files import output_names
 from .imageio import list_images, save_png
+from .options import add_options, build, opt
 from .runs import LOG, PLOT, checkpoints
 from .viz import contact_sheet
 
@@ -62,25 +64,30 @@ def write_bundled_photos(folder: Path) -> List[Path]:
     return paths
 
 
+@dataclass(frozen=True)
+class DemoConfig:
+    """Settings of `python -m nextdetail.demo` (`make demo`)."""
+
+    out: Path = opt(Path("out/demo"), "output folder", metavar="DIR")
+    images: Optional[Tuple[str, ...]] = opt(None, "image files or folders (default: photos bundled with "
+                                                  "scikit-image)", nargs="+", metavar="PATH", type=str)
+    size: int = opt(256, "center-crop to N x N; 0 keeps the original size", metavar="N")
+    backend: str = opt("auto", "solver backend", choices=BACKENDS)
+    chain: bool = opt(True, "then run the generation chain (tokenizer, tokens, transformer, samples)",
+                      action=argparse.BooleanOptionalAction)
+    chain_size: int = opt(64, "image side of the chain", metavar="N")
+    tokenizer_steps: int = opt(300, "chain: tokenizer steps", metavar="N")
+    train_steps: int = opt(300, "chain: transformer steps", metavar="N")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nextdetail.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("out/demo"), metavar="DIR",
-                   help="output folder (default out/demo)")
-    p.add_argument("--images", nargs="+", metavar="PATH",
-                   help="image files or folders (default: photos bundled with scikit-image)")
-    p.add_argument("--size", type=int, default=256, metavar="N",
-                   help="center-crop to N x N (default 256; 0 keeps the original size)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="solver backend (default auto)")
-    p.add_argument("--chain", action=argparse.BooleanOptionalAction, default=True,
-                   help="then run the generation chain (tokenizer, tokens, transformer, samples); default on")
-    p.add_argument("--chain-size", type=int, default=64, metavar="N", help="image side of the chain (default 64)")
-    p.add_argument("--tokenizer-steps", type=int, default=300, metavar="N", help="chain: tokenizer steps (default 300)")
-    p.add_argument("--train-steps", type=int, default=300, metavar="N", help="chain: transformer steps (default 300)")
+    add_options(p, DemoConfig)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build(DemoConfig, build_parser().parse_args(argv))
     if args.images:
         inputs = [str(p) for p in args.images]
     else:
