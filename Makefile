@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 IMAGES ?=
 OUT    ?= out/demo
 
-.PHONY: install test demo bench bench-pipeline bench-tokens bench-train clean
+.PHONY: install test demo bench bench-pipeline bench-tokens bench-train gpu-check clean
 
 install: $(STAMP)
 
@@ -37,6 +37,14 @@ bench-tokens: $(STAMP)
 
 bench-train: $(STAMP)
 	$(PY) benchmarks/bench_train.py
+
+# On a GPU machine, with its own Python (torch, cupy, numba; no venv to build there):
+# every GPU path measured in one short run (benchmarks/gpu_check.py). GPU_PYTHON=.venv/bin/python
+# here runs it too (add GPU_CHECK=--dry-run on a machine without a GPU).
+GPU_PYTHON ?= python3
+GPU_CHECK ?=
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out out/gpu-check.json $(GPU_CHECK)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

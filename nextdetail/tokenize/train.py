@@ -152,12 +152,16 @@ class TokenizerTrainer:
     drives it. Resume restores all of it, so a resumed run equals an uninterrupted one bitwise
     on the CPU."""
 
-    def __init__(self, cfg: TokenizerTrainConfig, *, resume: bool = False):
+    def __init__(self, cfg: TokenizerTrainConfig, *, resume: bool = False, batches=None):
+        """batches: where the (image, bases) batches come from; default the store's random crops
+        (StoreBatches). Anything with next(batch_size) and a torch.Generator `gen` will do (the
+        GPU check trains on synthetic batches, where no store can be read)."""
         self.cfg, self.out = cfg, Path(cfg.out)
         found = resume_from(self.out, resume)
         self.device = torch.device(cfg.device)
         cfg.tokenizer.validate()
-        self.batches = StoreBatches(cfg.data, cfg.tokenizer.image_size, cfg.tokenizer.needs_bases(), cfg.seed)
+        self.batches = batches or StoreBatches(cfg.data, cfg.tokenizer.image_size, cfg.tokenizer.needs_bases(),
+                                               cfg.seed)
         torch.manual_seed(cfg.seed)
         self.tok = Tokenizer(cfg.tokenizer).to(self.device)   # weights from the seeded RNG
         self.disc = PatchDiscriminator(cfg.disc_ch).to(self.device)
