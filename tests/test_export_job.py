@@ -180,3 +180,24 @@ def test_killed_worker_is_restarted_and_its_block_redone(ray_session, inputs, tm
     job.join(timeout=240)
     assert not job.is_alive() and result["report"].processed == 40
     same_store(out, reference)
+
+
+def test_meta_json_is_o1_in_n_and_reads_a_0_1_plan(inputs, tmp_path):
+    """The plan records the rows' store indices as a digest (they are in index.parquet), so
+    meta.json does not grow with N; a plan written by 0.1, which listed them, still matches."""
+    import json
+
+    from nextdetail.pipelines.export import indices_digest
+    from nextdetail.stores.decomposition import DecompositionStore
+
+    store, ckpt, reference = inputs
+    out = tmp_path / "tokens"
+    export_in_process(ExportConfig(data=store, tokenizer=ckpt, out=out))
+    meta = json.loads((out / META).read_text())
+    ok = DecompositionStore(store).ok_indices
+    assert meta["plan"]["store_indices_sha256"] == indices_digest(ok) and "store_indices" not in meta["plan"]
+    old = dict(meta, plan={k: v for k, v in meta["plan"].items() if k != "store_indices_sha256"})
+    old["plan"]["store_indices"] = [int(i) for i in ok]
+    (out / META).write_text(json.dumps(old))
+    report = export_in_process(ExportConfig(data=store, tokenizer=ckpt, out=out))
+    assert report.skipped == 40 and report.processed == 0

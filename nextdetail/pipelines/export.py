@@ -126,10 +126,27 @@ class ExportPlan:
         return int(map_offsets(self.map_shapes)[-1])
 
     def key(self) -> dict:
-        """What decides the bytes of the export: a rerun must match it to reuse parts."""
+        """What decides the bytes of the export: a rerun must match it to reuse parts. O(1) in N:
+        the rows' store indices enter as a digest (they are listed in index.parquet), so
+        meta.json, which every rank and loader worker parses, stays a few KB at any N."""
         return {"tokenizer_sha256": self.sha256, "store": str(self.store.path.resolve()),
-                "store_indices": [int(i) for i in self.store.ok_indices], "N": self.N, "L": self.L,
+                "store_indices_sha256": indices_digest(self.store.ok_indices), "N": self.N, "L": self.L,
                 "rows_per_block": self.cfg.rows_per_block, "sharded": self.cfg.shard_rows is not None}
+
+
+def indices_digest(indices) -> str:
+    """sha256 of store indices as little-endian int64."""
+    import hashlib
+
+    return hashlib.sha256(np.asarray(indices, dtype="<i8").tobytes()).hexdigest()
+
+
+def _plan_of(old):
+    """A recorded plan in today's form: before 0.2 it listed every store index."""
+    if isinstance(old, dict) and "store_indices" in old:
+        old = dict(old)
+        old["store_indices_sha256"] = indices_digest(old.pop("store_indices"))
+    return old
 
 
 def make_plan(cfg: ExportConfig) -> ExportPlan:
@@ -193,14 +210,14 @@ def prepare(plan: ExportPlan) -> int:
         names = set()
     key = plan.key()
     if META in names:
-        old = json.loads((out / META).read_text()).get("plan")
+        old = _plan_of(json.loads((out / META).read_text()).get("plan"))
         if old == key:
             plan.todo = []
             return plan.N
         raise StoreError(out, f"token store exported from {_differs(old, key)}; pass --overwrite to replace it")
     parts = out / PARTS
     if (parts / PLAN).is_file():
-        old = json.loads((parts / PLAN).read_text())
+        old = _plan_of(json.loads((parts / PLAN).read_text()))
         if old != key:
             raise StoreError(out, f"unfinished export from {_differs(old, key)}; pass --overwrite to start over")
     else:
@@ -218,7 +235,7 @@ def _differs(old, new) -> str:
     if not isinstance(old, dict):
         return "an unknown plan"
     names = {"tokenizer_sha256": "another tokenizer checkpoint", "store": "another decomposition store",
-             "store_indices": "other images of the store", "rows_per_block": "another --block-rows/--shard-rows",
+             "store_indices_sha256": "other images of the store", "rows_per_block": "another --block-rows/--shard-rows",
              "sharded": "another --shard-rows", "L": "another token layout", "N": "another number of images"}
     diffs = [names[k] for k in names if old.get(k) != new.get(k)]
     return ", ".join(diffs) or "another plan"
