@@ -59,8 +59,8 @@ class SampleConfig:
 
     run: Path = opt(help="run folder of `nextdetail train` (or a checkpoint)", positional=True, metavar="RUN2")
     out: Path = opt(Path("out/samples"), "output folder", metavar="DIR")
-    label: str = opt("-1", "class label or class name (a class folder of the data; default: none, "
-                           "unconditional)", flag="--class", metavar="C", default_help="none")
+    label: str = opt("-1", "class label or class name (a class folder of the data)", flag="--class",
+                     metavar="C", default_help="none: unconditional")
     n: int = opt(16, "images")
     cfg: float = opt(1.5, "guidance scale on the last map; 1: off")
     top_k: int = opt(0, "keep the k most likely tokens; 0: all")
