@@ -10,21 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from nextdetail import cli
-from nextdetail.pipelines.export import ExportConfig, export_in_process
 from nextdetail.stores.decomposition import LAYERS, MANIFEST, META, DecompositionStore, StoreError
 from nextdetail.stores.tokens import INDEX, TOKENS
-from pipeline_data import make_store
-from token_data import tiny_tokenizer
+from token_data import make_token_store
 from conftest import own_lines
 
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("corrupt")
-    store = make_store(tmp / "store", n=6, size=32, order=3)
-    ckpt = tiny_tokenizer(store, tmp / "tokenizer", image_size=32, steps=1)
-    tokens = tmp / "tokens"
-    export_in_process(ExportConfig(data=store, tokenizer=ckpt, out=tokens))
+    tokens, ckpt, store = make_token_store(tmp_path_factory.mktemp("corrupt"), n=6, size=32)
     return store, ckpt, tokens
 
 

@@ -16,10 +16,9 @@ from nextdetail.imageio import ImageError, list_images, load_image
 from nextdetail.pipelines import DecompositionStore, list_sources
 from nextdetail.pipelines.attempts import CRASH_HOOK_ENV, AttemptJournal
 from nextdetail.pipelines.encode_worker import PARTS
-from nextdetail.pipelines.export import ExportConfig, export_in_process
 from nextdetail.stores.tokens import META, TOKENS
-from pipeline_data import listing, make_store, photo_paths, synthetic_photo
-from token_data import tiny_tokenizer
+from pipeline_data import listing, photo_paths, synthetic_photo
+from token_data import make_token_store
 from conftest import own_lines
 
 FAST = ["--order", "2", "--n-iter", "10", "--backend", "numba", "--size", "32"]
@@ -70,11 +69,7 @@ def test_an_image_that_kills_its_worker_becomes_an_error_row(ray_session, tmp_pa
 
 @pytest.fixture(scope="module")
 def export_inputs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("limits")
-    store = make_store(tmp / "store", n=8, size=32, order=3)
-    ckpt = tiny_tokenizer(store, tmp / "tokenizer", image_size=32, steps=1)
-    reference = tmp / "reference"
-    export_in_process(ExportConfig(data=store, tokenizer=ckpt, out=reference))
+    reference, ckpt, store = make_token_store(tmp_path_factory.mktemp("limits"), n=8, size=32)
     return store, ckpt, reference
 
 
