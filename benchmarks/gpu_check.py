@@ -224,8 +224,6 @@ def matmul_tflops(device) -> float:
 
 
 def part_transformer_train(dry: bool) -> dict:
-    import torch
-
     from bench_tokens import write_random_store
     from bench_train import model_flops_per_token
     from nextdetail.runs import checkpoint_name, save_checkpoint
@@ -265,6 +263,7 @@ def part_transformer_train(dry: bool) -> dict:
 
 
 def part_export_encode(dry: bool) -> dict:
+    import numpy as np
     import torch
 
     from nextdetail.pipelines.encode_worker import flatten_maps, numerics, pin_numerics
@@ -281,7 +280,6 @@ def part_export_encode(dry: bool) -> dict:
     dt = timed(lambda: tok.encode(image, bases), device, repeats=2 if dry else 3)
     whole = flatten_maps(tok.encode(image, bases))
     parts = [flatten_maps(tok.encode(image[a:a + 7], [b[a:a + 7] for b in bases])) for a in range(0, n, 7)]
-    import numpy as np
     same = bool((np.concatenate(parts) == whole).all())
     return {"images_per_s": n / dt, "images": n, "numerics": numerics(device),
             "same_tokens_batch_n_vs_7": same}

@@ -244,7 +244,7 @@ def _walk_images(root: Path) -> List[Path]:
                     raise FolderError(f"symlink cycle: {path} leads back to {os.path.realpath(path)}, "
                                       "a folder that contains it")
                 stack.append((path, sub, ancestors + (key,)))
-            elif entry.name.rsplit(".", 1)[-1].lower() in _SUFFIXES and "." in entry.name:
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                 try:
                     if entry.is_file():               # follows symlinks; a dangling link is skipped
                         found.append((sub, path))
@@ -252,9 +252,6 @@ def _walk_images(root: Path) -> List[Path]:
                     pass
     found.sort(key=lambda t: t[0])
     return [path for _, path in found]
-
-
-_SUFFIXES = frozenset(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
 
 def to_uint8(array: np.ndarray) -> np.ndarray:

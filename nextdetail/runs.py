@@ -22,10 +22,9 @@ import logging
 import pickle
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
-
-from dataclasses import dataclass
 
 from .errors import NextDetailError
 from .options import check_int, opt

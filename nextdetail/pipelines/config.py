@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Optional
 
 from ..decomp import ATParams
+from ..decomp.at import BACKENDS
 from ..errors import ConfigError
+from ..imageio import DEFAULT_MAX_PIXELS
 from ..options import check_int, nested, opt
 from ..stores.decomposition import StoreParams
-from ..decomp.at import BACKENDS
-from ..imageio import DEFAULT_MAX_PIXELS
 from .attempts import DEFAULT_MAX_ATTEMPTS
 
 

@@ -25,6 +25,7 @@ from ..decomp import ATParams
 from ..errors import PathError
 from ..options import differences
 from .atomic import PARTS
+from .meta import check_keys
 
 FORMAT = "nextdetail.decomposition_store"
 FORMAT_VERSION = 1
@@ -151,23 +152,12 @@ def read_meta(path) -> dict:
         raise StoreError(path, f"store format version {version!r} (written by nextdetail "
                                f"{meta.get('nextdetail_version', '?')}); this nextdetail reads "
                                f"version {FORMAT_VERSION} only")
-    for key, kind in _META_KEYS.items():
-        _check_meta_value(meta_file, key, meta.get(key), kind, key in meta)
-    for key in _COUNT_KEYS:
-        _check_meta_value(meta_file, f"counts.{key}", meta["counts"].get(key), int, key in meta["counts"])
+    check_keys(meta, meta_file, _META_KEYS, StoreError)
+    check_keys(meta["counts"], meta_file, dict.fromkeys(_COUNT_KEYS, int), StoreError, prefix="counts.")
     for key in ("order", "size"):
         if meta[key] < 1:
             raise StoreError(meta_file, f"'{key}' is {meta[key]}, must be >= 1")
     return meta
-
-
-def _check_meta_value(meta_file: Path, key: str, value, kind: type, present: bool) -> None:
-    if not present:
-        raise StoreError(meta_file, f"missing key '{key}'")
-    # bool is an int to Python, never to a store.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise StoreError(meta_file, f"'{key}' is {type(value).__name__} {value!r}, expected "
-                                    f"{ {int: 'an integer', str: 'a string', dict: 'an object'}[kind]}")
 
 
 @dataclass

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import PathError
 from .atomic import PARTS
+from .meta import check_keys
 
 FORMAT = "nextdetail.token_store"
 FORMAT_VERSION = 1
@@ -82,11 +83,9 @@ def read_token_meta(path) -> dict:
         raise TokenStoreError(path, f"token store format version {meta.get('format_version')!r}; this "
                                     f"nextdetail reads version {FORMAT_VERSION} only")
     meta_file = path / META
-    for key in ("vocab", "N", "L", "num_base", "order", "num_classes") + (("shard_rows",) if "shards" in meta else ()):
-        if key not in meta and key in ("vocab", "N", "L", "shard_rows"):
-            raise TokenStoreError(meta_file, f"missing key '{key}'")
-        if key in meta and (not isinstance(meta[key], int) or isinstance(meta[key], bool)):
-            raise TokenStoreError(meta_file, f"'{key}' is {type(meta[key]).__name__} {meta[key]!r}, expected an integer")
+    required = ("vocab", "N", "L") + (("shard_rows",) if "shards" in meta else ())
+    check_keys(meta, meta_file, dict.fromkeys(required + ("num_base", "order", "num_classes"), int),
+               TokenStoreError, required=required)
     vocab, N, L = meta["vocab"], meta["N"], meta["L"]
     try:
         shapes = [tuple(int(v) for v in s) for s in meta["map_shapes"]]

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..options import check_int, differences, nested, opt
 from ..runs import (PLOT, RunConfig, RunLog, RunReport, TrainError, checkpoint_name, load_resumed, read_log,
                     resume_from, running_mean, save_checkpoint)
-from ..options import check_int, differences, nested, opt
 from ..stores.decomposition import DecompositionStore, StoreError
 from ..stores.layers import crop_layers, split_layers
 from .config import TokenizerConfig
