@@ -43,7 +43,8 @@ COMMANDS = {
         "nextdetail.decomp.files:DecomposeConfig"),
     "decompose-dataset": (
         "decompose a whole dataset with Ray into a Zarr + Parquet store",
-        "Decompose every image of SRC into STORE/layers.zarr (float16 layers, generation order), "
+        "Decompose every image of SRC into STORE/bases.zarr (8-bit bases B_0..B_n in shards of many "
+        "images; details are derived on read), "
         "STORE/manifest.parquet (one row per image) and STORE/meta.json, with a local Ray or a Ray "
         "cluster. Rerunning the same command resumes. Exit status: 0 every image ok, 1 some images "
         "failed (the store is complete, see the manifest), 2 usage, parameter or store mismatch, "

@@ -145,7 +145,7 @@ def run_dataset_job(inputs: Sequence[str], store: Path, *, size: int, backend: s
                             energies=[row[f"energy_{k}"] for k in range(1, reader.order + 1)],
                             params=dict(reader.meta["at"]))
         sheet = store.parent / f"{STORE_NAME}-contact.png"
-        image = contact_sheet(dec, title=f"{Path(item.id).name} (read back from the store, float16)")
+        image = contact_sheet(dec, title=f"{Path(item.id).name} (read back from the store, 8-bit bases)")
         # The store keeps no edge fields, so the sheet's last row is empty: crop it away.
         box = ImageOps.invert(image.convert("RGB")).getbbox()
         if box:

@@ -72,12 +72,16 @@ def broken_files(folder: Path, good: Path) -> dict:
     return files
 
 
-def batch_of(sources):
-    """The batch dict Ray Data hands a DecomposeWorker: index and path columns."""
-    return {"index": np.array([s.index for s in sources]), "path": np.array([s.path for s in sources], object)}
+def shard_rows(plan):
+    """The one-row batches Ray Data hands a DecomposeWorker: one per shard the plan writes."""
+    from nextdetail.pipelines.worker import shard_items
+
+    return [{"shard": np.array([item["shard"]]), "sources": np.array([item["sources"]], object)}
+            for item in shard_items(plan)]
 
 
-def make_store(path: Path, n: int = 4, size: int = 32, order: int = 3, n_iter: int = 8) -> Path:
+def make_store(path: Path, n: int = 4, size: int = 32, order: int = 3, n_iter: int = 8,
+               shard_images: int = 64) -> Path:
     """A finished store of n images (real photos when present) at size x size, in-process:
     the job's own writer and worker, called the way Ray would call them."""
     from nextdetail.decomp import ATParams
@@ -85,9 +89,12 @@ def make_store(path: Path, n: int = 4, size: int = 32, order: int = 3, n_iter: i
     from nextdetail.pipelines.worker import DecomposeWorker
     from nextdetail.stores.decomposition_writer import finish_store, prepare_store
 
-    params = StoreParams(order=order, size=size, params=ATParams(n_iter=n_iter), backend="numba")
+    params = StoreParams(order=order, size=size, params=ATParams(n_iter=n_iter), backend="numba",
+                         shard_images=shard_images)
     src = list_sources(listing(photo_paths(n, path.parent), path.parent / f"{path.name}.txt"))
     plan = prepare_store(path, params, src, overwrite=False)
-    DecomposeWorker(str(path), params.to_dict(), run=plan.run, read_size=size)(batch_of(src))
+    worker = DecomposeWorker(str(path), params.to_dict(), run=plan.run, batch_size=8, read_size=size)
+    for row in shard_rows(plan):
+        worker(row)
     finish_store(plan, src=f"{path.name}.txt")
     return path

@@ -11,6 +11,7 @@ from ..errors import ConfigError
 from ..imageio import DEFAULT_MAX_PIXELS
 from ..options import check_int, nested, opt
 from ..stores.decomposition import StoreParams
+from ..stores.shards import SHARD_IMAGES
 from .attempts import DEFAULT_MAX_ATTEMPTS
 
 
@@ -57,7 +58,9 @@ class JobConfig(RayJobConfig):
     order: int = opt(3, "levels n; the store holds n + 1 layers per image")
     params: ATParams = nested(ATParams)
     backend: str = opt("auto", "auto = cupy on GPU workers, else numba", choices=BACKENDS)
-    batch_size: int = opt(8, "images per solver call (and per manifest part file)", metavar="B")
+    batch_size: int = opt(8, "images per solver call", metavar="B")
+    shard_images: int = opt(SHARD_IMAGES, "images per shard file of the store (one Ray task writes one "
+                                          "shard); 64 is ~27 MB at 256 px, order 3", metavar="M")
     max_pixels: int = opt(DEFAULT_MAX_PIXELS, "an image whose header declares more pixels is an error row, "
                                               "never decoded (decompression bombs)", metavar="P")
     method: str = "base_detail"
@@ -66,7 +69,7 @@ class JobConfig(RayJobConfig):
         super().__post_init__()
         object.__setattr__(self, "src", Path(self.src))
         object.__setattr__(self, "out", Path(self.out))
-        for name in ("size", "order", "batch_size", "max_pixels"):
+        for name in ("size", "order", "batch_size", "shard_images", "max_pixels"):
             check_int(name, getattr(self, name))
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
@@ -77,7 +80,7 @@ class JobConfig(RayJobConfig):
     def store_params(self, backend: str) -> StoreParams:
         """The store parameters of this job once `backend` is resolved (not auto)."""
         return StoreParams(order=int(self.order), size=int(self.size), params=self.params,
-                           backend=backend, method=self.method)
+                           backend=backend, method=self.method, shard_images=int(self.shard_images))
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -3,17 +3,18 @@
     plan = list_sources(SRC); check the store (before paying for Ray)
     connect to Ray (local, or a cluster with address)
     prepare the store (create it, or work out what a rerun still has to do)
-    from_items(paths) -> map_batches(read_batch) -> map_batches(DecomposeWorker, ActorPoolStrategy)
+    from_items(one row per shard to write) -> [map_batches(read_shard), GPU only]
+        -> map_batches(DecomposeWorker, ActorPoolStrategy)     one shard per call, written whole
     finish the store (manifest.parquet, then meta.json)
 
 Only paths go out of the driver and only manifest rows come back; pixels are read, solved
-and written by the workers, so the job scales with the cluster. What both Ray jobs share
+and written by the workers, so the job scales with the cluster. A task owns whole shards,
+so no two processes ever write one shard file (Zarr would lose images). What both Ray jobs share
 (connecting, resources, failures, timing) is in ray_job.py.
 """
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -26,7 +27,7 @@ from .config import JobConfig
 from .ray_job import (Progress, RayJobReport, cluster_resources, job_failures, quiet_data_context, ray_session,
                       resolve_workers)
 from .sources import list_sources
-from .worker import T_END, T_START, DecomposeWorker, read_batch
+from .worker import T_END, T_START, DecomposeWorker, read_shard, shard_items
 
 log = logging.getLogger(__name__)
 
@@ -65,34 +66,32 @@ def _dataset(plan: StorePlan, cfg: JobConfig, gpus: float, workers: int):
     import ray.data
 
     quiet_data_context()
-    items = [{"index": s.index, "path": s.path} for s in plan.todo]
-    # One block per batch: blocks are what Ray schedules, so this spreads batches evenly.
-    blocks = max(1, math.ceil(len(items) / cfg.batch_size))
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    items = shard_items(plan)
+    # One block per shard: blocks are what Ray schedules, so this spreads shards evenly.
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     if gpus:
         # GPU actors should not spend their time decoding: CPU tasks read ahead of them.
         # max_retries=-1: a read task whose process died is retried until its journal (in
         # the store's _parts) says an image killed it --max-attempts times: an error row.
-        ds = ds.map_batches(read_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1,
-                            max_retries=-1,
+        ds = ds.map_batches(read_shard, batch_size=1, batch_format="numpy", num_cpus=1, max_retries=-1,
                             fn_kwargs={"size": plan.params.size, "max_pixels": cfg.max_pixels,
                                        "journal": str((run_parts(plan.path, plan.run) / ATTEMPTS).resolve()),
                                        "max_attempts": cfg.max_attempts, "crash_on": crash_hook()})
-    # CPU actors read their own batches (read_size): the pixels stay in the process that
+    # CPU actors read their own shards (read_size): the pixels stay in the process that
     # decodes them, and no read task competes with the actors for the CPUs. (A separate
     # read stage is not fused into the actors here, and on a 2-CPU machine its tasks wait
     # forever behind 2 actors.)
     return ds.map_batches(
-        DecomposeWorker, batch_size=cfg.batch_size, batch_format="numpy",
+        DecomposeWorker, batch_size=1, batch_format="numpy",
         # A small queue per actor: enough to keep it busy, few enough that the last
-        # batches do not wait behind one actor while another idles.
+        # shards do not wait behind one actor while another idles.
         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
         # Ray Data restarts a dead actor and retries its batch without limit (max_restarts =
         # max_task_retries = -1); the worker's attempt journal makes an image that killed the
         # process --max-attempts times an error row, so the retries end (pipelines/attempts.py).
         num_cpus=1, num_gpus=gpus or None,
         fn_constructor_kwargs={"store": str(plan.path.resolve()), "params": plan.params.to_dict(),
-                               "run": plan.run, "threads": 1,
+                               "run": plan.run, "batch_size": cfg.batch_size, "threads": 1,
                                "read_size": None if gpus else plan.params.size, "max_pixels": cfg.max_pixels,
                                "max_attempts": cfg.max_attempts, "crash_on": crash_hook()})
 
@@ -115,14 +114,16 @@ def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
         report.skipped = plan.done
         if plan.previous_errors:
             log.info("retrying %d images that failed in an earlier run", plan.previous_errors)
-        # More actors than batches would only idle (and make Ray Data warn).
-        workers = min(workers, max(1, math.ceil(len(plan.todo) / cfg.batch_size)))
+        if plan.damaged:
+            log.warning("%d shards were damaged or gone; redoing them", plan.damaged)
+        # More actors than shards would only idle (and make Ray Data warn).
+        workers = min(workers, max(1, len(plan.shards)))
         report.workers = workers
         if progress:
             progress.start(len(plan.todo), plan.done)
         t_first, t_last = None, None
         with job_failures("job", "store", progress):
-            if plan.todo:
+            if plan.shards:
                 for batch in _dataset(plan, cfg, gpus, workers).iter_batches(batch_size=None,
                                                                             batch_format="pyarrow"):
                     report.processed += batch.num_rows

@@ -1,11 +1,13 @@
-"""The two map stages of the job: read (decode, resize, crop) and decompose-and-write.
+"""The two map stages of the job: read (decode, resize, crop) and decompose-and-write a shard.
 
-On CPU workers the actor reads its own batches, so pixels never leave the process that
-decodes them; GPU actors get their batches from CPU read tasks. Either way nothing but
-paths and manifest rows passes through the driver.
+The unit of work is one shard of the store (shards.py): a row {"shard": k, "sources": JSON
+[[index, path], ...]} in, its manifest rows out. On CPU workers the actor reads its own shard,
+so pixels never leave the process that decodes them; GPU actors get their shards' pixels from
+CPU read tasks. Either way nothing but paths and manifest rows passes through the driver.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -19,7 +21,8 @@ import numpy as np
 from ..decomp import decompose
 from ..imageio import ImageError, load_image
 from ..stores import write_table_atomic
-from ..stores.decomposition import LAYERS, STATUS_ERROR, STATUS_OK, StoreParams, manifest_schema, run_parts
+from ..stores.decomposition import STATUS_ERROR, STATUS_OK, StoreParams, manifest_schema, run_parts
+from ..stores.shards import quantize_bases, write_shard
 from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
 
 log = logging.getLogger(__name__)
@@ -36,14 +39,14 @@ def read_batch(batch: Dict[str, np.ndarray], size: int, max_pixels: Optional[int
     """{index, id, path, label, class_name} -> the same plus image (B, size, size, 3) float32,
     error ('' when read), read_seconds, and the batch's wall-clock start.
 
-    journal: an AttemptJournal (or the folder for one, in the GPU path's read tasks): an image
+    journal: an AttemptJournal (or the path of one, in the GPU path's read tasks): an image
     whose reads killed the process max_attempts times becomes an error, not another attempt.
     """
     t_start = time.time()
     n = len(batch["index"])
     own = journal is not None and not isinstance(journal, AttemptJournal)
     if own:
-        journal = AttemptJournal(Path(journal) / f"read-{int(np.min(batch['index'])):09d}.log")
+        journal = AttemptJournal(journal)
     images = np.zeros((n, size, size, 3), np.float32)
     errors, seconds = [], np.zeros(n)
     for j, (i, path) in enumerate(zip(batch["index"], batch["path"])):
@@ -75,29 +78,50 @@ def _host(a) -> np.ndarray:
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
-def stored_layers(dec) -> np.ndarray:
-    """A batch Decomposition as the store holds it: C-contiguous float16 (B, n+1, 3, H, W),
-    layers in generation order. The one conversion, shared by the job and the benchmark."""
-    layers = np.stack([_host(a) for a in dec.layers], axis=1)              # (B, n+1, H, W, 3)
-    return np.ascontiguousarray(layers.transpose(0, 1, 4, 2, 3), dtype=np.float16)
+def shard_items(plan) -> List[dict]:
+    """The job's rows: one per shard to write, its sources as JSON (a type Ray keeps as is)."""
+    return [{"shard": k, "sources": json.dumps([[s.index, s.path] for s in plan.shard_sources(k)])}
+            for k in plan.shards]
+
+
+def _unpack(row: Dict[str, np.ndarray]) -> tuple:
+    """A one-row Ray batch -> (shard k, {"index": (m,) int64, "path": (m,) object})."""
+    if len(row["shard"]) != 1:
+        raise ValueError(f"a task gets one shard at a time, got {len(row['shard'])}")
+    pairs = json.loads(str(row["sources"][0]))
+    return int(row["shard"][0]), {"index": np.asarray([i for i, _ in pairs], np.int64),
+                                  "path": np.asarray([p for _, p in pairs], object)}
+
+
+def read_shard(row: Dict[str, np.ndarray], size: int, max_pixels: Optional[int] = None, journal=None,
+               max_attempts: int = DEFAULT_MAX_ATTEMPTS, crash_on: Optional[str] = None) -> Dict[str, np.ndarray]:
+    """The GPU path's read task: a shard row -> the same row plus its images (1, m, S, S, 3) and,
+    as JSON, each image's read error and seconds (journal: the folder of the attempt journals)."""
+    k, flat = _unpack(row)
+    got = read_batch(flat, size, max_pixels, Path(journal) / f"read-{k:07d}.log", max_attempts, crash_on)
+    out = dict(row)
+    out.update(image=got["image"][None], read=np.asarray([json.dumps(
+        {"error": list(got["error"]), "seconds": got["read_seconds"].tolist()})], object))
+    out[T_START] = got[T_START][:1]
+    return out
 
 
 class DecomposeWorker:
-    """Ray Data actor: decomposes batches of images and writes them into the store.
+    """Ray Data actor: decomposes the images of one shard at a time and writes the shard.
 
-    Compiles (or loads from Numba's cache) the solver kernels once, in __init__. Writes
-    are idempotent: chunk i holds image i only, and the journal part is named after the
-    batch's first index, so a retried batch rewrites the same files with the same bytes.
+    Compiles (or loads from Numba's cache) the solver kernels once, in __init__. Writes are
+    idempotent: shard k holds images of shard k only and is written whole by one atomic rename,
+    then its journal part (named after k), so a retried shard rewrites the same files with the
+    same bytes and no two tasks ever write parts of one shard.
     """
 
-    def __init__(self, store: str, params: dict, run: int, threads: int = 1,
+    def __init__(self, store: str, params: dict, run: int, batch_size: int, threads: int = 1,
                  read_size: Optional[int] = None, max_pixels: Optional[int] = None,
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, crash_on: Optional[str] = None):
-        import zarr
-
-        # read_size: read the batch's files here (CPU workers); None: batches arrive read.
+        # read_size: read the shard's files here (CPU workers); None: shards arrive read.
         self.read_size, self.max_pixels = read_size, max_pixels
         self.max_attempts, self.crash_on = int(max_attempts), crash_on
+        self.batch_size = int(batch_size)
         self.params = StoreParams.from_dict(params)
         self.order = self.params.order
         self.threads = None
@@ -106,11 +130,11 @@ class DecomposeWorker:
             # One actor per CPU: more Numba threads than the actor's CPUs would oversubscribe.
             self.threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
             self._limit_threads()
-        self.array = zarr.open_array(Path(store) / LAYERS, mode="r+")
+        self.store = Path(store)
         self.parts = run_parts(store, run)
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.schema = manifest_schema(self.order)
-        # Warm-up: kernels are compiled per process; do it before the first real batch.
+        # Warm-up: kernels are compiled per process; do it before the first real shard.
         self._decompose(np.zeros((1, 8, 8, 3), np.float32), n_iter=1)
 
     def _limit_threads(self) -> None:
@@ -125,13 +149,14 @@ class DecomposeWorker:
         return decompose(images, self.order, method=self.params.method, backend=self.params.backend, **at)
 
     def _solve(self, images: np.ndarray, index: np.ndarray, journal: AttemptJournal) -> tuple:
-        """Layers (B, n+1, 3, H, W) float16 and energies (B, n); per image when the batch fails
-        or when a process died solving it before (then per-image deaths are journaled too: a
-        death of the batch solve counts as an attempt at each of its images)."""
-        batch_deaths = journal.deaths("solve")
+        """Bases (B, n+1, 3, H, W) uint8 and energies (B, n) of one solver batch; per image when
+        the batch fails or when a process died solving it before (then per-image deaths are
+        journaled too: a death of the batch solve counts as an attempt at each of its images)."""
+        batch_item = f"batch:{int(index.min())}"
+        batch_deaths = journal.deaths(batch_item)
         if not batch_deaths:
             try:
-                with journal.attempt("solve"):
+                with journal.attempt(batch_item):
                     return self._solve_batch(images), None
             except (ValueError, RuntimeError, MemoryError, TypeError) as e:
                 log.warning("batch of %d failed (%s); solving its images one by one", len(images), e)
@@ -158,55 +183,64 @@ class DecomposeWorker:
     def _solve_batch(self, images: np.ndarray) -> tuple:
         dec = self._decompose(images)
         energies = np.stack([np.asarray(_host(e), np.float64).reshape(-1) for e in dec.energies], axis=1)
-        return stored_layers(dec), energies
+        return quantize_bases(dec.bases), energies
 
-    def __call__(self, batch: Dict[str, np.ndarray]):
+    def __call__(self, row: Dict[str, np.ndarray]):
         import pyarrow as pa
 
         self._limit_threads()
-        index = np.asarray(batch["index"], np.int64)
-        journal = AttemptJournal(self.parts / ATTEMPTS / f"batch-{int(index.min()):09d}.log")
+        k, batch = _unpack(row)
+        index = batch["index"]
+        n = len(index)
+        journal = AttemptJournal(self.parts / ATTEMPTS / f"shard-{k:07d}.log")
         if self.read_size is not None:
             batch = read_batch(batch, self.read_size, self.max_pixels, journal, self.max_attempts, self.crash_on)
-        t_start = float(np.min(batch[T_START]))
-        n = len(index)
+            t_start = float(batch[T_START][0])
+        else:
+            read = json.loads(str(row["read"][0]))
+            batch.update(image=np.asarray(row["image"][0]), error=np.asarray(read["error"], object),
+                         read_seconds=np.asarray(read["seconds"], np.float64))
+            t_start = float(np.min(row[T_START]))
         errors: List[str] = list(batch["error"])
         seconds = np.asarray(batch["read_seconds"], np.float64).copy()
+        S, L = self.params.size, self.order + 1
+        bases = np.zeros((n, L, 3, S, S), np.uint8)      # error rows stay 0, the array's fill value
+        energies = np.full((n, self.order), np.nan)
+        images = np.asarray(batch["image"])
         good = [j for j, e in enumerate(errors) if not e]
-        energies = np.full((len(index), self.order), np.nan)
-        if good:
+        # The solver takes batch_size images at a time; the shard is written once, at the end.
+        for lo in range(0, len(good), self.batch_size):
+            part = good[lo:lo + self.batch_size]
             t0 = time.perf_counter()
-            solved, per_image_errors = self._solve(np.asarray(batch["image"])[good], index[good], journal)
+            solved, per_image_errors = self._solve(images[part], index[part], journal)
             if per_image_errors is None:
-                layers, e = solved
-                results = [(layers[k], e[k]) for k in range(len(good))]
+                bases[part], energies[part] = solved
             else:
-                results = [None if s is None else (s[0][0], s[1][0]) for s in solved]
-                for j, msg in zip(good, per_image_errors):
+                for j, res, msg in zip(part, solved, per_image_errors):
                     errors[j] = msg
-            for j, res in zip(good, results):
-                if res is not None:
-                    # A whole chunk, this image's own: safe next to any other writer.
-                    self.array[int(index[j])] = res[0]
-                    energies[j] = res[1]
-            # The batch's solve and write time, shared by its images.
-            seconds[good] += (time.perf_counter() - t0) / len(good)
+                    if res is not None:
+                        bases[j], energies[j] = res[0][0], res[1][0]
+            seconds[part] += (time.perf_counter() - t0) / len(part)      # shared by the batch
         ok = [not e for e in errors]
+        t0 = time.perf_counter()
+        shard_bytes = write_shard(self.store, k, bases, self.params.shard_images)
+        if any(ok):
+            seconds[np.flatnonzero(ok)] += (time.perf_counter() - t0) / sum(ok)
         # id, label and class_name stay null here: the store's manifest, written by the
         # driver from SRC, is their one source (merged in by writer.merged_manifest).
         cols = {"index": index, "id": [None] * n, "path": [str(p) for p in batch["path"]],
                 "label": [None] * n, "class_name": [None] * n,
                 "status": [STATUS_OK if o else STATUS_ERROR for o in ok],
-                "error": [None if o else e for o, e in zip(ok, errors)],
+                "error": [None if o else e for o, e in zip(ok, errors)], "shard_bytes": [shard_bytes] * n,
                 "seconds": seconds, "backend": [self.params.backend] * n,
                 "worker_host": [self.host] * n, "worker_pid": [self.pid] * n}
-        for k in range(1, self.order + 1):
-            cols[f"energy_{k}"] = [float(energies[j, k - 1]) if ok[j] else None for j in range(n)]
-            cols[f"iterations_{k}"] = [self.params.params.n_iter if ok[j] else None for j in range(n)]
+        for j in range(1, self.order + 1):
+            cols[f"energy_{j}"] = [float(energies[r, j - 1]) if ok[r] else None for r in range(n)]
+            cols[f"iterations_{j}"] = [self.params.params.n_iter if ok[r] else None for r in range(n)]
         table = pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in self.schema},
                          schema=self.schema)
-        # After the chunks: a part only ever describes images already on disk.
-        write_table_atomic(table, self.parts / f"part-{int(index.min()):09d}.parquet")
+        # After the shard: a part only ever describes a shard already on disk, whole.
+        write_table_atomic(table, self.parts / f"part-{k:07d}.parquet")
         journal.drop()
         now = time.time()
         return table.append_column(T_START, pa.array([t_start] * n, pa.float64())) \

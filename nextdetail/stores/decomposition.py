@@ -1,16 +1,21 @@
-"""The decomposition store: a public, documented on-disk contract, and its reader.
+"""The decomposition store: a public, documented on-disk contract (format 2), and its reader.
 
-    STORE/layers.zarr       float16 (N, n+1, 3, H, W), Zarr v3, chunk (1, n+1, 3, H, W):
-                            image i's layers in generation order [B_n, D_n, ..., D_1].
-                            Rows of images that failed hold the fill value NaN.
-    STORE/manifest.parquet  one row per source image, sorted by index (manifest_schema).
-    STORE/meta.json         parameters, layer order, counts, versions. Written last: a
-                            store without it is incomplete (a job is running or died).
-    STORE/_parts/           the job's journal (per-batch manifest rows); gone when complete.
+    STORE/bases.zarr        uint8 (N, n+1, 3, S, S), Zarr v3, dims (image, base, channel, y, x):
+                            image i's bases [B_0 = I, B_1, ..., B_n], 8-bit (round(255 B_k)),
+                            in shards of shard_images images (the file bases.zarr/c.k.0.0.0.0 holds
+                            images k*M .. k*M+M-1), one zstd chunk per image (see shards.py).
+                            Images that failed read as 0.
+    STORE/manifest.parquet  one row per source image, sorted by index (manifest_schema), with
+                            the byte size of its shard file (shard_bytes).
+    STORE/meta.json         parameters, layout, counts, versions. Written last: a store without
+                            it is incomplete (a job is running or died).
+    STORE/_parts/           the job's journal (one manifest part per shard); gone when complete.
 
-I = B_n + D_n + ... + D_1, and B_(k-1) = B_k + D_k, so every base is a partial sum of
-layers. The reader (`DecompositionStore`) refuses incomplete stores and stores of another
-format version with a one-line `StoreError`.
+Details are derived on read, D_k = B_(k-1) - B_k, so for what is stored
+I = B_n + D_n + ... + D_1 holds exactly (telescoping) and each stored base is within 1/510 of
+the solver's output. The reader (`DecompositionStore`) refuses incomplete stores, stores of another
+format version (format 1: float16 layers, nextdetail <= 0.2) and damaged shards with a one-line
+`StoreError`.
 """
 from __future__ import annotations
 
@@ -26,11 +31,12 @@ from ..errors import PathError
 from ..options import differences
 from .atomic import PARTS
 from .meta import check_keys
+from .shards import BASES, DTYPE, SHARD_IMAGES, layers_from_bases, shard_file
 
 FORMAT = "nextdetail.decomposition_store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LAYERS_V1 = "layers.zarr"      # format 1's array (float16 layers, one file per image)
 
-LAYERS = "layers.zarr"
 MANIFEST = "manifest.parquet"
 META = "meta.json"
 
@@ -50,7 +56,7 @@ class StoreError(PathError):
 # What readers use of meta.json: key -> (type, check). A store whose meta.json is edited or
 # damaged is refused naming the key, instead of failing later in a traceback.
 _META_KEYS = {"method": str, "order": int, "size": int, "backend": str, "at": dict, "dtype": str,
-              "counts": dict}
+              "shard_images": int, "counts": dict}
 _COUNT_KEYS = ("images", "ok", "error")
 
 
@@ -68,9 +74,6 @@ class Source:
     class_name: Optional[str] = None
 
 
-STORE_DTYPE = "float16"
-
-
 @dataclass(frozen=True)
 class StoreParams:
     """Everything that decides the bytes of a store: a rerun must ask for exactly these.
@@ -84,16 +87,23 @@ class StoreParams:
     params: ATParams
     backend: str
     method: str = "base_detail"
-    dtype: str = STORE_DTYPE
+    shard_images: int = SHARD_IMAGES
+    dtype: str = DTYPE
 
     def to_dict(self) -> dict:
         return {"method": self.method, "order": self.order, "size": self.size,
-                "backend": self.backend, "dtype": self.dtype, "at": self.params.to_dict()}
+                "backend": self.backend, "dtype": self.dtype, "shard_images": self.shard_images,
+                "at": self.params.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "StoreParams":
         return cls(order=int(d["order"]), size=int(d["size"]), params=ATParams(**d["at"]),
-                   backend=str(d["backend"]), method=str(d["method"]), dtype=str(d["dtype"]))
+                   backend=str(d["backend"]), method=str(d["method"]), dtype=str(d["dtype"]),
+                   shard_images=int(d["shard_images"]))
+
+    def shards(self, n_images: int) -> int:
+        """How many shards a store of n_images has."""
+        return -(-n_images // self.shard_images)
 
     def differences(self, other: "StoreParams", *, ignore: tuple = ()) -> List[str]:
         """'name A (store) != B (this run)' for every setting that differs, named as the command
@@ -125,9 +135,19 @@ def manifest_schema(order: int):
               ("error", pa.string())]
     fields += [(f"energy_{k}", pa.float64()) for k in range(1, order + 1)]
     fields += [(f"iterations_{k}", pa.int64()) for k in range(1, order + 1)]
-    fields += [("seconds", pa.float64()), ("backend", pa.string()), ("worker_host", pa.string()),
-               ("worker_pid", pa.int64())]
+    fields += [("shard_bytes", pa.int64()), ("seconds", pa.float64()), ("backend", pa.string()),
+               ("worker_host", pa.string()), ("worker_pid", pa.int64())]
     return pa.schema(fields)
+
+
+def format_refusal(path, version, meta: dict) -> str:
+    """The one line refusing a store of another format version, saying how to rebuild it."""
+    src = meta.get("src") or "SRC"
+    written = f"written by nextdetail {meta.get('nextdetail_version', '?')}"
+    what = "float16 layers, one file per image; " if version == 1 else ""
+    return (f"store format version {version!r} ({what}{written}); this nextdetail reads and writes "
+            f"version {FORMAT_VERSION} only: rebuild it with `nextdetail decompose-dataset {src} --out "
+            f"{path} --overwrite` and the same parameters")
 
 
 def read_meta(path) -> dict:
@@ -137,10 +157,10 @@ def read_meta(path) -> dict:
         raise StoreError(path, "no such store (not a folder)")
     meta_file = path / META
     if not meta_file.is_file():
-        if (path / LAYERS).exists():
+        if (path / BASES).exists() or (path / LAYERS_V1).exists():
             raise StoreError(path, "incomplete store (no meta.json): its job has not finished; rerun "
                                    "the same `nextdetail decompose-dataset` command to complete it")
-        raise StoreError(path, "not a decomposition store (no meta.json, no layers.zarr)")
+        raise StoreError(path, f"not a decomposition store (no meta.json, no {BASES})")
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError) as e:
@@ -149,12 +169,10 @@ def read_meta(path) -> dict:
         raise StoreError(path, f"meta.json does not describe a {FORMAT}")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise StoreError(path, f"store format version {version!r} (written by nextdetail "
-                               f"{meta.get('nextdetail_version', '?')}); this nextdetail reads "
-                               f"version {FORMAT_VERSION} only")
+        raise StoreError(path, format_refusal(path, version, meta))
     check_keys(meta, meta_file, _META_KEYS, StoreError)
     check_keys(meta["counts"], meta_file, dict.fromkeys(_COUNT_KEYS, int), StoreError, prefix="counts.")
-    for key in ("order", "size"):
+    for key in ("order", "size", "shard_images"):
         if meta[key] < 1:
             raise StoreError(meta_file, f"'{key}' is {meta[key]}, must be >= 1")
     return meta
@@ -164,10 +182,10 @@ def read_meta(path) -> dict:
 class StoreItem:
     """One image of a store. Arrays are float32 (H, W, 3) unless said otherwise.
 
-    image   : I = B_n + D_n + ... + D_1 (equals B_0)
-    bases   : [B_0, B_1, ..., B_n]
-    details : [D_1, ..., D_n], D_1 finest
-    layers  : the stored float16 (n+1, 3, H, W), generation order [B_n, D_n, ..., D_1]
+    image   : I = B_0, as stored (q_0 / 255)
+    bases   : [B_0, B_1, ..., B_n], q_k / 255
+    details : [D_1, ..., D_n], D_k = B_(k-1) - B_k, D_1 finest
+    layers  : float32 (n+1, 3, H, W), generation order [B_n, D_n, ..., D_1]; they sum to I
     """
 
     index: int
@@ -180,16 +198,20 @@ class StoreItem:
     layers: np.ndarray
 
 
-def layers_to_item(layers: np.ndarray) -> tuple:
-    """(n+1, 3, H, W) generation-order layers -> (image, bases [B_0..B_n], details [D_1..D_n])."""
-    hwc = np.moveaxis(np.asarray(layers, dtype=np.float32), 1, -1)     # (n+1, H, W, 3)
-    n = hwc.shape[0] - 1
-    details = [hwc[n + 1 - k] for k in range(1, n + 1)]                  # layers[n] is D_1
-    bases = [hwc[0]]                                                     # B_n
-    for k in range(n, 0, -1):                                            # B_(k-1) = B_k + D_k
-        bases.append(bases[-1] + details[k - 1])
-    bases.reverse()
-    return bases[0], bases, details
+@dataclass
+class Shard:
+    """The ok images of one shard, read in one sequential pass (`DecompositionStore.read_shard`).
+
+    items : (m,) int64, their positions i in the store (what store[i] takes)
+    rows  : (m,) int64, their rows (indices) in the manifest
+    bases : uint8 (m, n+1, 3, S, S), q_k = round(255 B_k); `layers_from_bases(bases)` gives the
+            float32 generation-order layers
+    """
+
+    index: int
+    items: np.ndarray
+    rows: np.ndarray
+    bases: np.ndarray
 
 
 class DecompositionStore:
@@ -198,6 +220,7 @@ class DecompositionStore:
     Only images with status ok are indexed (i = 0 .. len - 1, in store order); the
     manifest (all rows, errors included) is `store.manifest`, a pandas DataFrame.
     Picklable (the Zarr array is reopened lazily), so DataLoader workers can share it.
+    Whole shards (`n_shards`, `read_shard(k)`) are the fast path for loaders that stream.
     """
 
     def __init__(self, path):
@@ -209,7 +232,8 @@ class DecompositionStore:
             table = pq.read_table(self.path / MANIFEST)
         except Exception as e:  # missing, truncated or unreadable Parquet
             raise StoreError(self.path / MANIFEST, f"cannot read the manifest ({_first_line(e)})") from None
-        missing = [c for c in ("index", "id", "label", "class_name", "status") if c not in table.column_names]
+        missing = [c for c in ("index", "id", "label", "class_name", "status", "shard_bytes")
+                   if c not in table.column_names]
         if missing:
             raise StoreError(self.path / MANIFEST, f"lacks the column(s) {', '.join(missing)}")
         self.manifest = table.to_pandas()
@@ -219,30 +243,37 @@ class DecompositionStore:
                                                    f"of meta.json's {n} images")
         self.order = self.meta["order"]
         self.size = self.meta["size"]
+        self.shard_images = self.meta["shard_images"]
+        self.n_shards = -(-n // self.shard_images)
         ok = (self.manifest["status"] == STATUS_OK).to_numpy()
         self.ok_indices = self.manifest["index"].to_numpy()[ok]
         self._ids = self.manifest["id"].tolist()
         self._labels = self.manifest["label"].to_numpy()
         self.labels = self._labels[self.ok_indices]     # label of store[i] (-1: none)
         self._classes = self.manifest["class_name"].tolist()
+        # Per shard: its file's size as written (0: no ok image, no file) and its ok items.
+        self._shard_bytes = self.manifest["shard_bytes"].fillna(0).to_numpy()[::self.shard_images].astype(np.int64)
+        self._shard_starts = np.searchsorted(self.ok_indices, np.arange(self.n_shards + 1) * self.shard_images)
         self._array = None
-        shape = tuple(self._layers().shape)
+        self._checked: set = set()
+        shape = tuple(self._bases().shape)
         want = (n, self.order + 1, 3, self.size, self.size)
         if shape != want:
-            raise StoreError(self.path, f"{LAYERS} has shape {shape}, meta.json implies {want}")
+            raise StoreError(self.path, f"{BASES} has shape {shape}, meta.json implies {want}")
 
-    def _layers(self):
+    def _bases(self):
         if self._array is None:
             import zarr
             try:
-                self._array = zarr.open_array(self.path / LAYERS, mode="r")
+                self._array = zarr.open_array(self.path / BASES, mode="r")
             except Exception as e:  # zarr raises several types for a missing/broken array
-                raise StoreError(self.path, f"cannot open {LAYERS} ({e})") from None
+                raise StoreError(self.path, f"cannot open {BASES} ({e})") from None
         return self._array
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_array"] = None        # zarr handles are reopened in the receiving process
+        state["_checked"] = set()
         return state
 
     def __len__(self) -> int:
@@ -258,43 +289,70 @@ class DecompositionStore:
         """The id (path relative to SRC, or as listed) of ok image i."""
         return str(self._ids[self._row(i)])
 
-    def layers(self, i: int) -> np.ndarray:
-        """The stored float16 (n+1, 3, H, W) of ok image i, generation order."""
+    def quantized(self, i: int) -> np.ndarray:
+        """The stored uint8 bases (n+1, 3, H, W) of ok image i, [q_0, ..., q_n]."""
         return self._read(self._row(i))
 
-    def _read(self, row: int) -> np.ndarray:
-        """Chunk `row`, decoded; StoreError naming the chunk file when it is damaged or gone."""
-        array = self._layers()
-        try:
-            layers = np.asarray(array[row])
-        except Exception as e:  # zstd/zarr raise RuntimeError, ValueError, ... for damaged bytes
-            raise StoreError(self._chunk_file(row), f"image {row} ({self._ids[row]}): damaged chunk, "
-                                                    f"cannot decode it ({_first_line(e)})") from None
-        # An ok image is never NaN (the solver's output is finite); the array's fill value is
-        # NaN, which is what a missing chunk file reads as.
-        if np.isnan(layers).any():
-            what = "missing chunk file" if not self._chunk_file(row).exists() else "chunk holds NaN"
-            raise StoreError(self._chunk_file(row), f"image {row} ({self._ids[row]}) is ok in the "
-                                                    f"manifest but its layers are not there ({what})")
-        return layers
+    def layers(self, i: int) -> np.ndarray:
+        """float32 layers (n+1, 3, H, W) of ok image i, generation order [B_n, D_n, ..., D_1]."""
+        return layers_from_bases(self.quantized(i))
 
-    def _chunk_file(self, row: int) -> Path:
-        key = self._layers().metadata.chunk_key_encoding.encode_chunk_key((row, 0, 0, 0, 0))
-        return self.path / LAYERS / key
+    def _check_shard(self, k: int) -> None:
+        """A shard file that is gone or not the size it was written with is refused by name:
+        Zarr would read a missing shard as zeros. Checked once per shard per process (a stat)."""
+        if k in self._checked:
+            return
+        path = shard_file(self.path, k)
+        want = int(self._shard_bytes[k])
+        have = path.stat().st_size if path.is_file() else None
+        if have != want:
+            what = "missing shard file" if have is None else f"{have} bytes, written with {want}"
+            raise StoreError(path, f"shard {k} is damaged ({what}); rerun the `nextdetail decompose-dataset` "
+                                   f"command that made the store to redo it")
+        self._checked.add(k)
+
+    def _read(self, row: int) -> np.ndarray:
+        k = row // self.shard_images
+        self._check_shard(k)
+        try:
+            return np.asarray(self._bases()[row])
+        except Exception as e:  # zstd/crc32c/zarr raise ValueError, RuntimeError, ... for damaged bytes
+            raise StoreError(shard_file(self.path, k), f"image {row} ({self._ids[row]}): damaged shard, "
+                                                      f"cannot decode it ({_first_line(e)})") from None
+
+    def read_shard(self, k: int) -> Shard:
+        """The ok images of shard k (0 <= k < n_shards), read with one sequential read of its file."""
+        if not 0 <= k < self.n_shards:
+            raise IndexError(f"shard {k} out of range for a store of {self.n_shards} shards")
+        items = np.arange(self._shard_starts[k], self._shard_starts[k + 1])
+        rows = self.ok_indices[items]
+        lo = k * self.shard_images
+        hi = min(lo + self.shard_images, len(self.manifest))
+        if not len(items):
+            return Shard(k, items, rows, np.zeros((0, self.order + 1, 3, self.size, self.size), np.uint8))
+        self._check_shard(k)
+        try:
+            block = np.asarray(self._bases()[lo:hi])
+        except Exception as e:
+            raise StoreError(shard_file(self.path, k), f"shard {k}: damaged, cannot decode it "
+                                                      f"({_first_line(e)})") from None
+        return Shard(k, items, rows, block[rows - lo])
 
     def __getitem__(self, i: int) -> StoreItem:
         row = self._row(i)
-        layers = self._read(row)
-        image, bases, details = layers_to_item(layers)
+        q = self._read(row)
+        layers = layers_from_bases(q)
+        bases = [np.moveaxis(b, 0, -1) / np.float32(255.0) for b in q]
+        details = [np.moveaxis(layers[self.order + 1 - k], 0, -1) for k in range(1, self.order + 1)]
         return StoreItem(index=row, id=self._ids[row], label=int(self._labels[row]),
-                         class_name=self._classes[row], image=image, bases=bases, details=details,
+                         class_name=self._classes[row], image=bases[0], bases=bases, details=details,
                          layers=layers)
 
     def torch_dataset(self):
         """This store as a `torch.utils.data.Dataset` (PyTorch is imported only here).
 
         Item i: {"layers": float32 tensor (n+1, 3, H, W) in generation order, "label": int,
-        "index": int (row in the store)}; layers.sum(0) is the image.
+        "index": int (row in the store)}; layers.sum(0) is the image (to float32 rounding).
         """
         try:
             import torch
@@ -319,8 +377,7 @@ def _torch_dataset_class(torch):
                 return len(self.store)
 
             def __getitem__(self, i):
-                layers = self.store.layers(i)
-                return {"layers": torch.from_numpy(layers.astype(np.float32)),
+                return {"layers": torch.from_numpy(self.store.layers(i)),
                         "label": int(self.store.labels[i]), "index": int(self.store.ok_indices[i])}
 
         _TORCH_CLASS = TorchDecompositionDataset

@@ -1,15 +1,18 @@
 """Driver side of the store: create it, decide what a (re)run still has to do, finish it.
 
-Resume works from the store alone, never from Ray's state:
+Resume works from the store alone, never from Ray's state, at shard granularity:
 
-- At creation the driver writes layers.zarr (its attributes record the parameters) and a
-  manifest.parquet with every image `pending`.
-- Each batch a worker finishes leaves its images' Zarr chunks and then a journal part,
-  _parts/run-RRRR/part-<first index>.parquet, written atomically. A part therefore only
-  ever describes chunks that are already on disk.
-- A rerun reads manifest + parts: an image is done when some row says ok. Everything else
-  (pending, error, or killed between chunk and part) is processed again, which rewrites
-  the same bytes (the solver is deterministic per image), so a crash costs time, never data.
+- At creation the driver writes bases.zarr's zarr.json (its attributes record the parameters;
+  no shard yet) and a manifest.parquet with every image `pending`.
+- The unit of work is a shard (shard_images consecutive images). The task that owns it solves
+  its images, writes the shard file whole and atomically (shards.write_shard), then its journal
+  part _parts/run-RRRR/part-<shard>.parquet (atomic too), whose rows record the shard file's
+  size. A part therefore only ever describes a shard that is already on disk, complete.
+- A rerun reads manifest + parts: a shard is done when every image of it is ok and its file has
+  the size recorded. Every other shard (pending, an error row, killed between shard and part, a
+  file truncated or deleted since) is done again, whole, which rewrites the same bytes (the
+  solver is deterministic per image), so a crash costs time, never data. A no-op rerun costs
+  one manifest read and one stat per shard.
 - Finishing merges the rows (later runs win; within a run ok wins over error), writes
   manifest.parquet, then meta.json (the "complete" mark), then drops the journal.
 """
@@ -27,27 +30,35 @@ import numpy as np
 
 from .. import __version__
 from .atomic import write_bytes_atomic, write_table_atomic
-from .decomposition import (FORMAT, FORMAT_VERSION, LAYERS, MANIFEST, META, PARTS, STATUS_ERROR, STATUS_OK,
-                    STATUS_PENDING, Source, StoreError, StoreParams, layer_names, manifest_schema, run_parts)
+from .decomposition import (FORMAT, FORMAT_VERSION, LAYERS_V1, MANIFEST, META, PARTS, STATUS_ERROR, STATUS_OK,
+                            STATUS_PENDING, Source, StoreError, StoreParams, format_refusal, layer_names,
+                            manifest_schema, run_parts)
+from .shards import BASES, DIMENSIONS, ZSTD_LEVEL, create_bases_array, shard_file
 
 log = logging.getLogger(__name__)
 
-STORE_ENTRIES = (LAYERS, MANIFEST, META, PARTS)     # the only names --overwrite removes
-ZSTD_LEVEL = 3
+STORE_ENTRIES = (BASES, LAYERS_V1, MANIFEST, META, PARTS)     # the only names --overwrite removes
 
 
 @dataclass
 class StorePlan:
-    """What this run has to do: `todo` sources; `done` already ok in the store."""
+    """What this run has to do: the `shards` to (re)write, holding the `todo` sources; `done`
+    images are ok in shards that stay as they are."""
 
     path: Path
     params: StoreParams
     sources: List[Source]
+    shards: List[int]
     todo: List[Source]
     done: int
     run: int                      # journal run number of this run (1, 2, ...)
     created: bool = False
     previous_errors: int = 0      # images retried because an earlier run marked them error
+    damaged: int = 0              # shards redone because their file is gone or not its size
+
+    def shard_sources(self, k: int) -> List[Source]:
+        m = self.params.shard_images
+        return self.sources[k * m:(k + 1) * m]
 
 
 def zarr_attributes(params: StoreParams, n_images: int) -> dict:
@@ -73,14 +84,25 @@ def _stored_params(path: Path) -> StoreParams:
     import zarr
 
     try:
-        attrs = dict(zarr.open_array(path / LAYERS, mode="r").attrs)["nextdetail"]
+        attrs = dict(zarr.open_array(path / BASES, mode="r").attrs)["nextdetail"]
     except Exception as e:  # missing folder, broken zarr.json, no attribute
-        raise StoreError(path, f"cannot read the parameters in {LAYERS} ({type(e).__name__}: {e}); "
+        raise StoreError(path, f"cannot read the parameters in {BASES} ({type(e).__name__}: {e}); "
                                f"pass --overwrite to start the store over") from None
     if attrs.get("format") != FORMAT or attrs.get("format_version") != FORMAT_VERSION:
         raise StoreError(path, f"store format {attrs.get('format')!r} version {attrs.get('format_version')!r}, "
                                f"this nextdetail writes version {FORMAT_VERSION}; pass --overwrite to replace it")
-    return StoreParams.from_dict(attrs["params"])
+    try:
+        return StoreParams.from_dict(attrs["params"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise StoreError(path, f"{BASES} records incomplete parameters ({type(e).__name__}: {e}); pass "
+                               f"--overwrite to start the store over") from None
+
+
+def _format_1_meta(path: Path) -> dict:
+    try:
+        return json.loads((path / META).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _source_differences(path: Path, manifest, sources: Sequence[Source]) -> List[str]:
@@ -111,12 +133,14 @@ def check_store(path, wanted: StoreParams, sources: Sequence[Source], *, overwri
     path = Path(path)
     state = _store_state(path)
     if state == "foreign":
-        raise StoreError(path, f"exists and is not a decomposition store (no {LAYERS}); choose another "
+        raise StoreError(path, f"exists and is not a decomposition store (no {BASES}); choose another "
                                f"--out (--overwrite only ever replaces a store)")
     if state == "new" or overwrite:
         return state
-    if not (path / LAYERS).exists():
-        raise StoreError(path, f"store without {LAYERS} (damaged); pass --overwrite to start it over")
+    if (path / LAYERS_V1).exists() and not (path / BASES).exists():
+        raise StoreError(path, format_refusal(path, 1, _format_1_meta(path)))
+    if not (path / BASES).exists():
+        raise StoreError(path, f"store without {BASES} (damaged); pass --overwrite to start it over")
     diffs = _stored_params(path).differences(wanted, ignore=ignore)
     if diffs:
         raise StoreError(path, f"store made with other parameters: {'; '.join(diffs)}; rerun with the "
@@ -152,19 +176,13 @@ def _remove_store(path: Path) -> None:
 
 
 def create_store(path: Path, params: StoreParams, sources: Sequence[Source]) -> None:
-    """layers.zarr (all NaN, no chunk written) and an all-pending manifest."""
+    """bases.zarr (zarr.json only: no shard written) and an all-pending manifest."""
     import pyarrow as pa
-    import zarr
-    from zarr.codecs import ZstdCodec
 
     path.mkdir(parents=True, exist_ok=True)
-    n, L, s = len(sources), params.order + 1, params.size
-    # One image per chunk and no sharding: every worker writes whole chunks of its own
-    # images only, so concurrent writers never read-modify-write a shared object.
-    zarr.create_array(store=str(path / LAYERS), shape=(n, L, 3, s, s), chunks=(1, L, 3, s, s),
-                      dtype=params.dtype, fill_value=np.nan, compressors=ZstdCodec(level=ZSTD_LEVEL),
-                      dimension_names=("image", "layer", "channel", "y", "x"),
-                      attributes=zarr_attributes(params, n), zarr_format=3, overwrite=True)
+    n = len(sources)
+    create_bases_array(path / BASES, n, params.order, params.size, params.shard_images,
+                       zarr_attributes(params, n))
     schema = manifest_schema(params.order)
     cols = {"index": [x.index for x in sources], "id": [x.id for x in sources],
             "path": [x.path for x in sources], "label": [x.label for x in sources],
@@ -208,7 +226,7 @@ def merged_manifest(path: Path, order: int):
 
 
 def prepare_store(path, params: StoreParams, sources: Sequence[Source], *, overwrite: bool) -> StorePlan:
-    """Create the store or check and reopen it; work out which images this run must do."""
+    """Create the store or check and reopen it; work out which shards this run must (re)write."""
     path = Path(path)
     state = check_store(path, params, sources, overwrite=overwrite)
     if state == "store" and overwrite:
@@ -217,19 +235,43 @@ def prepare_store(path, params: StoreParams, sources: Sequence[Source], *, overw
         state = "new"
     if state == "store" and not (path / MANIFEST).exists():
         state = "new"        # a creation that died before its manifest: nothing was processed
+    n_shards = params.shards(len(sources))
     if state == "new":
         create_store(path, params, sources)
-        return StorePlan(path, params, list(sources), list(sources), done=0, run=1, created=True)
+        return StorePlan(path, params, list(sources), list(range(n_shards)), list(sources), done=0, run=1,
+                         created=True)
     merged = merged_manifest(path, params.order)
-    status = dict(zip(merged["index"].tolist(), merged["status"].tolist()))
-    todo = [s for s in sources if status.get(s.index) != STATUS_OK]
-    previous_errors = sum(status.get(s.index) == STATUS_ERROR for s in todo)
-    if todo and (path / META).exists():
+    m = params.shard_images
+    ok = (merged["status"] == STATUS_OK).to_numpy()
+    # Per shard: every image ok, and the file as big as its part said when it was written.
+    all_ok = np.logical_and.reduceat(ok, np.arange(0, len(ok), m)) if len(ok) else np.zeros(0, bool)
+    written = merged["shard_bytes"].fillna(-1).to_numpy()[::m].astype(np.int64)
+    shards, damaged = [], 0
+    for k in range(n_shards):
+        if not all_ok[k]:
+            shards.append(k)
+        elif _file_size(shard_file(path, k)) != written[k]:
+            shards.append(k)
+            damaged += 1
+            log.warning("%s: shard %d is gone or not the size it was written with; redoing it",
+                        shard_file(path, k), k)
+    todo = [s for k in shards for s in sources[k * m:(k + 1) * m]]
+    status = merged["status"].to_numpy()
+    previous_errors = sum(status[s.index] == STATUS_ERROR for s in todo)
+    if shards and (path / META).exists():
         # The store is incomplete again until this run finishes.
         (path / META).unlink()
     run = (max(_runs(path)) if _runs(path) else 0) + 1
-    return StorePlan(path, params, list(sources), todo, done=len(sources) - len(todo), run=run,
-                     previous_errors=previous_errors)
+    return StorePlan(path, params, list(sources), shards, todo, done=len(sources) - len(todo), run=run,
+                     previous_errors=previous_errors, damaged=damaged)
+
+
+def _file_size(path: Path) -> int:
+    """Bytes of a shard file; 0 when absent (a shard of images that are all 0 has no file)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def finish_store(plan: StorePlan, src: str) -> dict:
@@ -246,12 +288,14 @@ def finish_store(plan: StorePlan, src: str) -> dict:
     write_table_atomic(pa.Table.from_pandas(merged, schema=schema, preserve_index=False), path / MANIFEST)
     ok = int((merged["status"] == STATUS_OK).sum())
     counts = {"images": len(merged), "ok": ok, "error": len(merged) - ok}
-    s, L = params.size, params.order + 1
+    s, L, m = params.size, params.order + 1, params.shard_images
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "nextdetail_version": __version__,
             "method": params.method, "order": params.order, "size": params.size,
             "backend": params.backend, "at": params.params.to_dict(), "dtype": params.dtype,
-            "layout": ["image", "layer", "channel", "y", "x"], "chunks": [1, L, 3, s, s],
-            "layer_order": layer_names(params.order), "fill_value": "NaN (images whose status is error)",
+            "array": BASES, "layout": list(DIMENSIONS), "base_order": [f"B_{k}" for k in range(L)],
+            "quantization": "q = round(255 * clip(B, 0, 1))", "shard_images": m,
+            "shards": [m, L, 3, s, s], "chunks": [1, L, 3, s, s], "codec": f"zstd {ZSTD_LEVEL} (checksum)",
+            "layer_order": layer_names(params.order), "fill_value": "0 (images whose status is error)",
             "counts": counts, "src": str(src)}
     # Last: its presence is what marks the store complete.
     write_bytes_atomic(path / META, (json.dumps(meta, indent=2) + "\n").encode())

@@ -1,0 +1,120 @@
+"""The bases array of a format-2 decomposition store: 8-bit values, Zarr shards of many images.
+
+    bases.zarr   uint8 (N, n+1, 3, S, S), dims (image, base, channel, y, x): image i's bases
+                 [B_0 = I, B_1, ..., B_n], each q(B_k) = round(255 * clip(B_k, 0, 1)).
+                 Sharding codec: shard (M, n+1, 3, S, S), M = shard_images (64 by default);
+                 inner chunk (1, n+1, 3, S, S), one per image, zstd level 3 with its frame
+                 checksum; the shard index is crc32c-checked (Zarr's default).
+                 Shard k is the one file bases.zarr/c.k.0.0.0.0 (chunk key separator ".": one
+                 file per shard and no folder per shard) and holds images kM .. kM+M-1.
+
+Why these choices (measured in benchmarks/bench_store_codecs.py, figures in
+docs/dataset-store.md): 8-bit bases cost a third of float16 layers (the float16 noise bits do not
+compress), zstd on 8-bit meets the size and read-rate targets with Zarr's own codecs, so any Zarr
+3 reader decodes the store; one inner chunk per image keeps random access by image one seek
+through the shard index; 64 images per shard is ~27 MB at 256 px, order 3 (tens of MB: large
+sequential reads, few files, N/64 of them) while a shard is still one Ray task's minute of work.
+
+A shard is written whole, once, by the one task that owns it: encoded in memory by Zarr (the same
+bytes Zarr would write itself, tested) and renamed into place (`write_bytes_atomic`), so a shard
+file is either absent or complete, and two attempts at one shard (a retry after a lost worker)
+write the same bytes. Zarr's read-modify-write of a shard shared by two writers loses images;
+this layout never shares one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .atomic import write_bytes_atomic
+
+BASES = "bases.zarr"
+DTYPE = "uint8"
+SHARD_IMAGES = 64
+ZSTD_LEVEL = 3
+DIMENSIONS = ("image", "base", "channel", "y", "x")
+
+
+def quantize_bases(bases: Sequence[np.ndarray]) -> np.ndarray:
+    """Solver bases [B_0, ..., B_n], each float (B, H, W, 3) in [0, 1], as the store holds them:
+    uint8 (B, n+1, 3, H, W), q = round(255 * clip(B_k, 0, 1)), so |q / 255 - B_k| <= 1/510 for
+    values in [0, 1]. B_0 = I read from an 8-bit file is stored exactly."""
+    b = np.stack([np.asarray(_host(x), np.float32) for x in bases], axis=1)        # (B, n+1, H, W, 3)
+    q = np.rint(np.clip(b, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
+    return np.ascontiguousarray(q.transpose(0, 1, 4, 2, 3))
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else a
+
+
+def layers_from_bases(q: np.ndarray) -> np.ndarray:
+    """Stored uint8 bases (..., n+1, 3, H, W) -> float32 layers (..., n+1, 3, H, W) in generation
+    order [B_n, D_n, ..., D_1], D_k = (q_(k-1) - q_k) / 255: the details are exact multiples of
+    1/255 and the layers telescope, B_n + D_n + ... + D_1 = q_0 / 255 = I (to float32 rounding)."""
+    q = np.asarray(q)
+    n = q.shape[-4] - 1
+    d = q[..., :n, :, :, :].astype(np.int16) - q[..., 1:, :, :, :]         # D_1 .. D_n
+    out = np.empty(q.shape, np.float32)
+    out[..., 0, :, :, :] = q[..., n, :, :, :]
+    out[..., 1:, :, :, :] = d[..., ::-1, :, :, :]
+    out /= np.float32(255.0)          # as imageio.load_image scales 8-bit files: B_0 is I bit for bit
+    return out
+
+
+def create_bases_array(path, n_images: int, order: int, size: int, shard_images: int, attributes: dict):
+    """The empty array (zarr.json only; no shard is written). Returns the zarr.Array."""
+    import zarr
+
+    L = order + 1
+    return zarr.create_array(store=str(path), **_layout(n_images, L, size, shard_images),
+                             attributes=attributes, dimension_names=DIMENSIONS, zarr_format=3, overwrite=True)
+
+
+def _layout(n_images: int, L: int, size: int, shard_images: int) -> dict:
+    from zarr.codecs import ZstdCodec
+
+    return dict(shape=(n_images, L, 3, size, size), chunks=(1, L, 3, size, size),
+                chunk_key_encoding={"name": "default", "separator": "."},
+                shards=(shard_images, L, 3, size, size), dtype=DTYPE, fill_value=0,
+                compressors=ZstdCodec(level=ZSTD_LEVEL, checksum=True))
+
+
+def shard_key(k: int) -> str:
+    """The path of shard k inside bases.zarr (Zarr's default chunk key encoding, "." separator)."""
+    return f"c.{k}.0.0.0.0"
+
+
+def shard_file(store, k: int) -> Path:
+    return Path(store) / BASES / shard_key(k)
+
+
+def encode_shard(q: np.ndarray, shard_images: int) -> bytes:
+    """The file bytes of a shard holding q (m <= shard_images images, uint8 (m, n+1, 3, S, S));
+    images m.. (past the end of the store) are absent. b"" when every image is 0 (nothing to
+    store: Zarr writes no chunk that equals the fill value)."""
+    import zarr
+    from zarr.storage import MemoryStore
+
+    m, L, _, S, _ = q.shape
+    if m > shard_images:
+        raise ValueError(f"{m} images do not fit a shard of {shard_images}")
+    chunks: dict = {}
+    arr = zarr.create_array(store=MemoryStore(chunks), **_layout(shard_images, L, S, shard_images),
+                            zarr_format=3)
+    arr[:m] = q
+    data = chunks.get(shard_key(0))
+    return b"" if data is None else data.to_bytes()
+
+
+def write_shard(store, k: int, q: np.ndarray, shard_images: int) -> int:
+    """Encode shard k and put it in place atomically; returns its size in bytes (0: no file)."""
+    data = encode_shard(q, shard_images)
+    path = shard_file(store, k)
+    if data:
+        write_bytes_atomic(path, data)
+    else:
+        path.unlink(missing_ok=True)
+    return len(data)
