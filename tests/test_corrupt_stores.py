@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from nextdetail import cli
-from nextdetail.stores.decomposition import LAYERS, MANIFEST, META, DecompositionStore, StoreError
+from nextdetail.stores.decomposition import MANIFEST, META, DecompositionStore, StoreError
+from nextdetail.stores.shards import shard_file
 from nextdetail.stores.tokens import INDEX, TOKENS
 from token_data import make_token_store
 from conftest import own_lines
@@ -47,36 +48,38 @@ def export_argv(store, ckpt, tmp_path):
     return ["export-tokens", "--data", store, "--tokenizer", ckpt, "--out", tmp_path / "out", "--workers", "1"]
 
 
-def chunk(store, i):
-    return store / LAYERS / "c" / str(i) / "0" / "0" / "0" / "0"
+def shard(store):
+    return shard_file(store, 0)          # the store's 6 images are one shard
 
 
-def test_a_chunk_overwritten_with_garbage(clean, tmp_path, capsys):
+def test_a_shard_overwritten_with_garbage(clean, tmp_path, capsys):
     store, ckpt, _ = clean
     bad = copy(store, tmp_path / "store")
-    chunk(bad, 2).write_bytes(b"\x28\xb5\x2f\xfd" + b"garbage" * 40)         # zstd magic, then noise
-    with pytest.raises(StoreError, match=r"c/2/0/0/0/0: image 2 \(.+\): damaged chunk, cannot decode it"):
+    size = shard(bad).stat().st_size
+    shard(bad).write_bytes((b"\x28\xb5\x2f\xfd" + b"garbage" * size)[:size])     # zstd magic, then noise
+    with pytest.raises(StoreError, match=r"c\.0\.0\.0\.0\.0: image 2 \(.+\): damaged shard, cannot decode it"):
         DecompositionStore(bad)[2]
     line = refused(capsys, ["eval-tokenizer", ckpt, "--data", bad, "--out", tmp_path / "eval"], bad,
-                   "layers.zarr/c/2/0/0/0/0", "damaged chunk")
+                   "bases.zarr/c.0.0.0.0.0", "damaged shard")
     assert line.startswith("nextdetail eval-tokenizer: error: ")
 
 
-def test_a_truncated_chunk_read_by_a_ray_worker(ray_session, clean, tmp_path, capsys):
+def test_a_truncated_shard_read_by_a_ray_worker(ray_session, clean, tmp_path, capsys):
     store, ckpt, _ = clean
     bad = copy(store, tmp_path / "store")
-    data = chunk(bad, 4).read_bytes()
-    chunk(bad, 4).write_bytes(data[: len(data) // 2])
-    refused(capsys, export_argv(bad, ckpt, tmp_path), bad, "layers.zarr/c/4/0/0/0/0", "damaged chunk")
+    data = shard(bad).read_bytes()
+    shard(bad).write_bytes(data[: len(data) // 2])
+    refused(capsys, export_argv(bad, ckpt, tmp_path), bad, "bases.zarr/c.0.0.0.0.0",
+            f"shard 0 is damaged ({len(data) // 2} bytes, written with {len(data)})")
 
 
-def test_a_missing_chunk_file(clean, tmp_path, capsys):
+def test_a_missing_shard_file(clean, tmp_path, capsys):
     store, ckpt, _ = clean
     bad = copy(store, tmp_path / "store")
-    chunk(bad, 1).unlink()                                                   # reads as the NaN fill value
+    shard(bad).unlink()                                           # Zarr alone would read zeros
     refused(capsys, ["train-tokenizer", "--data", bad, "--out", tmp_path / "run", "--image-size", "32",
                      "--downsample", "8", "--ch", "8", "--num-res-blocks", "1", "--vocab", "16", "--steps", "4",
-                     "--batch-size", "6", "--lpips-weight", "0"], bad, "c/1/0/0/0/0", "missing chunk file")
+                     "--batch-size", "6", "--lpips-weight", "0"], bad, "c.0.0.0.0.0", "missing shard file")
 
 
 def test_a_manifest_cut_short(clean, tmp_path, capsys):

@@ -1,5 +1,5 @@
 """Faults: the driver killed with SIGKILL mid-way and rerun, and a worker process killed
-mid-way (Ray restarts it and retries its batch). Both must end with the store of an
+mid-way (Ray restarts it and retries its shard). Both must end with the store of an
 uninterrupted run: the same Zarr bytes, the same manifest (bar timing/host columns), the
 same meta.json, no image lost or written twice."""
 from __future__ import annotations
@@ -17,13 +17,14 @@ import pytest
 from nextdetail import cli
 from nextdetail.decomp import ATParams
 from nextdetail.pipelines import DecompositionStore, JobConfig, run_job
-from nextdetail.stores.decomposition import LAYERS, META, PARTS, RUN_DEPENDENT_COLUMNS, manifest_schema
+from nextdetail.stores.decomposition import META, PARTS, RUN_DEPENDENT_COLUMNS, manifest_schema
+from nextdetail.stores.shards import BASES
 from conftest import kill_cli_when
 from pipeline_data import SHARED_DATA, listing, synthetic_photo
 
 # Enough solver work per image (64 px, 3 levels x 150 sweeps) that a run lasts seconds
-# after its first batches are written, so the kill lands mid-way.
-SIZE, ORDER, N_ITER, BATCH = 64, 3, 150, 4
+# after its first shards are written, so the kill lands mid-way; shards of 16 make ~13.
+SIZE, ORDER, N_ITER, BATCH, SHARD = 64, 3, 150, 4, 16
 
 
 def tree_bytes(folder):
@@ -44,7 +45,7 @@ def dataset(tmp_path_factory) -> Path:
 
 def args(src, store):
     return ["decompose-dataset", str(src), "--out", str(store), "--size", str(SIZE), "--order", str(ORDER),
-            "--n-iter", str(N_ITER), "--batch-size", str(BATCH), "--backend", "numba"]
+            "--n-iter", str(N_ITER), "--batch-size", str(BATCH), "--shard-images", str(SHARD), "--backend", "numba"]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def reference(ray_session, dataset, tmp_path_factory) -> Path:
 
 
 def assert_same_store(store: Path, reference: Path):
-    assert tree_bytes(store / LAYERS) == tree_bytes(reference / LAYERS)
+    assert tree_bytes(store / BASES) == tree_bytes(reference / BASES)
     got, want = (DecompositionStore(s).manifest for s in (store, reference))
     assert got["index"].tolist() == list(range(len(want)))          # each image once
     assert (got["status"] == "ok").all()
@@ -77,7 +78,7 @@ def journal_rows(store: Path):
 
 def test_driver_killed_mid_way_then_rerun_equals_uninterrupted(reference, dataset, tmp_path, capsys):
     store = tmp_path / "store"
-    kill_cli_when([*args(dataset, store), "--workers", "2"], lambda: len(journal_rows(store)) >= 3 * BATCH, "job")
+    kill_cli_when([*args(dataset, store), "--workers", "2"], lambda: len(journal_rows(store)) >= 2 * SHARD, "job")
     time.sleep(1)                                          # let its dying workers finish their writes
     assert not (store / META).exists(), "the kill came too late: the job had finished"
     done_before = {r["index"] for r in journal_rows(store) if r["status"] == "ok"}
@@ -91,10 +92,10 @@ def test_driver_killed_mid_way_then_rerun_equals_uninterrupted(reference, datase
     assert_same_store(store, reference)
 
 
-def test_killed_worker_is_restarted_and_its_batch_retried(reference, dataset, tmp_path):
+def test_killed_worker_is_restarted_and_its_shard_retried(reference, dataset, tmp_path):
     store = tmp_path / "store"
     cfg = JobConfig(src=dataset, out=store, size=SIZE, order=ORDER, params=ATParams(n_iter=N_ITER),
-                    backend="numba", workers=2, batch_size=BATCH)
+                    backend="numba", workers=2, batch_size=BATCH, shard_images=SHARD)
     result = {}
     job = threading.Thread(target=lambda: result.update(report=run_job(cfg)), daemon=True)
     job.start()

@@ -13,7 +13,8 @@ import numpy as np
 from nextdetail import cli
 from nextdetail.imageio import load_image
 from nextdetail.pipelines import DecompositionStore, JobConfig, list_sources, run_job
-from nextdetail.stores.decomposition import LAYERS, MANIFEST, META, RUN_DEPENDENT_COLUMNS
+from nextdetail.stores.decomposition import MANIFEST, META, RUN_DEPENDENT_COLUMNS
+from nextdetail.stores.shards import BASES
 from pipeline_data import broken_files, class_folder, listing, photo_paths
 from conftest import own_lines
 
@@ -45,7 +46,8 @@ def test_class_folder_end_to_end(ray_session, tmp_path, capsys):
     src = class_folder(tmp_path)
     sources = list_sources(src)
     store = tmp_path / "store"
-    rc, out, err = run_cli(capsys, src, "--out", store, "--size", 32, "--workers", 2, "--batch-size", 16, *FAST)
+    rc, out, err = run_cli(capsys, src, "--out", store, "--size", 32, "--workers", 2, "--batch-size", 16,
+                           "--shard-images", 4, *FAST)
     assert rc == 0, err
     m = summary(out)
     n = len(sources)
@@ -60,8 +62,8 @@ def test_class_folder_end_to_end(ray_session, tmp_path, capsys):
     for i in (0, n // 2, n - 1):
         item = reader[i]
         assert (item.id, item.label) == (sources[i].id, sources[i].label)
-        np.testing.assert_allclose(item.image, load_image(sources[i].path, 32), atol=2e-3)
-        assert item.layers.dtype == np.float16 and item.layers.shape == (3, 3, 32, 32)
+        np.testing.assert_array_equal(item.image, load_image(sources[i].path, 32))     # I is stored exactly
+        assert item.layers.dtype == np.float32 and item.layers.shape == (3, 3, 32, 32)
 
 
 def test_bad_files_become_error_rows_and_exit_1(ray_session, tmp_path, capsys):
@@ -93,21 +95,21 @@ def test_rerun_resumes_refuses_other_parameters_and_overwrites(ray_session, tmp_
     store = tmp_path / "store"
     args = [lst, "--out", store, "--size", 32, "--batch-size", 2, *FAST]
     assert run_cli(capsys, *args)[0] == 0
-    before = tree_bytes(store / LAYERS)
+    before = tree_bytes(store / BASES)
     meta = (store / META).read_bytes()
 
     rc, out, err = run_cli(capsys, *args)                # same command again: nothing left to do
     assert rc == 0
     m = summary(out)
     assert (m.group(4), m.group(5)) == ("6", "0")
-    assert tree_bytes(store / LAYERS) == before and (store / META).read_bytes() == meta
+    assert tree_bytes(store / BASES) == before and (store / META).read_bytes() == meta
 
     rc, out, err = run_cli(capsys, lst, "--out", store, "--size", 48, "--alpha", 5, *FAST[2:], "--order", 2)
     assert (rc, out) == (2, "")
     assert own_lines(err) == [f"nextdetail decompose-dataset: error: {store}: store made with other parameters: "
                               f"size 32 (store) != 48 (this run); alpha 10.0 (store) != 5.0 (this run); rerun "
                               f"with the store's parameters, or pass --overwrite to replace it"]
-    assert tree_bytes(store / LAYERS) == before            # refused before touching anything
+    assert tree_bytes(store / BASES) == before            # refused before touching anything
 
     rc, out, err = run_cli(capsys, listing(photos[:5], tmp_path / "l5.txt"), "--out", store, "--size", 32, *FAST)
     assert rc == 2 and "other images than SRC lists now: 1 images removed" in err
@@ -121,7 +123,7 @@ def test_errors_are_retried_by_a_rerun(ray_session, tmp_path, capsys):
     photos = photo_paths(3, tmp_path)
     late = tmp_path / "late.png"
     lst = listing(photos + [late], tmp_path / "l.txt")
-    args = [lst, "--out", tmp_path / "store", "--size", 32, *FAST]
+    args = [lst, "--out", tmp_path / "store", "--size", 32, "--shard-images", 1, *FAST]
     assert run_cli(capsys, *args)[0] == 1
     late.write_bytes(photos[0].read_bytes())               # the missing file turns up
     rc, out, err = run_cli(capsys, *args)
@@ -156,18 +158,23 @@ def test_job_failure_exits_3(monkeypatch, tmp_path, capsys):
 
 
 def test_run_dependent_columns_are_the_only_unstable_ones(ray_session, tmp_path):
-    """Two runs with different batching and workers give the same bytes (numba backend)."""
+    """Two runs with different batching and workers give the same bytes (numba backend), and
+    every shard is written by one task (one worker process made all its rows)."""
     photos = photo_paths(6, tmp_path)
     lst = listing(photos, tmp_path / "l.txt")
     from nextdetail.decomp import ATParams
     stores = []
     for k, (workers, batch) in enumerate([(1, 6), (3, 1)]):
         cfg = JobConfig(src=lst, out=tmp_path / f"s{k}", size=32, order=2, params=ATParams(n_iter=10),
-                        backend="numba", workers=workers, batch_size=batch)
+                        backend="numba", workers=workers, batch_size=batch, shard_images=2)
         report = run_job(cfg)
         assert (report.ok, report.workers) == (6, workers)
         stores.append(cfg.out)
-    assert tree_bytes(stores[0] / LAYERS) == tree_bytes(stores[1] / LAYERS)
+    assert tree_bytes(stores[0] / BASES) == tree_bytes(stores[1] / BASES)
+    for s in stores:
+        m = DecompositionStore(s).manifest
+        assert (m.groupby(m["index"] // 2)["worker_pid"].nunique() == 1).all()
+    assert DecompositionStore(stores[1]).manifest["worker_pid"].nunique() > 1       # the 3 actors shared the work
     a, b = (DecompositionStore(s).manifest.drop(columns=list(RUN_DEPENDENT_COLUMNS)) for s in stores)
     assert a.equals(b)
     assert (stores[0] / MANIFEST).exists()

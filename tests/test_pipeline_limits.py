@@ -50,7 +50,7 @@ def test_an_image_that_kills_its_worker_becomes_an_error_row(ray_session, tmp_pa
     store = tmp_path / "store"
     monkeypatch.setenv(CRASH_HOOK_ENV, "crash-me")
     rc = cli.main(["decompose-dataset", str(listing(paths, tmp_path / "l.txt")), "--out", str(store),
-                   "--workers", "1", "--batch-size", "3", "--max-attempts", "2", *FAST])
+                   "--workers", "1", "--batch-size", "3", "--shard-images", "3", "--max-attempts", "2", *FAST])
     out, err = capsys.readouterr()
     assert rc == 1, err
     assert "6 images: 5 ok, 1 error" in out
@@ -60,11 +60,11 @@ def test_an_image_that_kills_its_worker_becomes_an_error_row(ray_session, tmp_pa
     assert "worker process died 2 times while reading this image" in row["error"] and "--max-attempts 2" in row["error"]
     assert (manifest.drop(index=str(killer))["status"] == "ok").all()
     assert not (store / PARTS).exists()                                        # journals cleaned up
-    # The hook gone (the file "fixed"), a rerun retries the error row and completes the store.
+    # The hook gone (the file "fixed"), a rerun redoes the error row's shard and completes the store.
     monkeypatch.delenv(CRASH_HOOK_ENV)
     assert cli.main(["decompose-dataset", str(tmp_path / "l.txt"), "--out", str(store), "--workers", "1",
-                     "--batch-size", "3", *FAST]) == 0
-    assert "6 images: 6 ok, 0 error (5 already done)" in capsys.readouterr().out
+                     "--batch-size", "3", "--shard-images", "3", *FAST]) == 0
+    assert "6 images: 6 ok, 0 error (3 already done)" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
@@ -167,17 +167,19 @@ def test_a_journal_left_by_a_killed_worker_is_not_read_as_a_part(tmp_path):
     from nextdetail.pipelines.attempts import ATTEMPTS
     from nextdetail.pipelines.worker import DecomposeWorker
     from nextdetail.stores.decomposition_writer import finish_store, merged_manifest, prepare_store
-    from pipeline_data import batch_of
+    from pipeline_data import shard_rows
 
-    params = StoreParams(order=2, size=16, params=ATParams(n_iter=2), backend="numpy")
+    params = StoreParams(order=2, size=16, params=ATParams(n_iter=2), backend="numpy", shard_images=2)
     src = list_sources(listing(photo_paths(3, tmp_path), tmp_path / "l.txt"))
     plan = prepare_store(tmp_path / "store", params, src, overwrite=False)
-    DecomposeWorker(str(tmp_path / "store"), params.to_dict(), run=plan.run, read_size=16)(batch_of(src[:2]))
-    left = tmp_path / "store" / PARTS / f"run-{plan.run:04d}" / ATTEMPTS / "batch-000000002.log"
+    DecomposeWorker(str(tmp_path / "store"), params.to_dict(), run=plan.run, batch_size=2,
+                    read_size=16)(shard_rows(plan)[0])
+    left = tmp_path / "store" / PARTS / f"run-{plan.run:04d}" / ATTEMPTS / "shard-0000001.log"
     left.parent.mkdir(parents=True, exist_ok=True)
     left.write_text("start read:2\n")                                   # its worker died here
     assert merged_manifest(tmp_path / "store", 2)["status"].tolist() == ["ok", "ok", "pending"]
     plan = prepare_store(tmp_path / "store", params, src, overwrite=False)   # the rerun
-    assert [s.index for s in plan.todo] == [2]
-    DecomposeWorker(str(tmp_path / "store"), params.to_dict(), run=plan.run, read_size=16)(batch_of(plan.todo))
+    assert plan.shards == [1] and [s.index for s in plan.todo] == [2]
+    DecomposeWorker(str(tmp_path / "store"), params.to_dict(), run=plan.run, batch_size=2,
+                    read_size=16)(shard_rows(plan)[0])
     assert finish_store(plan, src="l.txt") == {"images": 3, "ok": 3, "error": 0}
