@@ -2,7 +2,7 @@
 
 Both do, for the same images with the same backend and batch size: read + resize/crop
 (nextdetail.imageio.load_image), decompose (nextdetail.decomp.decompose), convert the
-layers to float16 (n+1, 3, H, W) and write one Zarr chunk per image (same codec).
+bases to 8 bits and write each shard of 64 images once (same codec, same shard writer).
 
   loop img/s       images / wall time of the loop, with Numba using W threads; kernels
                    compiled before timing.
@@ -57,25 +57,21 @@ def pick_images(n: int, tmp: Path) -> tuple[list[Path], str]:
 def plain_loop(paths, params: StoreParams, batch: int, threads: int, out: Path) -> float:
     """The same work as the job, in this process; returns seconds."""
     import numba
-    import zarr
-    from zarr.codecs import ZstdCodec
 
-    from nextdetail.pipelines.worker import stored_layers
-    from nextdetail.stores.decomposition_writer import ZSTD_LEVEL
+    from nextdetail.stores.shards import create_bases_array, quantize_bases, write_shard
 
     numba.set_num_threads(threads)
-    L, s = params.order + 1, params.size
-    arr = zarr.create_array(store=str(out), shape=(len(paths), L, 3, s, s), chunks=(1, L, 3, s, s),
-                            dtype="float16", fill_value=np.nan, compressors=ZstdCodec(level=ZSTD_LEVEL),
-                            overwrite=True)
+    m = params.shard_images
+    create_bases_array(out, len(paths), params.order, params.size, m, {})
     at = params.params.to_dict()
     t0 = time.perf_counter()
-    for start in range(0, len(paths), batch):
-        images = np.stack([load_image(p, s) for p in paths[start:start + batch]])
-        dec = decompose(images, params.order, backend=params.backend, **at)
-        layers = stored_layers(dec)
-        for j in range(len(images)):
-            arr[start + j] = layers[j]
+    for k in range(params.shards(len(paths))):
+        shard = paths[k * m:(k + 1) * m]
+        bases = []
+        for start in range(0, len(shard), batch):
+            images = np.stack([load_image(p, params.size) for p in shard[start:start + batch]])
+            bases.append(quantize_bases(decompose(images, params.order, backend=params.backend, **at).bases))
+        write_shard(out.parent, k, np.concatenate(bases), m)
     return time.perf_counter() - t0
 
 
@@ -114,7 +110,8 @@ def main(argv=None) -> None:
                 f"{'start-up s':>10s} {'job total img/s':>15s}")
         rows = []
         for w in [int(x) for x in a.workers.split(",")]:
-            loop_s = plain_loop(paths, params, a.batch_size, w, tmp / f"loop{w}.zarr")
+            (tmp / f"loop{w}").mkdir()
+            loop_s = plain_loop(paths, params, a.batch_size, w, tmp / f"loop{w}" / "bases.zarr")
             cfg = JobConfig(src=lst, out=tmp / f"store{w}", size=a.size, order=a.order, params=at,
                             backend=a.backend, workers=w, batch_size=a.batch_size)
             report = run_job(cfg)
