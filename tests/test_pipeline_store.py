@@ -229,6 +229,11 @@ def test_read_shard_returns_the_ok_images_of_a_shard(tmp_path, src):
             np.testing.assert_array_equal(q, reader.quantized(int(i)))
     with pytest.raises(IndexError):
         reader.read_shard(2)
+    # A range across both shards and the failed image 3, read one shard at a time.
+    np.testing.assert_array_equal(reader.read_range(1, 5), np.stack([reader.quantized(i) for i in range(1, 5)]))
+    assert reader.read_range(2, 2).shape == (0, 3, 3, SIZE, SIZE)
+    with pytest.raises(IndexError):
+        reader.read_range(0, 6)
 
 
 def test_meta_json_is_written_last_and_marks_completion(tmp_path, src):
@@ -373,3 +378,24 @@ def test_a_batch_that_fails_to_solve_is_split_so_one_image_cannot_sink_the_other
     stored = zarr.open_array(store / BASES, mode="r")
     np.testing.assert_array_equal(stored[2], quantize_bases([b[None] for b in ref.bases])[0])
     assert not np.asarray(stored[1]).any()
+
+
+def test_the_gpu_paths_read_tasks_feed_the_worker_the_same_shard(tmp_path, src):
+    """GPU actors get their pixels from CPU read tasks (read_shard); the shard they write must be
+    the one a CPU actor that reads for itself writes."""
+    from nextdetail.pipelines.worker import read_shard
+
+    cpu, fed = tmp_path / "cpu", tmp_path / "fed"
+    for store in (cpu, fed):
+        plan = prepare_store(store, PARAMS, src, overwrite=False)
+        if store == cpu:
+            write(store, plan)
+        else:
+            w = DecomposeWorker(str(store), PARAMS.to_dict(), run=plan.run, batch_size=3, read_size=None)
+            for row in shard_rows(plan):
+                read = read_shard(row, SIZE, journal=store / PARTS / "run-0001" / "_attempts")
+                assert read["image"].shape == (1, len(json.loads(row["sources"][0])), SIZE, SIZE, 3)
+                w(read)
+        finish_store(plan, src="list.txt")
+    assert tree_bytes(cpu / BASES) == tree_bytes(fed / BASES)
+    assert DecompositionStore(fed).manifest["status"].tolist() == ["ok", "ok", "ok", "error", "ok", "ok"]

@@ -26,6 +26,7 @@ import numpy as np
 from ..stores import PARTS, write_bytes_atomic
 from ..stores.decomposition import DecompositionStore, StoreError
 from ..stores.layers import centre_crop, split_layers
+from ..stores.shards import layers_from_bases
 from ..stores.tokens import DTYPE
 from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
 
@@ -119,9 +120,9 @@ class EncodeWorker:
             if self.crash_on:                   # the test-only hook; nothing in real runs
                 for i in range(a, min(hi, a + self.batch_size)):
                     maybe_crash(self.store.id(i), self.crash_on)
-            layers = np.stack([centre_crop(self.store.layers(i), self.size)
-                               for i in range(a, min(hi, a + self.batch_size))])
-            x = torch.from_numpy(layers.astype(np.float32)).to(self.device)
+            # One Zarr read per shard, cropped before the float conversion.
+            q = centre_crop(self.store.read_range(a, min(hi, a + self.batch_size)), self.size)
+            x = torch.from_numpy(layers_from_bases(q)).to(self.device)
             image, bases = split_layers(x, self.n_bases)
             rows.append(flatten_maps(self.tok.encode(image, bases)))
         return np.concatenate(rows) if rows else np.zeros((0, 0), DTYPE)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import numpy as np
 
@@ -65,13 +65,17 @@ NO_LABEL = -1
 
 @dataclass(frozen=True)
 class Source:
-    """One image of the job. index is its row in the store, path what workers open."""
+    """One image of the job. index is its row in the store, path what workers open: the image
+    file, or the shard (Parquet file, tar) that holds it as `member` (row number or key).
+    problem: why it cannot be used, when listing already knows (an error row, never read)."""
 
     index: int
     id: str
     path: str
     label: int = NO_LABEL
     class_name: Optional[str] = None
+    member: Union[int, str, None] = None
+    problem: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -324,19 +328,30 @@ class DecompositionStore:
         """The ok images of shard k (0 <= k < n_shards), read with one sequential read of its file."""
         if not 0 <= k < self.n_shards:
             raise IndexError(f"shard {k} out of range for a store of {self.n_shards} shards")
-        items = np.arange(self._shard_starts[k], self._shard_starts[k + 1])
-        rows = self.ok_indices[items]
-        lo = k * self.shard_images
-        hi = min(lo + self.shard_images, len(self.manifest))
-        if not len(items):
-            return Shard(k, items, rows, np.zeros((0, self.order + 1, 3, self.size, self.size), np.uint8))
-        self._check_shard(k)
-        try:
-            block = np.asarray(self._bases()[lo:hi])
-        except Exception as e:
-            raise StoreError(shard_file(self.path, k), f"shard {k}: damaged, cannot decode it "
-                                                      f"({_first_line(e)})") from None
-        return Shard(k, items, rows, block[rows - lo])
+        lo, hi = int(self._shard_starts[k]), int(self._shard_starts[k + 1])
+        items = np.arange(lo, hi)
+        return Shard(k, items, self.ok_indices[items], self.read_range(lo, hi))
+
+    def read_range(self, lo: int, hi: int) -> np.ndarray:
+        """The stored uint8 bases of ok images lo .. hi-1, (hi - lo, n+1, 3, H, W): one Zarr read
+        per shard the range touches instead of one per image (what block readers such as
+        export-tokens use)."""
+        if not 0 <= lo <= hi <= len(self.ok_indices):
+            raise IndexError(f"images {lo}..{hi - 1} out of range for a store of {len(self.ok_indices)} ok images")
+        rows = self.ok_indices[lo:hi]
+        out = np.empty((len(rows), self.order + 1, 3, self.size, self.size), np.uint8)
+        shards = rows // self.shard_images
+        for k in np.unique(shards):
+            sel = np.flatnonzero(shards == k)
+            first, last = int(rows[sel[0]]), int(rows[sel[-1]])
+            self._check_shard(int(k))
+            try:
+                block = np.asarray(self._bases()[first:last + 1])
+            except Exception as e:  # damaged bytes: as in _read
+                raise StoreError(shard_file(self.path, int(k)), f"images {first}..{last}: damaged shard, "
+                                                               f"cannot decode it ({_first_line(e)})") from None
+            out[sel] = block[rows[sel] - first]
+        return out
 
     def __getitem__(self, i: int) -> StoreItem:
         row = self._row(i)
