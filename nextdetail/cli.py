@@ -118,8 +118,10 @@ def cmd_decompose_dataset(cfg, args) -> int:
     from .progress import JobProgress
 
     report = run_ray_command(args, lambda: run_job(cfg, JobProgress("decompose-dataset", "already in the store")))
+    for line in report.failed_shards:          # shards that could not be opened: their images are not counted
+        print(f"{line} (shard not read)", file=sys.stderr)
     print(report.summary())
-    return 0 if report.error == 0 else 1
+    return 0 if report.error == 0 and not report.failed_shards else 1
 
 
 def cmd_export_tokens(cfg, args) -> int:

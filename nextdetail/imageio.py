@@ -5,6 +5,7 @@ dataset pipelines see the same pixels: float32, (H, W, 3), in [0, 1], EXIF-uprig
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -100,16 +101,18 @@ def _normalized_pil(img: Image.Image, path: PathLike) -> Image.Image:
         raise ImageError(path, f"cannot convert pixel mode {mode} to RGB ({e})") from None
 
 
-def _open_upright(path: Path, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open, fully decode and EXIF-rotate one image; any failure becomes an ImageError."""
-    if not path.exists():
+def _open_upright(path: Path, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, data: Optional[bytes] = None
+                  ) -> Image.Image:
+    """Open, fully decode and EXIF-rotate one image (the file `path`, or `data` named `path` in
+    messages); any failure becomes an ImageError."""
+    if data is None and not path.exists():
         raise ImageError(path, "no such file")
-    if path.is_dir():
+    if data is None and path.is_dir():
         raise ImageError(path, "is a directory, not an image file")
     # PIL refuses (at open) images over twice its MAX_IMAGE_PIXELS; ours is the limit that counts.
     limit = max_pixels if max_pixels is not None else 2 * Image.MAX_IMAGE_PIXELS
     try:
-        with _pil_limit(limit), Image.open(path) as im:
+        with _pil_limit(limit), Image.open(path if data is None else io.BytesIO(data)) as im:
             w, h = im.size
             if w * h > limit:
                 raise ImageError(path, f"{w} x {h} = {w * h:,} pixels is over the limit of {limit:,} "
@@ -147,10 +150,10 @@ def _pil_limit(limit: int):
 
 
 def load_image_pil(path: PathLike, size: Optional[int] = None,
-                   max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Image.Image:
+                   max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, data: Optional[bytes] = None) -> Image.Image:
     """`load_image` stopping short of numpy: an "RGB" or (grey, > 8-bit source) "F" image."""
     path = Path(path)
-    img = _normalized_pil(_open_upright(path, max_pixels), path)
+    img = _normalized_pil(_open_upright(path, max_pixels, data), path)
     if size is not None:
         img = resize_center_crop(img, size)
     return img
@@ -175,7 +178,17 @@ def load_image(path: PathLike, size: Optional[int] = None,
     Raises ImageError (a ValueError; str is "<path>: <reason>") for a missing file, a file
     that is not an image, a truncated/corrupt one, or one over max_pixels.
     """
-    img = load_image_pil(path, size, max_pixels)
+    return _as_array(load_image_pil(path, size, max_pixels), size)
+
+
+def load_image_bytes(data: bytes, name: str, size: Optional[int] = None,
+                     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """`load_image` of an encoded image held in memory (a Parquet cell, a tar member); `name`
+    (e.g. "train-00003.parquet#1234") names it in errors."""
+    return _as_array(load_image_pil(name, size, max_pixels, data=bytes(data)), size)
+
+
+def _as_array(img: Image.Image, size: Optional[int]) -> np.ndarray:
     if img.mode == "F":
         grey = np.asarray(img, dtype=np.float32)
         # Lanczos overshoots near sharp edges; 8-bit images are clipped by PIL itself.
@@ -200,7 +213,7 @@ def list_images(inputs: Iterable[PathLike]) -> List[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = _walk_images(p)
+            found = walk_images(p)
             if not found:
                 log.warning("%s: folder holds no image files", p)
         else:
@@ -213,7 +226,7 @@ def list_images(inputs: Iterable[PathLike]) -> List[Path]:
     return out
 
 
-def _walk_images(root: Path) -> List[Path]:
+def walk_images(root: Path) -> List[Path]:
     """Image files under root, following symlinks, sorted by relative path. Each folder's
     (device, inode) is checked against its ancestors': a link to an ancestor is a cycle, which
     os.walk(followlinks=True) would follow forever. Two links to one folder are not a cycle

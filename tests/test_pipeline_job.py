@@ -20,7 +20,7 @@ from conftest import own_lines
 
 SUMMARY = re.compile(r"^(\d+) images: (\d+) ok, (\d+) error(?: \((\d+) already done\))?; processed (\d+) "
                      r"in [\d.]+ s = [\d.]+ images/s on (\d+) (\w+) workers; Ray start-up [\d.]+ s, "
-                     r"total [\d.]+ s; store (.+)$")
+                     r"total [\d.]+ s; read an? (?:folder|listing) of image files; store (.+)$")
 FAST = ["--order", "2", "--n-iter", "10", "--backend", "numba"]
 
 

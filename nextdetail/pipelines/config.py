@@ -13,6 +13,7 @@ from ..options import check_int, nested, opt
 from ..stores.decomposition import StoreParams
 from ..stores.shards import SHARD_IMAGES
 from .attempts import DEFAULT_MAX_ATTEMPTS
+from .shard_sources import ShardOptions
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +64,13 @@ class JobConfig(RayJobConfig):
                                           "shard); 64 is ~27 MB at 256 px, order 3", metavar="M")
     max_pixels: int = opt(DEFAULT_MAX_PIXELS, "an image whose header declares more pixels is an error row, "
                                               "never decoded (decompression bombs)", metavar="P")
+    image_column: str = opt("image", "Parquet shards: the column holding the encoded images (a "
+                                     "{bytes, path} struct as Hugging Face writes it, or binary)", metavar="NAME")
+    label_column: str = opt("label", "Parquet shards: the integer label column (absent: no labels)", metavar="NAME")
+    class_names: Optional[Path] = opt(None, "a file with one class name per line, in label order (default: "
+                                            "the Parquet shards' ClassLabel names, if any)", metavar="FILE")
+    label_key: str = opt("cls", "WebDataset tars: the member extension holding the integer label as text",
+                         metavar="EXT")
     method: str = "base_detail"
 
     def __post_init__(self):
@@ -77,6 +85,18 @@ class JobConfig(RayJobConfig):
             raise ConfigError(f"--gpus-per-worker {self.gpus_per_worker} needs the cupy backend, "
                               f"not {self.backend!r}")
 
+    def shard_options(self) -> ShardOptions:
+        """How to read Parquet and tar shards; ConfigError naming --class-names if unreadable."""
+        names = None
+        if self.class_names is not None:
+            try:
+                lines = Path(self.class_names).read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"--class-names {self.class_names}: cannot read it ({e})") from None
+            names = tuple(line.strip() for line in lines if line.strip())
+        return ShardOptions(image_column=self.image_column, label_column=self.label_column, class_names=names,
+                            label_key=self.label_key.lstrip("."))
+
     def store_params(self, backend: str) -> StoreParams:
         """The store parameters of this job once `backend` is resolved (not auto)."""
         return StoreParams(order=int(self.order), size=int(self.size), params=self.params,
@@ -85,4 +105,5 @@ class JobConfig(RayJobConfig):
     def to_dict(self) -> dict:
         d = asdict(self)
         d["src"], d["out"] = str(self.src), str(self.out)
+        d["class_names"] = None if self.class_names is None else str(self.class_names)
         return d

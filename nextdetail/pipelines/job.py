@@ -26,7 +26,7 @@ from .attempts import ATTEMPTS, crash_hook
 from .config import JobConfig
 from .ray_job import (Progress, RayJobReport, cluster_resources, job_failures, quiet_data_context, ray_session,
                       resolve_workers)
-from .sources import list_sources
+from .sources import scan_source
 from .worker import T_END, T_START, DecomposeWorker, read_shard, shard_items
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,13 @@ class JobReport(RayJobReport):
     ok: int = 0                    # in the finished store
     error: int = 0
     errors: List[str] = field(default_factory=list)   # "id: reason" of this run's error rows
+    source: str = ""               # what was read, e.g. "read 257 parquet shards"
+    failed_shards: List[str] = field(default_factory=list)   # "<shard>: <reason>": not opened
 
     def summary(self) -> str:
         skipped = f" ({self.skipped} already done)" if self.skipped else ""
         return (f"{self.images} images: {self.ok} ok, {self.error} error{skipped}; {self.timing()}; "
-                f"store {self.store}")
+                f"{self.source}; store {self.store}")
 
 
 def resolve_resources(cfg: JobConfig) -> tuple:
@@ -76,7 +78,8 @@ def _dataset(plan: StorePlan, cfg: JobConfig, gpus: float, workers: int):
         ds = ds.map_batches(read_shard, batch_size=1, batch_format="numpy", num_cpus=1, max_retries=-1,
                             fn_kwargs={"size": plan.params.size, "max_pixels": cfg.max_pixels,
                                        "journal": str((run_parts(plan.path, plan.run) / ATTEMPTS).resolve()),
-                                       "max_attempts": cfg.max_attempts, "crash_on": crash_hook()})
+                                       "max_attempts": cfg.max_attempts, "crash_on": crash_hook(),
+                                       "image_column": cfg.image_column})
     # CPU actors read their own shards (read_size): the pixels stay in the process that
     # decodes them, and no read task competes with the actors for the CPUs. (A separate
     # read stage is not fused into the actors here, and on a 2-CPU machine its tasks wait
@@ -93,15 +96,18 @@ def _dataset(plan: StorePlan, cfg: JobConfig, gpus: float, workers: int):
         fn_constructor_kwargs={"store": str(plan.path.resolve()), "params": plan.params.to_dict(),
                                "run": plan.run, "batch_size": cfg.batch_size, "threads": 1,
                                "read_size": None if gpus else plan.params.size, "max_pixels": cfg.max_pixels,
-                               "max_attempts": cfg.max_attempts, "crash_on": crash_hook()})
+                               "max_attempts": cfg.max_attempts, "crash_on": crash_hook(),
+                               "image_column": cfg.image_column})
 
 
 def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
     """Decompose every image of cfg.src not yet in cfg.out. Raises SourceError, StoreError,
     ConfigError (bad input, refused store) or JobError (Ray or I/O failure; rerun resumes)."""
     t_begin = time.perf_counter()
-    sources = list_sources(cfg.src)
-    report = JobReport(store=str(cfg.out), images=len(sources))
+    listing = scan_source(cfg.src, cfg.shard_options())
+    sources = listing.sources
+    report = JobReport(store=str(cfg.out), images=len(sources), source=listing.describe(),
+                       failed_shards=listing.failed)
     # Refuse a mismatched store before paying for Ray; a cluster's 'auto' backend is only
     # known once connected, so it is compared then.
     early_backend = cfg.backend if cfg.backend != "auto" or cfg.address is not None else _local_auto(cfg)

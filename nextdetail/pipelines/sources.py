@@ -1,4 +1,8 @@
-"""What a dataset job decomposes: SRC (a folder or a listing file) as an ordered list of images.
+"""What a dataset job decomposes: SRC as an ordered list of images.
+
+SRC is loose image files (a folder, or a .txt/.parquet listing of paths) or shards that hold
+the images (Hugging Face Parquet files, WebDataset tars: see shard_sources.py), told apart by
+`scan_source`:
 
 - A folder: every image file under it, found by `nextdetail.imageio.list_images` (sorted by
   relative path). Its non-hidden immediate sub-folders are classes, labelled 0, 1, ... in
@@ -18,42 +22,114 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from ..errors import PathError
-from ..imageio import FolderError, list_images
+from ..imageio import FolderError, walk_images
 from ..stores.decomposition import NO_LABEL, Source
+from .shard_sources import ShardOptions, find_shards, is_glob, list_shard_sources, shard_kind
 
 log = logging.getLogger(__name__)
 
+FOLDER, LISTING = "folder", "listing"
 
 
 class SourceError(PathError):
     """SRC cannot be listed; str is one line "<SRC>: <reason>"."""
 
 
-def list_sources(src) -> List[Source]:
-    """SRC (folder, .txt or .parquet listing) -> sources in store order. Raises SourceError."""
-    src = Path(src)
-    if src.is_dir():
-        items = _from_folder(src)
-    elif src.is_file():
-        suffix = src.suffix.lower()
-        if suffix == ".txt":
-            items = _from_text(src)
-        elif suffix == ".parquet":
-            items = _from_parquet(src)
-        else:
-            raise SourceError(src, f"expected a folder of images or a .txt/.parquet listing, "
-                                   f"got a {suffix or 'suffix-less'} file")
-    elif src.exists():
-        raise SourceError(src, "is neither a folder nor a regular file")
+@dataclass
+class SourceListing:
+    """SRC read: its kind (folder, listing, parquet, webdataset), the images in store order, how
+    many shards (shard kinds) and the shards that could not be opened ("<shard>: <reason>")."""
+
+    kind: str
+    sources: List[Source]
+    shards: int = 0
+    failed: List[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """What was read, for the summary line."""
+        if self.kind == FOLDER:
+            return "read a folder of image files"
+        if self.kind == LISTING:
+            return "read a listing of image files"
+        failed = f" ({len(self.failed)} could not be opened)" if self.failed else ""
+        return f"read {self.shards} {self.kind} shards{failed}"
+
+
+def list_sources(src, options: Optional[ShardOptions] = None) -> List[Source]:
+    """SRC -> its images in store order (`scan_source(...).sources`). Raises SourceError."""
+    return scan_source(src, options).sources
+
+
+def scan_source(src, options: Optional[ShardOptions] = None) -> SourceListing:
+    """Tell what SRC is and list it. Raises SourceError when it cannot be listed or is empty."""
+    options = options or ShardOptions()
+    if is_glob(src):
+        listing = _shards(src, options)
     else:
-        raise SourceError(src, "no such file or folder")
-    if not items:
-        raise SourceError(src, "no images found")
+        src = Path(src)
+        if src.is_dir():
+            items = _from_folder(src)
+            listing = SourceListing(FOLDER, _numbered(items)) if items else _shards(src, options)
+        elif src.is_file():
+            suffix = src.suffix.lower()
+            if suffix == ".txt":
+                listing = SourceListing(LISTING, _numbered(_from_text(src)))
+            elif suffix == ".parquet" and _is_path_listing(src, options):
+                listing = SourceListing(LISTING, _numbered(_from_parquet(src)))
+            elif shard_kind(src):
+                listing = _shards(src, options)
+            else:
+                raise SourceError(src, f"expected a folder, a .txt/.parquet listing, a Parquet shard or a .tar, "
+                                       f"got a {suffix or 'suffix-less'} file")
+        elif src.exists():
+            raise SourceError(src, "is neither a folder nor a regular file")
+        else:
+            raise SourceError(src, "no such file or folder")
+    if not listing.sources:
+        failed = f" ({len(listing.failed)} shards could not be opened; first: {listing.failed[0]})" \
+            if listing.failed else ""
+        raise SourceError(src, f"no images found{failed}")
+    return listing
+
+
+def _numbered(items) -> List[Source]:
     return [Source(i, *item) for i, item in enumerate(items)]
+
+
+def _is_path_listing(src: Path, options: ShardOptions) -> bool:
+    """A .parquet SRC is a listing when it has a `path` column and no image column."""
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(src).names
+    except Exception as e:  # not Parquet at all
+        raise SourceError(src, f"cannot read it as Parquet ({e})") from None
+    if options.image_column in names:
+        return False
+    if "path" in names:
+        return True
+    raise SourceError(src, f"no image column {options.image_column!r} (--image-column) and no 'path' column "
+                           f"(a listing); it has {', '.join(names) or 'none'}")
+
+
+def _shards(src, options: ShardOptions) -> SourceListing:
+    root, paths = find_shards(src)
+    kinds = {shard_kind(p) for p in paths}
+    if not paths:
+        return SourceListing(FOLDER, [])
+    if len(kinds) > 1:
+        raise SourceError(src, "holds both Parquet shards and tars; point SRC at one kind")
+    kind = kinds.pop()
+    found = list_shard_sources(root, paths, kind, options)
+    if found.failed and not is_glob(src) and Path(src).is_file():
+        # One shard named as SRC: a problem with it is a problem with SRC.
+        raise SourceError(src, found.failed[0][len(f"{src}: "):])
+    return SourceListing(kind, found.sources, found.shards, found.failed)
 
 
 def _from_folder(src: Path) -> list:
@@ -61,7 +137,7 @@ def _from_folder(src: Path) -> list:
     label_of = {name: k for k, name in enumerate(classes)}
     items = []
     try:
-        paths = list_images([src])
+        paths = walk_images(src)      # not list_images: a folder of shards holds no images, quietly
     except FolderError as e:
         raise SourceError(src, str(e)) from None
     for path in paths:
@@ -70,7 +146,7 @@ def _from_folder(src: Path) -> list:
         items.append((rel.as_posix(), os.path.abspath(path), label_of.get(cls, NO_LABEL), cls))
     found = {cls for *_, cls in items}
     empty = [c for c in classes if c not in found]
-    if empty:
+    if empty and items:
         # ImageFolder numbers every class folder, so an empty one still takes a label.
         log.warning("%s: class folders without images (they keep their labels): %s",
                     src, ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""))

@@ -19,11 +19,12 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..decomp import decompose
-from ..imageio import ImageError, load_image
+from ..imageio import ImageError, load_image, load_image_bytes
 from ..stores import write_table_atomic
 from ..stores.decomposition import STATUS_ERROR, STATUS_OK, StoreParams, manifest_schema, run_parts
 from ..stores.shards import quantize_bases, write_shard
 from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
+from .shard_sources import PARQUET, read_parquet_rows, read_tar_keys, shard_kind
 
 log = logging.getLogger(__name__)
 
@@ -34,32 +35,45 @@ T_START, T_END = "_t_start", "_t_end"
 
 
 def read_batch(batch: Dict[str, np.ndarray], size: int, max_pixels: Optional[int] = None,
-               journal=None, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-               crash_on: Optional[str] = None) -> Dict[str, np.ndarray]:
-    """{index, id, path, label, class_name} -> the same plus image (B, size, size, 3) float32,
-    error ('' when read), read_seconds, and the batch's wall-clock start.
+               journal=None, max_attempts: int = DEFAULT_MAX_ATTEMPTS, crash_on: Optional[str] = None,
+               image_column: str = "image") -> Dict[str, np.ndarray]:
+    """{index, path[, member, problem]} -> the same plus image (B, size, size, 3) float32, error
+    ('' when read), read_seconds, and the batch's wall-clock start. An image with a member is
+    read from its shard (each shard opened once per batch); one with a problem is not read.
 
     journal: an AttemptJournal (or the path of one, in the GPU path's read tasks): an image
     whose reads killed the process max_attempts times becomes an error, not another attempt.
     """
     t_start = time.time()
     n = len(batch["index"])
+    members = batch.get("member", [None] * n)
+    problems = batch.get("problem", [None] * n)
     own = journal is not None and not isinstance(journal, AttemptJournal)
     if own:
         journal = AttemptJournal(journal)
+    encoded = _shard_members(batch["path"], members, image_column)
     images = np.zeros((n, size, size, 3), np.float32)
     errors, seconds = [], np.zeros(n)
-    for j, (i, path) in enumerate(zip(batch["index"], batch["path"])):
+    for j, (i, path, member, problem) in enumerate(zip(batch["index"], batch["path"], members, problems)):
         t0 = time.perf_counter()
         item = f"read:{int(i)}"
         deaths = journal.deaths(item) if journal is not None else 0
+        if problem:
+            errors.append(str(problem))
+            continue
         if deaths >= max_attempts:
             errors.append(died_message("reading this image", deaths, max_attempts))
             continue
+        name = str(path) if member is None else f"{path}#{member}"
+        data = None if member is None else encoded[(str(path), member)]
+        if isinstance(data, str):               # the shard said why it has no image there
+            errors.append(data)
+            continue
         try:
             with journal.attempt(item) if journal is not None else nullcontext():
-                maybe_crash(path, crash_on)
-                images[j] = load_image(str(path), size, max_pixels=max_pixels)
+                maybe_crash(name, crash_on)
+                images[j] = load_image(name, size, max_pixels=max_pixels) if data is None else \
+                    load_image_bytes(data, name, size, max_pixels=max_pixels)
             errors.append("")
         except ImageError as e:
             errors.append(e.reason)
@@ -74,31 +88,56 @@ def read_batch(batch: Dict[str, np.ndarray], size: int, max_pixels: Optional[int
     return out
 
 
+def _shard_members(paths, members, image_column: str) -> dict:
+    """{(shard path, member): encoded bytes or an error string} for the images that live in
+    shards, each shard opened once."""
+    wanted: Dict[str, list] = {}
+    for path, member in zip(paths, members):
+        if member is not None:
+            wanted.setdefault(str(path), []).append(member)
+    out = {}
+    for path, want in wanted.items():
+        try:
+            if shard_kind(Path(path)) == PARQUET:
+                got = read_parquet_rows(path, want, image_column)
+            else:
+                got = read_tar_keys(path, want)
+        except Exception as e:  # noqa: BLE001 - a shard gone or damaged since listing: error rows
+            got = {m: f"cannot read the shard ({type(e).__name__}: {e})" for m in want}
+        out.update({(path, m): got[m] for m in want})
+    return out
+
+
 def _host(a) -> np.ndarray:
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
 def shard_items(plan) -> List[dict]:
     """The job's rows: one per shard to write, its sources as JSON (a type Ray keeps as is)."""
-    return [{"shard": k, "sources": json.dumps([[s.index, s.path] for s in plan.shard_sources(k)])}
+    return [{"shard": k, "sources": json.dumps([[s.index, s.path, s.member, s.problem]
+                                                for s in plan.shard_sources(k)])}
             for k in plan.shards]
 
 
 def _unpack(row: Dict[str, np.ndarray]) -> tuple:
-    """A one-row Ray batch -> (shard k, {"index": (m,) int64, "path": (m,) object})."""
+    """A one-row Ray batch -> (shard k, {"index": (m,) int64, "path", "member", "problem": (m,) object})."""
     if len(row["shard"]) != 1:
         raise ValueError(f"a task gets one shard at a time, got {len(row['shard'])}")
-    pairs = json.loads(str(row["sources"][0]))
-    return int(row["shard"][0]), {"index": np.asarray([i for i, _ in pairs], np.int64),
-                                  "path": np.asarray([p for _, p in pairs], object)}
+    rows = json.loads(str(row["sources"][0]))
+    return int(row["shard"][0]), {"index": np.asarray([r[0] for r in rows], np.int64),
+                                  "path": np.asarray([r[1] for r in rows], object),
+                                  "member": np.asarray([r[2] for r in rows], object),
+                                  "problem": np.asarray([r[3] for r in rows], object)}
 
 
 def read_shard(row: Dict[str, np.ndarray], size: int, max_pixels: Optional[int] = None, journal=None,
-               max_attempts: int = DEFAULT_MAX_ATTEMPTS, crash_on: Optional[str] = None) -> Dict[str, np.ndarray]:
+               max_attempts: int = DEFAULT_MAX_ATTEMPTS, crash_on: Optional[str] = None,
+               image_column: str = "image") -> Dict[str, np.ndarray]:
     """The GPU path's read task: a shard row -> the same row plus its images (1, m, S, S, 3) and,
     as JSON, each image's read error and seconds (journal: the folder of the attempt journals)."""
     k, flat = _unpack(row)
-    got = read_batch(flat, size, max_pixels, Path(journal) / f"read-{k:07d}.log", max_attempts, crash_on)
+    got = read_batch(flat, size, max_pixels, Path(journal) / f"read-{k:07d}.log", max_attempts, crash_on,
+                     image_column)
     out = dict(row)
     out.update(image=got["image"][None], read=np.asarray([json.dumps(
         {"error": list(got["error"]), "seconds": got["read_seconds"].tolist()})], object))
@@ -117,9 +156,10 @@ class DecomposeWorker:
 
     def __init__(self, store: str, params: dict, run: int, batch_size: int, threads: int = 1,
                  read_size: Optional[int] = None, max_pixels: Optional[int] = None,
-                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, crash_on: Optional[str] = None):
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, crash_on: Optional[str] = None,
+                 image_column: str = "image"):
         # read_size: read the shard's files here (CPU workers); None: shards arrive read.
-        self.read_size, self.max_pixels = read_size, max_pixels
+        self.read_size, self.max_pixels, self.image_column = read_size, max_pixels, image_column
         self.max_attempts, self.crash_on = int(max_attempts), crash_on
         self.batch_size = int(batch_size)
         self.params = StoreParams.from_dict(params)
@@ -194,7 +234,8 @@ class DecomposeWorker:
         n = len(index)
         journal = AttemptJournal(self.parts / ATTEMPTS / f"shard-{k:07d}.log")
         if self.read_size is not None:
-            batch = read_batch(batch, self.read_size, self.max_pixels, journal, self.max_attempts, self.crash_on)
+            batch = read_batch(batch, self.read_size, self.max_pixels, journal, self.max_attempts, self.crash_on,
+                               self.image_column)
             t_start = float(batch[T_START][0])
         else:
             read = json.loads(str(row["read"][0]))
@@ -228,7 +269,9 @@ class DecomposeWorker:
             seconds[np.flatnonzero(ok)] += (time.perf_counter() - t0) / sum(ok)
         # id, label and class_name stay null here: the store's manifest, written by the
         # driver from SRC, is their one source (merged in by writer.merged_manifest).
-        cols = {"index": index, "id": [None] * n, "path": [str(p) for p in batch["path"]],
+        # path: the file, or "<shard>#<row or key>" for an image inside a shard.
+        paths = [str(p) if m is None else f"{p}#{m}" for p, m in zip(batch["path"], batch["member"])]
+        cols = {"index": index, "id": [None] * n, "path": paths,
                 "label": [None] * n, "class_name": [None] * n,
                 "status": [STATUS_OK if o else STATUS_ERROR for o in ok],
                 "error": [None if o else e for o, e in zip(ok, errors)], "shard_bytes": [shard_bytes] * n,

@@ -1,0 +1,305 @@
+"""Sources that come in shards: Hugging Face Parquet files and WebDataset tars.
+
+    SRC = one .parquet or .tar file, a folder holding them (at any depth), or a glob of them.
+
+The driver lists shards and what they hold without decoding a pixel:
+
+    parquet     the footer's row count, and the label column alone (column projection);
+                class names from the file's `huggingface` schema metadata (a ClassLabel)
+    webdataset  one pass over the tar's member headers, grouping members by key (the
+                member's path up to the first "." of its file name); the small label
+                members (KEY.cls) are read, the images are not
+
+Each image becomes a Source whose `path` is its shard, `member` its row (Parquet) or key (tar),
+and id "<shard relative to SRC>#<row or key>". What listing already shows to be wrong (a key
+group without an image, a label that is not an integer) travels as the Source's `problem` and
+becomes an error row without a read. Workers read the images of a store shard with
+`read_members`: each source shard opened once, its rows or keys read in order.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+from ..imageio import IMAGE_EXTENSIONS
+from ..stores.decomposition import NO_LABEL, Source
+
+log = logging.getLogger(__name__)
+
+PARQUET, WEBDATASET = "parquet", "webdataset"
+SUFFIX = {PARQUET: ".parquet", WEBDATASET: ".tar"}
+GLOB_CHARS = "*?["
+_IMAGE_EXTS = tuple(e.lstrip(".") for e in sorted(IMAGE_EXTENSIONS))
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """How to find images and labels in shards (the decompose-dataset options of the same names)."""
+
+    image_column: str = "image"
+    label_column: str = "label"
+    class_names: Optional[Tuple[str, ...]] = None       # from --class-names FILE
+    label_key: str = "cls"
+
+    def to_dict(self) -> dict:
+        return {"image_column": self.image_column, "label_column": self.label_column,
+                "class_names": list(self.class_names) if self.class_names is not None else None,
+                "label_key": self.label_key}
+
+
+@dataclass
+class ShardListing:
+    """What the driver found: the kind, every image as a Source, and the shards it could not open."""
+
+    kind: str
+    shards: int
+    sources: List[Source]
+    failed: List[str]          # "<shard>: <reason>", one per shard that could not be opened
+
+
+def is_glob(src) -> bool:
+    return any(c in str(src) for c in GLOB_CHARS) and not Path(src).exists()
+
+
+def shard_kind(path: Path) -> Optional[str]:
+    suffix = path.suffix.lower()
+    return next((k for k, s in SUFFIX.items() if s == suffix), None)
+
+
+def find_shards(src) -> Tuple[Path, List[Path]]:
+    """(root the ids are relative to, shard files in sorted order) of a file, folder or glob."""
+    if is_glob(src):
+        paths = sorted(Path(p) for p in glob.glob(str(src), recursive=True) if Path(p).is_file())
+        base = str(src)[:min(str(src).find(c) for c in GLOB_CHARS if c in str(src))]
+        root = Path(base) if base.endswith(os.sep) else Path(base).parent
+        return root, paths
+    src = Path(src)
+    if src.is_file():
+        return src.parent, [src]
+    paths = sorted(p for p in src.rglob("*") if p.is_file() and shard_kind(p) and not _hidden(p, src))
+    return src, paths
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def list_shard_sources(root: Path, paths: Sequence[Path], kind: str, options: ShardOptions,
+                       first_index: int = 0) -> ShardListing:
+    """Every image of the shards, in (shard, row/key) order, numbered from first_index."""
+    sources: List[Source] = []
+    failed: List[str] = []
+    for path in paths:
+        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+        try:
+            items = _parquet_items(path, options) if kind == PARQUET else _tar_items(path, options)
+        except ShardError as e:
+            failed.append(f"{path}: {e}")
+            continue
+        for member, label, class_name, problem in items:
+            sources.append(Source(first_index + len(sources), f"{rel}#{member}", str(path.resolve()), label,
+                                  class_name, member=member, problem=problem))
+    return ShardListing(kind, len(paths), sources, failed)
+
+
+class ShardError(Exception):
+    """A shard that cannot be opened or listed at all."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------- Parquet (Hugging Face)
+
+def hf_class_names(schema, label_column: str) -> Optional[List[str]]:
+    """Class names of a ClassLabel column from the `huggingface` schema metadata that the
+    `datasets` library writes ({"info": {"features": {label: {"_type": "ClassLabel", "names": [...]}}}})."""
+    meta = (schema.metadata or {}).get(b"huggingface")
+    if not meta:
+        return None
+    try:
+        feature = json.loads(meta)["info"]["features"][label_column]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and isinstance(feature.get("names"), list):
+        return [str(n) for n in feature["names"]]
+    return None
+
+
+def _parquet_items(path: Path, options: ShardOptions) -> Iterator[tuple]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
+        raise ShardError(f"cannot open it as Parquet ({_first_line(e)})") from None
+    schema = pf.schema_arrow
+    if options.image_column not in schema.names:
+        raise ShardError(f"no image column {options.image_column!r} (columns: {', '.join(schema.names)}); "
+                         f"see --image-column")
+    n = pf.metadata.num_rows
+    labels: list = [None] * n
+    if options.label_column in schema.names:
+        labels = pf.read(columns=[options.label_column]).column(0).to_pylist()
+    names = list(options.class_names) if options.class_names is not None else \
+        hf_class_names(schema, options.label_column)
+    return [(row, *_label(value, names)) for row, value in enumerate(labels)]
+
+
+def _label(value, names: Optional[List[str]]) -> tuple:
+    """(label, class_name, problem) of a label value as found in a shard."""
+    if value is None:
+        return NO_LABEL, None, None
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            value = int(text.strip())
+        except (ValueError, UnicodeDecodeError):
+            return NO_LABEL, None, f"label {value!r} is not an integer"
+    if value < 0:
+        return NO_LABEL, None, f"label {value} is negative"
+    name = names[value] if names is not None and value < len(names) else None
+    return value, name, None
+
+
+def read_parquet_rows(path: str, rows: Sequence[int], image_column: str) -> Dict[int, object]:
+    """{row: image bytes, or an error string} for the given rows of one shard; reads only the
+    row groups that hold them, and only the image column."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    starts, at = [], 0
+    for g in range(pf.num_row_groups):
+        starts.append(at)
+        at += pf.metadata.row_group(g).num_rows
+    starts.append(at)
+    wanted = sorted(set(int(r) for r in rows))
+    out: Dict[int, object] = {}
+    g = 0
+    for r in wanted:
+        while starts[g + 1] <= r:
+            g += 1
+        if r in out:
+            continue
+        column = pf.read_row_group(g, columns=[image_column]).column(0).to_pylist()
+        for rr in wanted:
+            if starts[g] <= rr < starts[g + 1]:
+                out[rr] = _image_bytes(column[rr - starts[g]])
+    return out
+
+
+def _image_bytes(value) -> object:
+    """An HF image cell ({"bytes", "path"} struct, or plain binary) -> bytes, or an error string."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if value is None:
+        return "null image (no bytes in the image column)"
+    if not isinstance(value, (bytes, bytearray)):
+        return f"the image column holds {type(value).__name__}, not bytes"
+    return bytes(value)
+
+
+# ----------------------------------------------------------------------------- WebDataset tars
+
+def split_key(name: str) -> Tuple[str, str]:
+    """WebDataset's grouping: "dir/0001.seg.png" -> ("dir/0001", "seg.png")."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower() if dot else ""
+
+
+def _image_ext(exts: Sequence[str]) -> Optional[str]:
+    for ext in exts:
+        if ext.rsplit(".", 1)[-1] in _IMAGE_EXTS:
+            return ext
+    return None
+
+
+def _groups(tar: tarfile.TarFile) -> Iterator[Tuple[str, Dict[str, tarfile.TarInfo]]]:
+    """(key, {extension: member}) in tar order; members of one key are consecutive. A tar cut
+    short raises after the group being read is yielded (its last member is the damaged one)."""
+    key, members = None, {}
+    entries = iter(tar)
+    while True:
+        try:
+            m = next(entries)
+        except StopIteration:
+            break
+        except (tarfile.TarError, OSError, EOFError):
+            if key is not None:
+                yield key, members
+            raise
+        if not m.isfile():
+            continue
+        k, ext = split_key(m.name)
+        if k.rpartition("/")[2].startswith("."):           # hidden (e.g. macOS ._ files)
+            continue
+        if k != key and key is not None:
+            yield key, members
+            members = {}
+        key = k
+        members[ext] = m
+    if key is not None:
+        yield key, members
+
+
+def _tar_items(path: Path, options: ShardOptions) -> list:
+    try:
+        tar = tarfile.open(path, mode="r:")
+    except (tarfile.TarError, OSError) as e:
+        raise ShardError(f"cannot open it as a tar ({_first_line(e)})") from None
+    items = []
+    names = list(options.class_names) if options.class_names is not None else None
+    with tar:
+        try:
+            for key, members in _groups(tar):
+                problem = None if _image_ext(list(members)) else \
+                    f"key group without an image (members: {', '.join(sorted(members)) or 'none'})"
+                label, class_name = NO_LABEL, None
+                if options.label_key in members:
+                    f = tar.extractfile(members[options.label_key])
+                    label, class_name, bad = _label(f.read().decode("utf-8", "replace").strip(), names)
+                    problem = problem or bad
+                items.append((key, label, class_name, problem))
+        except (tarfile.TarError, OSError, EOFError) as e:
+            if not items:
+                raise ShardError(f"cannot read it as a tar ({_first_line(e)})") from None
+            log.warning("%s: the tar ends early (%s); %d key groups before that are used", path,
+                        _first_line(e), len(items))
+    return items
+
+
+def read_tar_keys(path: str, keys: Sequence[str]) -> Dict[str, object]:
+    """{key: image bytes, or an error string} for the given keys of one tar."""
+    wanted = set(keys)
+    out: Dict[str, object] = {}
+    with tarfile.open(path, mode="r:") as tar:
+        try:
+            for key, members in _groups(tar):
+                if key not in wanted:
+                    continue
+                ext = _image_ext(list(members))
+                if ext is None:
+                    out[key] = "key group without an image"
+                    continue
+                try:
+                    data = tar.extractfile(members[ext]).read()
+                except (tarfile.TarError, OSError, EOFError) as e:
+                    out[key] = f"truncated tar member {members[ext].name} ({_first_line(e)})"
+                    continue
+                out[key] = data if len(data) == members[ext].size else \
+                    f"truncated tar member {members[ext].name} ({len(data)} of {members[ext].size} bytes)"
+                if len(out) == len(wanted):
+                    break
+        except (tarfile.TarError, OSError, EOFError) as e:
+            for key in wanted - out.keys():
+                out[key] = f"not readable from the tar ({_first_line(e)})"
+    return out

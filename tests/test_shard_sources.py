@@ -1,0 +1,191 @@
+"""Hugging Face Parquet shards and WebDataset tars as `decompose-dataset` sources: listing,
+ids and labels, bad rows and members as error rows, a shard that cannot be opened, and a rerun
+of an interrupted store equal to an uninterrupted one. The shards are written here (pyarrow,
+tarfile) from real photos when ../shared/data is present."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nextdetail import cli
+from nextdetail.decomp import ATParams
+from nextdetail.imageio import load_image_bytes
+from nextdetail.pipelines import DecompositionStore, JobConfig, list_sources, run_job
+from nextdetail.pipelines.sources import SourceError, scan_source
+from nextdetail.pipelines.shard_sources import ShardOptions, hf_class_names, split_key
+from nextdetail.stores.shards import BASES
+from pipeline_data import photo_paths
+
+SIZE = 24
+FAST = ["--size", str(SIZE), "--order", "2", "--n-iter", "6", "--backend", "numba"]
+NAMES = ["tench", "goldfish", "shark"]
+
+
+def tree_bytes(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def hf_shard(path, images, labels, names=NAMES, row_group_size=2):
+    """A Parquet shard as the `datasets` library writes an image dataset."""
+    features = {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
+    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                        ("label", pa.int64())],
+                       metadata={b"huggingface": json.dumps({"info": {"features": features}}).encode()})
+    cells = [None if b is None else {"bytes": b, "path": f"{i}.png"} for i, b in enumerate(images)]
+    pq.write_table(pa.table({"image": cells, "label": labels}, schema=schema), path, row_group_size=row_group_size)
+    return path
+
+
+def wds_shard(path, groups):
+    """A WebDataset tar: groups = [(key, {ext: bytes})], members in that order."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in groups:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def photos(tmp_path):
+    return [p.read_bytes() for p in photo_paths(6, tmp_path)]
+
+
+@pytest.fixture
+def parquet_src(tmp_path, photos):
+    src = tmp_path / "hf" / "data"
+    src.mkdir(parents=True)
+    hf_shard(src / "train-00000-of-00002.parquet", [photos[0], b"not an image at all", photos[1]], [0, 1, 2])
+    hf_shard(src / "train-00001-of-00002.parquet", [photos[2], None, photos[3], photos[4]], [2, 0, None, 1])
+    return tmp_path / "hf"
+
+
+@pytest.fixture
+def tar_src(tmp_path, photos):
+    src = tmp_path / "wds"
+    src.mkdir()
+    wds_shard(src / "shard-000000.tar", [("000000", {"jpg": photos[0], "cls": b"1"}),
+                                         ("000001", {"cls": b"2", "json": b"{}"}),        # no image
+                                         ("000002", {"png": photos[1], "cls": b"zebra"}),  # bad label
+                                         ("000003", {"png": photos[2], "cls": b"0"})])
+    last = wds_shard(src / "shard-000001.tar", [("000004", {"png": photos[3], "cls": b"2"}),
+                                                ("000005", {"png": photos[4]}),
+                                                ("000006", {"png": photos[5], "cls": b"1"})])
+    data = last.read_bytes()
+    cut = data.rfind(photos[5][:64]) + len(photos[5]) // 2         # half of the last image's data
+    last.write_bytes(data[:cut])
+    return src
+
+
+def test_split_key_follows_webdataset():
+    assert split_key("a/b/0001.seg.png") == ("a/b/0001", "seg.png")
+    assert split_key("0001.JPG") == ("0001", "jpg")
+    assert split_key("README") == ("README", "")
+
+
+def test_hf_class_names_come_from_the_schema_metadata(tmp_path, photos):
+    path = hf_shard(tmp_path / "s.parquet", [photos[0]], [1])
+    assert hf_class_names(pq.read_schema(path), "label") == NAMES
+    assert hf_class_names(pq.read_schema(path), "other") is None
+    assert hf_class_names(pa.schema([("label", pa.int64())]), "label") is None
+
+
+def test_parquet_shards_are_listed_by_footer_and_label_column(parquet_src):
+    listing = scan_source(parquet_src)
+    assert (listing.kind, listing.shards, listing.failed) == ("parquet", 2, [])
+    ids = [s.id for s in listing.sources]
+    assert ids == [f"data/train-00000-of-00002.parquet#{r}" for r in range(3)] + \
+                  [f"data/train-00001-of-00002.parquet#{r}" for r in range(4)]
+    assert [s.label for s in listing.sources] == [0, 1, 2, 2, 0, -1, 1]
+    assert [s.class_name for s in listing.sources] == ["tench", "goldfish", "shark", "shark", "tench", None, "goldfish"]
+    assert [s.index for s in listing.sources] == list(range(7))
+    # A glob of the same shards lists the same images, ids relative to the glob's folder.
+    globbed = scan_source(f"{parquet_src}/data/*.parquet")
+    assert [s.id.split("#")[0] for s in globbed.sources][:1] == ["train-00000-of-00002.parquet"]
+
+
+def test_class_names_file_overrides(parquet_src):
+    listing = scan_source(parquet_src, ShardOptions(class_names=("a", "b", "c")))
+    assert [s.class_name for s in listing.sources][:3] == ["a", "b", "c"]
+
+
+def test_tar_shards_group_members_by_key(tar_src):
+    listing = scan_source(tar_src)
+    assert (listing.kind, listing.shards, listing.failed) == ("webdataset", 2, [])
+    assert [s.id for s in listing.sources] == [f"shard-000000.tar#00000{k}" for k in range(4)] + \
+                                              [f"shard-000001.tar#00000{k}" for k in range(4, 7)]
+    # 000006's .cls member came after its image, which the cut went through: no label.
+    assert [s.label for s in listing.sources] == [1, 2, -1, 0, 2, -1, -1]
+    problems = {s.id.split("#")[1]: s.problem for s in listing.sources if s.problem}
+    assert problems == {"000001": "key group without an image (members: cls, json)",
+                        "000002": "label 'zebra' is not an integer"}
+
+
+def test_a_shard_that_cannot_be_opened_is_named_and_the_rest_listed(parquet_src):
+    (parquet_src / "data" / "train-00002-of-00002.parquet").write_bytes(b"PAR1 garbage")
+    listing = scan_source(parquet_src)
+    assert len(listing.sources) == 7 and len(listing.failed) == 1
+    assert listing.failed[0].startswith(f"{parquet_src / 'data' / 'train-00002-of-00002.parquet'}: cannot open it as "
+                                        f"Parquet (")
+    with pytest.raises(SourceError, match="no image column 'img'"):
+        scan_source(parquet_src / "data" / "train-00000-of-00002.parquet", ShardOptions(image_column="img"))
+
+
+@pytest.mark.parametrize("kind", ["parquet", "webdataset"])
+def test_shard_sources_end_to_end(ray_session, kind, parquet_src, tar_src, photos, tmp_path, capsys):
+    src = parquet_src if kind == "parquet" else tar_src
+    store = tmp_path / "store"
+    rc = cli.main(["decompose-dataset", str(src), "--out", str(store), "--shard-images", "3", *FAST])
+    out, err = capsys.readouterr()
+    assert rc == 1, err                                    # some rows are errors
+    assert f"read 2 {kind} shards" in out.strip().splitlines()[-1]
+    reader = DecompositionStore(store)
+    m = reader.manifest.set_index("id")
+    if kind == "parquet":
+        bad = {"data/train-00000-of-00002.parquet#1": "not an image",
+               "data/train-00001-of-00002.parquet#1": "null image"}
+        good = {"data/train-00000-of-00002.parquet#0": photos[0], "data/train-00001-of-00002.parquet#3": photos[4]}
+    else:
+        bad = {"shard-000000.tar#000001": "key group without an image",
+               "shard-000000.tar#000002": "label 'zebra' is not an integer",
+               "shard-000001.tar#000006": "truncated tar member 000006.png"}
+        good = {"shard-000000.tar#000000": photos[0], "shard-000001.tar#000005": photos[4]}
+    for id_, reason in bad.items():
+        assert m.loc[id_, "status"] == "error" and reason in m.loc[id_, "error"], (id_, m.loc[id_, "error"])
+        assert f"{id_}: " in err
+    assert (m["status"] == "ok").sum() == len(m) - len(bad)
+    for id_, data in good.items():
+        i = int(np.flatnonzero(reader.ok_indices == m.index.get_loc(id_))[0])
+        np.testing.assert_array_equal(reader[i].image, load_image_bytes(data, id_, SIZE))
+    assert reader.manifest["label"].tolist() == [s.label for s in list_sources(src)]
+
+
+def test_an_interrupted_shard_source_store_resumes_to_the_same_bytes(ray_session, parquet_src, tmp_path):
+    def cfg(out, **kw):
+        return JobConfig(src=parquet_src, out=out, size=SIZE, order=2, params=ATParams(n_iter=6),
+                         backend="numba", shard_images=2, **kw)
+
+    reference = run_job(cfg(tmp_path / "ref"))
+    assert (reference.ok, reference.error) == (5, 2)
+    # An "interrupted" run: the store created and two of its four shards written, then a rerun.
+    from nextdetail.pipelines.worker import DecomposeWorker
+    from nextdetail.stores.decomposition_writer import prepare_store
+    from pipeline_data import shard_rows
+
+    listing = scan_source(parquet_src)
+    plan = prepare_store(tmp_path / "cut", cfg(tmp_path / "cut").store_params("numba"), listing.sources,
+                         overwrite=False)
+    w = DecomposeWorker(str(tmp_path / "cut"), plan.params.to_dict(), run=plan.run, batch_size=8, read_size=SIZE)
+    for row in shard_rows(plan)[:2]:
+        w(row)
+    report = run_job(cfg(tmp_path / "cut"))
+    # Shard 0 (rows 0-1) holds the corrupt row: redone whole; shard 1 (rows 2 and 0') is kept.
+    assert (report.skipped, report.ok) == (2, 5)
+    assert tree_bytes(tmp_path / "cut" / BASES) == tree_bytes(tmp_path / "ref" / BASES)
