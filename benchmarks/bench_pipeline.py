@@ -13,8 +13,12 @@ bases to 8 bits and write each shard of 64 images once (same codec, same shard w
                    (actor pool, kernel warm-up), reported separately.
   job total img/s  images / whole run_job wall time, start-up and store finishing included.
 
+Then, at the largest worker count, the job on the same images as a listing of files, as Hugging
+Face Parquet shards and as WebDataset tars (100 images per shard): job img/s and the ratio to
+the files (shard sources open a few large files instead of one file per image).
+
     python benchmarks/bench_pipeline.py [--images 300] [--size 256] [--order 3] [--n-iter 100]
-        [--batch-size 8] [--workers 1,2] [--backend numba]
+        [--batch-size 8] [--workers 1,2] [--backend numba] [--sources folder,parquet,webdataset]
 
 Images: the photos of <repo>/../shared/data (kodak24, bsd100, set14, set5, then
 cifar10_subset to fill up), read by path; generated pictures when that folder is absent.
@@ -85,6 +89,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     ap.add_argument("--backend", default="numba", choices=("numba", "numpy"))
+    ap.add_argument("--sources", default="folder,parquet,webdataset",
+                    help="source kinds to compare at the largest worker count ('' for none)")
     a = ap.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -126,6 +132,39 @@ def main(argv=None) -> None:
         print("-" * len(head))
         for r in rows:
             print(r)
+        if a.sources:
+            source_rows(a, paths, at, tmp, max(int(x) for x in a.workers.split(",")))
+
+
+def source_rows(a, paths, at, tmp: Path, workers: int) -> None:
+    """The job on the same images as loose files, Hugging Face Parquet shards and WebDataset tars."""
+    from pipeline_data import hf_shard, wds_shard   # tests/pipeline_data.py
+
+    data = [Path(p).read_bytes() for p in paths]
+    n_shards = max(1, len(paths) // 100)
+    cut = [round(k * len(paths) / n_shards) for k in range(n_shards + 1)]
+    (tmp / "hf").mkdir()
+    (tmp / "wds").mkdir()
+    for k in range(n_shards):
+        part = range(cut[k], cut[k + 1])
+        hf_shard(tmp / "hf" / f"train-{k:05d}-of-{n_shards:05d}.parquet", [data[i] for i in part], [0] * len(part),
+                 names=["x"], row_group_size=100)
+        wds_shard(tmp / "wds" / f"shard-{k:06d}.tar",
+                  [(f"{i:09d}", {Path(paths[i]).suffix.lstrip(".").lower(): data[i], "cls": b"0"}) for i in part])
+    results = []
+    for kind, src in (("folder", tmp / "list.txt"), ("parquet", tmp / "hf"), ("webdataset", tmp / "wds")):
+        if kind not in a.sources.split(","):
+            continue
+        cfg = JobConfig(src=src, out=tmp / f"store-{kind}", size=a.size, order=a.order, params=at,
+                        backend=a.backend, workers=workers, batch_size=a.batch_size)
+        report = run_job(cfg)
+        assert report.ok == len(paths), report.summary()
+        results.append((kind, report.rate))
+        print(f"  {kind}: {report.summary()}", flush=True)
+    head = f"{'source':>10s} {'shards':>6s} {'job img/s':>9s} {'vs folder':>9s}"
+    print(f"\n{head}\n{'-' * len(head)}")
+    for kind, rate in results:
+        print(f"{kind:>10s} {n_shards if kind != 'folder' else '-':>6} {rate:9.1f} {rate / results[0][1]:9.2f}")
 
 
 if __name__ == "__main__":

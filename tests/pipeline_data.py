@@ -4,6 +4,9 @@ and `make_store`, a small finished decomposition store written in-process, witho
 (the tokenizer tests train on it)."""
 from __future__ import annotations
 
+import io
+import json
+import tarfile
 from pathlib import Path
 from typing import List
 
@@ -97,4 +100,32 @@ def make_store(path: Path, n: int = 4, size: int = 32, order: int = 3, n_iter: i
     for row in shard_rows(plan):
         worker(row)
     finish_store(plan, src=f"{path.name}.txt")
+    return path
+
+
+NAMES = ["tench", "goldfish", "shark"]
+
+
+def hf_shard(path, images, labels, names=NAMES, row_group_size=2):
+    """A Parquet shard as the `datasets` library writes an image dataset."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    features = {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
+    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                        ("label", pa.int64())],
+                       metadata={b"huggingface": json.dumps({"info": {"features": features}}).encode()})
+    cells = [None if b is None else {"bytes": b, "path": f"{i}.png"} for i, b in enumerate(images)]
+    pq.write_table(pa.table({"image": cells, "label": labels}, schema=schema), path, row_group_size=row_group_size)
+    return path
+
+
+def wds_shard(path, groups):
+    """A WebDataset tar: groups = [(key, {ext: bytes})], members in that order."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in groups:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
     return path

@@ -77,10 +77,12 @@ def test_bad_src_is_named(tmp_path):
     with pytest.raises(SourceError, match=r"nope: no such file or folder$"):
         list_sources(tmp_path / "nope")
     (tmp_path / "x.csv").write_text("path\n")
-    with pytest.raises(SourceError, match=r"x\.csv: expected a folder of images or a \.txt/\.parquet"):
+    with pytest.raises(SourceError, match=r"x\.csv: expected a folder, a \.txt/\.parquet listing, a Parquet shard "
+                                          r"or a \.tar, got a \.csv file$"):
         list_sources(tmp_path / "x.csv")
     pq.write_table(pa.table({"file": ["a.png"]}), tmp_path / "l.parquet")
-    with pytest.raises(SourceError, match=r"needs a 'path' column; it has file$"):
+    with pytest.raises(SourceError, match=r"no image column 'image' \(--image-column\) and no 'path' column "
+                                          r"\(a listing\); it has file$"):
         list_sources(tmp_path / "l.parquet")
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match=r"empty: no images found$"):

@@ -4,10 +4,6 @@ of an interrupted store equal to an uninterrupted one. The shards are written he
 tarfile) from real photos when ../shared/data is present."""
 from __future__ import annotations
 
-import io
-import json
-import tarfile
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,37 +16,14 @@ from nextdetail.pipelines import DecompositionStore, JobConfig, list_sources, ru
 from nextdetail.pipelines.sources import SourceError, scan_source
 from nextdetail.pipelines.shard_sources import ShardOptions, hf_class_names, split_key
 from nextdetail.stores.shards import BASES
-from pipeline_data import photo_paths
+from pipeline_data import NAMES, hf_shard, photo_paths, wds_shard
 
 SIZE = 24
 FAST = ["--size", str(SIZE), "--order", "2", "--n-iter", "6", "--backend", "numba"]
-NAMES = ["tench", "goldfish", "shark"]
 
 
 def tree_bytes(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def hf_shard(path, images, labels, names=NAMES, row_group_size=2):
-    """A Parquet shard as the `datasets` library writes an image dataset."""
-    features = {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
-    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-                        ("label", pa.int64())],
-                       metadata={b"huggingface": json.dumps({"info": {"features": features}}).encode()})
-    cells = [None if b is None else {"bytes": b, "path": f"{i}.png"} for i, b in enumerate(images)]
-    pq.write_table(pa.table({"image": cells, "label": labels}, schema=schema), path, row_group_size=row_group_size)
-    return path
-
-
-def wds_shard(path, groups):
-    """A WebDataset tar: groups = [(key, {ext: bytes})], members in that order."""
-    with tarfile.open(path, "w") as tar:
-        for key, members in groups:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 @pytest.fixture
