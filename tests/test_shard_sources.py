@@ -162,3 +162,27 @@ def test_an_interrupted_shard_source_store_resumes_to_the_same_bytes(ray_session
     # Shard 0 (rows 0-1) holds the corrupt row: redone whole; shard 1 (rows 2 and 0') is kept.
     assert (report.skipped, report.ok) == (2, 5)
     assert tree_bytes(tmp_path / "cut" / BASES) == tree_bytes(tmp_path / "ref" / BASES)
+
+
+def test_export_tokens_keeps_the_shard_ids(tmp_path, parquet_src):
+    """A store made from Parquet shards exports like any other; the token store's index carries
+    the shard#row ids."""
+    from nextdetail.pipelines.export import ExportConfig, export_in_process
+    from nextdetail.pipelines.worker import DecomposeWorker
+    from nextdetail.stores.decomposition_writer import finish_store, prepare_store
+    from nextdetail.stores.tokens import INDEX
+    from pipeline_data import shard_rows
+    from token_data import tiny_tokenizer
+
+    store = tmp_path / "store"
+    cfg = JobConfig(src=parquet_src, out=store, size=16, order=3, params=ATParams(n_iter=4), backend="numba")
+    plan = prepare_store(store, cfg.store_params("numba"), list_sources(parquet_src), overwrite=False)
+    w = DecomposeWorker(str(store), plan.params.to_dict(), run=plan.run, batch_size=8, read_size=16)
+    for row in shard_rows(plan):
+        w(row)
+    finish_store(plan, src=str(parquet_src))
+    ckpt = tiny_tokenizer(store, tmp_path / "tok", image_size=16, steps=1)
+    export_in_process(ExportConfig(data=store, tokenizer=ckpt, out=tmp_path / "tokens"))
+    ids = pq.read_table(tmp_path / "tokens" / INDEX).column("id").to_pylist()
+    assert ids == DecompositionStore(store).manifest.query("status == 'ok'")["id"].tolist()
+    assert ids[0] == "data/train-00000-of-00002.parquet#0" and len(ids) == 5
