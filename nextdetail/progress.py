@@ -12,6 +12,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from .stores.decomposition import source_name
+
 
 class JobProgress:
     """tqdm bar over images for the Ray jobs. `update` takes a count, or the decomposition job's
@@ -31,7 +33,7 @@ class JobProgress:
             return
         for r in rows:
             if r["status"] != "ok":
-                tqdm.write(f"{r['path']}: {r['error']}", file=sys.stderr)
+                tqdm.write(f"{source_name(r)}: {r['error']}", file=sys.stderr)
         self.bar.update(len(rows))
 
     def close(self) -> None:

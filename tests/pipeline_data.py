@@ -79,8 +79,7 @@ def shard_rows(plan):
     """The one-row batches Ray Data hands a DecomposeWorker: one per shard the plan writes."""
     from nextdetail.pipelines.worker import shard_items
 
-    return [{"shard": np.array([item["shard"]]), "sources": np.array([item["sources"]], object)}
-            for item in shard_items(plan)]
+    return [{"shard": np.array([item["shard"]])} for item in shard_items(plan)]
 
 
 def make_store(path: Path, n: int = 4, size: int = 32, order: int = 3, n_iter: int = 8,

@@ -177,7 +177,7 @@ def test_a_journal_left_by_a_killed_worker_is_not_read_as_a_part(tmp_path):
     left = tmp_path / "store" / PARTS / f"run-{plan.run:04d}" / ATTEMPTS / "shard-0000001.log"
     left.parent.mkdir(parents=True, exist_ok=True)
     left.write_text("start read:2\n")                                   # its worker died here
-    assert merged_manifest(tmp_path / "store", 2)["status"].tolist() == ["ok", "ok", "pending"]
+    assert merged_manifest(tmp_path / "store", params, 3)["status"].tolist() == ["ok", "ok", "pending"]
     plan = prepare_store(tmp_path / "store", params, src, overwrite=False)   # the rerun
     assert plan.shards == [1] and [s.index for s in plan.todo] == [2]
     DecomposeWorker(str(tmp_path / "store"), params.to_dict(), run=plan.run, batch_size=2,

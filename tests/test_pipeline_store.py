@@ -3,7 +3,9 @@ merging, resume planning at shard granularity, damaged shards, refusals, format 
 The worker class is called in-process here; tests/test_pipeline_job.py runs it under Ray."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -169,7 +171,7 @@ def test_resume_redoes_whole_shards_with_errors_and_later_runs_win(tmp_path, src
     photo = photo_paths(1, tmp_path)[0]
     (tmp_path / "bad" / "truncated.png").write_bytes(photo.read_bytes())
     write(store, again, shards={0})
-    merged = merged_manifest(store, PARAMS.order)
+    merged = merged_manifest(store, PARAMS, len(src))
     assert merged["status"].tolist() == ["ok"] * 4 + ["pending"] * 2
     assert merged["id"].tolist() == [s.id for s in src]       # identity columns from the driver's manifest
     third = prepare_store(store, PARAMS, src, overwrite=False)
@@ -268,6 +270,10 @@ def test_refusals_name_the_difference(tmp_path, src):
                             f"(this run); rerun with the store's parameters, or pass --overwrite to replace it")
     with pytest.raises(StoreError, match=r"other images than SRC lists now: 1 images removed \(e\.g\. "):
         prepare_store(store, PARAMS, src[:-1], overwrite=False)
+    relabelled = src[:2] + [dataclasses.replace(src[2], label=7)] + src[3:]
+    with pytest.raises(StoreError, match=rf"other images than SRC lists now: 1 labels changed \(e\.g\. "
+                                         rf"{re.escape(src[2].id)}\)"):
+        prepare_store(store, PARAMS, relabelled, overwrite=False)
     plan = prepare_store(store, bigger, src, overwrite=True)
     assert plan.created and plan.params.size == SIZE + 8
 
@@ -393,8 +399,8 @@ def test_the_gpu_paths_read_tasks_feed_the_worker_the_same_shard(tmp_path, src):
         else:
             w = DecomposeWorker(str(store), PARAMS.to_dict(), run=plan.run, batch_size=3, read_size=None)
             for row in shard_rows(plan):
-                read = read_shard(row, SIZE, journal=store / PARTS / "run-0001" / "_attempts")
-                assert read["image"].shape == (1, len(json.loads(row["sources"][0])), SIZE, SIZE, 3)
+                read = read_shard(row, str(store), SIZE, journal=store / PARTS / "run-0001" / "_attempts")
+                assert read["image"].shape == (1, 4 if row["shard"][0] == 0 else 2, SIZE, SIZE, 3)
                 w(read)
         finish_store(plan, src="list.txt")
     assert tree_bytes(cpu / BASES) == tree_bytes(fed / BASES)

@@ -11,7 +11,9 @@ from ..errors import ConfigError, JobError
 from ..stores.decomposition import DecompositionStore, Source, StoreError, StoreItem, StoreParams
 from .config import JobConfig
 from .job import JobReport, run_job
-from .sources import SourceError, list_sources
+from .shard_sources import ShardOptions
+from .sources import SourceError, SourceListing, list_sources, scan_source
 
 __all__ = ["ConfigError", "DecompositionStore", "JobConfig", "JobError", "JobReport", "Source",
-           "SourceError", "StoreError", "StoreItem", "StoreParams", "list_sources", "run_job"]
+           "ShardOptions", "SourceError", "SourceListing", "StoreError", "StoreItem", "StoreParams", "list_sources",
+           "run_job", "scan_source"]

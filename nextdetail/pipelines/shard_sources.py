@@ -170,9 +170,10 @@ def _label(value, names: Optional[List[str]]) -> tuple:
     return value, name, None
 
 
-def read_parquet_rows(path: str, rows: Sequence[int], image_column: str) -> Dict[int, object]:
-    """{row: image bytes, or an error string} for the given rows of one shard; reads only the
-    row groups that hold them, and only the image column."""
+def read_parquet_rows(path: str, rows: Sequence, image_column: str) -> Dict[object, object]:
+    """{row: image bytes, or an error string} for the given rows (int, or as the manifest's member
+    column writes them, text) of one shard; reads only the row groups that hold them, and only
+    the image column."""
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
@@ -181,19 +182,22 @@ def read_parquet_rows(path: str, rows: Sequence[int], image_column: str) -> Dict
         starts.append(at)
         at += pf.metadata.row_group(g).num_rows
     starts.append(at)
-    wanted = sorted(set(int(r) for r in rows))
-    out: Dict[int, object] = {}
+    asked = {int(r): r for r in rows}
+    wanted = sorted(asked)
+    got: Dict[int, object] = {}
     g = 0
     for r in wanted:
+        if r >= at:
+            break
         while starts[g + 1] <= r:
             g += 1
-        if r in out:
+        if r in got:
             continue
         column = pf.read_row_group(g, columns=[image_column]).column(0).to_pylist()
         for rr in wanted:
             if starts[g] <= rr < starts[g + 1]:
-                out[rr] = _image_bytes(column[rr - starts[g]])
-    return out
+                got[rr] = _image_bytes(column[rr - starts[g]])
+    return {asked[r]: got.get(r, f"row {r} is not in the shard ({at} rows)") for r in wanted}
 
 
 def _image_bytes(value) -> object:

@@ -21,7 +21,8 @@ import numpy as np
 from ..decomp import decompose
 from ..imageio import ImageError, load_image, load_image_bytes
 from ..stores import write_table_atomic
-from ..stores.decomposition import STATUS_ERROR, STATUS_OK, StoreParams, manifest_schema, run_parts
+from ..stores.decomposition import MANIFEST, STATUS_ERROR, STATUS_OK, StoreParams, manifest_schema, run_parts
+from ..stores.decomposition_writer import part_file
 from ..stores.shards import quantize_bases, write_shard
 from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
 from .shard_sources import PARQUET, read_parquet_rows, read_tar_keys, shard_kind
@@ -113,29 +114,30 @@ def _host(a) -> np.ndarray:
 
 
 def shard_items(plan) -> List[dict]:
-    """The job's rows: one per shard to write, its sources as JSON (a type Ray keeps as is)."""
-    return [{"shard": k, "sources": json.dumps([[s.index, s.path, s.member, s.problem]
-                                                for s in plan.shard_sources(k)])}
-            for k in plan.shards]
+    """The job's rows: one per shard to write. Only the shard number travels: the task reads its
+    shard's sources from the store's manifest (row group k), so the driver sends O(shards)."""
+    return [{"shard": k} for k in plan.shards]
 
 
-def _unpack(row: Dict[str, np.ndarray]) -> tuple:
-    """A one-row Ray batch -> (shard k, {"index": (m,) int64, "path", "member", "problem": (m,) object})."""
+def shard_sources(store, row: Dict[str, np.ndarray]) -> tuple:
+    """A one-row Ray batch -> (shard k, {"index": (m,) int64, "path", "member", "problem": (m,)
+    object}), the sources of shard k from row group k of the store's manifest."""
+    import pyarrow.parquet as pq
+
     if len(row["shard"]) != 1:
         raise ValueError(f"a task gets one shard at a time, got {len(row['shard'])}")
-    rows = json.loads(str(row["sources"][0]))
-    return int(row["shard"][0]), {"index": np.asarray([r[0] for r in rows], np.int64),
-                                  "path": np.asarray([r[1] for r in rows], object),
-                                  "member": np.asarray([r[2] for r in rows], object),
-                                  "problem": np.asarray([r[3] for r in rows], object)}
+    k = int(row["shard"][0])
+    t = pq.ParquetFile(Path(store) / MANIFEST).read_row_group(k, columns=["index", "path", "member", "problem"])
+    return k, {"index": np.asarray(t.column("index").to_pylist(), np.int64),
+               **{c: np.asarray(t.column(c).to_pylist(), object) for c in ("path", "member", "problem")}}
 
 
-def read_shard(row: Dict[str, np.ndarray], size: int, max_pixels: Optional[int] = None, journal=None,
-               max_attempts: int = DEFAULT_MAX_ATTEMPTS, crash_on: Optional[str] = None,
+def read_shard(row: Dict[str, np.ndarray], store: str, size: int, max_pixels: Optional[int] = None,
+               journal=None, max_attempts: int = DEFAULT_MAX_ATTEMPTS, crash_on: Optional[str] = None,
                image_column: str = "image") -> Dict[str, np.ndarray]:
     """The GPU path's read task: a shard row -> the same row plus its images (1, m, S, S, 3) and,
     as JSON, each image's read error and seconds (journal: the folder of the attempt journals)."""
-    k, flat = _unpack(row)
+    k, flat = shard_sources(store, row)
     got = read_batch(flat, size, max_pixels, Path(journal) / f"read-{k:07d}.log", max_attempts, crash_on,
                      image_column)
     out = dict(row)
@@ -171,7 +173,7 @@ class DecomposeWorker:
             self.threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
             self._limit_threads()
         self.store = Path(store)
-        self.parts = run_parts(store, run)
+        self.parts, self.run = run_parts(store, run), int(run)
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.schema = manifest_schema(self.order)
         # Warm-up: kernels are compiled per process; do it before the first real shard.
@@ -229,7 +231,7 @@ class DecomposeWorker:
         import pyarrow as pa
 
         self._limit_threads()
-        k, batch = _unpack(row)
+        k, batch = shard_sources(self.store, row)
         index = batch["index"]
         n = len(index)
         journal = AttemptJournal(self.parts / ATTEMPTS / f"shard-{k:07d}.log")
@@ -269,9 +271,8 @@ class DecomposeWorker:
             seconds[np.flatnonzero(ok)] += (time.perf_counter() - t0) / sum(ok)
         # id, label and class_name stay null here: the store's manifest, written by the
         # driver from SRC, is their one source (merged in by writer.merged_manifest).
-        # path: the file, or "<shard>#<row or key>" for an image inside a shard.
-        paths = [str(p) if m is None else f"{p}#{m}" for p, m in zip(batch["path"], batch["member"])]
-        cols = {"index": index, "id": [None] * n, "path": paths,
+        cols = {"index": index, "id": [None] * n, "path": [str(p) for p in batch["path"]],
+                "member": list(batch["member"]), "problem": list(batch["problem"]),
                 "label": [None] * n, "class_name": [None] * n,
                 "status": [STATUS_OK if o else STATUS_ERROR for o in ok],
                 "error": [None if o else e for o, e in zip(ok, errors)], "shard_bytes": [shard_bytes] * n,
@@ -283,7 +284,7 @@ class DecomposeWorker:
         table = pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in self.schema},
                          schema=self.schema)
         # After the shard: a part only ever describes a shard already on disk, whole.
-        write_table_atomic(table, self.parts / f"part-{k:07d}.parquet")
+        write_table_atomic(table, part_file(self.store, self.run, k))
         journal.drop()
         now = time.time()
         return table.append_column(T_START, pa.array([t_start] * n, pa.float64())) \

@@ -63,7 +63,7 @@ _COUNT_KEYS = ("images", "ok", "error")
 NO_LABEL = -1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)      # slots: a million of them in the driver
 class Source:
     """One image of the job. index is its row in the store, path what workers open: the image
     file, or the shard (Parquet file, tar) that holds it as `member` (row number or key).
@@ -115,6 +115,11 @@ class StoreParams:
         return differences(self, other, ignore=ignore, labels=("store", "this run"), flatten=True, value=repr)
 
 
+def source_name(row: dict) -> str:
+    """Where a manifest row's image came from: its file, or "<shard>#<row or key>"."""
+    return row["path"] if not row.get("member") else f"{row['path']}#{row['member']}"
+
+
 def run_parts(store, run: int) -> Path:
     """The journal folder of run `run` of a store being written (see decomposition_writer.py)."""
     return Path(store) / PARTS / f"run-{run:04d}"
@@ -131,12 +136,13 @@ def layer_names(order: int) -> List[str]:
 
 
 def manifest_schema(order: int):
-    """The pyarrow schema of manifest.parquet (and of every journal part) for `order` levels."""
+    """The pyarrow schema of manifest.parquet (and of every journal part) for `order` levels.
+    Row group k of manifest.parquet is shard k's rows (workers read their shard's sources there)."""
     import pyarrow as pa
 
-    fields = [("index", pa.int64()), ("id", pa.string()), ("path", pa.string()),
-              ("label", pa.int64()), ("class_name", pa.string()), ("status", pa.string()),
-              ("error", pa.string())]
+    fields = [("index", pa.int64()), ("id", pa.string()), ("path", pa.string()), ("member", pa.string()),
+              ("label", pa.int64()), ("class_name", pa.string()), ("problem", pa.string()),
+              ("status", pa.string()), ("error", pa.string())]
     fields += [(f"energy_{k}", pa.float64()) for k in range(1, order + 1)]
     fields += [(f"iterations_{k}", pa.int64()) for k in range(1, order + 1)]
     fields += [("shard_bytes", pa.int64()), ("seconds", pa.float64()), ("backend", pa.string()),

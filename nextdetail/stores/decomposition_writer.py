@@ -24,12 +24,10 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence
-
-import numpy as np
+from typing import Dict, Iterator, List, Sequence
 
 from .. import __version__
-from .atomic import write_bytes_atomic, write_table_atomic
+from .atomic import atomic_write, write_bytes_atomic
 from .decomposition import (FORMAT, FORMAT_VERSION, LAYERS_V1, MANIFEST, META, PARTS, STATUS_ERROR, STATUS_OK,
                             STATUS_PENDING, Source, StoreError, StoreParams, format_refusal, layer_names,
                             manifest_schema, run_parts)
@@ -106,13 +104,17 @@ def _format_1_meta(path: Path) -> dict:
 
 
 def _source_differences(path: Path, manifest, sources: Sequence[Source]) -> List[str]:
-    """How the images listed now differ from the ones the store was made for."""
-    ids = manifest["id"].tolist()
-    now = [s.id for s in sources]
-    if ids == now:
-        labels = manifest["label"].to_numpy()
-        changed = [s.id for s, old in zip(sources, labels) if s.label != old]
-        return [f"{len(changed)} labels changed (e.g. {changed[0]})"] if changed else []
+    """How the images listed now differ from the ones the store was made for (manifest: its id
+    and label columns, a pyarrow Table)."""
+    import numpy as np
+    import pyarrow as pa
+
+    now = pa.array([s.id for s in sources], pa.string())
+    if manifest.column("id").combine_chunks().equals(now):       # the usual case: compared in Arrow
+        old = manifest.column("label").to_numpy(zero_copy_only=False)
+        changed = np.flatnonzero(old != np.fromiter((s.label for s in sources), np.int64, len(sources)))
+        return [f"{len(changed)} labels changed (e.g. {sources[changed[0]].id})"] if len(changed) else []
+    ids, now = manifest.column("id").to_pylist(), now.to_pylist()
     old_set, new_set = set(ids), set(now)
     added = [i for i in now if i not in old_set]
     removed = [i for i in ids if i not in new_set]
@@ -146,7 +148,7 @@ def check_store(path, wanted: StoreParams, sources: Sequence[Source], *, overwri
         raise StoreError(path, f"store made with other parameters: {'; '.join(diffs)}; rerun with the "
                                f"store's parameters, or pass --overwrite to replace it")
     if (path / MANIFEST).exists():
-        diffs = _source_differences(path, _read_manifest(path), sources)
+        diffs = _source_differences(path, _read_manifest(path, ["id", "label"]), sources)
         if diffs:
             raise StoreError(path, f"store made from other images than SRC lists now: {'; '.join(diffs)}; "
                                    f"pass --overwrite to replace it")
@@ -156,11 +158,12 @@ def check_store(path, wanted: StoreParams, sources: Sequence[Source], *, overwri
     return state
 
 
-def _read_manifest(path: Path):
+def _read_manifest(path: Path, columns=None):
+    """manifest.parquet (those columns) as a pyarrow Table; StoreError when unreadable."""
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path / MANIFEST).to_pandas()
+        return pq.read_table(path / MANIFEST, columns=columns)
     except Exception as e:
         raise StoreError(path, f"cannot read {MANIFEST} ({type(e).__name__}: {e}); pass --overwrite "
                                f"to start the store over") from None
@@ -176,7 +179,8 @@ def _remove_store(path: Path) -> None:
 
 
 def create_store(path: Path, params: StoreParams, sources: Sequence[Source]) -> None:
-    """bases.zarr (zarr.json only: no shard written) and an all-pending manifest."""
+    """bases.zarr (zarr.json only: no shard written) and an all-pending manifest whose row group k
+    is shard k (what the worker that owns shard k reads its sources from)."""
     import pyarrow as pa
 
     path.mkdir(parents=True, exist_ok=True)
@@ -184,12 +188,24 @@ def create_store(path: Path, params: StoreParams, sources: Sequence[Source]) -> 
     create_bases_array(path / BASES, n, params.order, params.size, params.shard_images,
                        zarr_attributes(params, n))
     schema = manifest_schema(params.order)
-    cols = {"index": [x.index for x in sources], "id": [x.id for x in sources],
-            "path": [x.path for x in sources], "label": [x.label for x in sources],
-            "class_name": [x.class_name for x in sources], "status": [STATUS_PENDING] * n}
-    table = pa.table({f.name: pa.array(cols.get(f.name, [None] * n), type=f.type) for f in schema},
-                     schema=schema)
-    write_table_atomic(table, path / MANIFEST)
+    m = params.shard_images
+    with atomic_write(path / MANIFEST) as tmp:
+        with _parquet_writer(tmp, schema) as writer:
+            for k in range(params.shards(n)):
+                part = sources[k * m:(k + 1) * m]
+                cols = {"index": [x.index for x in part], "id": [x.id for x in part],
+                        "path": [x.path for x in part],
+                        "member": [None if x.member is None else str(x.member) for x in part],
+                        "label": [x.label for x in part], "class_name": [x.class_name for x in part],
+                        "problem": [x.problem for x in part], "status": [STATUS_PENDING] * len(part)}
+                writer.write_table(pa.table({f.name: pa.array(cols.get(f.name, [None] * len(part)), type=f.type)
+                                             for f in schema}, schema=schema), row_group_size=m)
+
+
+def _parquet_writer(path, schema):
+    import pyarrow.parquet as pq
+
+    return pq.ParquetWriter(path, schema)
 
 
 def _runs(path: Path) -> List[int]:
@@ -200,29 +216,60 @@ def _runs(path: Path) -> List[int]:
                   if p.is_dir() and p.name.startswith("run-") and p.name[4:].isdigit())
 
 
-def merged_manifest(path: Path, order: int):
-    """manifest.parquet updated by every journal part: one row per index, sorted (pandas)."""
-    import pandas as pd
-    import pyarrow.dataset as pads
+def part_file(path, run: int, k: int) -> Path:
+    """The journal part of shard k in run `run` (written by the worker that owns the shard)."""
+    return run_parts(path, run) / f"part-{k:07d}.parquet"
 
-    schema = manifest_schema(order)
-    base = _read_manifest(path)
-    frames = [base.assign(_run=0)]
+
+def _latest_parts(path: Path) -> Dict[int, Path]:
+    """{shard: its part in the latest run that wrote one}. A shard is written whole per run, so
+    the latest part replaces every earlier row of the shard."""
+    latest: Dict[int, Path] = {}
     for run in _runs(path):
-        # pyarrow.dataset skips names starting with "." or "_": half-written temp files.
-        table = pads.dataset(run_parts(path, run), format="parquet", schema=schema).to_table()
-        if table.num_rows:
-            frames.append(table.to_pandas().assign(_run=run))
-    df = pd.concat(frames, ignore_index=True)
-    df["_ok"] = df["status"] == STATUS_OK
-    # Later runs win; within a run an ok row beats an error row (a retried batch can leave both).
-    df = df.sort_values(["index", "_run", "_ok"], kind="stable").drop_duplicates("index", keep="last")
-    df = df.drop(columns=["_run", "_ok"]).reset_index(drop=True)
-    # Identity columns come from the manifest the driver wrote from SRC; parts leave them null.
-    ident = base.set_index("index").loc[df["index"], ["id", "label", "class_name"]]
-    for col in ident.columns:
-        df[col] = ident[col].to_numpy()
-    return df
+        for p in run_parts(path, run).glob("part-*.parquet"):    # glob skips dot-named temp files
+            stem = p.stem[5:]
+            if stem.isdigit():
+                latest[int(stem)] = p
+    return latest
+
+
+def shard_tables(path, params: StoreParams, n_images: int) -> Iterator:
+    """Shard k's manifest rows as a pyarrow Table, k = 0, 1, ...: its latest journal part when
+    there is one (identity columns from the manifest), else its manifest rows. One shard in
+    memory at a time."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    schema = manifest_schema(params.order)
+    latest = _latest_parts(path)
+    try:
+        base = pq.ParquetFile(path / MANIFEST)
+    except Exception as e:
+        raise StoreError(path, f"cannot read {MANIFEST} ({type(e).__name__}: {e}); pass --overwrite "
+                               f"to start the store over") from None
+    n_shards = params.shards(n_images)
+    if base.num_row_groups != n_shards:
+        raise StoreError(path / MANIFEST, f"has {base.num_row_groups} row groups, not one per shard "
+                                          f"({n_shards}); pass --overwrite to start the store over")
+    for k in range(n_shards):
+        rows = base.read_row_group(k).select(schema.names).cast(schema)
+        if k in latest:
+            part = pq.read_table(latest[k], schema=schema)
+            if part.column("index").to_pylist() != rows.column("index").to_pylist():
+                raise StoreError(latest[k], f"does not hold the rows of shard {k}; pass --overwrite to start "
+                                            f"the store over")
+            for name in ("id", "label", "class_name"):       # the driver's, from SRC
+                part = part.set_column(schema.get_field_index(name), name, rows.column(name))
+            rows = part
+        yield rows
+
+
+def merged_manifest(path, params: StoreParams, n_images: int):
+    """The whole manifest as it stands (manifest + journal), a pandas DataFrame: for inspection
+    and tests; the job itself goes shard by shard."""
+    import pyarrow as pa
+
+    return pa.concat_tables(list(shard_tables(path, params, n_images))).to_pandas()
 
 
 def prepare_store(path, params: StoreParams, sources: Sequence[Source], *, overwrite: bool) -> StorePlan:
@@ -240,24 +287,21 @@ def prepare_store(path, params: StoreParams, sources: Sequence[Source], *, overw
         create_store(path, params, sources)
         return StorePlan(path, params, list(sources), list(range(n_shards)), list(sources), done=0, run=1,
                          created=True)
-    merged = merged_manifest(path, params.order)
-    m = params.shard_images
-    ok = (merged["status"] == STATUS_OK).to_numpy()
-    # Per shard: every image ok, and the file as big as its part said when it was written.
-    all_ok = np.logical_and.reduceat(ok, np.arange(0, len(ok), m)) if len(ok) else np.zeros(0, bool)
-    written = merged["shard_bytes"].fillna(-1).to_numpy()[::m].astype(np.int64)
-    shards, damaged = [], 0
-    for k in range(n_shards):
-        if not all_ok[k]:
+    shards, damaged, previous_errors = [], 0, 0
+    for k, rows in enumerate(shard_tables(path, params, len(sources))):
+        status = rows.column("status").to_pylist()
+        written = rows.column("shard_bytes")[0].as_py()
+        if not all(s == STATUS_OK for s in status):
             shards.append(k)
-        elif _file_size(shard_file(path, k)) != written[k]:
+            previous_errors += sum(s == STATUS_ERROR for s in status)
+        elif _file_size(shard_file(path, k)) != written:
+            # Every image ok, and the file is not the size its part said when it was written.
             shards.append(k)
             damaged += 1
             log.warning("%s: shard %d is gone or not the size it was written with; redoing it",
                         shard_file(path, k), k)
+    m = params.shard_images
     todo = [s for k in shards for s in sources[k * m:(k + 1) * m]]
-    status = merged["status"].to_numpy()
-    previous_errors = sum(status[s.index] == STATUS_ERROR for s in todo)
     if shards and (path / META).exists():
         # The store is incomplete again until this run finishes.
         (path / META).unlink()
@@ -275,19 +319,26 @@ def _file_size(path: Path) -> int:
 
 
 def finish_store(plan: StorePlan, src: str) -> dict:
-    """Merge the journal into manifest.parquet, write meta.json, drop the journal. Returns counts."""
-    import pyarrow as pa
-
+    """Write the merged manifest shard by shard, then meta.json, then drop the journal. Returns
+    counts. The driver holds one shard's rows at a time."""
     path, params = plan.path, plan.params
-    merged = merged_manifest(path, params.order)
-    pending = merged["status"] == STATUS_PENDING
-    if pending.any():
-        raise StoreError(path, f"{int(pending.sum())} images are still pending (e.g. "
-                               f"{merged.loc[pending, 'id'].iloc[0]}); rerun to complete the store")
     schema = manifest_schema(params.order)
-    write_table_atomic(pa.Table.from_pandas(merged, schema=schema, preserve_index=False), path / MANIFEST)
-    ok = int((merged["status"] == STATUS_OK).sum())
-    counts = {"images": len(merged), "ok": ok, "error": len(merged) - ok}
+    counts = {"images": 0, "ok": 0, "error": 0}
+    pending, example = 0, None
+    with atomic_write(path / MANIFEST) as tmp:
+        with _parquet_writer(tmp, schema) as writer:
+            for rows in shard_tables(path, params, len(plan.sources)):
+                status = rows.column("status").to_pylist()
+                if STATUS_PENDING in status:
+                    pending += sum(s == STATUS_PENDING for s in status)
+                    example = example or rows.column("id")[status.index(STATUS_PENDING)].as_py()
+                counts["images"] += len(status)
+                counts["ok"] += sum(s == STATUS_OK for s in status)
+                writer.write_table(rows, row_group_size=params.shard_images)
+            if pending:        # raised inside atomic_write: the manifest is left as it was
+                raise StoreError(path, f"{pending} images are still pending (e.g. {example}); rerun to "
+                                       f"complete the store")
+    counts["error"] = counts["images"] - counts["ok"]
     s, L, m = params.size, params.order + 1, params.shard_images
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "nextdetail_version": __version__,
             "method": params.method, "order": params.order, "size": params.size,
