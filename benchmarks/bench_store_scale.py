@@ -126,7 +126,8 @@ def journal_ok(store: Path) -> int:
     if not parts.is_dir():
         return 0
     try:
-        table = pads.dataset(parts, format="parquet").to_table(columns=["status"])
+        files = [str(p) for p in parts.rglob("part-*.parquet")]
+        table = pads.dataset(files, format="parquet").to_table(columns=["status"])
     except (OSError, ValueError):          # a part renamed into place while listed
         return 0
     return int(sum(s == "ok" for s in table.column("status").to_pylist()))

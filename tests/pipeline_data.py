@@ -79,7 +79,21 @@ def shard_rows(plan):
     """The one-row batches Ray Data hands a DecomposeWorker: one per shard the plan writes."""
     from nextdetail.pipelines.worker import shard_items
 
-    return [{"shard": np.array([item["shard"]])} for item in shard_items(plan)]
+    return [{"shard": np.array([item["shard"]]), "sources": np.array([item["sources"]], object)}
+            for item in shard_items(plan)]
+
+
+def solve_shards(plan, worker, rows=None) -> list:
+    """Run a DecomposeWorker on the plan's shard rows (or the given ones) and commit each result,
+    as the job's driver does; returns the worker's tables."""
+    from nextdetail.stores.decomposition_writer import commit_shards
+
+    out = []
+    for row in shard_rows(plan) if rows is None else rows:
+        table = worker(row)
+        commit_shards(plan.path, plan.params, worker.run, table)
+        out.append(table)
+    return out
 
 
 def make_store(path: Path, n: int = 4, size: int = 32, order: int = 3, n_iter: int = 8,
@@ -95,9 +109,7 @@ def make_store(path: Path, n: int = 4, size: int = 32, order: int = 3, n_iter: i
                          shard_images=shard_images)
     src = list_sources(listing(photo_paths(n, path.parent), path.parent / f"{path.name}.txt"))
     plan = prepare_store(path, params, src, overwrite=False)
-    worker = DecomposeWorker(str(path), params.to_dict(), run=plan.run, batch_size=8, read_size=size)
-    for row in shard_rows(plan):
-        worker(row)
+    solve_shards(plan, DecomposeWorker(str(path), params.to_dict(), run=plan.run, batch_size=8, read_size=size))
     finish_store(plan, src=f"{path.name}.txt")
     return path
 

@@ -71,7 +71,8 @@ def journal_rows(store: Path):
     if not parts.is_dir():
         return []
     try:
-        return pads.dataset(parts, format="parquet", schema=manifest_schema(ORDER)).to_table().to_pylist()
+        files = [str(p) for p in parts.rglob("part-*.parquet")]
+        return pads.dataset(files, format="parquet", schema=manifest_schema(ORDER)).to_table().to_pylist()
     except (OSError, ValueError):        # a part renamed into place while we list: look again
         return []
 

@@ -18,7 +18,7 @@ from nextdetail.pipelines.worker import DecomposeWorker
 from nextdetail.stores.decomposition import FORMAT_VERSION, LAYERS_V1, MANIFEST, META, PARTS, layer_names
 from nextdetail.stores.decomposition_writer import finish_store, merged_manifest, prepare_store
 from nextdetail.stores.shards import BASES, encode_shard, layers_from_bases, quantize_bases, shard_file
-from pipeline_data import broken_files, listing, photo_paths, shard_rows
+from pipeline_data import broken_files, listing, photo_paths, shard_rows, solve_shards
 
 SIZE = 24
 # Shards of 4: the 6 images of `src` are shard 0 (images 0-3, image 3 broken) and shard 1 (4-5).
@@ -36,7 +36,7 @@ def worker(store, run=1, params=PARAMS):
 def write(store, plan, shards=None, run=None):
     """Run the worker on the plan's shards (or the listed ones), as Ray would; their outputs."""
     w = worker(store, run or plan.run, plan.params)
-    return [w(row) for row in shard_rows(plan) if shards is None or int(row["shard"][0]) in shards]
+    return solve_shards(plan, w, [row for row in shard_rows(plan) if shards is None or int(row["shard"][0]) in shards])
 
 
 @pytest.fixture
@@ -376,7 +376,7 @@ def test_a_batch_that_fails_to_solve_is_split_so_one_image_cannot_sink_the_other
         return real(images, **kw)
 
     monkeypatch.setattr(w, "_decompose", flaky)
-    out = w(shard_rows(plan)[0])
+    (out,) = solve_shards(plan, w, shard_rows(plan)[:1])
     assert out.column("status").to_pylist() == ["ok", "error", "ok", "error"]
     assert out.column("error").to_pylist()[1] == "decomposition failed (ValueError: solver diverged)"
     ref = decompose(load_image(src[2].path, SIZE), 2, backend="numba", **PARAMS.params.to_dict())
@@ -399,9 +399,30 @@ def test_the_gpu_paths_read_tasks_feed_the_worker_the_same_shard(tmp_path, src):
         else:
             w = DecomposeWorker(str(store), PARAMS.to_dict(), run=plan.run, batch_size=3, read_size=None)
             for row in shard_rows(plan):
-                read = read_shard(row, str(store), SIZE, journal=store / PARTS / "run-0001" / "_attempts")
+                read = read_shard(row, SIZE, journal=store / PARTS / "run-0001" / "_attempts")
                 assert read["image"].shape == (1, 4 if row["shard"][0] == 0 else 2, SIZE, SIZE, 3)
-                w(read)
+                solve_shards(plan, w, [read])
         finish_store(plan, src="list.txt")
     assert tree_bytes(cpu / BASES) == tree_bytes(fed / BASES)
     assert DecompositionStore(fed).manifest["status"].tolist() == ["ok", "ok", "ok", "error", "ok", "ok"]
+
+
+def test_only_the_driver_commits_so_a_worker_that_outlives_it_cannot_change_the_store(tmp_path, src):
+    """A worker of a killed job can run on for seconds (Ray helpers linger). Its shard is staged
+    in its run's folder and only a live driver moves it into bases.zarr, so what it writes after
+    its driver died is never read: the store ends as an uninterrupted run's."""
+    from nextdetail.stores.decomposition_writer import staged_shard_file
+    from nextdetail.stores.shards import write_shard
+
+    reference = tree_bytes(complete_store(tmp_path / "ref", src) / BASES)
+    store = tmp_path / "store"
+    plan = prepare_store(store, PARAMS, src, overwrite=False)
+    worker(store)(shard_rows(plan)[1])            # shard 1 solved and staged; the driver died first
+    assert staged_shard_file(store, 1, 1).is_file() and not shard_file(store, 1).exists()
+    again = prepare_store(store, PARAMS, src, overwrite=False)
+    assert again.shards == [0, 1] and again.run == 2        # nothing was committed: all redone
+    solve_shards(again, worker(store, again.run))
+    # The lingering worker of run 1 now writes shard 0 with other bytes: staged, never committed.
+    write_shard(staged_shard_file(store, 1, 0), np.full((4, 3, 3, SIZE, SIZE), 7, np.uint8), 4)
+    finish_store(again, src="list.txt")
+    assert tree_bytes(store / BASES) == reference

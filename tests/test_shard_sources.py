@@ -150,14 +150,13 @@ def test_an_interrupted_shard_source_store_resumes_to_the_same_bytes(ray_session
     # An "interrupted" run: the store created and two of its four shards written, then a rerun.
     from nextdetail.pipelines.worker import DecomposeWorker
     from nextdetail.stores.decomposition_writer import prepare_store
-    from pipeline_data import shard_rows
+    from pipeline_data import shard_rows, solve_shards
 
     listing = scan_source(parquet_src)
     plan = prepare_store(tmp_path / "cut", cfg(tmp_path / "cut").store_params("numba"), listing.sources,
                          overwrite=False)
     w = DecomposeWorker(str(tmp_path / "cut"), plan.params.to_dict(), run=plan.run, batch_size=8, read_size=SIZE)
-    for row in shard_rows(plan)[:2]:
-        w(row)
+    solve_shards(plan, w, shard_rows(plan)[:2])
     report = run_job(cfg(tmp_path / "cut"))
     # Shard 0 (rows 0-1) holds the corrupt row: redone whole; shard 1 (rows 2 and 0') is kept.
     assert (report.skipped, report.ok) == (2, 5)
@@ -171,15 +170,13 @@ def test_export_tokens_keeps_the_shard_ids(tmp_path, parquet_src):
     from nextdetail.pipelines.worker import DecomposeWorker
     from nextdetail.stores.decomposition_writer import finish_store, prepare_store
     from nextdetail.stores.tokens import INDEX
-    from pipeline_data import shard_rows
+    from pipeline_data import solve_shards
     from token_data import tiny_tokenizer
 
     store = tmp_path / "store"
     cfg = JobConfig(src=parquet_src, out=store, size=16, order=3, params=ATParams(n_iter=4), backend="numba")
     plan = prepare_store(store, cfg.store_params("numba"), list_sources(parquet_src), overwrite=False)
-    w = DecomposeWorker(str(store), plan.params.to_dict(), run=plan.run, batch_size=8, read_size=16)
-    for row in shard_rows(plan):
-        w(row)
+    solve_shards(plan, DecomposeWorker(str(store), plan.params.to_dict(), run=plan.run, batch_size=8, read_size=16))
     finish_store(plan, src=str(parquet_src))
     ckpt = tiny_tokenizer(store, tmp_path / "tok", image_size=16, steps=1)
     export_in_process(ExportConfig(data=store, tokenizer=ckpt, out=tmp_path / "tokens"))

@@ -21,7 +21,7 @@ from typing import List, Optional
 
 from ..errors import ConfigError
 from ..stores.decomposition import STATUS_ERROR, run_parts, source_name
-from ..stores.decomposition_writer import StorePlan, check_store, finish_store, prepare_store
+from ..stores.decomposition_writer import StorePlan, check_store, commit_shards, finish_store, prepare_store
 from .attempts import ATTEMPTS, crash_hook
 from .config import JobConfig
 from .ray_job import (Progress, RayJobReport, cluster_resources, job_failures, quiet_data_context, ray_session,
@@ -76,8 +76,7 @@ def _dataset(plan: StorePlan, cfg: JobConfig, gpus: float, workers: int):
         # max_retries=-1: a read task whose process died is retried until its journal (in
         # the store's _parts) says an image killed it --max-attempts times: an error row.
         ds = ds.map_batches(read_shard, batch_size=1, batch_format="numpy", num_cpus=1, max_retries=-1,
-                            fn_kwargs={"store": str(plan.path.resolve()), "size": plan.params.size,
-                                       "max_pixels": cfg.max_pixels,
+                            fn_kwargs={"size": plan.params.size, "max_pixels": cfg.max_pixels,
                                        "journal": str((run_parts(plan.path, plan.run) / ATTEMPTS).resolve()),
                                        "max_attempts": cfg.max_attempts, "crash_on": crash_hook(),
                                        "image_column": cfg.image_column})
@@ -137,7 +136,10 @@ def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
                     t0, t1 = min(batch.column(T_START).to_pylist()), max(batch.column(T_END).to_pylist())
                     t_first = t0 if t_first is None else min(t_first, t0)
                     t_last = t1 if t_last is None else max(t_last, t1)
-                    rows = batch.drop_columns([T_START, T_END]).to_pylist()
+                    done = batch.drop_columns([T_START, T_END])
+                    # The commit: staged shard into bases.zarr, then its journal part.
+                    commit_shards(plan.path, plan.params, plan.run, done)
+                    rows = done.to_pylist()
                     report.errors += [f"{source_name(r)}: {r['error']}" for r in rows if r["status"] == STATUS_ERROR]
                     if progress:
                         progress.update(rows)

@@ -20,9 +20,8 @@ import numpy as np
 
 from ..decomp import decompose
 from ..imageio import ImageError, load_image, load_image_bytes
-from ..stores import write_table_atomic
-from ..stores.decomposition import MANIFEST, STATUS_ERROR, STATUS_OK, StoreParams, manifest_schema, run_parts
-from ..stores.decomposition_writer import part_file
+from ..stores.decomposition import STATUS_ERROR, STATUS_OK, StoreParams, manifest_schema, run_parts
+from ..stores.decomposition_writer import staged_shard_file
 from ..stores.shards import quantize_bases, write_shard
 from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
 from .shard_sources import PARQUET, read_parquet_rows, read_tar_keys, shard_kind
@@ -114,30 +113,32 @@ def _host(a) -> np.ndarray:
 
 
 def shard_items(plan) -> List[dict]:
-    """The job's rows: one per shard to write. Only the shard number travels: the task reads its
-    shard's sources from the store's manifest (row group k), so the driver sends O(shards)."""
-    return [{"shard": k} for k in plan.shards]
+    """The job's rows: one per shard to write, its sources as JSON (a type Ray keeps as is).
+
+    (Having each task read its shard's sources from the manifest's row group k instead would
+    make this O(shards), but a pyarrow read in the actor made the solver's output differ in the
+    last bit now and then under Ray, measured and not understood; so the driver sends them.)"""
+    return [{"shard": k, "sources": json.dumps([[s.index, s.path, None if s.member is None else str(s.member),
+                                                 s.problem] for s in plan.shard_sources(k)])}
+            for k in plan.shards]
 
 
-def shard_sources(store, row: Dict[str, np.ndarray]) -> tuple:
-    """A one-row Ray batch -> (shard k, {"index": (m,) int64, "path", "member", "problem": (m,)
-    object}), the sources of shard k from row group k of the store's manifest."""
-    import pyarrow.parquet as pq
-
+def shard_sources(row: Dict[str, np.ndarray]) -> tuple:
+    """A one-row Ray batch -> (shard k, {"index": (m,) int64, "path", "member", "problem": (m,) object})."""
     if len(row["shard"]) != 1:
         raise ValueError(f"a task gets one shard at a time, got {len(row['shard'])}")
-    k = int(row["shard"][0])
-    t = pq.ParquetFile(Path(store) / MANIFEST).read_row_group(k, columns=["index", "path", "member", "problem"])
-    return k, {"index": np.asarray(t.column("index").to_pylist(), np.int64),
-               **{c: np.asarray(t.column(c).to_pylist(), object) for c in ("path", "member", "problem")}}
+    rows = json.loads(str(row["sources"][0]))
+    return int(row["shard"][0]), {"index": np.asarray([r[0] for r in rows], np.int64),
+                                  **{c: np.asarray([r[j] for r in rows], object)
+                                     for j, c in enumerate(("path", "member", "problem"), 1)}}
 
 
-def read_shard(row: Dict[str, np.ndarray], store: str, size: int, max_pixels: Optional[int] = None,
+def read_shard(row: Dict[str, np.ndarray], size: int, max_pixels: Optional[int] = None,
                journal=None, max_attempts: int = DEFAULT_MAX_ATTEMPTS, crash_on: Optional[str] = None,
                image_column: str = "image") -> Dict[str, np.ndarray]:
     """The GPU path's read task: a shard row -> the same row plus its images (1, m, S, S, 3) and,
     as JSON, each image's read error and seconds (journal: the folder of the attempt journals)."""
-    k, flat = shard_sources(store, row)
+    k, flat = shard_sources(row)
     got = read_batch(flat, size, max_pixels, Path(journal) / f"read-{k:07d}.log", max_attempts, crash_on,
                      image_column)
     out = dict(row)
@@ -151,9 +152,9 @@ class DecomposeWorker:
     """Ray Data actor: decomposes the images of one shard at a time and writes the shard.
 
     Compiles (or loads from Numba's cache) the solver kernels once, in __init__. Writes are
-    idempotent: shard k holds images of shard k only and is written whole by one atomic rename,
-    then its journal part (named after k), so a retried shard rewrites the same files with the
-    same bytes and no two tasks ever write parts of one shard.
+    idempotent: shard k holds images of shard k only and is staged whole by one atomic rename
+    (the driver commits it), so a retried shard rewrites the same file with the same bytes and
+    no two tasks ever write parts of one shard.
     """
 
     def __init__(self, store: str, params: dict, run: int, batch_size: int, threads: int = 1,
@@ -231,7 +232,7 @@ class DecomposeWorker:
         import pyarrow as pa
 
         self._limit_threads()
-        k, batch = shard_sources(self.store, row)
+        k, batch = shard_sources(row)
         index = batch["index"]
         n = len(index)
         journal = AttemptJournal(self.parts / ATTEMPTS / f"shard-{k:07d}.log")
@@ -266,7 +267,9 @@ class DecomposeWorker:
             seconds[part] += (time.perf_counter() - t0) / len(part)      # shared by the batch
         ok = [not e for e in errors]
         t0 = time.perf_counter()
-        shard_bytes = write_shard(self.store, k, bases, self.params.shard_images)
+        # Staged in this run's folder: the driver moves it into bases.zarr when this result
+        # reaches it (a worker that outlives its driver can never change the store).
+        shard_bytes = write_shard(staged_shard_file(self.store, self.run, k), bases, self.params.shard_images)
         if any(ok):
             seconds[np.flatnonzero(ok)] += (time.perf_counter() - t0) / sum(ok)
         # id, label and class_name stay null here: the store's manifest, written by the
@@ -283,8 +286,6 @@ class DecomposeWorker:
             cols[f"iterations_{j}"] = [self.params.params.n_iter if ok[r] else None for r in range(n)]
         table = pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in self.schema},
                          schema=self.schema)
-        # After the shard: a part only ever describes a shard already on disk, whole.
-        write_table_atomic(table, part_file(self.store, self.run, k))
         journal.drop()
         now = time.time()
         return table.append_column(T_START, pa.array([t_start] * n, pa.float64())) \

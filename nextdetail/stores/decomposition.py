@@ -137,7 +137,7 @@ def layer_names(order: int) -> List[str]:
 
 def manifest_schema(order: int):
     """The pyarrow schema of manifest.parquet (and of every journal part) for `order` levels.
-    Row group k of manifest.parquet is shard k's rows (workers read their shard's sources there)."""
+    Row group k of manifest.parquet is shard k's rows (resume and finish read one at a time)."""
     import pyarrow as pa
 
     fields = [("index", pa.int64()), ("id", pa.string()), ("path", pa.string()), ("member", pa.string()),

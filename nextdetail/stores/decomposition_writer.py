@@ -5,9 +5,14 @@ Resume works from the store alone, never from Ray's state, at shard granularity:
 - At creation the driver writes bases.zarr's zarr.json (its attributes record the parameters;
   no shard yet) and a manifest.parquet with every image `pending`.
 - The unit of work is a shard (shard_images consecutive images). The task that owns it solves
-  its images, writes the shard file whole and atomically (shards.write_shard), then its journal
-  part _parts/run-RRRR/part-<shard>.parquet (atomic too), whose rows record the shard file's
-  size. A part therefore only ever describes a shard that is already on disk, complete.
+  its images and writes the shard file whole and atomically to a staging path in its run's
+  folder, _parts/run-RRRR/_staged/c.<shard>.0.0.0.0, and returns the shard's manifest rows. The driver,
+  as each result reaches it, commits the shard (`commit_shards`): renames the staged file into
+  bases.zarr, then writes the journal part _parts/run-RRRR/part-<shard>.parquet (atomic), whose
+  rows record the shard file's size. A part therefore only ever describes a shard that is
+  already in place, complete; and since only a live driver commits, a worker that outlives a
+  killed driver (Ray helpers can linger for seconds) leaves at most a staged file that no run
+  ever uses.
 - A rerun reads manifest + parts: a shard is done when every image of it is ok and its file has
   the size recorded. Every other shard (pending, an error row, killed between shard and part, a
   file truncated or deleted since) is done again, whole, which rewrites the same bytes (the
@@ -27,11 +32,11 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Sequence
 
 from .. import __version__
-from .atomic import atomic_write, write_bytes_atomic
+from .atomic import atomic_write, write_bytes_atomic, write_table_atomic
 from .decomposition import (FORMAT, FORMAT_VERSION, LAYERS_V1, MANIFEST, META, PARTS, STATUS_ERROR, STATUS_OK,
                             STATUS_PENDING, Source, StoreError, StoreParams, format_refusal, layer_names,
                             manifest_schema, run_parts)
-from .shards import BASES, DIMENSIONS, ZSTD_LEVEL, create_bases_array, shard_file
+from .shards import BASES, DIMENSIONS, ZSTD_LEVEL, create_bases_array, shard_file, shard_key
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +185,7 @@ def _remove_store(path: Path) -> None:
 
 def create_store(path: Path, params: StoreParams, sources: Sequence[Source]) -> None:
     """bases.zarr (zarr.json only: no shard written) and an all-pending manifest whose row group k
-    is shard k (what the worker that owns shard k reads its sources from)."""
+    is shard k (so that resuming and finishing read one shard's rows at a time)."""
     import pyarrow as pa
 
     path.mkdir(parents=True, exist_ok=True)
@@ -262,6 +267,39 @@ def shard_tables(path, params: StoreParams, n_images: int) -> Iterator:
                 part = part.set_column(schema.get_field_index(name), name, rows.column(name))
             rows = part
         yield rows
+
+
+STAGED = "_staged"     # "_": readers that list the journal as a Parquet dataset skip it
+
+
+def staged_shard_file(path, run: int, k: int) -> Path:
+    """Where the task that owns shard k in run `run` writes it, for the driver to commit."""
+    return run_parts(path, run) / STAGED / shard_key(k)
+
+
+def commit_shards(path, params: StoreParams, run: int, table) -> None:
+    """The driver's half of a shard write: for each shard in `table` (manifest rows a task
+    returned), move its staged file into bases.zarr, then write its journal part. Idempotent: a
+    result seen twice (Ray ran the task twice) commits the same bytes again, or finds them
+    committed."""
+    import numpy as np
+
+    path = Path(path)
+    schema = manifest_schema(params.order)
+    table = table.select(schema.names).cast(schema)
+    shards = table.column("index").to_numpy() // params.shard_images
+    for k in sorted(set(shards.tolist())):
+        rows = table.filter(np.asarray(shards == k))
+        size = rows.column("shard_bytes")[0].as_py()
+        staged, final = staged_shard_file(path, run, k), shard_file(path, k)
+        if size == 0:
+            final.unlink(missing_ok=True)
+        elif staged.is_file():
+            os.replace(staged, final)
+        elif _file_size(final) != size:
+            raise StoreError(staged, f"shard {k}: the task reported {size} bytes written, but its staged file is "
+                                     f"gone; rerun to redo it")
+        write_table_atomic(rows, part_file(path, run, k))
 
 
 def merged_manifest(path, params: StoreParams, n_images: int):

@@ -16,10 +16,12 @@ through the shard index; 64 images per shard is ~27 MB at 256 px, order 3 (tens 
 sequential reads, few files, N/64 of them) while a shard is still one Ray task's minute of work.
 
 A shard is written whole, once, by the one task that owns it: encoded in memory by Zarr (the same
-bytes Zarr would write itself, tested) and renamed into place (`write_bytes_atomic`), so a shard
-file is either absent or complete, and two attempts at one shard (a retry after a lost worker)
-write the same bytes. Zarr's read-modify-write of a shard shared by two writers loses images;
-this layout never shares one.
+bytes Zarr would write itself, tested) and written atomically to a staging file in its run's
+journal folder; the job's driver then renames it into bases.zarr when the task's result reaches
+it. So a shard file is either absent or complete, two attempts at one shard (a retry after a
+lost worker) write the same bytes, and a worker that outlives its driver (a zombie of a killed
+job) can never change the store. Zarr's read-modify-write of a shard shared by two writers loses
+images; this layout never shares one.
 """
 from __future__ import annotations
 
@@ -109,10 +111,12 @@ def encode_shard(q: np.ndarray, shard_images: int) -> bytes:
     return b"" if data is None else data.to_bytes()
 
 
-def write_shard(store, k: int, q: np.ndarray, shard_images: int) -> int:
-    """Encode shard k and put it in place atomically; returns its size in bytes (0: no file)."""
+def write_shard(path, q: np.ndarray, shard_images: int) -> int:
+    """Encode a shard and write it to `path` atomically; returns its size in bytes (0: all of it
+    is the fill value, no file). The job's workers write to a staging path (the run's journal
+    folder); only the driver moves a staged shard into bases.zarr (decomposition_writer)."""
     data = encode_shard(q, shard_images)
-    path = shard_file(store, k)
+    path = Path(path)
     if data:
         write_bytes_atomic(path, data)
     else:
