@@ -6,8 +6,8 @@ Resume works from the store alone, never from Ray's state, at shard granularity:
   no shard yet) and a manifest.parquet with every image `pending`.
 - The unit of work is a shard (shard_images consecutive images). The task that owns it solves
   its images and writes the shard file whole and atomically to a staging path in its run's
-  folder, _parts/run-RRRR/_staged/c.<shard>.0.0.0.0, and returns the shard's manifest rows. The driver,
-  as each result reaches it, commits the shard (`commit_shards`): renames the staged file into
+  folder, _parts/run-RRRR/_staged/c.<shard>.0.0.0.0, and returns the shard's manifest rows.
+  The driver, as each result reaches it, commits the shard (`commit_shards`): renames the staged file into
   bases.zarr, then writes the journal part _parts/run-RRRR/part-<shard>.parquet (atomic), whose
   rows record the shard file's size. A part therefore only ever describes a shard that is
   already in place, complete; and since only a live driver commits, a worker that outlives a
@@ -18,8 +18,10 @@ Resume works from the store alone, never from Ray's state, at shard granularity:
   file truncated or deleted since) is done again, whole, which rewrites the same bytes (the
   solver is deterministic per image), so a crash costs time, never data. A no-op rerun costs
   one manifest read and one stat per shard.
-- Finishing merges the rows (later runs win; within a run ok wins over error), writes
-  manifest.parquet, then meta.json (the "complete" mark), then drops the journal.
+- Finishing goes shard by shard (`shard_tables`): each shard's rows from its latest part (a
+  run writes a shard's part whole, so the latest run wins), or from the manifest, one row group
+  each into a new manifest.parquet; then meta.json (the "complete" mark); then it drops the
+  journal. The driver holds one shard's rows at a time.
 """
 from __future__ import annotations
 
