@@ -77,20 +77,40 @@ def journal_rows(store: Path):
         return []
 
 
-def test_driver_killed_mid_way_then_rerun_equals_uninterrupted(reference, dataset, tmp_path, capsys):
-    store = tmp_path / "store"
-    kill_cli_when([*args(dataset, store), "--workers", "2"], lambda: len(journal_rows(store)) >= 2 * SHARD, "job")
+def kill_then_rerun(src, reference: Path, store: Path, capsys):
+    """SIGKILL the CLI's driver once two shards are committed, rerun, compare with the reference."""
+    kill_cli_when([*args(src, store), "--workers", "2"], lambda: len(journal_rows(store)) >= 2 * SHARD, "job")
     time.sleep(1)                                          # let its dying workers finish their writes
     assert not (store / META).exists(), "the kill came too late: the job had finished"
     done_before = {r["index"] for r in journal_rows(store) if r["status"] == "ok"}
     total = DecompositionStore(reference).manifest.shape[0]
     assert 0 < len(done_before) < total
 
-    rc = cli.main(args(dataset, store))
+    rc = cli.main(args(src, store))
     err = capsys.readouterr().err
     assert rc == 0, err
     assert f"resuming: {len(done_before)} images already in the store" in err
     assert_same_store(store, reference)
+
+
+def test_driver_killed_mid_way_then_rerun_equals_uninterrupted(reference, dataset, tmp_path, capsys):
+    kill_then_rerun(dataset, reference, tmp_path / "store", capsys)
+
+
+def test_driver_killed_mid_way_on_parquet_shards(ray_session, dataset, tmp_path_factory, tmp_path, capsys):
+    """The same images as Hugging Face Parquet shards (the workers read them from the shards)."""
+    from pipeline_data import hf_shard
+
+    paths = [Path(p) for p in dataset.read_text().split()]
+    src = tmp_path_factory.mktemp("hf") / "data"
+    src.mkdir()
+    for k in range(4):
+        part = paths[k * len(paths) // 4:(k + 1) * len(paths) // 4]
+        hf_shard(src / f"train-{k:05d}-of-00004.parquet", [p.read_bytes() for p in part], [k] * len(part),
+                 names=["a", "b", "c", "d"], row_group_size=16)
+    reference = tmp_path / "reference"
+    assert cli.main(args(src, reference)) == 0
+    kill_then_rerun(src, reference, tmp_path / "store", capsys)
 
 
 def test_killed_worker_is_restarted_and_its_shard_retried(reference, dataset, tmp_path):
