@@ -227,13 +227,21 @@ def list_images(inputs: Iterable[PathLike]) -> List[Path]:
 
 
 def walk_images(root: Path) -> List[Path]:
-    """Image files under root, following symlinks, sorted by relative path. Each folder's
-    (device, inode) is checked against its ancestors': a link to an ancestor is a cycle, which
-    os.walk(followlinks=True) would follow forever. Two links to one folder are not a cycle
-    (its files are listed under both names, as torchvision's ImageFolder does)."""
+    """Image files under root, following symlinks, sorted by relative path (see walk_image_files)."""
+    return [Path(path) for _, path in walk_image_files(root)]
+
+
+def walk_image_files(root: Path) -> List[tuple]:
+    """(path relative to root with "/", path) strings of the image files under root, following
+    symlinks, sorted by relative path. Strings, not Path objects: a million of them is the
+    listing of an ImageNet-sized folder. Each folder's (device, inode) is checked against its
+    ancestors': a link to an ancestor is a cycle, which os.walk(followlinks=True) would follow
+    forever. Two links to one folder are not a cycle (its files are listed under both names, as
+    torchvision's ImageFolder does)."""
     found: List[tuple] = []
+    root = Path(root)
     st = root.stat()
-    stack = [(root, "", ((st.st_dev, st.st_ino),))]
+    stack = [(str(root), "", ((st.st_dev, st.st_ino),))]
     while stack:
         folder, rel, ancestors = stack.pop()
         try:
@@ -244,14 +252,14 @@ def walk_images(root: Path) -> List[Path]:
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            path = folder / entry.name
+            path = os.path.join(folder, entry.name)
             sub = f"{rel}/{entry.name}" if rel else entry.name
             try:
                 is_dir = entry.is_dir()               # follows symlinks
             except OSError:
                 is_dir = False
             if is_dir:
-                st = path.stat()
+                st = os.stat(path)
                 key = (st.st_dev, st.st_ino)
                 if key in ancestors:
                     raise FolderError(f"symlink cycle: {path} leads back to {os.path.realpath(path)}, "
@@ -264,7 +272,7 @@ def walk_images(root: Path) -> List[Path]:
                 except OSError:
                     pass
     found.sort(key=lambda t: t[0])
-    return [path for _, path in found]
+    return found
 
 
 def to_uint8(array: np.ndarray) -> np.ndarray:

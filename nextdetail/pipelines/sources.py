@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..errors import PathError
-from ..imageio import FolderError, walk_images
+from ..imageio import FolderError, walk_image_files
 from ..stores.decomposition import NO_LABEL, Source
 from .shard_sources import ShardOptions, find_shards, is_glob, list_shard_sources, shard_kind
 
@@ -137,13 +137,12 @@ def _from_folder(src: Path) -> list:
     label_of = {name: k for k, name in enumerate(classes)}
     items = []
     try:
-        paths = walk_images(src)      # not list_images: a folder of shards holds no images, quietly
+        files = walk_image_files(os.path.abspath(src))   # not list_images: a folder of shards holds no images
     except FolderError as e:
         raise SourceError(src, str(e)) from None
-    for path in paths:
-        rel = path.relative_to(src)
-        cls = rel.parts[0] if len(rel.parts) > 1 else None
-        items.append((rel.as_posix(), os.path.abspath(path), label_of.get(cls, NO_LABEL), cls))
+    for rel, path in files:
+        cls = rel.split("/", 1)[0] if "/" in rel else None
+        items.append((rel, path, label_of.get(cls, NO_LABEL), cls))
     found = {cls for *_, cls in items}
     empty = [c for c in classes if c not in found]
     if empty and items:
