@@ -56,12 +56,12 @@ class JobConfig(RayJobConfig):
                     positional=True, metavar="SRC")
     out: Path = opt(help="store folder", metavar="STORE")
     size: int = opt(256, "shorter side resized to N (LANCZOS), center-cropped N x N", metavar="N")
-    order: int = opt(3, "levels n; the store holds n + 1 layers per image")
+    order: int = opt(3, "levels n; the store holds n + 1 bases per image (B_0 = I .. B_n)")
     params: ATParams = nested(ATParams)
     backend: str = opt("auto", "auto = cupy on GPU workers, else numba", choices=BACKENDS)
     batch_size: int = opt(8, "images per solver call", metavar="B")
     shard_images: int = opt(SHARD_IMAGES, "images per shard file of the store (one Ray task writes one "
-                                          "shard); 64 is ~27 MB at 256 px, order 3", metavar="M")
+                                          "shard); 64 is ~25 MB at 256 px, order 3", metavar="M")
     max_pixels: int = opt(DEFAULT_MAX_PIXELS, "an image whose header declares more pixels is an error row, "
                                               "never decoded (decompression bombs)", metavar="P")
     image_column: str = opt("image", "Parquet shards: the column holding the encoded images (a "

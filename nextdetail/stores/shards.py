@@ -12,7 +12,7 @@ Why these choices (measured in benchmarks/bench_store_codecs.py, figures in
 docs/dataset-store.md): 8-bit bases cost a third of float16 layers (the float16 noise bits do not
 compress), zstd on 8-bit meets the size and read-rate targets with Zarr's own codecs, so any Zarr
 3 reader decodes the store; one inner chunk per image keeps random access by image one seek
-through the shard index; 64 images per shard is ~27 MB at 256 px, order 3 (tens of MB: large
+through the shard index; 64 images per shard is ~25 MB at 256 px, order 3 (tens of MB: large
 sequential reads, few files, N/64 of them) while a shard is still one Ray task's minute of work.
 
 A shard is written whole, once, by the one task that owns it: encoded in memory by Zarr (the same
