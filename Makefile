@@ -35,7 +35,7 @@ bench-pipeline: $(STAMP)
 bench-store-codecs: $(STAMP)
 	$(PY) benchmarks/bench_store_codecs.py
 
-# The store's cost against N (1k, 10k, 100k images at 64 px): about half an hour on 2 cores.
+# The store's cost against N (1k, 10k, 100k images at 64 px): about 20 minutes on 2 cores.
 bench-scale: $(STAMP)
 	$(PY) benchmarks/bench_store_scale.py
 
