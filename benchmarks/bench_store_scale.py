@@ -16,8 +16,8 @@ Synthetic datasets (made once, cached under out/bench-scale/) of random 80x80 cr
   same bytes     the killed-and-resumed store's bases.zarr equals the uninterrupted one's
 
 At the largest N also `export-tokens` (a tiny tokenizer, 32 px centre crops) images/s and the
-token store's meta.json bytes. Not a test: about 15 minutes for the three sizes on 2 cores once the datasets exist (making
-them, the first time, a few minutes more).
+token store's meta.json bytes. Not a test: about 15 minutes for the three sizes on 2 cores
+once the datasets exist (making them, the first time, a few minutes more).
 
     python benchmarks/bench_store_scale.py [--sizes 1000,10000,100000] [--image-size 64]
 """
