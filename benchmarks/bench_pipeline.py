@@ -62,7 +62,7 @@ def plain_loop(paths, params: StoreParams, batch: int, threads: int, out: Path) 
     """The same work as the job, in this process; returns seconds."""
     import numba
 
-    from nextdetail.stores.shards import create_bases_array, quantize_bases, write_shard
+    from nextdetail.stores.shards import create_bases_array, quantize_bases, shard_file, write_shard
 
     numba.set_num_threads(threads)
     m = params.shard_images
@@ -75,7 +75,7 @@ def plain_loop(paths, params: StoreParams, batch: int, threads: int, out: Path) 
         for start in range(0, len(shard), batch):
             images = np.stack([load_image(p, params.size) for p in shard[start:start + batch]])
             bases.append(quantize_bases(decompose(images, params.order, backend=params.backend, **at).bases))
-        write_shard(out.parent, k, np.concatenate(bases), m)
+        write_shard(shard_file(out.parent, k), np.concatenate(bases), m)
     return time.perf_counter() - t0
 
 

@@ -213,7 +213,7 @@ def list_images(inputs: Iterable[PathLike]) -> List[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = walk_images(p)
+            found = [Path(path) for _, path in walk_image_files(p)]
             if not found:
                 log.warning("%s: folder holds no image files", p)
         else:
@@ -224,11 +224,6 @@ def list_images(inputs: Iterable[PathLike]) -> List[Path]:
                 seen.add(key)
                 out.append(f)
     return out
-
-
-def walk_images(root: Path) -> List[Path]:
-    """Image files under root, following symlinks, sorted by relative path (see walk_image_files)."""
-    return [Path(path) for _, path in walk_image_files(root)]
 
 
 def walk_image_files(root: Path) -> List[tuple]:

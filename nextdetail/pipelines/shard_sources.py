@@ -53,16 +53,6 @@ class ShardOptions:
                 "label_key": self.label_key}
 
 
-@dataclass
-class ShardListing:
-    """What the driver found: the kind, every image as a Source, and the shards it could not open."""
-
-    kind: str
-    shards: int
-    sources: List[Source]
-    failed: List[str]          # "<shard>: <reason>", one per shard that could not be opened
-
-
 def is_glob(src) -> bool:
     return any(c in str(src) for c in GLOB_CHARS) and not Path(src).exists()
 
@@ -91,8 +81,9 @@ def _hidden(path: Path, root: Path) -> bool:
 
 
 def list_shard_sources(root: Path, paths: Sequence[Path], kind: str, options: ShardOptions,
-                       first_index: int = 0) -> ShardListing:
-    """Every image of the shards, in (shard, row/key) order, numbered from first_index."""
+                       first_index: int = 0) -> Tuple[List[Source], List[str]]:
+    """(every image of the shards, in (shard, row/key) order, numbered from first_index; the
+    shards that could not be opened, "<shard>: <reason>")."""
     sources: List[Source] = []
     failed: List[str] = []
     for path in paths:
@@ -105,7 +96,7 @@ def list_shard_sources(root: Path, paths: Sequence[Path], kind: str, options: Sh
         for member, label, class_name, problem in items:
             sources.append(Source(first_index + len(sources), f"{rel}#{member}", str(path.resolve()), label,
                                   class_name, member=member, problem=problem))
-    return ShardListing(kind, len(paths), sources, failed)
+    return sources, failed
 
 
 class ShardError(Exception):

@@ -125,11 +125,11 @@ def _shards(src, options: ShardOptions) -> SourceListing:
     if len(kinds) > 1:
         raise SourceError(src, "holds both Parquet shards and tars; point SRC at one kind")
     kind = kinds.pop()
-    found = list_shard_sources(root, paths, kind, options)
-    if found.failed and not is_glob(src) and Path(src).is_file():
+    sources, failed = list_shard_sources(root, paths, kind, options)
+    if failed and not is_glob(src) and Path(src).is_file():
         # One shard named as SRC: a problem with it is a problem with SRC.
-        raise SourceError(src, found.failed[0][len(f"{src}: "):])
-    return SourceListing(kind, found.sources, found.shards, found.failed)
+        raise SourceError(src, failed[0][len(f"{src}: "):])
+    return SourceListing(kind, sources, len(paths), failed)
 
 
 def _from_folder(src: Path) -> list:
@@ -190,9 +190,7 @@ def _from_parquet(src: Path) -> list:
         table = pq.read_table(src)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a bad file
         raise SourceError(src, f"cannot read the listing as Parquet ({e})") from None
-    cols = table.column_names
-    if "path" not in cols:
-        raise SourceError(src, f"the listing needs a 'path' column; it has {', '.join(cols) or 'none'}")
+    cols = table.column_names          # has `path`: scan_source sends only such files here
     paths = table.column("path").to_pylist()
     labels = table.column("label").to_pylist() if "label" in cols else [None] * len(paths)
     names = table.column("class_name").to_pylist() if "class_name" in cols else [None] * len(paths)

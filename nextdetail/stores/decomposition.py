@@ -31,7 +31,7 @@ from ..errors import PathError
 from ..options import differences
 from .atomic import PARTS
 from .meta import check_keys
-from .shards import BASES, DTYPE, SHARD_IMAGES, layers_from_bases, shard_file
+from .shards import BASES, DTYPE, SHARD_IMAGES, layers_from_bases, shard_count, shard_file
 
 FORMAT = "nextdetail.decomposition_store"
 FORMAT_VERSION = 2
@@ -107,7 +107,7 @@ class StoreParams:
 
     def shards(self, n_images: int) -> int:
         """How many shards a store of n_images has."""
-        return -(-n_images // self.shard_images)
+        return shard_count(n_images, self.shard_images)
 
     def differences(self, other: "StoreParams", *, ignore: tuple = ()) -> List[str]:
         """'name A (store) != B (this run)' for every setting that differs, named as the command
@@ -254,7 +254,7 @@ class DecompositionStore:
         self.order = self.meta["order"]
         self.size = self.meta["size"]
         self.shard_images = self.meta["shard_images"]
-        self.n_shards = -(-n // self.shard_images)
+        self.n_shards = shard_count(n, self.shard_images)
         ok = (self.manifest["status"] == STATUS_OK).to_numpy()
         self.ok_indices = self.manifest["index"].to_numpy()[ok]
         self._ids = self.manifest["id"].tolist()
@@ -322,13 +322,19 @@ class DecompositionStore:
         self._checked.add(k)
 
     def _read(self, row: int) -> np.ndarray:
-        k = row // self.shard_images
+        return self._decode(row, row)[0]
+
+    def _decode(self, first: int, last: int) -> np.ndarray:
+        """Rows first..last (one shard's) decoded; StoreError naming the shard file when it is
+        gone, not its size, or its bytes fail the checksums."""
+        k = first // self.shard_images
         self._check_shard(k)
         try:
-            return np.asarray(self._bases()[row])
+            return np.asarray(self._bases()[first:last + 1])
         except Exception as e:  # zstd/crc32c/zarr raise ValueError, RuntimeError, ... for damaged bytes
-            raise StoreError(shard_file(self.path, k), f"image {row} ({self._ids[row]}): damaged shard, "
-                                                      f"cannot decode it ({_first_line(e)})") from None
+            what = f"image {first} ({self._ids[first]})" if first == last else f"images {first}..{last}"
+            raise StoreError(shard_file(self.path, k), f"{what}: damaged shard, cannot decode it "
+                                                      f"({_first_line(e)})") from None
 
     def read_shard(self, k: int) -> Shard:
         """The ok images of shard k (0 <= k < n_shards), read with one sequential read of its file."""
@@ -349,14 +355,8 @@ class DecompositionStore:
         shards = rows // self.shard_images
         for k in np.unique(shards):
             sel = np.flatnonzero(shards == k)
-            first, last = int(rows[sel[0]]), int(rows[sel[-1]])
-            self._check_shard(int(k))
-            try:
-                block = np.asarray(self._bases()[first:last + 1])
-            except Exception as e:  # damaged bytes: as in _read
-                raise StoreError(shard_file(self.path, int(k)), f"images {first}..{last}: damaged shard, "
-                                                               f"cannot decode it ({_first_line(e)})") from None
-            out[sel] = block[rows[sel] - first]
+            first = int(rows[sel[0]])
+            out[sel] = self._decode(first, int(rows[sel[-1]]))[rows[sel] - first]
         return out
 
     def __getitem__(self, i: int) -> StoreItem:

@@ -224,7 +224,7 @@ def _runs(path: Path) -> List[int]:
 
 
 def part_file(path, run: int, k: int) -> Path:
-    """The journal part of shard k in run `run` (written by the worker that owns the shard)."""
+    """The journal part of shard k in run `run` (written by the driver when it commits the shard)."""
     return run_parts(path, run) / f"part-{k:07d}.parquet"
 
 

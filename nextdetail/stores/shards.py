@@ -84,6 +84,11 @@ def _layout(n_images: int, L: int, size: int, shard_images: int) -> dict:
                 compressors=ZstdCodec(level=ZSTD_LEVEL, checksum=True))
 
 
+def shard_count(n_images: int, shard_images: int) -> int:
+    """How many shards a store of n_images has (the last one may be partial)."""
+    return -(-n_images // shard_images)
+
+
 def shard_key(k: int) -> str:
     """The path of shard k inside bases.zarr (Zarr's default chunk key encoding, "." separator)."""
     return f"c.{k}.0.0.0.0"
