@@ -183,3 +183,15 @@ def test_export_tokens_keeps_the_shard_ids(tmp_path, parquet_src):
     ids = pq.read_table(tmp_path / "tokens" / INDEX).column("id").to_pylist()
     assert ids == DecompositionStore(store).manifest.query("status == 'ok'")["id"].tolist()
     assert ids[0] == "data/train-00000-of-00002.parquet#0" and len(ids) == 5
+
+
+def test_class_names_file_is_read_and_an_unreadable_one_named(tmp_path):
+    from nextdetail.errors import ConfigError
+
+    names = tmp_path / "names.txt"
+    names.write_text("tench\n goldfish \n\nshark\n")
+    cfg = JobConfig(src=tmp_path, out=tmp_path / "s", class_names=names, label_key=".txt")
+    assert cfg.shard_options().class_names == ("tench", "goldfish", "shark")
+    assert cfg.shard_options().label_key == "txt"
+    with pytest.raises(ConfigError, match=r"^--class-names .*nope\.txt: cannot read it"):
+        JobConfig(src=tmp_path, out=tmp_path / "s", class_names=tmp_path / "nope.txt").shard_options()
