@@ -33,10 +33,10 @@ sys.path.insert(0, sys.argv[2])
 from nextdetail.pipelines.sources import scan_source
 before = hwm()
 t0 = time.perf_counter()
-listing = scan_source(sys.argv[1])
+sources = list(scan_source(sys.argv[1]))
 seconds = time.perf_counter() - t0
-print(json.dumps({"images": len(listing.sources), "seconds": seconds, "rss_before_mb": before,
-                  "rss_peak_mb": hwm(), "classes": len({s.label for s in listing.sources})}))
+print(json.dumps({"images": len(sources), "seconds": seconds, "rss_before_mb": before,
+                  "rss_peak_mb": hwm(), "classes": len({s.label for s in sources})}))
 """
 
 

@@ -72,31 +72,33 @@ def test_hf_class_names_come_from_the_schema_metadata(tmp_path, photos):
 
 def test_parquet_shards_are_listed_by_footer_and_label_column(parquet_src):
     listing = scan_source(parquet_src)
+    sources = list(listing)                 # shards are listed as the iteration reaches them
     assert (listing.kind, listing.shards, listing.failed) == ("parquet", 2, [])
-    ids = [s.id for s in listing.sources]
+    ids = [s.id for s in sources]
     assert ids == [f"data/train-00000-of-00002.parquet#{r}" for r in range(3)] + \
                   [f"data/train-00001-of-00002.parquet#{r}" for r in range(4)]
-    assert [s.label for s in listing.sources] == [0, 1, 2, 2, 0, -1, 1]
-    assert [s.class_name for s in listing.sources] == ["tench", "goldfish", "shark", "shark", "tench", None, "goldfish"]
-    assert [s.index for s in listing.sources] == list(range(7))
+    assert [s.label for s in sources] == [0, 1, 2, 2, 0, -1, 1]
+    assert [s.class_name for s in sources] == ["tench", "goldfish", "shark", "shark", "tench", None, "goldfish"]
+    assert [s.index for s in sources] == list(range(7))
     # A glob of the same shards lists the same images, ids relative to the glob's folder.
     globbed = scan_source(f"{parquet_src}/data/*.parquet")
-    assert [s.id.split("#")[0] for s in globbed.sources][:1] == ["train-00000-of-00002.parquet"]
+    assert [s.id.split("#")[0] for s in globbed][:1] == ["train-00000-of-00002.parquet"]
 
 
 def test_class_names_file_overrides(parquet_src):
     listing = scan_source(parquet_src, ShardOptions(class_names=("a", "b", "c")))
-    assert [s.class_name for s in listing.sources][:3] == ["a", "b", "c"]
+    assert [s.class_name for s in listing][:3] == ["a", "b", "c"]
 
 
 def test_tar_shards_group_members_by_key(tar_src):
     listing = scan_source(tar_src)
+    sources = list(listing)
     assert (listing.kind, listing.shards, listing.failed) == ("webdataset", 2, [])
-    assert [s.id for s in listing.sources] == [f"shard-000000.tar#00000{k}" for k in range(4)] + \
+    assert [s.id for s in sources] == [f"shard-000000.tar#00000{k}" for k in range(4)] + \
                                               [f"shard-000001.tar#00000{k}" for k in range(4, 7)]
     # 000006's .cls member came after its image, which the cut went through: no label.
-    assert [s.label for s in listing.sources] == [1, 2, -1, 0, 2, -1, -1]
-    problems = {s.id.split("#")[1]: s.problem for s in listing.sources if s.problem}
+    assert [s.label for s in sources] == [1, 2, -1, 0, 2, -1, -1]
+    problems = {s.id.split("#")[1]: s.problem for s in sources if s.problem}
     assert problems == {"000001": "key group without an image (members: cls, json)",
                         "000002": "label 'zebra' is not an integer"}
 
@@ -104,7 +106,7 @@ def test_tar_shards_group_members_by_key(tar_src):
 def test_a_shard_that_cannot_be_opened_is_named_and_the_rest_listed(parquet_src):
     (parquet_src / "data" / "train-00002-of-00002.parquet").write_bytes(b"PAR1 garbage")
     listing = scan_source(parquet_src)
-    assert len(listing.sources) == 7 and len(listing.failed) == 1
+    assert len(list(listing)) == 7 and len(listing.failed) == 1
     assert listing.failed[0].startswith(f"{parquet_src / 'data' / 'train-00002-of-00002.parquet'}: cannot open it as "
                                         f"Parquet (")
     with pytest.raises(SourceError, match="no image column 'img'"):
@@ -152,8 +154,7 @@ def test_an_interrupted_shard_source_store_resumes_to_the_same_bytes(ray_session
     from nextdetail.stores.decomposition_writer import prepare_store
     from pipeline_data import shard_rows, solve_shards
 
-    listing = scan_source(parquet_src)
-    plan = prepare_store(tmp_path / "cut", cfg(tmp_path / "cut").store_params("numba"), listing.sources,
+    plan = prepare_store(tmp_path / "cut", cfg(tmp_path / "cut").store_params("numba"), scan_source(parquet_src),
                          overwrite=False)
     w = DecomposeWorker(str(tmp_path / "cut"), plan.params.to_dict(), run=plan.run, batch_size=8, read_size=SIZE)
     solve_shards(plan, w, shard_rows(plan)[:2])
@@ -195,3 +196,69 @@ def test_class_names_file_is_read_and_an_unreadable_one_named(tmp_path):
     assert cfg.shard_options().label_key == "txt"
     with pytest.raises(ConfigError, match=r"^--class-names .*nope\.txt: cannot read it"):
         JobConfig(src=tmp_path, out=tmp_path / "s", class_names=tmp_path / "nope.txt").shard_options()
+
+
+def _label_only_shards(folder, shards: int, rows: int):
+    """HF-layout shards whose image cells are a few bytes: listing never reads them."""
+    folder.mkdir(parents=True)
+    for k in range(shards):
+        hf_shard(folder / f"train-{k:05d}.parquet", [b"x"] * rows, [i % 3 for i in range(rows)],
+                 row_group_size=rows)
+    return folder
+
+
+def test_the_driver_holds_a_shard_of_the_listing_not_the_dataset(tmp_path, monkeypatch):
+    """Listing, staging the manifest, planning and the job's windows of shard rows, for N and 4N
+    images in Parquet shards: the driver's peak Python memory does not grow with N."""
+    import tracemalloc
+
+    from nextdetail.pipelines import job
+    from nextdetail.pipelines.worker import shard_items
+    from nextdetail.stores.decomposition_writer import check_store, plan_store
+
+    monkeypatch.setattr(job, "WINDOW_SHARDS", 8)
+    monkeypatch.setattr(job, "WINDOW_SHARDS_PER_ACTOR", 1)
+    params = JobConfig(src=tmp_path, out=tmp_path, size=SIZE, order=2, shard_images=16).store_params("numba")
+    peaks = {}
+    for n_shards in (4, 16):
+        src = _label_only_shards(tmp_path / f"src{n_shards}", n_shards, 1000)
+        store = tmp_path / f"store{n_shards}"
+        tracemalloc.start()
+        plan = plan_store(store, params, check_store(store, params, scan_source(src), overwrite=False),
+                          overwrite=False)
+        rows = sum(len(shard_items(plan, w)) for w in job._windows(plan, workers=2))
+        check = check_store(store, params, scan_source(src), overwrite=False)     # a rerun compares
+        peaks[n_shards] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert rows == plan.n_images // 16 == check.n_images // 16 == n_shards * 1000 // 16
+    # A Source list of the 16,000 images alone would take several MB; a listed shard ~0.3 MB.
+    assert peaks[16] < 1.3 * peaks[4], peaks
+
+
+def test_a_job_in_several_windows_equals_one_window(ray_session, parquet_src, tmp_path, monkeypatch):
+    from nextdetail.pipelines import job
+
+    def cfg(out):
+        return JobConfig(src=parquet_src, out=out, size=SIZE, order=2, params=ATParams(n_iter=6),
+                         backend="numba", shard_images=2)
+
+    one = run_job(cfg(tmp_path / "one"))
+    monkeypatch.setattr(job, "WINDOW_SHARDS", 1)
+    monkeypatch.setattr(job, "WINDOW_SHARDS_PER_ACTOR", 1)
+    several = run_job(cfg(tmp_path / "several"))
+    assert (several.ok, several.error, several.processed) == (one.ok, one.error, one.processed) == (5, 2, 7)
+    assert tree_bytes(tmp_path / "several" / BASES) == tree_bytes(tmp_path / "one" / BASES)
+
+
+def test_a_listing_that_fails_leaves_nothing_staged(tmp_path, parquet_src):
+    from nextdetail.stores.decomposition_writer import LISTED, check_store
+
+    for f in (parquet_src / "data").iterdir():
+        f.write_bytes(b"PAR1 garbage")
+    params = JobConfig(src=parquet_src, out=tmp_path, size=SIZE, order=2).store_params("numba")
+    with pytest.raises(SourceError, match=r"no images found \(2 shards could not be opened; first: .*train-00000"):
+        check_store(tmp_path / "store", params, scan_source(parquet_src), overwrite=False)
+    assert not (tmp_path / "store" / LISTED).exists()
+    # A listing left by a killed driver does not make the folder someone else's.
+    (tmp_path / "store" / LISTED).write_bytes(b"half a listing")
+    assert check_store(tmp_path / "store", params, [], overwrite=False).state == "new"

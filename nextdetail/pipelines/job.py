@@ -1,14 +1,21 @@
 """The Ray Data job: list sources -> read -> decompose in an actor pool -> write the store.
 
-    plan = list_sources(SRC); check the store (before paying for Ray)
+    listing = scan_source(SRC)                  shards of images: listed one at a time
+    check_store: the listing, streamed, compared with the store's manifest or staged as the
+                 manifest of a new store (before paying for Ray)
     connect to Ray (local, or a cluster with address)
-    prepare the store (create it, or work out what a rerun still has to do)
-    from_items(one row per shard to write) -> [map_batches(read_shard), GPU only]
-        -> map_batches(DecomposeWorker, ActorPoolStrategy)     one shard per call, written whole
+    plan_store: create the store, or work out which shards a rerun still has to do
+    for each window of WINDOW_SHARDS shards to write:
+        from_items(one row per shard, its images read from the manifest)
+            -> [map_batches(read_shard), GPU only]
+            -> map_batches(DecomposeWorker, ActorPoolStrategy)     one shard per call, written whole
+        commit each shard as its rows come back
     finish the store (manifest.parquet, then meta.json)
 
 Only paths go out of the driver and only manifest rows come back; pixels are read, solved
-and written by the workers, so the job scales with the cluster. A task owns whole shards,
+and written by the workers, so the job scales with the cluster. The driver holds one shard of
+the listing and one window of rows at a time, so its memory does not grow with the number of
+images in shard sources (a folder's walk is held whole: sorting it needs every name). A task owns whole shards,
 so no two processes ever write one shard file (Zarr would lose images). What both Ray jobs share
 (connecting, resources, failures, timing) is in ray_job.py.
 """
@@ -17,11 +24,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 from ..errors import ConfigError
 from ..stores.decomposition import STATUS_ERROR, run_parts, source_name
-from ..stores.decomposition_writer import StorePlan, check_store, commit_shards, finish_store, prepare_store
+from ..stores.decomposition_writer import StorePlan, check_store, commit_shards, finish_store, plan_store
 from .attempts import ATTEMPTS, crash_hook
 from .config import JobConfig
 from .ray_job import (Progress, RayJobReport, cluster_resources, job_failures, quiet_data_context, ray_session,
@@ -30,6 +37,11 @@ from .sources import scan_source
 from .worker import T_END, T_START, DecomposeWorker, read_shard, shard_items
 
 log = logging.getLogger(__name__)
+
+# Shards sent to Ray per Dataset: bounds what the driver holds (~10 KB of sources per shard);
+# each window starts a new actor pool (seconds), so windows are many shards per actor.
+WINDOW_SHARDS = 4096
+WINDOW_SHARDS_PER_ACTOR = 64
 
 
 @dataclass
@@ -64,11 +76,19 @@ def resolve_resources(cfg: JobConfig) -> tuple:
     return (backend, *resolve_workers(cfg, gpu_job=backend == "cupy", spare_cpus=1))
 
 
-def _dataset(plan: StorePlan, cfg: JobConfig, gpus: float, workers: int):
+def _windows(plan: StorePlan, workers: int) -> Iterator[List[int]]:
+    """The shards to write in windows of at least WINDOW_SHARDS, and WINDOW_SHARDS_PER_ACTOR per
+    actor, so that the tail of a window (actors idle while its last shards finish) stays small."""
+    size = max(WINDOW_SHARDS, WINDOW_SHARDS_PER_ACTOR * workers)
+    for lo in range(0, len(plan.shards), size):
+        yield plan.shards[lo:lo + size]
+
+
+def _dataset(plan: StorePlan, shards: List[int], cfg: JobConfig, gpus: float, workers: int):
     import ray.data
 
     quiet_data_context()
-    items = shard_items(plan)
+    items = shard_items(plan, shards)
     # One block per shard: blocks are what Ray schedules, so this spreads shards evenly.
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     if gpus:
@@ -105,18 +125,17 @@ def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
     ConfigError (bad input, refused store) or JobError (Ray or I/O failure; rerun resumes)."""
     t_begin = time.perf_counter()
     listing = scan_source(cfg.src, cfg.shard_options())
-    sources = listing.sources
-    report = JobReport(store=str(cfg.out), images=len(sources), source=listing.describe(),
-                       failed_shards=listing.failed)
     # Refuse a mismatched store before paying for Ray; a cluster's 'auto' backend is only
     # known once connected, so it is compared then.
     early_backend = cfg.backend if cfg.backend != "auto" or cfg.address is not None else _local_auto(cfg)
     ignore = ("backend",) if early_backend == "auto" else ()
-    check_store(cfg.out, cfg.store_params(early_backend), sources, overwrite=cfg.overwrite, ignore=ignore)
+    check = check_store(cfg.out, cfg.store_params(early_backend), listing, overwrite=cfg.overwrite, ignore=ignore)
+    report = JobReport(store=str(cfg.out), images=check.n_images, source=listing.describe(),
+                       failed_shards=listing.failed)
     with ray_session(cfg, "store", report) as t_connected:
         backend, gpus, workers = resolve_resources(cfg)
         report.device, report.workers = backend, workers
-        plan = prepare_store(cfg.out, cfg.store_params(backend), sources, overwrite=cfg.overwrite)
+        plan = plan_store(cfg.out, cfg.store_params(backend), check, overwrite=cfg.overwrite)
         report.skipped = plan.done
         if plan.previous_errors:
             log.info("retrying %d images that failed in an earlier run", plan.previous_errors)
@@ -126,12 +145,12 @@ def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
         workers = min(workers, max(1, len(plan.shards)))
         report.workers = workers
         if progress:
-            progress.start(len(plan.todo), plan.done)
+            progress.start(plan.todo, plan.done)
         t_first, t_last = None, None
         with job_failures("job", "store", progress):
-            if plan.shards:
-                for batch in _dataset(plan, cfg, gpus, workers).iter_batches(batch_size=None,
-                                                                            batch_format="pyarrow"):
+            for shards in _windows(plan, workers):
+                for batch in _dataset(plan, shards, cfg, gpus, workers).iter_batches(batch_size=None,
+                                                                                    batch_format="pyarrow"):
                     report.processed += batch.num_rows
                     t0, t1 = min(batch.column(T_START).to_pylist()), max(batch.column(T_END).to_pylist())
                     t_first = t0 if t_first is None else min(t_first, t0)

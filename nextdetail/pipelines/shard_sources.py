@@ -2,7 +2,7 @@
 
     SRC = one .parquet or .tar file, a folder holding them (at any depth), or a glob of them.
 
-The driver lists shards and what they hold without decoding a pixel:
+The driver lists shards and what they hold without decoding a pixel, one shard at a time:
 
     parquet     the footer's row count, and the label column alone (column projection);
                 class names from the file's `huggingface` schema metadata (a ClassLabel)
@@ -80,12 +80,12 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def list_shard_sources(root: Path, paths: Sequence[Path], kind: str, options: ShardOptions,
-                       first_index: int = 0) -> Tuple[List[Source], List[str]]:
-    """(every image of the shards, in (shard, row/key) order, numbered from first_index; the
-    shards that could not be opened, "<shard>: <reason>")."""
-    sources: List[Source] = []
-    failed: List[str] = []
+def iter_shard_sources(root: Path, paths: Sequence[Path], kind: str, options: ShardOptions,
+                       failed: List[str]) -> Iterator[Source]:
+    """Every image of the shards, in (shard, row/key) order, numbered from 0, listed one shard at
+    a time (so a million images are never all in memory); a shard that cannot be opened is
+    appended to `failed` as "<shard>: <reason>" and skipped."""
+    index = 0
     for path in paths:
         rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
         try:
@@ -93,10 +93,10 @@ def list_shard_sources(root: Path, paths: Sequence[Path], kind: str, options: Sh
         except ShardError as e:
             failed.append(f"{path}: {e}")
             continue
+        where = str(path.resolve())
         for member, label, class_name, problem in items:
-            sources.append(Source(first_index + len(sources), f"{rel}#{member}", str(path.resolve()), label,
-                                  class_name, member=member, problem=problem))
-    return sources, failed
+            yield Source(index, f"{rel}#{member}", where, label, class_name, member=member, problem=problem)
+            index += 1
 
 
 class ShardError(Exception):

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 from ..errors import PathError
 from ..imageio import FolderError, walk_image_files
 from ..stores.decomposition import NO_LABEL, Source
-from .shard_sources import ShardOptions, find_shards, is_glob, list_shard_sources, shard_kind
+from .shard_sources import ShardOptions, find_shards, is_glob, iter_shard_sources, shard_kind
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +39,37 @@ class SourceError(PathError):
     """SRC cannot be listed; str is one line "<SRC>: <reason>"."""
 
 
-@dataclass
 class SourceListing:
-    """SRC read: its kind (folder, listing, parquet, webdataset), the images in store order, how
-    many shards (shard kinds) and the shards that could not be opened ("<shard>: <reason>")."""
+    """SRC as found: its kind (folder, listing, parquet, webdataset) and, iterated, its images in
+    store order (Sources numbered 0, 1, ...).
 
-    kind: str
-    sources: List[Source]
-    shards: int = 0
-    failed: List[str] = field(default_factory=list)
+    Loose files are listed when SRC is scanned (sorting a folder walk needs every name). Shards
+    are listed as the iteration reaches them, one at a time, so the driver never holds the
+    Sources of a million images in shards; `failed` ("<shard>: <reason>", shards that could not
+    be opened) is filled as they are met, and an iteration that finds no image at all raises
+    SourceError. `shards` counts the shard files."""
+
+    def __init__(self, kind: str, src, sources: Optional[List[Source]] = None, *, shards: Sequence[Path] = (),
+                 root: Optional[Path] = None, options: Optional[ShardOptions] = None):
+        self.kind, self.src, self._sources = kind, src, sources
+        self._paths, self._root, self._options = list(shards), root, options
+        self.shards = len(self._paths)
+        self.failed: List[str] = []
+
+    def __iter__(self) -> Iterator[Source]:
+        if self._sources is not None:
+            yield from self._sources
+            return
+        self.failed = []
+        found = 0
+        for source in iter_shard_sources(self._root, self._paths, self.kind, self._options, self.failed):
+            found += 1
+            yield source
+        if not found:
+            raise _no_images(self.src, self.failed)
 
     def describe(self) -> str:
-        """What was read, for the summary line."""
+        """What was read, for the summary line (after iterating, for shards)."""
         if self.kind == FOLDER:
             return "read a folder of image files"
         if self.kind == LISTING:
@@ -60,41 +78,45 @@ class SourceListing:
         return f"read {self.shards} {self.kind} shards{failed}"
 
 
+def _no_images(src, failed: List[str]) -> SourceError:
+    more = f" ({len(failed)} shards could not be opened; first: {failed[0]})" if failed else ""
+    return SourceError(src, f"no images found{more}")
+
+
 def list_sources(src, options: Optional[ShardOptions] = None) -> List[Source]:
-    """SRC -> its images in store order (`scan_source(...).sources`). Raises SourceError."""
-    return scan_source(src, options).sources
+    """SRC -> all its images in store order, in a list. Raises SourceError."""
+    return list(scan_source(src, options))
 
 
 def scan_source(src, options: Optional[ShardOptions] = None) -> SourceListing:
-    """Tell what SRC is and list it. Raises SourceError when it cannot be listed or is empty."""
+    """Tell what SRC is; list it when it is loose files (shards are listed when iterated).
+    Raises SourceError when it cannot be listed or holds no image."""
     options = options or ShardOptions()
     if is_glob(src):
-        listing = _shards(src, options)
-    else:
-        src = Path(src)
-        if src.is_dir():
-            items = _from_folder(src)
-            listing = SourceListing(FOLDER, _numbered(items)) if items else _shards(src, options)
-        elif src.is_file():
-            suffix = src.suffix.lower()
-            if suffix == ".txt":
-                listing = SourceListing(LISTING, _numbered(_from_text(src)))
-            elif suffix == ".parquet" and _is_path_listing(src, options):
-                listing = SourceListing(LISTING, _numbered(_from_parquet(src)))
-            elif shard_kind(src):
-                listing = _shards(src, options)
-            else:
-                raise SourceError(src, f"expected a folder, a .txt/.parquet listing, a Parquet shard or a .tar, "
-                                       f"got a {suffix or 'suffix-less'} file")
-        elif src.exists():
-            raise SourceError(src, "is neither a folder nor a regular file")
-        else:
-            raise SourceError(src, "no such file or folder")
-    if not listing.sources:
-        failed = f" ({len(listing.failed)} shards could not be opened; first: {listing.failed[0]})" \
-            if listing.failed else ""
-        raise SourceError(src, f"no images found{failed}")
-    return listing
+        return _shards(src, options)
+    src = Path(src)
+    if src.is_dir():
+        items = _from_folder(src)
+        return SourceListing(FOLDER, src, _numbered(items)) if items else _shards(src, options)
+    if src.is_file():
+        suffix = src.suffix.lower()
+        if suffix == ".txt":
+            return _listed(LISTING, src, _numbered(_from_text(src)))
+        if suffix == ".parquet" and _is_path_listing(src, options):
+            return _listed(LISTING, src, _numbered(_from_parquet(src)))
+        if shard_kind(src):
+            return _shards(src, options)
+        raise SourceError(src, f"expected a folder, a .txt/.parquet listing, a Parquet shard or a .tar, "
+                               f"got a {suffix or 'suffix-less'} file")
+    if src.exists():
+        raise SourceError(src, "is neither a folder nor a regular file")
+    raise SourceError(src, "no such file or folder")
+
+
+def _listed(kind: str, src, sources: List[Source]) -> SourceListing:
+    if not sources:
+        raise _no_images(src, [])
+    return SourceListing(kind, src, sources)
 
 
 def _numbered(items) -> List[Source]:
@@ -119,17 +141,21 @@ def _is_path_listing(src: Path, options: ShardOptions) -> bool:
 
 def _shards(src, options: ShardOptions) -> SourceListing:
     root, paths = find_shards(src)
-    kinds = {shard_kind(p) for p in paths}
     if not paths:
-        return SourceListing(FOLDER, [])
+        raise _no_images(src, [])
+    kinds = {shard_kind(p) for p in paths}
     if len(kinds) > 1:
         raise SourceError(src, "holds both Parquet shards and tars; point SRC at one kind")
-    kind = kinds.pop()
-    sources, failed = list_shard_sources(root, paths, kind, options)
-    if failed and not is_glob(src) and Path(src).is_file():
-        # One shard named as SRC: a problem with it is a problem with SRC.
-        raise SourceError(src, failed[0][len(f"{src}: "):])
-    return SourceListing(kind, sources, len(paths), failed)
+    listing = SourceListing(kinds.pop(), src, shards=paths, root=root, options=options)
+    if not is_glob(src) and Path(src).is_file():
+        # One shard named as SRC: list it now (it is one shard), and a problem with it is a
+        # problem with SRC.
+        failed: List[str] = []
+        sources = list(iter_shard_sources(root, paths, listing.kind, options, failed))
+        if failed:
+            raise SourceError(src, failed[0][len(f"{src}: "):])
+        listing = SourceListing(listing.kind, src, sources, shards=paths)
+    return listing
 
 
 def _from_folder(src: Path) -> list:

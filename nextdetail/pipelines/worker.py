@@ -14,7 +14,7 @@ import socket
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -112,15 +112,20 @@ def _host(a) -> np.ndarray:
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
-def shard_items(plan) -> List[dict]:
-    """The job's rows: one per shard to write, its sources as JSON (a type Ray keeps as is).
+def shard_items(plan, shards: Optional[Sequence[int]] = None) -> List[dict]:
+    """The job's rows for `shards` (default: every shard the plan writes): one per shard, its
+    sources as JSON (a type Ray keeps as is), read from the store's manifest.
 
     (Having each task read its shard's sources from the manifest's row group k instead would
-    make this O(shards), but a pyarrow read in the actor made the solver's output differ in the
-    last bit now and then under Ray, measured and not understood; so the driver sends them.)"""
-    return [{"shard": k, "sources": json.dumps([[s.index, s.path, None if s.member is None else str(s.member),
-                                                 s.problem] for s in plan.shard_sources(k)])}
-            for k in plan.shards]
+    spare the driver even this, but a pyarrow read in the actor made the solver's output differ
+    in the last bit now and then under Ray, measured and not understood; so the driver sends
+    them, a window of shards at a time: see job.py.)"""
+    from ..stores.decomposition_writer import manifest_sources, open_manifest
+
+    manifest = open_manifest(plan.path)
+    return [{"shard": k, "sources": json.dumps([[s.index, s.path, s.member, s.problem]
+                                                 for s in manifest_sources(manifest, k)])}
+            for k in (plan.shards if shards is None else shards)]
 
 
 def shard_sources(row: Dict[str, np.ndarray]) -> tuple:

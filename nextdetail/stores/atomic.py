@@ -19,13 +19,19 @@ def atomic_write(path):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        commit_file(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+
+
+def commit_file(tmp, path) -> None:
+    """Move a fully written file into place durably: fsync it, rename it (atomic on one file
+    system), fsync the folder so the rename survives a power loss."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(Path(path).parent)
 
 
 def _fsync_dir(folder: Path) -> None:

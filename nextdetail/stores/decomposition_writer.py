@@ -31,10 +31,10 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from .. import __version__
-from .atomic import atomic_write, write_bytes_atomic, write_table_atomic
+from .atomic import atomic_write, commit_file, write_bytes_atomic, write_table_atomic
 from .decomposition import (FORMAT, FORMAT_VERSION, LAYERS_V1, MANIFEST, META, PARTS, STATUS_ERROR, STATUS_OK,
                             STATUS_PENDING, Source, StoreError, StoreParams, format_refusal, layer_names,
                             manifest_schema, run_parts)
@@ -47,14 +47,15 @@ STORE_ENTRIES = (BASES, LAYERS_V1, MANIFEST, META, PARTS)     # the only names -
 
 @dataclass
 class StorePlan:
-    """What this run has to do: the `shards` to (re)write, holding the `todo` sources; `done`
-    images are ok in shards that stay as they are."""
+    """What this run has to do: the `shards` to (re)write, holding `todo` images; `done` images
+    are ok in shards that stay as they are. The images of a shard are read from the manifest
+    (`shard_sources`), so the driver holds shard numbers, not images."""
 
     path: Path
     params: StoreParams
-    sources: List[Source]
+    n_images: int
     shards: List[int]
-    todo: List[Source]
+    todo: int
     done: int
     run: int                      # journal run number of this run (1, 2, ...)
     created: bool = False
@@ -62,8 +63,41 @@ class StorePlan:
     damaged: int = 0              # shards redone because their file is gone or not its size
 
     def shard_sources(self, k: int) -> List[Source]:
-        m = self.params.shard_images
-        return self.sources[k * m:(k + 1) * m]
+        """The images of shard k, as listed when the store was created."""
+        return manifest_sources(open_manifest(self.path), k)
+
+
+@dataclass
+class StoreCheck:
+    """What check_store found: the store's state ('new', or 'store' when one is there), how
+    many images SRC lists, and, when the store is to be created (or replaced), the manifest of
+    the listing staged beside it (all rows pending; plan_store puts it in place)."""
+
+    state: str
+    n_images: int
+    staged: Optional[Path] = None
+
+
+# The listing written as a manifest before Ray starts; a dot name, so that a folder holding only
+# a leftover one (a driver killed while listing) still counts as new.
+LISTED = ".manifest-listed.parquet"
+SOURCE_COLUMNS = ("index", "id", "path", "member", "label", "class_name", "problem")
+
+
+def manifest_sources(manifest, k: int) -> List[Source]:
+    """Shard k's images from row group k of an open manifest (a pyarrow ParquetFile)."""
+    rows = manifest.read_row_group(k, columns=list(SOURCE_COLUMNS)).to_pylist()
+    return [Source(**r) for r in rows]
+
+
+def open_manifest(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path / MANIFEST)
+    except Exception as e:
+        raise StoreError(path, f"cannot read {MANIFEST} ({type(e).__name__}: {e}); pass --overwrite "
+                               f"to start the store over") from None
 
 
 def zarr_attributes(params: StoreParams, n_images: int) -> dict:
@@ -79,7 +113,7 @@ def _store_state(path: Path) -> str:
         return "new"
     if not path.is_dir():
         raise StoreError(path, "exists and is not a folder; choose another --out")
-    names = set(os.listdir(path))
+    names = {n for n in os.listdir(path) if not n.startswith(".")}     # temp files, LISTED
     if not names:
         return "new"
     return "store" if names & set(STORE_ENTRIES) else "foreign"
@@ -110,32 +144,58 @@ def _format_1_meta(path: Path) -> dict:
         return {}
 
 
-def _source_differences(path: Path, manifest, sources: Sequence[Source]) -> List[str]:
-    """How the images listed now differ from the ones the store was made for (manifest: its id
-    and label columns, a pyarrow Table)."""
-    import numpy as np
-    import pyarrow as pa
+def _in_shards(sources: Iterable[Source], m: int) -> Iterator[List[Source]]:
+    """The sources in lists of m (a store shard's images), streamed."""
+    part: List[Source] = []
+    for source in sources:
+        part.append(source)
+        if len(part) == m:
+            yield part
+            part = []
+    if part:
+        yield part
 
-    now = pa.array([s.id for s in sources], pa.string())
-    if manifest.column("id").combine_chunks().equals(now):       # the usual case: compared in Arrow
-        old = manifest.column("label").to_numpy(zero_copy_only=False)
-        changed = np.flatnonzero(old != np.fromiter((s.label for s in sources), np.int64, len(sources)))
-        return [f"{len(changed)} labels changed (e.g. {sources[changed[0]].id})"] if len(changed) else []
-    ids, now = manifest.column("id").to_pylist(), now.to_pylist()
-    old_set, new_set = set(ids), set(now)
-    added = [i for i in now if i not in old_set]
-    removed = [i for i in ids if i not in new_set]
+
+def _source_differences(path: Path, params: StoreParams, sources: Iterable[Source]) -> Tuple[int, List[str]]:
+    """(images listed, how they differ from the ones the store was made for), comparing shard by
+    shard with the manifest's row groups: one shard of each in memory while they agree. After a
+    first difference the ids from there on are gathered to say what was added or removed."""
+    manifest = open_manifest(path)
+    groups, m = manifest.num_row_groups, params.shard_images
+    n, first, changed, example, ids_after = 0, None, 0, None, []
+    for k, part in enumerate(_in_shards(sources, m)):
+        n += len(part)
+        if first is None:
+            old = manifest.read_row_group(k, columns=["id", "label"]).to_pydict() if k < groups else None
+            if old is None or old["id"] != [s.id for s in part]:
+                first = k
+            else:
+                bad = [s.id for s, label in zip(part, old["label"]) if s.label != label]
+                changed += len(bad)
+                example = example or (bad[0] if bad else None)
+        if first is not None:
+            ids_after += [s.id for s in part]
+    if first is None and params.shards(n) != groups:
+        first = params.shards(n)
+    if first is None:
+        return n, [f"{changed} labels changed (e.g. {example})"] if changed else []
+    old_ids = [i for k in range(first, groups) for i in manifest.read_row_group(k, columns=["id"]).column(0).to_pylist()]
+    old_set, new_set = set(old_ids), set(ids_after)
+    added = [i for i in ids_after if i not in old_set]
+    removed = [i for i in old_ids if i not in new_set]
     out = []
     if added:
         out.append(f"{len(added)} images added (e.g. {added[0]})")
     if removed:
         out.append(f"{len(removed)} images removed (e.g. {removed[0]})")
-    return out or ["the images are listed in another order"]
+    return n, out or ["the images are listed in another order"]
 
 
-def check_store(path, wanted: StoreParams, sources: Sequence[Source], *, overwrite: bool,
-                ignore: tuple = ()) -> str:
-    """Refuse (StoreError) a store this run may not continue; returns its state.
+def check_store(path, wanted: StoreParams, sources: Iterable[Source], *, overwrite: bool,
+                ignore: tuple = ()) -> StoreCheck:
+    """Refuse (StoreError) a store this run may not continue; consume the listing once, streamed:
+    compared with the manifest of a store to continue, else staged as the manifest of the store
+    to create (see StoreCheck).
 
     ignore: parameter names not to compare yet (backend, before a cluster resolves auto).
     """
@@ -145,35 +205,30 @@ def check_store(path, wanted: StoreParams, sources: Sequence[Source], *, overwri
         raise StoreError(path, f"exists and is not a decomposition store (no {BASES}); choose another "
                                f"--out (--overwrite only ever replaces a store)")
     if state == "new" or overwrite:
-        return state
+        return StoreCheck(state, *_stage_listing(path, wanted, sources))
     if (path / LAYERS_V1).exists() and not (path / BASES).exists():
         raise StoreError(path, format_refusal(path, 1, _format_1_meta(path)))
+    _check_params(path, wanted, ignore)
+    if (path / MANIFEST).exists():
+        n, diffs = _source_differences(path, wanted, sources)
+        if diffs:
+            raise StoreError(path, f"store made from other images than SRC lists now: {'; '.join(diffs)}; "
+                                   f"pass --overwrite to replace it")
+        return StoreCheck(state, n)
+    if (path / PARTS).exists():
+        raise StoreError(path, f"store without {MANIFEST} but with a journal (damaged); pass --overwrite "
+                               f"to start it over")
+    # A creation that died before its manifest: nothing was processed; create it again.
+    return StoreCheck(state, *_stage_listing(path, wanted, sources))
+
+
+def _check_params(path: Path, wanted: StoreParams, ignore: tuple = ()) -> None:
     if not (path / BASES).exists():
         raise StoreError(path, f"store without {BASES} (damaged); pass --overwrite to start it over")
     diffs = _stored_params(path).differences(wanted, ignore=ignore)
     if diffs:
         raise StoreError(path, f"store made with other parameters: {'; '.join(diffs)}; rerun with the "
                                f"store's parameters, or pass --overwrite to replace it")
-    if (path / MANIFEST).exists():
-        diffs = _source_differences(path, _read_manifest(path, ["id", "label"]), sources)
-        if diffs:
-            raise StoreError(path, f"store made from other images than SRC lists now: {'; '.join(diffs)}; "
-                                   f"pass --overwrite to replace it")
-    elif (path / PARTS).exists():
-        raise StoreError(path, f"store without {MANIFEST} but with a journal (damaged); pass --overwrite "
-                               f"to start it over")
-    return state
-
-
-def _read_manifest(path: Path, columns=None):
-    """manifest.parquet (those columns) as a pyarrow Table; StoreError when unreadable."""
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path / MANIFEST, columns=columns)
-    except Exception as e:
-        raise StoreError(path, f"cannot read {MANIFEST} ({type(e).__name__}: {e}); pass --overwrite "
-                               f"to start the store over") from None
 
 
 def _remove_store(path: Path) -> None:
@@ -185,21 +240,18 @@ def _remove_store(path: Path) -> None:
             p.unlink()
 
 
-def create_store(path: Path, params: StoreParams, sources: Sequence[Source]) -> None:
-    """bases.zarr (zarr.json only: no shard written) and an all-pending manifest whose row group k
-    is shard k (so that resuming and finishing read one shard's rows at a time)."""
+def _stage_listing(path: Path, params: StoreParams, sources: Iterable[Source]) -> Tuple[int, Path]:
+    """Write the listing, streamed, as an all-pending manifest whose row group k is shard k (so
+    that resuming and finishing read one shard's rows at a time) to path/LISTED. Returns (images,
+    the staged file); removes it when the listing fails (SourceError)."""
     import pyarrow as pa
 
     path.mkdir(parents=True, exist_ok=True)
-    n = len(sources)
-    create_bases_array(path / BASES, n, params.order, params.size, params.shard_images,
-                       zarr_attributes(params, n))
     schema = manifest_schema(params.order)
-    m = params.shard_images
-    with atomic_write(path / MANIFEST) as tmp:
-        with _parquet_writer(tmp, schema) as writer:
-            for k in range(params.shards(n)):
-                part = sources[k * m:(k + 1) * m]
+    m, n, staged = params.shard_images, 0, path / LISTED
+    try:
+        with _parquet_writer(staged, schema) as writer:
+            for part in _in_shards(sources, m):
                 cols = {"index": [x.index for x in part], "id": [x.id for x in part],
                         "path": [x.path for x in part],
                         "member": [None if x.member is None else str(x.member) for x in part],
@@ -207,6 +259,19 @@ def create_store(path: Path, params: StoreParams, sources: Sequence[Source]) -> 
                         "problem": [x.problem for x in part], "status": [STATUS_PENDING] * len(part)}
                 writer.write_table(pa.table({f.name: pa.array(cols.get(f.name, [None] * len(part)), type=f.type)
                                              for f in schema}, schema=schema), row_group_size=m)
+                n += len(part)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    return n, staged
+
+
+def create_store(path: Path, params: StoreParams, n_images: int, staged: Path) -> None:
+    """bases.zarr (zarr.json only: no shard written), then the staged listing becomes the
+    manifest: a folder with bases.zarr and no manifest is a creation that died."""
+    create_bases_array(path / BASES, n_images, params.order, params.size, params.shard_images,
+                       zarr_attributes(params, n_images))
+    commit_file(staged, path / MANIFEST)
 
 
 def _parquet_writer(path, schema):
@@ -249,11 +314,7 @@ def shard_tables(path, params: StoreParams, n_images: int) -> Iterator:
     path = Path(path)
     schema = manifest_schema(params.order)
     latest = _latest_parts(path)
-    try:
-        base = pq.ParquetFile(path / MANIFEST)
-    except Exception as e:
-        raise StoreError(path, f"cannot read {MANIFEST} ({type(e).__name__}: {e}); pass --overwrite "
-                               f"to start the store over") from None
+    base = open_manifest(path)
     n_shards = params.shards(n_images)
     if base.num_row_groups != n_shards:
         raise StoreError(path / MANIFEST, f"has {base.num_row_groups} row groups, not one per shard "
@@ -312,41 +373,44 @@ def merged_manifest(path, params: StoreParams, n_images: int):
     return pa.concat_tables(list(shard_tables(path, params, n_images))).to_pandas()
 
 
-def prepare_store(path, params: StoreParams, sources: Sequence[Source], *, overwrite: bool) -> StorePlan:
-    """Create the store or check and reopen it; work out which shards this run must (re)write."""
+def prepare_store(path, params: StoreParams, sources: Iterable[Source], *, overwrite: bool) -> StorePlan:
+    """check_store, then plan_store: what the job does, split by Ray's start-up."""
+    return plan_store(path, params, check_store(path, params, sources, overwrite=overwrite), overwrite=overwrite)
+
+
+def plan_store(path, params: StoreParams, check: StoreCheck, *, overwrite: bool) -> StorePlan:
+    """Create the store (from the listing check_store staged) or reopen it; work out which shards
+    this run must (re)write. params are checked again: the backend may only now be resolved."""
     path = Path(path)
-    state = check_store(path, params, sources, overwrite=overwrite)
-    if state == "store" and overwrite:
-        log.info("%s: --overwrite: removing the existing store", path)
-        _remove_store(path)
-        state = "new"
-    if state == "store" and not (path / MANIFEST).exists():
-        state = "new"        # a creation that died before its manifest: nothing was processed
-    n_shards = params.shards(len(sources))
-    if state == "new":
-        create_store(path, params, sources)
-        return StorePlan(path, params, list(sources), list(range(n_shards)), list(sources), done=0, run=1,
-                         created=True)
-    shards, damaged, previous_errors = [], 0, 0
-    for k, rows in enumerate(shard_tables(path, params, len(sources))):
+    n = check.n_images
+    if check.staged is not None:
+        if check.state == "store":
+            log.info("%s: %s: removing the existing store", path,
+                     "--overwrite" if overwrite else "a creation that died")
+            _remove_store(path)
+        create_store(path, params, n, check.staged)
+        return StorePlan(path, params, n, list(range(params.shards(n))), todo=n, done=0, run=1, created=True)
+    _check_params(path, params)
+    shards, damaged, previous_errors, todo = [], 0, 0, 0
+    for k, rows in enumerate(shard_tables(path, params, n)):
         status = rows.column("status").to_pylist()
         written = rows.column("shard_bytes")[0].as_py()
         if not all(s == STATUS_OK for s in status):
             shards.append(k)
+            todo += len(status)
             previous_errors += sum(s == STATUS_ERROR for s in status)
         elif _file_size(shard_file(path, k)) != written:
             # Every image ok, and the file is not the size its part said when it was written.
             shards.append(k)
+            todo += len(status)
             damaged += 1
             log.warning("%s: shard %d is gone or not the size it was written with; redoing it",
                         shard_file(path, k), k)
-    m = params.shard_images
-    todo = [s for k in shards for s in sources[k * m:(k + 1) * m]]
     if shards and (path / META).exists():
         # The store is incomplete again until this run finishes.
         (path / META).unlink()
     run = (max(_runs(path)) if _runs(path) else 0) + 1
-    return StorePlan(path, params, list(sources), shards, todo, done=len(sources) - len(todo), run=run,
+    return StorePlan(path, params, n, shards, todo=todo, done=n - todo, run=run,
                      previous_errors=previous_errors, damaged=damaged)
 
 
@@ -367,7 +431,7 @@ def finish_store(plan: StorePlan, src: str) -> dict:
     pending, example = 0, None
     with atomic_write(path / MANIFEST) as tmp:
         with _parquet_writer(tmp, schema) as writer:
-            for rows in shard_tables(path, params, len(plan.sources)):
+            for rows in shard_tables(path, params, plan.n_images):
                 status = rows.column("status").to_pylist()
                 if STATUS_PENDING in status:
                     pending += sum(s == STATUS_PENDING for s in status)
