@@ -159,7 +159,14 @@ def test_encode_shard_gives_the_bytes_zarr_writes_itself(tmp_path, m):
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "a.zarr")[:], q)
 
 
-def test_resume_redoes_whole_shards_with_errors_and_later_runs_win(tmp_path, src):
+@pytest.mark.parametrize("group_shards", [64, 1])
+def test_resume_redoes_whole_shards_with_errors_and_later_runs_win(tmp_path, src, group_shards, monkeypatch):
+    """(group_shards: the manifest's row groups hold that many shards; 1 makes several groups
+    of these 6 images.)"""
+    import pyarrow.parquet as pq
+    from nextdetail.stores import decomposition_writer
+
+    monkeypatch.setattr(decomposition_writer, "MANIFEST_GROUP_SHARDS", group_shards)
     store = tmp_path / "store"
     plan = prepare_store(store, PARAMS, src, overwrite=False)
     write(store, plan, shards={0})                              # 3 ok, 1 error; then the "driver dies"
@@ -178,6 +185,7 @@ def test_resume_redoes_whole_shards_with_errors_and_later_runs_win(tmp_path, src
     assert (third.shards, third.done, third.run) == ([1], 4, 3)
     write(store, third)
     assert finish_store(third, src="x") == {"images": 6, "ok": 6, "error": 0}
+    assert pq.ParquetFile(store / MANIFEST).num_row_groups == (1 if group_shards == 64 else 2)
     done = prepare_store(store, PARAMS, src, overwrite=False)
     assert done.shards == [] and done.todo == 0 and done.done == 6 and (store / META).exists()
 

@@ -116,13 +116,13 @@ def shard_items(plan, shards: Optional[Sequence[int]] = None) -> List[dict]:
     """The job's rows for `shards` (default: every shard the plan writes): one per shard, its
     sources as JSON (a type Ray keeps as is), read from the store's manifest.
 
-    (Having each task read its shard's sources from the manifest's row group k instead would
+    (Having each task read its shard's sources from the manifest instead would
     spare the driver even this, but a pyarrow read in the actor made the solver's output differ
     in the last bit now and then under Ray, measured and not understood; so the driver sends
     them, a window of shards at a time: see job.py.)"""
-    from ..stores.decomposition_writer import manifest_sources, open_manifest
+    from ..stores.decomposition_writer import ManifestShards, manifest_sources
 
-    manifest = open_manifest(plan.path)
+    manifest = ManifestShards(plan.path, plan.params.shard_images)
     return [{"shard": k, "sources": json.dumps([[s.index, s.path, s.member, s.problem]
                                                  for s in manifest_sources(manifest, k)])}
             for k in (plan.shards if shards is None else shards)]

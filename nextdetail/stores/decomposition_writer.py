@@ -19,12 +19,13 @@ Resume works from the store alone, never from Ray's state, at shard granularity:
   solver is deterministic per image), so a crash costs time, never data. A no-op rerun costs
   one manifest read and one stat per shard.
 - Finishing goes shard by shard (`shard_tables`): each shard's rows from its latest part (a
-  run writes a shard's part whole, so the latest run wins), or from the manifest, one row group
-  each into a new manifest.parquet; then meta.json (the "complete" mark); then it drops the
-  journal. The driver holds one shard's rows at a time.
+  run writes a shard's part whole, so the latest run wins), or from the manifest, into a new
+  manifest.parquet (row groups of MANIFEST_GROUP_SHARDS shards); then meta.json (the "complete"
+  mark); then it drops the journal. The driver holds one row group's rows at a time.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -35,8 +36,8 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from .. import __version__
 from .atomic import atomic_write, commit_file, write_bytes_atomic, write_table_atomic
-from .decomposition import (FORMAT, FORMAT_VERSION, LAYERS_V1, MANIFEST, META, PARTS, STATUS_ERROR, STATUS_OK,
-                            STATUS_PENDING, Source, StoreError, StoreParams, format_refusal, layer_names,
+from .decomposition import (FORMAT, FORMAT_VERSION, LAYERS_V1, MANIFEST, MANIFEST_GROUP_SHARDS, META, PARTS,
+                            STATUS_ERROR, STATUS_OK, STATUS_PENDING, Source, StoreError, StoreParams, format_refusal, layer_names,
                             manifest_schema, run_parts)
 from .shards import BASES, DIMENSIONS, ZSTD_LEVEL, create_bases_array, shard_file, shard_key
 
@@ -64,7 +65,7 @@ class StorePlan:
 
     def shard_sources(self, k: int) -> List[Source]:
         """The images of shard k, as listed when the store was created."""
-        return manifest_sources(open_manifest(self.path), k)
+        return manifest_sources(ManifestShards(self.path, self.params.shard_images), k)
 
 
 @dataclass
@@ -84,10 +85,68 @@ LISTED = ".manifest-listed.parquet"
 SOURCE_COLUMNS = ("index", "id", "path", "member", "label", "class_name", "problem")
 
 
-def manifest_sources(manifest, k: int) -> List[Source]:
-    """Shard k's images from row group k of an open manifest (a pyarrow ParquetFile)."""
-    rows = manifest.read_row_group(k, columns=list(SOURCE_COLUMNS)).to_pylist()
-    return [Source(**r) for r in rows]
+def manifest_sources(manifest: "ManifestShards", k: int) -> List[Source]:
+    """Shard k's images, as listed when the store was created."""
+    return [Source(**r) for r in manifest.shard(k, SOURCE_COLUMNS).to_pylist()]
+
+
+class ManifestShards:
+    """Shard by shard reads of manifest.parquet, whose row groups hold MANIFEST_GROUP_SHARDS whole
+    shards: asked in order, each row group is read once (the last one read is kept)."""
+
+    def __init__(self, path: Path, shard_images: int):
+        self.file = open_manifest(path)
+        self.path, self.m = Path(path), shard_images
+        self.rows = self.file.metadata.num_rows
+        starts = [0]
+        for g in range(self.file.num_row_groups):
+            starts.append(starts[-1] + self.file.metadata.row_group(g).num_rows)
+        self._starts, self._cached = starts, (None, None, None)
+
+    def shard(self, k: int, columns=None):
+        """Shard k's rows (a pyarrow Table; those columns, default all)."""
+        lo, hi = k * self.m, min((k + 1) * self.m, self.rows)
+        g = bisect.bisect_right(self._starts, lo) - 1
+        if not (0 <= lo < self.rows and g < len(self._starts) - 1 and hi <= self._starts[g + 1]):
+            raise StoreError(self.path / MANIFEST, f"does not hold shard {k} within one row group ({self.rows} rows "
+                                                   f"in {len(self._starts) - 1} groups); pass --overwrite to "
+                                                   f"start the store over")
+        key = (g, tuple(columns) if columns is not None else None)
+        if self._cached[0] != key:
+            self._cached = (key, self.file.read_row_group(g, columns=list(columns) if columns else None))
+        return self._cached[1].slice(lo - self._starts[g], hi - lo)
+
+
+class _GroupedWriter:
+    """A ParquetWriter that writes a row group per MANIFEST_GROUP_SHARDS shards of rows given a
+    shard at a time (write_table alone would make a row group per call)."""
+
+    def __init__(self, path, schema, shard_images: int):
+        import pyarrow.parquet as pq
+
+        self.writer, self.size = pq.ParquetWriter(path, schema), MANIFEST_GROUP_SHARDS * shard_images
+        self.pending, self.n = [], 0
+
+    def write(self, table) -> None:
+        self.pending.append(table)
+        self.n += table.num_rows
+        if self.n >= self.size:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self.pending:
+            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=self.size)
+        self.pending, self.n = [], 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *exc) -> None:
+        if kind is None:
+            self._flush()
+        self.writer.close()
 
 
 def open_manifest(path: Path):
@@ -160,13 +219,13 @@ def _source_differences(path: Path, params: StoreParams, sources: Iterable[Sourc
     """(images listed, how they differ from the ones the store was made for), comparing shard by
     shard with the manifest's row groups: one shard of each in memory while they agree. After a
     first difference the ids from there on are gathered to say what was added or removed."""
-    manifest = open_manifest(path)
-    groups, m = manifest.num_row_groups, params.shard_images
+    manifest = ManifestShards(path, params.shard_images)
+    groups, m = params.shards(manifest.rows), params.shard_images
     n, first, changed, example, ids_after = 0, None, 0, None, []
     for k, part in enumerate(_in_shards(sources, m)):
         n += len(part)
         if first is None:
-            old = manifest.read_row_group(k, columns=["id", "label"]).to_pydict() if k < groups else None
+            old = manifest.shard(k, ["id", "label"]).to_pydict() if k < groups else None
             if old is None or old["id"] != [s.id for s in part]:
                 first = k
             else:
@@ -179,7 +238,7 @@ def _source_differences(path: Path, params: StoreParams, sources: Iterable[Sourc
         first = params.shards(n)
     if first is None:
         return n, [f"{changed} labels changed (e.g. {example})"] if changed else []
-    old_ids = [i for k in range(first, groups) for i in manifest.read_row_group(k, columns=["id"]).column(0).to_pylist()]
+    old_ids = [i for k in range(first, groups) for i in manifest.shard(k, ["id"]).column(0).to_pylist()]
     old_set, new_set = set(old_ids), set(ids_after)
     added = [i for i in ids_after if i not in old_set]
     removed = [i for i in old_ids if i not in new_set]
@@ -241,8 +300,8 @@ def _remove_store(path: Path) -> None:
 
 
 def _stage_listing(path: Path, params: StoreParams, sources: Iterable[Source]) -> Tuple[int, Path]:
-    """Write the listing, streamed, as an all-pending manifest whose row group k is shard k (so
-    that resuming and finishing read one shard's rows at a time) to path/LISTED. Returns (images,
+    """Write the listing, streamed, as an all-pending manifest (row groups of whole shards, so
+    that resuming and finishing read a shard's rows at a time) to path/LISTED. Returns (images,
     the staged file); removes it when the listing fails (SourceError)."""
     import pyarrow as pa
 
@@ -250,15 +309,15 @@ def _stage_listing(path: Path, params: StoreParams, sources: Iterable[Source]) -
     schema = manifest_schema(params.order)
     m, n, staged = params.shard_images, 0, path / LISTED
     try:
-        with _parquet_writer(staged, schema) as writer:
+        with _GroupedWriter(staged, schema, m) as writer:
             for part in _in_shards(sources, m):
                 cols = {"index": [x.index for x in part], "id": [x.id for x in part],
                         "path": [x.path for x in part],
                         "member": [None if x.member is None else str(x.member) for x in part],
                         "label": [x.label for x in part], "class_name": [x.class_name for x in part],
                         "problem": [x.problem for x in part], "status": [STATUS_PENDING] * len(part)}
-                writer.write_table(pa.table({f.name: pa.array(cols.get(f.name, [None] * len(part)), type=f.type)
-                                             for f in schema}, schema=schema), row_group_size=m)
+                writer.write(pa.table({f.name: pa.array(cols.get(f.name, [None] * len(part)), type=f.type)
+                                       for f in schema}, schema=schema))
                 n += len(part)
     except BaseException:
         staged.unlink(missing_ok=True)
@@ -272,12 +331,6 @@ def create_store(path: Path, params: StoreParams, n_images: int, staged: Path) -
     create_bases_array(path / BASES, n_images, params.order, params.size, params.shard_images,
                        zarr_attributes(params, n_images))
     commit_file(staged, path / MANIFEST)
-
-
-def _parquet_writer(path, schema):
-    import pyarrow.parquet as pq
-
-    return pq.ParquetWriter(path, schema)
 
 
 def _runs(path: Path) -> List[int]:
@@ -314,13 +367,12 @@ def shard_tables(path, params: StoreParams, n_images: int) -> Iterator:
     path = Path(path)
     schema = manifest_schema(params.order)
     latest = _latest_parts(path)
-    base = open_manifest(path)
-    n_shards = params.shards(n_images)
-    if base.num_row_groups != n_shards:
-        raise StoreError(path / MANIFEST, f"has {base.num_row_groups} row groups, not one per shard "
-                                          f"({n_shards}); pass --overwrite to start the store over")
-    for k in range(n_shards):
-        rows = base.read_row_group(k).select(schema.names).cast(schema)
+    base = ManifestShards(path, params.shard_images)
+    if base.rows != n_images:
+        raise StoreError(path / MANIFEST, f"has {base.rows} rows, not {n_images}; pass --overwrite to start the "
+                                          f"store over")
+    for k in range(params.shards(n_images)):
+        rows = base.shard(k).select(schema.names).cast(schema)
         if k in latest:
             part = pq.read_table(latest[k], schema=schema)
             if part.column("index").to_pylist() != rows.column("index").to_pylist():
@@ -430,7 +482,7 @@ def finish_store(plan: StorePlan, src: str) -> dict:
     counts = {"images": 0, "ok": 0, "error": 0}
     pending, example = 0, None
     with atomic_write(path / MANIFEST) as tmp:
-        with _parquet_writer(tmp, schema) as writer:
+        with _GroupedWriter(tmp, schema, params.shard_images) as writer:
             for rows in shard_tables(path, params, plan.n_images):
                 status = rows.column("status").to_pylist()
                 if STATUS_PENDING in status:
@@ -438,7 +490,7 @@ def finish_store(plan: StorePlan, src: str) -> dict:
                     example = example or rows.column("id")[status.index(STATUS_PENDING)].as_py()
                 counts["images"] += len(status)
                 counts["ok"] += sum(s == STATUS_OK for s in status)
-                writer.write_table(rows, row_group_size=params.shard_images)
+                writer.write(rows)
             if pending:        # raised inside atomic_write: the manifest is left as it was
                 raise StoreError(path, f"{pending} images are still pending (e.g. {example}); rerun to "
                                        f"complete the store")
