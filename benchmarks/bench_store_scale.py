@@ -1,7 +1,8 @@
 """How the decomposition store's cost grows with N: 1,000, 10,000 and 100,000 images at 64 px.
 
 Synthetic datasets (made once, cached under out/bench-scale/) of random 80x80 crops of the
-../shared/data photos as JPEG files in 100 class folders, as ImageNet is laid out. For each N,
+../shared/data photos as JPEG files in 100 class folders, as ImageNet is laid out (or, with
+--source parquet, the same JPEGs in Hugging Face Parquet shards of 1,000 rows). For each N,
 `nextdetail decompose-dataset` runs as a user runs it (a subprocess, local Ray, all CPUs):
 
   img/s          the job's processing rate (its summary line; Ray's start-up excluded)
@@ -19,7 +20,7 @@ At the largest N also `export-tokens` (a tiny tokenizer, 32 px centre crops) ima
 token store's meta.json bytes. Not a test: about 15 minutes for the three sizes on 2 cores
 once the datasets exist (making them, the first time, a few minutes more).
 
-    python benchmarks/bench_store_scale.py [--sizes 1000,10000,100000] [--image-size 64]
+    python benchmarks/bench_store_scale.py [--sizes 1000,10000,100000] [--image-size 64] [--source parquet]
 """
 from __future__ import annotations
 
@@ -70,6 +71,26 @@ def make_dataset(n: int) -> Path:
         y, x = rng.integers(0, p.shape[0] - 80), rng.integers(0, p.shape[1] - 80)
         Image.fromarray(p[y:y + 80, x:x + 80]).save(folder / f"class{i % CLASSES:03d}" / f"{i:07d}.jpg", quality=90)
     done.touch()
+    return folder
+
+
+def make_parquet(n: int) -> Path:
+    """The same n JPEGs as Hugging Face Parquet shards of 1,000 rows (image struct, label), made once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = OUT / f"src-{n}-parquet"
+    if (folder / ".complete").exists():
+        return folder
+    files = list_images([make_dataset(n)])
+    folder.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64())])
+    for k, lo in enumerate(range(0, n, 1000)):
+        part = files[lo:lo + 1000]
+        table = pa.table({"image": [{"bytes": p.read_bytes(), "path": p.name} for p in part],
+                          "label": [int(p.parent.name[5:]) for p in part]}, schema=schema)
+        pq.write_table(table, folder / f"train-{k:05d}.parquet", row_group_size=250)
+    (folder / ".complete").touch()
     return folder
 
 
@@ -154,14 +175,16 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1000,10000,100000", help="comma-separated N")
     ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--source", choices=["folder", "parquet"], default="folder",
+                    help="the same JPEGs as files in class folders, or in Hugging Face Parquet shards")
     a = ap.parse_args(argv)
     print("command:", shlex.join([Path(sys.executable).name, *sys.argv]), flush=True)
     sizes = [int(x) for x in a.sizes.split(",")]
     rows, base_rate = [], None
     for n in sizes:
-        src = make_dataset(n)
+        src = make_dataset(n) if a.source == "folder" else make_parquet(n)
         _, src_bytes = tree_size(src)
-        runs = OUT / f"runs-{n}"
+        runs = OUT / f"runs-{n}-{a.source}"
         shutil.rmtree(runs, ignore_errors=True)
         store = runs / "store"
         args = ["decompose-dataset", src, "--out", store, "--size", a.image_size]

@@ -162,26 +162,32 @@ def part_at_solver(dry: bool) -> dict:
 
 
 class SyntheticBatches:
-    """(image, [B_1..B_n]) batches with the store's structure, no store behind them: the image
-    and n successively smoother bases (box blurs), float32 in [0, 1]."""
+    """Batches with the store's structure, no store behind them: uint8 bases (B, n+1, 3, s, s),
+    the image and n successively smoother bases (box blurs), as the store's loader gives them."""
 
-    def __init__(self, size: int, n: int, seed: int = 0):
+    def __init__(self, size: int, n: int, batch_size: int, seed: int = 0):
         import torch
 
-        self.size, self.n = size, n
+        self.size, self.n, self.batch_size = size, n, batch_size
         self.gen = torch.Generator().manual_seed(seed)
 
-    def next(self, batch_size: int):
+    def next(self):
         import torch
         import torch.nn.functional as F
 
-        x = torch.rand(batch_size, 3, self.size // 8, self.size // 8, generator=self.gen)
+        x = torch.rand(self.batch_size, 3, self.size // 8, self.size // 8, generator=self.gen)
         image = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        bases, b = [], image
+        bases, b = [image], image
         for k in range(self.n):
             b = F.avg_pool2d(b, 2 * k + 3, stride=1, padding=k + 1)
             bases.append(b)
-        return image, bases
+        return (torch.stack(bases, 1) * 255).round().clamp(0, 255).to(torch.uint8)
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
 
 
 def tokenizer_config(dry: bool):
@@ -201,7 +207,7 @@ def part_tokenizer_train(dry: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TokenizerTrainConfig(data="synthetic", out=tmp, tokenizer=tok, batch_size=B, lpips_weight=0.0,
                                    disc_start=0, device=device.type)
-        tr = TokenizerTrainer(cfg, batches=SyntheticBatches(tok.image_size, tok.needs_bases()))
+        tr = TokenizerTrainer(cfg, batches=SyntheticBatches(tok.image_size, tok.needs_bases(), B))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         dt = timed(tr.step, device, repeats=2 if dry else 5)
@@ -268,6 +274,7 @@ def part_export_encode(dry: bool) -> dict:
 
     from nextdetail.pipelines.encode_worker import flatten_maps, numerics, pin_numerics
     from nextdetail.tokenize import Tokenizer
+    from nextdetail.tokenize.loader import bases_inputs
 
     device = torch_device(dry)
     pin_numerics(device)
@@ -275,8 +282,8 @@ def part_export_encode(dry: bool) -> dict:
     torch.manual_seed(0)
     tok = Tokenizer(cfg).to(device).eval()
     n = 8 if dry else 256
-    image, bases = SyntheticBatches(cfg.image_size, cfg.needs_bases()).next(n)
-    image, bases = image.to(device), [b.to(device) for b in bases]
+    image, bases = bases_inputs(SyntheticBatches(cfg.image_size, cfg.needs_bases(), n).next().to(device),
+                                cfg.needs_bases())
     dt = timed(lambda: tok.encode(image, bases), device, repeats=2 if dry else 3)
     whole = flatten_maps(tok.encode(image, bases))
     parts = [flatten_maps(tok.encode(image[a:a + 7], [b[a:a + 7] for b in bases])) for a in range(0, n, 7)]

@@ -12,7 +12,8 @@ from nextdetail.cli import main
 from nextdetail.tokenize import CheckpointError, Tokenizer, config_for
 from nextdetail.stores.layers import split_layers
 from nextdetail.runs import checkpoints
-from nextdetail.tokenize.train import StoreBatches, TokenizerTrainConfig, TrainError, train
+from nextdetail.tokenize.loader import StoreLoader, bases_inputs
+from nextdetail.tokenize.train import TokenizerTrainConfig, TrainError, train
 from pipeline_data import make_store
 from conftest import own_lines
 
@@ -43,8 +44,7 @@ def test_split_layers_gives_the_image_and_every_base(store):
     torch.testing.assert_close(image[0], torch.from_numpy(item.image).permute(2, 0, 1))
     for k in (1, 2, 3):
         torch.testing.assert_close(bases[k - 1][0], torch.from_numpy(item.bases[k]).permute(2, 0, 1))
-    b = StoreBatches(store, 32, 3, seed=0)
-    image, bases = b.next(3)
+    image, bases = bases_inputs(StoreLoader(s, 32, 3, seed=0).next(), 3)
     assert image.shape == (3, 3, 32, 32) and len(bases) == 3
 
 
@@ -84,7 +84,9 @@ def test_checkpoint_reloads_as_a_tokenizer_and_refuses_another_config(store, tmp
     path = checkpoints(tmp_path / "run")[-1]
     tok = Tokenizer.from_checkpoint(path)
     assert tok.config == c.tokenizer and not tok.training
-    image, bases = StoreBatches(store, 32, 3, seed=1).next(2)
+    from nextdetail.pipelines import DecompositionStore
+
+    image, bases = bases_inputs(StoreLoader(DecompositionStore(store), 32, 2, seed=1).next(), 3)
     idx = tok.encode(image, bases)
     assert len(idx) == 4 + 3 * 2 and tok.decode(idx).shape == (2, 3, 32, 32)
     other = replace(c.tokenizer, quant=replace(c.tokenizer.quant, vocab=128))
@@ -195,3 +197,72 @@ def test_ema_weights_follow_the_recurrence_and_are_what_from_checkpoint_loads(st
     last = checkpoints(tmp_path / "run")[-1]
     torch.testing.assert_close(Tokenizer.from_checkpoint(last).state_dict()[k], c2["model_ema"][k])
     torch.testing.assert_close(Tokenizer.from_checkpoint(last, ema=False).state_dict()[k], c2["model"][k])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _steps(config, dist_=None) -> dict:
+    """Train config.steps steps by hand; the gradients of the first step (DDP: averaged over the
+    ranks), the weights and restart counts at the end, the losses of every step."""
+    from nextdetail.tokenize.train import TokenizerTrainer
+
+    torch.set_num_threads(1)
+    tr = TokenizerTrainer(config, dist_=dist_)
+    grads, losses = None, []
+    for _ in range(config.steps):
+        losses.append(tr.step()["loss"])
+        if grads is None:
+            grads = {f"{m}.{k}": p.grad.clone() for m, net in (("tok", tr.tok), ("disc", tr.disc))
+                     for k, p in net.named_parameters() if p.grad is not None}
+    return {"grads": grads, "tok": tr.tok.state_dict(), "disc": tr.disc.state_dict(), "losses": losses,
+            "restarted": tr.restarted}
+
+
+def _ddp_worker(rank, world, port, config, result):
+    import os
+
+    from nextdetail.distributed import leave, setup_distributed
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    d = setup_distributed("cpu")
+    out = _steps(config, d)
+    leave(d)
+    torch.save(out, f"{result}-{rank}.pt")
+
+
+def test_ddp_two_cpu_processes_match_one_process_with_the_doubled_batch(tmp_path):
+    """Generator and discriminator under DDP, LPIPS, the adaptive GAN weight and dead-code
+    restarts from the first step: two gloo ranks of batch 2 stay identical, and their averaged
+    gradients equal those of one process of batch 4 reading the same two lanes, to float32
+    rounding. (Weights are compared loosely: Adam turns the rounding noise of parameters whose
+    gradient is zero in exact arithmetic, biases before a GroupNorm, into steps of ~lr.)"""
+    import torch.multiprocessing as mp
+
+    store = make_store(tmp_path / "store", n=8, size=40, order=3, shard_images=2)
+    tok = config_for("basedetail", 32, 8, ch=8, num_res_blocks=1, vocab=64, dead_after=1, usage_decay=0.5)
+    common = dict(data=str(store), tokenizer=tok, steps=3, lr=2e-3, lpips_backbone="random", disc_start=0,
+                  adaptive_gan=True, loader_lanes=2, loader_workers=0, shuffle_buffer=3)
+    ddp = TokenizerTrainConfig(out=str(tmp_path / "ddp"), batch_size=2, **common)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), ddp, str(tmp_path / "w")), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"w-{r}.pt", weights_only=True) for r in range(2))
+    one = _steps(TokenizerTrainConfig(out=str(tmp_path / "single"), batch_size=4, **common))
+    for part in ("tok", "disc"):
+        for k in r0[part]:
+            assert torch.equal(r0[part][k], r1[part][k]), (part, k)       # the ranks never drift apart
+    assert r0["grads"].keys() == one["grads"].keys() and any(k.startswith("disc.") for k in one["grads"])
+    top = max(float(g.abs().max()) for g in one["grads"].values())
+    for k, g in one["grads"].items():
+        # Relative to the tensor's largest gradient (summation order differs between the runs),
+        # or to 1e-3 of the largest of all where a tensor's is zero in exact arithmetic.
+        err = float((r0["grads"][k] - g).abs().max()) / max(float(g.abs().max()), 1e-3 * top)
+        assert err < 1e-3, (k, err)
+    assert r0["restarted"] == r1["restarted"] == one["restarted"] > 0     # the same codes restarted
+    for k in one["tok"]:
+        torch.testing.assert_close(r0["tok"][k], one["tok"][k], rtol=0, atol=0.02, msg=k)
+    assert r0["losses"] == pytest.approx(one["losses"], rel=1e-3)         # logged losses are global

@@ -344,6 +344,12 @@ class DecompositionStore:
             raise StoreError(shard_file(self.path, k), f"{what}: damaged shard, cannot decode it "
                                                       f"({_first_line(e)})") from None
 
+    @property
+    def shard_starts(self) -> np.ndarray:
+        """(n_shards + 1,) int64: the ok-image position where each shard's ok images start (shard k
+        holds store[shard_starts[k]] .. store[shard_starts[k+1] - 1])."""
+        return np.asarray(self._shard_starts, np.int64)
+
     def read_shard(self, k: int) -> Shard:
         """The ok images of shard k (0 <= k < n_shards), read with one sequential read of its file."""
         if not 0 <= k < self.n_shards:

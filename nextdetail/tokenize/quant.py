@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import all_gather_cat, all_reduce_sum
 from .config import QuantConfig
 
 log = logging.getLogger(__name__)
@@ -78,16 +79,23 @@ class Codebook(nn.Module):
         return self.embed(idx_Bhw).permute(0, 3, 1, 2)          # (B, C, h, w)
 
     @torch.no_grad()
-    def end_step(self) -> int:
-        """After a training step: update usage, restart dead codes; returns how many."""
+    def end_step(self, gen: Optional[torch.Generator] = None, dist_=None) -> int:
+        """After a training step: update usage, restart dead codes; returns how many.
+
+        gen: the generator of the restarts' draw (default torch's global one). dist_ (a
+        distributed.Dist): the step's picks are summed over the ranks and the restart pool is
+        every rank's features, map by map in rank order (the rows one process would hold for the
+        ranks' batches together), so with the same gen every rank sets the same codes."""
         if not self._seen:
             return 0
+        if dist_ is not None:
+            all_reduce_sum(self._counts, dist_)
         used = (self._counts > 0).float()
         self.usage.mul_(self.decay).add_(used, alpha=1 - self.decay)
         dead = (self.usage < 1.0 / self.dead_after).nonzero().flatten()
         if len(dead):
-            pool_NC = torch.cat(self._seen)
-            pick = torch.randint(len(pool_NC), (len(dead),))
+            pool_NC = torch.cat([all_gather_cat(f, dist_) for f in self._seen] if dist_ is not None else self._seen)
+            pick = torch.randint(len(pool_NC), (len(dead),), generator=gen)
             self.embed.weight.data[dead] = pool_NC[pick.to(pool_NC.device)].to(self.embed.weight.dtype)
             self.usage[dead] = 1.0
         self._counts.zero_()

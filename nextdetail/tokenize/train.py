@@ -22,13 +22,14 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..distributed import Dist, all_reduce_sum, leave, setup_distributed
 from ..errors import ConfigError
 from ..options import check_int, differences, nested, opt
 from ..runs import (PLOT, RunConfig, RunLog, RunReport, TrainError, checkpoint_name, load_resumed, read_log,
                     resume_from, running_mean, save_checkpoint)
 from ..stores.decomposition import DecompositionStore, StoreError
-from ..stores.layers import crop_layers, split_layers
 from .config import TokenizerConfig
+from .loader import StoreLoader, bases_inputs, default_workers
 from .losses import PatchDiscriminator, build_lpips, hinge_d_loss, hinge_g_loss
 from .tokenizer import Tokenizer, to_model
 
@@ -58,6 +59,11 @@ class TokenizerTrainConfig(RunConfig):
     adaptive_gan: bool = opt(False, "scale the GAN loss by |grad rec| / |grad G| at the decoder's last layer "
                                     "(VQGAN)", flag="--adaptive-gan-weight")
     ema: float = opt(0.0, "keep an EMA of the weights with this decay (e.g. 0.999); 0: off", metavar="DECAY")
+    loader_workers: int = opt(-1, "loader worker processes per training process; -1: from the CPU count "
+                                  "(CPUs per process - 1, at most 8)")
+    loader_lanes: int = opt(0, "lanes of the data stream, a multiple of the number of processes; the batches "
+                               "depend on it, not on the process count; 0: the number of processes")
+    shuffle_buffer: int = opt(256, "images read, shuffled and cropped together (one loader work item)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -68,6 +74,11 @@ class TokenizerTrainConfig(RunConfig):
         check_int("batch_size", self.batch_size)
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"--ema {self.ema}: must be in [0, 1)")
+        if self.loader_workers < -1:
+            raise ConfigError(f"--loader-workers {self.loader_workers}: must be >= 0, or -1 (from the CPU count)")
+        if self.loader_lanes < 0:
+            raise ConfigError(f"--loader-lanes {self.loader_lanes}: must be >= 0 (0: the number of processes)")
+        check_int("shuffle_buffer", self.shuffle_buffer)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -75,7 +86,7 @@ class TokenizerTrainConfig(RunConfig):
         return d
 
     # Fields a resumed run may change: where it writes and how long it goes on.
-    RESUMABLE_CHANGES = ("steps", "out", "ckpt_every")
+    RESUMABLE_CHANGES = ("steps", "out", "ckpt_every", "loader_workers")
 
     def differences(self, other: "TokenizerTrainConfig") -> List[str]:
         """The tokenizer's differences first, named as in its own config ('quant.vocab ...')."""
@@ -85,6 +96,8 @@ class TokenizerTrainConfig(RunConfig):
 
 @dataclass
 class TrainReport(RunReport):
+    trainer: Optional["TokenizerTrainer"] = None
+
     def summary(self) -> str:
         losses = " ".join(f"{k}={self.last[k]:.4g}" for k in ("loss", "l2", "vq", "lpips", "g", "d")
                           if k in self.last)
@@ -94,38 +107,23 @@ class TrainReport(RunReport):
 
 # ----------------------------------------------------------------------------- data
 
-class StoreBatches:
-    """Random crops of a decomposition store as (image, [B_1..B_n]), float32 (B, 3, s, s) in [0, 1].
-
-    The store's layers are [B_N, D_N, ..., D_1] (N = store order), so their running sums are
-    B_N, B_(N-1), ..., B_0 = I. Batches are drawn with a private torch.Generator whose state
-    goes into the checkpoint."""
-
-    def __init__(self, path, crop: int, needs_bases: int, seed: int):
-        try:
-            self.store = DecompositionStore(path)
-        except StoreError as e:
-            raise TrainError(str(e)) from None
-        if len(self.store) == 0:
-            raise TrainError(f"{path}: the store has no ok images")
-        if self.store.order < needs_bases:
-            raise TrainError(f"{path}: store of order {self.store.order} has bases B_1..B_{self.store.order}; "
-                             f"the base-detail tokenizer needs order >= {needs_bases} "
-                             f"(decompose-dataset --order {needs_bases})")
-        if self.store.size < crop:
-            raise TrainError(f"{path}: store images are {self.store.size} px, smaller than the "
-                             f"{crop} px training crop (image_size)")
-        self.crop, self.n = crop, needs_bases
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def next(self, batch_size: int):
-        idx = torch.randint(len(self.store), (batch_size,), generator=self.gen).tolist()
-        span = self.store.size - self.crop + 1
-        off = torch.randint(span, (batch_size, 2), generator=self.gen).tolist()
-        c = self.crop
-        layers = torch.stack([torch.from_numpy(crop_layers(self.store.layers(i), y, x, c).astype("float32"))
-                              for i, (y, x) in zip(idx, off)])
-        return split_layers(layers, self.n)
+def open_training_store(path, crop: int, needs_bases: int) -> DecompositionStore:
+    """The store to train on, refused in one line (TrainError) when it cannot serve: unreadable,
+    no ok image, too few bases for the tokenizer, images smaller than the crop."""
+    try:
+        store = DecompositionStore(path)
+    except StoreError as e:
+        raise TrainError(str(e)) from None
+    if len(store) == 0:
+        raise TrainError(f"{path}: the store has no ok images")
+    if store.order < needs_bases:
+        raise TrainError(f"{path}: store of order {store.order} has bases B_1..B_{store.order}; "
+                         f"the base-detail tokenizer needs order >= {needs_bases} "
+                         f"(decompose-dataset --order {needs_bases})")
+    if store.size < crop:
+        raise TrainError(f"{path}: store images are {store.size} px, smaller than the "
+                         f"{crop} px training crop (image_size)")
+    return store
 
 
 def plot_log(out: Path) -> Path:
@@ -147,21 +145,41 @@ def plot_log(out: Path) -> Path:
 # ----------------------------------------------------------------------------- loop
 
 class TokenizerTrainer:
-    """The state of one tokenizer training: models, optimizers, EMA weights, the batch stream
-    and the step counter; `step()` trains one batch, `save()` writes a checkpoint; `train()`
-    drives it. Resume restores all of it, so a resumed run equals an uninterrupted one bitwise
-    on the CPU."""
+    """The state of one tokenizer training process: models, optimizers, EMA weights, the batch
+    stream and the step counter; `step()` trains one batch, `save()` writes a checkpoint;
+    `train()` drives it. Resume restores all of it, so a resumed run equals an uninterrupted one
+    bitwise on the CPU.
 
-    def __init__(self, cfg: TokenizerTrainConfig, *, resume: bool = False, batches=None):
-        """batches: where the (image, bases) batches come from; default the store's random crops
-        (StoreBatches). Anything with next(batch_size) and a torch.Generator `gen` will do (the
-        GPU check trains on synthetic batches, where no store can be read)."""
+    Under torchrun (d.world > 1) the tokenizer and the discriminator train under DDP (gradients
+    averaged over the ranks), each rank reads its own lanes of the data stream (loader.py), and
+    the codebook's bookkeeping is made global: usage counts summed over the ranks, dead codes
+    restarted from the features of all ranks with one seeded draw, so every rank sets the same
+    codes. The ranks stay identical, and equal one process with the ranks' batches together."""
+
+    def __init__(self, cfg: TokenizerTrainConfig, *, resume: bool = False, batches=None,
+                 dist_: Optional[Dist] = None):
+        """batches: where the batches come from; default the store's stream (loader.StoreLoader).
+        Anything with next() -> uint8 bases (B, n+1, 3, s, s), [q_0 .. q_n], and state_dict() /
+        load_state_dict() will do (the GPU check trains on synthetic batches)."""
         self.cfg, self.out = cfg, Path(cfg.out)
+        self.dist = d = dist_ or Dist()
         found = resume_from(self.out, resume)
-        self.device = torch.device(cfg.device)
+        dev = cfg.device
+        if dev.startswith("cuda") and d.world > 1:
+            dev = f"cuda:{d.local}"
+        self.device = torch.device(dev)
         cfg.tokenizer.validate()
-        self.batches = batches or StoreBatches(cfg.data, cfg.tokenizer.image_size, cfg.tokenizer.needs_bases(),
-                                               cfg.seed)
+        self.n_bases = cfg.tokenizer.needs_bases()
+        if batches is None:
+            store = open_training_store(cfg.data, cfg.tokenizer.image_size, self.n_bases)
+            workers = default_workers(d.world) if cfg.loader_workers < 0 else cfg.loader_workers
+            try:
+                batches = StoreLoader(store, cfg.tokenizer.image_size, cfg.batch_size, seed=cfg.seed, rank=d.rank,
+                                      world=d.world, lanes=cfg.loader_lanes or d.world, workers=workers,
+                                      buffer=cfg.shuffle_buffer, pin=self.device.type == "cuda")
+            except ValueError as e:
+                raise TrainError(str(e)) from None
+        self.batches = batches
         torch.manual_seed(cfg.seed)
         self.tok = Tokenizer(cfg.tokenizer).to(self.device)   # weights from the seeded RNG
         self.disc = PatchDiscriminator(cfg.disc_ch).to(self.device)
@@ -175,16 +193,24 @@ class TokenizerTrainer:
         # buffers (codebook counters) are copied. Saved as "model_ema"; from_checkpoint prefers them.
         self.ema = {k: v.detach().clone() for k, v in self.tok.state_dict().items()} if cfg.ema > 0 else None
         self.step_ = 0
+        self.restarted = 0            # dead codes restarted by this process's steps
         if found is not None:
             self._load(found)
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         self.tok.train()
+        self.net, self.net_d = self.tok, self.disc
+        if d.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # Buffers are not broadcast: the codebook's usage is made global by end_step itself.
+            self.net = DDP(self.tok, device_ids=ids, broadcast_buffers=False)
+            self.net_d = DDP(self.disc, device_ids=ids, broadcast_buffers=False)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state(self) -> dict:
         state = {"config": self.cfg.to_dict(), "model": self.tok.state_dict(), "disc": self.disc.state_dict(),
                  "opt": self.opt.state_dict(), "opt_d": self.opt_d.state_dict(), "step": self.step_,
-                 "rng": {"torch": torch.get_rng_state(), "data": self.batches.gen.get_state()}}
+                 "rng": {"torch": torch.get_rng_state()}, "data": self.batches.state_dict()}
         if self.ema is not None:
             state["model_ema"] = self.ema
         return state
@@ -200,6 +226,9 @@ class TokenizerTrainer:
                                            "betas": tuple(d["betas"])})
 
         ckpt = load_resumed(path, self.device, "train-tokenizer checkpoint", saved_config, self.cfg)
+        if "data" not in ckpt:
+            raise TrainError(f"{path}: a checkpoint of nextdetail <= 0.3 (no data stream state); it loads as a "
+                             f"tokenizer, but cannot be resumed: start a new run")
         self.tok.load_state_dict(ckpt["model"])
         if self.ema is not None:
             self.ema = {k: v.to(self.device) for k, v in ckpt["model_ema"].items()}
@@ -207,43 +236,48 @@ class TokenizerTrainer:
         self.opt.load_state_dict(ckpt["opt"])
         self.opt_d.load_state_dict(ckpt["opt_d"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        self.batches.gen.set_state(ckpt["rng"]["data"])
+        try:
+            self.batches.load_state_dict(ckpt["data"])
+        except ValueError as e:
+            raise TrainError(f"{path}: {e}; pass --loader-lanes as the run had it") from None
         self.step_ = ckpt["step"]
 
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> dict:
         """Train one batch: the generator (L2 + VQ + LPIPS, + GAN from disc_start), the codebook's
-        dead-code restarts, the EMA, then the discriminator. Returns the step's log record."""
-        cfg, tok, disc = self.cfg, self.tok, self.disc
-        image, bases = self.batches.next(cfg.batch_size)
-        image, bases = image.to(self.device), [b.to(self.device) for b in bases]
+        dead-code restarts, the EMA, then the discriminator. Returns the step's log record
+        (losses averaged over the ranks)."""
+        cfg, tok, disc, d = self.cfg, self.tok, self.disc, self.dist
+        q = self.batches.next().to(self.device, non_blocking=True)
+        image, bases = bases_inputs(q, self.n_bases)
         x = to_model(image)
         gan = self.step_ >= cfg.disc_start
         with self.amp:
-            o = tok(image, bases)
+            o = self.net(image, bases)
             l2 = F.mse_loss(o.x_hat.float(), x)
             recon = l2
-            rec = {"step": self.step_ + 1, "l2": l2.item(), "vq": o.q.vq_loss.item()}
+            rec = {"step": self.step_ + 1, "l2": l2.detach(), "vq": o.q.vq_loss.detach()}
             if self.lpips is not None:
                 p = self.lpips(o.x_hat.float(), x).mean()
                 recon = recon + cfg.lpips_weight * p
-                rec["lpips"] = p.item()
+                rec["lpips"] = p.detach()
             loss = recon + o.q.vq_loss
             if gan:
-                for q in disc.parameters():
-                    q.requires_grad_(False)      # the generator step does not train D
-                g = hinge_g_loss(disc(o.x_hat))
-                for q in disc.parameters():
-                    q.requires_grad_(True)
-                w = adaptive_weight(recon, g, tok.decoder.net[-1].weight) if cfg.adaptive_gan else 1.0
+                for w_ in disc.parameters():
+                    w_.requires_grad_(False)      # the generator step does not train D
+                g = hinge_g_loss(disc(o.x_hat))   # the bare D: no DDP sync in the generator's step
+                for w_ in disc.parameters():
+                    w_.requires_grad_(True)
+                w = adaptive_weight(recon, g, tok.decoder.net[-1].weight, d) if cfg.adaptive_gan else 1.0
                 loss = loss + cfg.disc_weight * w * g
-                rec["g"], rec["gan_w"] = g.item(), cfg.disc_weight * float(w)
+                rec["g"], rec["gan_w"] = g.detach(), cfg.disc_weight * float(w)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()} at step {self.step_ + 1}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        rec["restarted"] = tok.quantizer.codebook.end_step()
+        rec["restarted"] = tok.quantizer.codebook.end_step(self._restart_generator(), d)
+        self.restarted += rec["restarted"]
         if self.ema is not None:
             with torch.no_grad():
                 for k, v in tok.state_dict().items():
@@ -253,39 +287,70 @@ class TokenizerTrainer:
                         self.ema[k].copy_(v)
         if gan:
             with self.amp:
-                d = hinge_d_loss(disc(x), disc(o.x_hat.detach()))
+                dl = hinge_d_loss(self.net_d(x), self.net_d(o.x_hat.detach()))
             self.opt_d.zero_grad(set_to_none=True)
-            d.backward()
+            dl.backward()
             self.opt_d.step()
-            rec["d"] = d.item()
-        rec["loss"] = loss.item()
-        rec["perplexity"] = tok.quantizer.codebook.perplexity()
+            rec["d"] = dl.detach()
+        rec["loss"] = loss.detach()
         self.step_ += 1
+        rec = self._averaged(rec)
+        rec["perplexity"] = tok.quantizer.codebook.perplexity()
+        return rec
+
+    def _restart_generator(self) -> torch.Generator:
+        """Dead-code restarts draw from (seed, step): the same on every rank and after a resume."""
+        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step_)
+
+    def _averaged(self, rec: dict) -> dict:
+        """The record's tensors as floats, averaged over the ranks (one all-reduce)."""
+        keys = [k for k, v in rec.items() if torch.is_tensor(v)]
+        if keys:
+            vals = torch.stack([rec[k].float().reshape(()) for k in keys]).cpu()
+            vals = all_reduce_sum(vals, self.dist) / self.dist.world
+            rec.update({k: float(v) for k, v in zip(keys, vals.tolist())})
         return rec
 
 
 def train(cfg: TokenizerTrainConfig, *, resume: bool = False,
           progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainReport:
-    """Train (or resume) into cfg.out; `progress(step, steps, record)` after every step."""
-    tr = TokenizerTrainer(cfg, resume=resume)
+    """Train (or resume) into cfg.out; `progress(step, steps, record)` after every step (rank 0).
+    Under torchrun, every rank runs this."""
+    d = setup_distributed(cfg.device)
+    try:
+        report = _train(cfg, d, resume, progress)
+    except BaseException:
+        leave(d, ok=False)
+        raise
+    leave(d)
+    return report
+
+
+def _train(cfg: TokenizerTrainConfig, d: Dist, resume: bool, progress) -> TrainReport:
+    tr = TokenizerTrainer(cfg, resume=resume, dist_=d)
     start, t0, rec = tr.step_, time.perf_counter(), {}
-    run_log = RunLog(tr.out, start)
+    run_log = RunLog(tr.out, start, main=d.main)
     try:
         while tr.step_ < cfg.steps:
             rec = tr.step()
             run_log.write(rec)
             run_log.end_step(tr.step_, cfg.steps, cfg.ckpt_every, tr.save, plot_log)
-            if progress is not None:
+            if progress is not None and d.main:
                 progress(tr.step_, cfg.steps, rec)
     finally:
         run_log.close(plot_log)
-    return TrainReport(out=tr.out, start_step=start, steps=tr.step_, seconds=time.perf_counter() - t0, last=rec)
+    return TrainReport(out=tr.out, start_step=start, steps=tr.step_, seconds=time.perf_counter() - t0, last=rec,
+                       trainer=tr)
 
 
-def adaptive_weight(recon, g, last_layer) -> torch.Tensor:
+def adaptive_weight(recon, g, last_layer, d: Optional[Dist] = None) -> torch.Tensor:
     """VQGAN's balance: the GAN gradient at the decoder's last layer scaled to the size of the
-    reconstruction gradient there, so the GAN neither swamps nor vanishes (detached, <= 1e4)."""
+    reconstruction gradient there, so the GAN neither swamps nor vanishes (detached, <= 1e4).
+    Under DDP the gradients are averaged over the ranks first: the losses are batch means, so
+    that is the gradient of the whole global batch, as one process would compute it."""
     g_rec = torch.autograd.grad(recon, last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(g, last_layer, retain_graph=True)[0]
+    if d is not None and d.world > 1:
+        g_rec, g_gan = (all_reduce_sum(t.clone(), d) / d.world for t in (g_rec, g_gan))
     return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from ..options import differences, nested, opt
 from ..runs import (PLOT, RunConfig, RunError, RunLog, RunReport, TrainError, checkpoint_name, latest_checkpoint,
                     load_resumed, read_log, resume_from, running_mean, save_checkpoint)
+from ..distributed import Dist, all_reduce_sum, leave, setup_distributed
 from .inputs import load_quantizer, teacher_inputs
 from .model import NextDetailTransformer, TransformerConfig, TransformerShape
 
@@ -136,41 +136,6 @@ def map_stats(loss_BL: torch.Tensor, hit_BL: torch.Tensor, level_L: torch.Tensor
     out[0].index_add_(0, level_L, loss_BL.detach().double().sum(0))
     out[1].index_add_(0, level_L, hit_BL.double().sum(0))
     return out
-
-
-# ----------------------------------------------------------------------------- distributed
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local: int = 0
-    owned: bool = False          # this module initialised the process group
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str) -> Dist:
-    """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); world 1 without it."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    owned = not dist.is_initialized()
-    if owned:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return Dist(rank, world, local, owned)
-
-
-def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.world > 1:
-        import torch.distributed as dist
-        dist.all_reduce(t)
-    return t
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -368,20 +333,14 @@ def plot_log(out: Path) -> Path:
 def train(cfg: TransformerTrainConfig, *, resume: bool = False,
           progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainReport:
     """Train (or resume) into cfg.out; `progress(step, steps, record)` after every step (rank 0)."""
-    import torch.distributed as dist
-
     d = setup_distributed(cfg.device)
     try:
         report = _train(cfg, d, resume, progress)
-        if d.world > 1:
-            # Leave together: rank 0 still writes the last checkpoint and plot when the others
-            # are done, and a rank that tears gloo down and exits meanwhile was seen to abort
-            # (SIGABRT, "terminate called without an active exception") in 1 of 6 CI runs.
-            dist.barrier()
-        return report
-    finally:
-        if d.owned:
-            dist.destroy_process_group()
+    except BaseException:
+        leave(d, ok=False)
+        raise
+    leave(d)
+    return report
 
 
 def _train(cfg: TransformerTrainConfig, d: Dist, resume: bool, progress) -> TrainReport:

@@ -1,0 +1,72 @@
+"""torchrun's processes, for both trainers: who this process is and the few collectives they use.
+
+    d = setup_distributed(cfg.device)      # RANK / WORLD_SIZE / LOCAL_RANK from torchrun; world 1 without
+    ...
+    leave(d)                               # all ranks together, then the process group is gone
+
+gloo on the CPU (how the tests run two ranks), nccl on CUDA.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+    owned: bool = False          # this module initialised the process group
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); world 1 without it."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Dist(rank, world, local, owned)
+
+
+def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """t summed over the ranks, in place (t itself when alone)."""
+    if d.world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_cat(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Every rank's t (same shape on each) concatenated along dim 0 in rank order."""
+    if d.world == 1:
+        return t
+    import torch.distributed as dist
+    parts: List[torch.Tensor] = [torch.empty_like(t) for _ in range(d.world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def leave(d: Dist, *, ok: bool = True) -> None:
+    """End of a run. ok: every rank waits for the others (rank 0 may still be writing its last
+    checkpoint and plot; a rank that tore gloo down and exited meanwhile was seen to abort,
+    SIGABRT "terminate called without an active exception", in 1 of 6 CI runs). Then the process
+    group this module made is destroyed (also after a failure, without waiting)."""
+    if d.world > 1:
+        import torch.distributed as dist
+        if ok:
+            dist.barrier()
+        if d.owned and dist.is_initialized():
+            dist.destroy_process_group()
