@@ -142,19 +142,27 @@ def run_ray_command(args, run):
     return run()
 
 
-def cmd_train_tokenizer(cfg, args) -> int:
+def _training(name: str, train, cfg, args, postfix) -> int:
+    """Both trainers' commands: a step bar and the summary line, from rank 0 alone under torchrun."""
     from .progress import step_bar
-    from .tokenize.train import train
 
-    bar, progress = step_bar("train-tokenizer", cfg.steps,
-                             lambda rec: {"loss": f"{rec['loss']:.4f}", "l2": f"{rec['l2']:.4f}"})
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    bar, progress = step_bar(name, cfg.steps, postfix, rank0)
     try:
         with logging_redirect_tqdm():
             report = train(cfg, resume=args.resume, progress=progress)
     finally:
         bar.close()
-    print(report.summary())
+    if rank0:
+        print(report.summary())
     return 0
+
+
+def cmd_train_tokenizer(cfg, args) -> int:
+    from .tokenize.train import train
+
+    return _training("train-tokenizer", train, cfg, args,
+                     lambda rec: {"loss": f"{rec['loss']:.4f}", "l2": f"{rec['l2']:.4f}"})
 
 
 def cmd_eval_tokenizer(cfg, args) -> int:
@@ -168,20 +176,10 @@ def cmd_eval_tokenizer(cfg, args) -> int:
 
 
 def cmd_train(cfg, args) -> int:
-    from .progress import step_bar
     from .train.trainer import train
 
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    bar, progress = step_bar("train", cfg.steps, lambda rec: {"loss": f"{rec['loss']:.4f}",
-                                                             "tok_s": f"{rec['tokens_per_s']:,.0f}"}, rank0)
-    try:
-        with logging_redirect_tqdm():
-            report = train(cfg, resume=args.resume, progress=progress)
-    finally:
-        bar.close()
-    if rank0:
-        print(report.summary())
-    return 0
+    return _training("train", train, cfg, args, lambda rec: {"loss": f"{rec['loss']:.4f}",
+                                                            "tok_s": f"{rec['tokens_per_s']:,.0f}"})
 
 
 def cmd_sample(cfg, args) -> int:

@@ -60,9 +60,11 @@ def test_loss_falls_on_a_tiny_set(store, tmp_path):
 
 @pytest.mark.parametrize("kind,ema", [("basedetail", 0.9), ("vanilla", 0.0)])
 def test_resume_equals_an_uninterrupted_run(store, tmp_path, kind, ema):
-    full = train(cfg(store, tmp_path / "full", kind, ema=ema))           # 6 steps, D on from step 3
-    train(cfg(store, tmp_path / "half", kind, steps=3, ema=ema))          # stop at 3 ...
-    train(cfg(store, tmp_path / "half", kind, ema=ema), resume=True)      # ... and resume to 6
+    # Loader workers on, and a codebook-usage window (steps 3-4) that straddles the resume.
+    kw = dict(ema=ema, loader_workers=1, usage_every=2)
+    full = train(cfg(store, tmp_path / "full", kind, **kw))               # 6 steps, D on from step 3
+    train(cfg(store, tmp_path / "half", kind, steps=3, **kw))             # stop at 3 ...
+    train(cfg(store, tmp_path / "half", kind, **kw), resume=True)         # ... and resume to 6
     a = torch.load(checkpoints(tmp_path / "full")[-1], weights_only=True)
     b = torch.load(checkpoints(tmp_path / "half")[-1], weights_only=True)
     assert a["step"] == b["step"] == full.steps == 6
@@ -76,6 +78,22 @@ def test_resume_equals_an_uninterrupted_run(store, tmp_path, kind, ema):
     assert records(tmp_path / "full") == records(tmp_path / "half")
     assert [r["step"] for r in records(tmp_path / "half")] == [1, 2, 3, 4, 5, 6]
     assert "g" in records(tmp_path / "full")[3] and "d" in records(tmp_path / "full")[3]
+    assert [("map_usage" in r) for r in records(tmp_path / "full")] == [False, True] * 3
+
+
+def test_codebook_usage_is_logged_per_map_and_a_collapse_warned_once(store, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="nextdetail.tokenize.train")
+    tok = config_for("multiscale", 32, 8, ch=8, num_res_blocks=1, vocab=4096)   # maps 1x1 .. 4x4
+    train(TokenizerTrainConfig(data=str(store), out=str(tmp_path / "run"), tokenizer=tok, steps=8, batch_size=2,
+                               lpips_weight=0.0, disc_start=100, usage_every=2, loader_workers=0))
+    usage = [r["map_usage"] for r in records(tmp_path / "run") if "map_usage" in r]
+    assert len(usage) == 4 and all(len(u) == len(tok.quant.map_sizes(4)) for u in usage)
+    # The 1x1 map picks at most 2 images x 2 steps = 4 of 4096 codes in a window: under 1%.
+    assert all(0 < u[0] <= round(4 / 4096, 5) for u in usage) and all(0 < x <= 1 for u in usage for x in u), usage
+    warned = [r.getMessage() for r in caplog.records if "under 1% of the 4096 codes" in r.getMessage()]
+    assert len(warned) == 1 and "token maps 1 (1x1)" in warned[0], warned
 
 
 def test_checkpoint_reloads_as_a_tokenizer_and_refuses_another_config(store, tmp_path):

@@ -130,6 +130,10 @@ class Quantizer(nn.Module):
         self.sizes = cfg.map_sizes(latent)
         self.codebook = Codebook(cfg.vocab, dim, cfg.usage_decay, cfg.dead_after)
         self.phi = nn.ModuleList(Phi(dim, cfg.phi_ratio) for _ in self.sizes)
+        # Codes picked by each token map since the trainer last read it (training only): the
+        # per-map codebook health, VAR-style (coarse maps are where codebooks collapse).
+        self.register_buffer("map_seen", torch.zeros(len(self.sizes), cfg.vocab, dtype=torch.bool),
+                             persistent=False)
 
     # -- one map: quantize the residual at size p, return (idx, phi contribution at L x L)
     def quantize_map(self, k: int, rest_BChw: torch.Tensor):
@@ -167,6 +171,8 @@ class Quantizer(nn.Module):
                 rest = target - part
                 inputs.append(rest)
                 i, c = self.quantize_map(k, rest)
+                if self.training:
+                    self.map_seen[k] |= torch.bincount(i.flatten(), minlength=self.map_seen.shape[1]) > 0
                 idx.append(i)
                 contribs.append(c)
                 part = part + c

@@ -64,6 +64,8 @@ class TokenizerTrainConfig(RunConfig):
     loader_lanes: int = opt(0, "lanes of the data stream, a multiple of the number of processes; the batches "
                                "depend on it, not on the process count; 0: the number of processes")
     shuffle_buffer: int = opt(256, "images read, shuffled and cropped together (one loader work item)")
+    usage_every: int = opt(100, "steps over which each token map's codebook usage is counted (logged as "
+                                "map_usage; a warning when a map uses < 1%% of the codes after two windows)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -79,6 +81,7 @@ class TokenizerTrainConfig(RunConfig):
         if self.loader_lanes < 0:
             raise ConfigError(f"--loader-lanes {self.loader_lanes}: must be >= 0 (0: the number of processes)")
         check_int("shuffle_buffer", self.shuffle_buffer)
+        check_int("usage_every", self.usage_every)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -194,6 +197,7 @@ class TokenizerTrainer:
         self.ema = {k: v.detach().clone() for k, v in self.tok.state_dict().items()} if cfg.ema > 0 else None
         self.step_ = 0
         self.restarted = 0            # dead codes restarted by this process's steps
+        self._warned_usage = False
         if found is not None:
             self._load(found)
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
@@ -210,7 +214,8 @@ class TokenizerTrainer:
     def state(self) -> dict:
         state = {"config": self.cfg.to_dict(), "model": self.tok.state_dict(), "disc": self.disc.state_dict(),
                  "opt": self.opt.state_dict(), "opt_d": self.opt_d.state_dict(), "step": self.step_,
-                 "rng": {"torch": torch.get_rng_state()}, "data": self.batches.state_dict()}
+                 "rng": {"torch": torch.get_rng_state()}, "data": self.batches.state_dict(),
+                 "map_seen": self.tok.quantizer.map_seen.clone()}
         if self.ema is not None:
             state["model_ema"] = self.ema
         return state
@@ -236,6 +241,7 @@ class TokenizerTrainer:
         self.opt.load_state_dict(ckpt["opt"])
         self.opt_d.load_state_dict(ckpt["opt_d"])
         torch.set_rng_state(ckpt["rng"]["torch"])
+        self.tok.quantizer.map_seen.copy_(ckpt["map_seen"])
         try:
             self.batches.load_state_dict(ckpt["data"])
         except ValueError as e:
@@ -296,7 +302,27 @@ class TokenizerTrainer:
         self.step_ += 1
         rec = self._averaged(rec)
         rec["perplexity"] = tok.quantizer.codebook.perplexity()
+        if self.step_ % cfg.usage_every == 0:
+            rec["map_usage"] = self._map_usage()
         return rec
+
+    def _map_usage(self) -> List[float]:
+        """Fraction of the codebook each token map picked in the last usage_every steps (all
+        ranks); warns once when, after two windows, a map uses under 1% of the codes."""
+        q = self.tok.quantizer
+        seen = all_reduce_sum(q.map_seen.float(), self.dist) if self.dist.world > 1 else q.map_seen.float()
+        usage = (seen > 0).float().mean(1).tolist()
+        q.map_seen.zero_()
+        low = [k for k, u in enumerate(usage) if u < 0.01]
+        if low and not self._warned_usage and self.step_ >= 2 * self.cfg.usage_every and self.dist.main:
+            self._warned_usage = True
+            log.warning("token map%s %s use%s under 1%% of the %d codes over the last %d steps (%s): a collapsing "
+                        "codebook (the 1x1 and 3x3 maps are where multi-scale tokenizers collapse); more "
+                        "steps, a smaller --vocab or a lower --dead-after help",
+                        "s" if len(low) > 1 else "", ", ".join(f"{k + 1} ({q.sizes[k]}x{q.sizes[k]})" for k in low),
+                        "" if len(low) > 1 else "s", q.map_seen.shape[1], self.cfg.usage_every,
+                        ", ".join(f"{usage[k]:.2%}" for k in low))
+        return [round(u, 5) for u in usage]
 
     def _restart_generator(self) -> torch.Generator:
         """Dead-code restarts draw from (seed, step): the same on every rank and after a resume."""
