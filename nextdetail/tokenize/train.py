@@ -1,5 +1,6 @@
 """Training the tokenizer on a decomposition store with the compound loss
-L = L2 + VQ/commitment + lambda_p LPIPS + lambda_G hinge-GAN (PatchGAN, from `disc_start`).
+L = L2 + VQ/commitment + lambda_p LPIPS + lambda_G hinge-GAN (from `disc_start`; a PatchGAN or
+the StyleGAN2-style discriminator, optionally with the R1 penalty).
 
     report = train(TokenizerTrainConfig(data="STORE", out="RUN", tokenizer=config_for("basedetail")))
 
@@ -29,6 +30,7 @@ from ..runs import (PLOT, RunConfig, RunLog, RunReport, TrainError, checkpoint_n
                     resume_from, running_mean, save_checkpoint)
 from ..stores.decomposition import DecompositionStore, StoreError
 from .config import TokenizerConfig
+from .disc_stylegan import StyleGANDiscriminator, r1_penalty
 from .loader import StoreLoader, bases_inputs, default_workers
 from .losses import PatchDiscriminator, build_lpips, hinge_d_loss, hinge_g_loss
 from .tokenizer import Tokenizer, to_model
@@ -53,9 +55,15 @@ class TokenizerTrainConfig(RunConfig):
     lpips_backbone: str = opt("pretrained", "random LPIPS backbone instead of the pretrained weights from "
                                             "the torch hub cache (offline tests; warns)",
                               flag="--lpips-random-backbone", action="store_const", const="random")
-    disc_weight: float = opt(0.1, "PatchGAN loss weight")
+    disc: str = opt("patchgan", "discriminator: PatchGAN (a logit per patch) or the StyleGAN2-style residual "
+                                "one the CART paper names (a logit per image, minibatch std)",
+                    choices=("patchgan", "stylegan"))
+    disc_weight: float = opt(0.1, "GAN loss weight")
     disc_start: int = opt(2000, "step from which the discriminator trains, and its loss counts")
-    disc_ch: int = opt(64, "PatchGAN width")
+    disc_ch: int = opt(64, "discriminator width (channels of its first layer)")
+    disc_mbstd_group: int = opt(4, "stylegan: images per minibatch-std group (within a process's batch)")
+    r1_gamma: float = opt(0.0, "R1 penalty: D loss + gamma/2 E|grad_x D(x)|^2 over real images (StyleGAN's "
+                               "regulariser); 0: off", metavar="GAMMA")
     adaptive_gan: bool = opt(False, "scale the GAN loss by |grad rec| / |grad G| at the decoder's last layer "
                                     "(VQGAN)", flag="--adaptive-gan-weight")
     ema: float = opt(0.0, "keep an EMA of the weights with this decay (e.g. 0.999); 0: off", metavar="DECAY")
@@ -74,6 +82,8 @@ class TokenizerTrainConfig(RunConfig):
             object.__setattr__(self, name, str(getattr(self, name)))
         object.__setattr__(self, "betas", tuple(self.betas))
         check_int("batch_size", self.batch_size)
+        if self.r1_gamma < 0:
+            raise ConfigError(f"--r1-gamma {self.r1_gamma}: must be >= 0")
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"--ema {self.ema}: must be in [0, 1)")
         if self.loader_workers < -1:
@@ -82,6 +92,7 @@ class TokenizerTrainConfig(RunConfig):
             raise ConfigError(f"--loader-lanes {self.loader_lanes}: must be >= 0 (0: the number of processes)")
         check_int("shuffle_buffer", self.shuffle_buffer)
         check_int("usage_every", self.usage_every)
+        check_int("disc_mbstd_group", self.disc_mbstd_group)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -185,7 +196,9 @@ class TokenizerTrainer:
         self.batches = batches
         torch.manual_seed(cfg.seed)
         self.tok = Tokenizer(cfg.tokenizer).to(self.device)   # weights from the seeded RNG
-        self.disc = PatchDiscriminator(cfg.disc_ch).to(self.device)
+        self.disc = (StyleGANDiscriminator(cfg.disc_ch, cfg.tokenizer.image_size, cfg.disc_mbstd_group)
+                     if cfg.disc == "stylegan"
+                     else PatchDiscriminator(cfg.disc_ch)).to(self.device)
         self.lpips = (build_lpips(cfg.lpips_net, cfg.lpips_backbone).to(self.device)
                       if cfg.lpips_weight > 0 else None)
         self.opt = torch.optim.AdamW(self.tok.parameters(), lr=cfg.lr, betas=cfg.betas,
@@ -292,8 +305,14 @@ class TokenizerTrainer:
                     else:
                         self.ema[k].copy_(v)
         if gan:
+            real = x.detach().requires_grad_(cfg.r1_gamma > 0)
             with self.amp:
-                dl = hinge_d_loss(self.net_d(x), self.net_d(o.x_hat.detach()))
+                real_logits = self.net_d(real)
+                dl = hinge_d_loss(real_logits, self.net_d(o.x_hat.detach()))
+            if cfg.r1_gamma > 0:
+                r1 = r1_penalty(real_logits, real)
+                dl = dl + 0.5 * cfg.r1_gamma * r1
+                rec["r1"] = r1.detach()
             self.opt_d.zero_grad(set_to_none=True)
             dl.backward()
             self.opt_d.step()
