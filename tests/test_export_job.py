@@ -60,6 +60,18 @@ def test_ray_job_equals_the_in_process_export(ray_session, inputs, tmp_path, cap
     assert (out / META).read_bytes() == before
 
 
+def test_gpu_plan_read_tasks_feeding_the_actors_gives_the_same_store(ray_session, inputs, tmp_path):
+    """The GPU path (CPU tasks read and crop the blocks, actors only encode) run with CPU actors:
+    the same code path as on GPUs, the same bytes as the in-process export."""
+    from nextdetail.pipelines.export import run_export
+
+    store, ckpt, reference = inputs
+    report = run_export(ExportConfig(data=store, tokenizer=ckpt, out=tmp_path / "tokens", workers=1, block_rows=7),
+                        read_tasks=True)
+    assert report.processed == 40 and report.device == "cpu"
+    same_store(tmp_path / "tokens", reference)
+
+
 def test_token_bytes_do_not_depend_on_batching_workers_or_threads(ray_session, inputs, tmp_path):
     """A codebook whose codes all lie within 1e-5 of each other: nearly every token is decided
     in the 6th digit of a distance, so any float difference between batchings, thread counts or

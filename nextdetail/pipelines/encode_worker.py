@@ -1,8 +1,9 @@
 """The export job's actor: encode blocks of a decomposition store into token rows.
 
 Each actor loads the tokenizer once (on its GPU when Ray gave it one), reads its blocks'
-layers from the store itself (one Zarr chunk per image), encodes them and writes one part
-file per block, _parts/block-<b>.bin (uint16 (rows, L), raw), atomically. A block is owned
+layers from the store itself (one Zarr read per shard) or, for GPU actors, takes them read by
+CPU tasks (`read_block`), encodes them and writes one part file per block,
+_parts/block-<b>.bin (uint16 (rows, L), raw), atomically. A block is owned
 by the one task that encodes it and a retried task rewrites the same bytes, so Ray's retries
 and reruns after a kill are safe.
 
@@ -86,8 +87,31 @@ def numerics(device) -> dict:
     return out
 
 
+_STORES: Dict[str, DecompositionStore] = {}     # a read task's process opens each store once
+
+
+def read_block(batch: Dict[str, np.ndarray], store: str, size: int) -> Dict[str, np.ndarray]:
+    """The GPU path's read task: {block, lo, hi} (one row) -> the same plus "bases", the centre
+    crops of the block's stored bases, uint8 (1, hi - lo, n+1, 3, size, size), so that the GPU
+    actor never waits on Zarr decoding; or "bad_input" naming a damaged store file."""
+    if len(batch["block"]) != 1:
+        raise ValueError(f"a read task takes one block at a time, got {len(batch['block'])}")
+    lo, hi = int(batch["lo"][0]), int(batch["hi"][0])
+    out = dict(batch)
+    try:
+        if store not in _STORES:
+            _STORES[store] = DecompositionStore(store)
+        q = centre_crop(_STORES[store].read_range(lo, hi), size)
+        out.update(bases=np.ascontiguousarray(q)[None], bad_input=np.asarray([""]))
+    except StoreError as e:
+        out.update(bases=np.zeros((1, 0), np.uint8), bad_input=np.asarray([json.dumps([str(e.path), e.reason])]))
+    return out
+
+
 class EncodeWorker:
     """Ray Data actor: {block, lo, hi} -> encodes ok images lo..hi-1 of the store, writes the part.
+    With a "bases" column (GPU actors fed by read_block tasks) it encodes those instead of
+    reading the store itself.
 
     store       : decomposition store path; rows are its ok images in store order.
     checkpoint  : tokenizer checkpoint file (the export recorded its sha256).
@@ -111,8 +135,9 @@ class EncodeWorker:
         self.numerics = json.dumps(numerics(self.device), sort_keys=True)
         self.max_attempts, self.crash_on = int(max_attempts), crash_on
 
-    def encode_rows(self, lo: int, hi: int) -> np.ndarray:
-        """uint16 (hi - lo, L): token rows of the store's ok images lo .. hi-1 (centre crops)."""
+    def encode_rows(self, lo: int, hi: int, read: Optional[np.ndarray] = None) -> np.ndarray:
+        """uint16 (hi - lo, L): token rows of the store's ok images lo .. hi-1 (centre crops);
+        read: their cropped bases, already read (else read here)."""
         import torch
 
         rows = []
@@ -120,8 +145,9 @@ class EncodeWorker:
             if self.crash_on:                   # the test-only hook; nothing in real runs
                 for i in range(a, min(hi, a + self.batch_size)):
                     maybe_crash(self.store.id(i), self.crash_on)
+            b = min(hi, a + self.batch_size)
             # One Zarr read per shard, cropped before the float conversion.
-            q = centre_crop(self.store.read_range(a, min(hi, a + self.batch_size)), self.size)
+            q = read[a - lo:b - lo] if read is not None else centre_crop(self.store.read_range(a, b), self.size)
             x = torch.from_numpy(layers_from_bases(q)).to(self.device)
             image, bases = split_layers(x, self.n_bases)
             rows.append(flatten_maps(self.tok.encode(image, bases)))
@@ -129,12 +155,15 @@ class EncodeWorker:
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         out = {"block": [], "rows": [], "failed": [], "bad_input": [], "seconds": [], "host": [], "numerics": []}
-        for block, lo, hi in zip(batch["block"], batch["lo"], batch["hi"]):
+        for j, (block, lo, hi) in enumerate(zip(batch["block"], batch["lo"], batch["hi"])):
             block, lo, hi = int(block), int(lo), int(hi)
-            t0, bad_input = time.perf_counter(), ""
+            t0, bad_input = time.perf_counter(), str(batch["bad_input"][j]) if "bad_input" in batch else ""
+            read = np.asarray(batch["bases"][j]) if "bases" in batch else None
             journal = AttemptJournal(self.out / PARTS / ATTEMPTS / f"block-{block:06d}.log")
             deaths = journal.deaths("encode")
-            if deaths >= self.max_attempts:
+            if bad_input:
+                pass                            # the read task met a damaged store: reported below
+            elif deaths >= self.max_attempts:
                 # Given up: recorded for the driver, which finishes every other block and
                 # leaves the token store unfinished (exit status 1); a rerun tries again.
                 reason = died_message(f"encoding block {block}", deaths, self.max_attempts)
@@ -143,7 +172,7 @@ class EncodeWorker:
             else:
                 try:
                     with journal.attempt("encode"):
-                        rows = self.encode_rows(lo, hi)
+                        rows = self.encode_rows(lo, hi, read)
                 except StoreError as e:
                     # A damaged store: sent home as data (Ray Data's wrappers drop the exception's
                     # type); the driver stops the job naming the file.

@@ -34,7 +34,7 @@ from ..stores.tokens import (DTYPE, FORMAT, FORMAT_VERSION, INDEX, MAX_VOCAB, ME
                              file_sha256, map_offsets, shard_name)
 from .attempts import ATTEMPTS, crash_hook
 from .config import RayJobConfig
-from .encode_worker import EncodeWorker, failed_path, part_path
+from .encode_worker import EncodeWorker, failed_path, part_path, read_block
 from .ray_job import (Progress, RayJobReport, cluster_resources, job_failures, quiet_data_context, ray_session,
                       resolve_workers)
 
@@ -311,12 +311,19 @@ def finish(plan: ExportPlan) -> None:
 
 # ----------------------------------------------------------------------------- the job
 
-def _dataset(plan: ExportPlan, gpus: float, workers: int):
+def _dataset(plan: ExportPlan, gpus: float, workers: int, read_tasks: bool):
     import ray.data
 
     quiet_data_context()
     items = [{"block": b, "lo": lo, "hi": hi} for b, lo, hi in plan.todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    if read_tasks:
+        # GPU actors should not spend their time decoding Zarr: CPU tasks read ahead of them
+        # (as decompose-dataset's read tasks feed its GPU actors). On CPU actors the actor reads
+        # its own blocks: a separate stage would only compete with it for the CPUs.
+        ds = ds.map_batches(read_block, batch_size=1, batch_format="numpy", num_cpus=1,
+                            fn_kwargs={"store": str(plan.store.path.resolve()),
+                                       "size": int(plan.tokenizer_config["image_size"])})
     return ds.map_batches(
         EncodeWorker, batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
@@ -326,9 +333,13 @@ def _dataset(plan: ExportPlan, gpus: float, workers: int):
                                "max_attempts": plan.cfg.max_attempts, "crash_on": crash_hook()})
 
 
-def run_export(cfg: ExportConfig, progress: Optional[Progress] = None) -> ExportReport:
+def run_export(cfg: ExportConfig, progress: Optional[Progress] = None, *,
+               read_tasks: Optional[bool] = None) -> ExportReport:
     """Export every ok image of cfg.data not yet in cfg.out. Raises StoreError / ConfigError (bad
-    input, refused folder) or JobError (Ray or I/O failure; a rerun resumes)."""
+    input, refused folder) or JobError (Ray or I/O failure; a rerun resumes).
+
+    read_tasks: feed the actors from CPU read tasks; default when the actors have GPUs (True
+    on the CPU runs the GPU path's plan with CPU actors: how it is tested without a GPU)."""
     t_begin = time.perf_counter()
     plan = make_plan(cfg)
     report = ExportReport(out=str(cfg.out), rows=plan.N, tokens_per_row=plan.L, blocks=len(plan.blocks))
@@ -338,14 +349,17 @@ def run_export(cfg: ExportConfig, progress: Optional[Progress] = None) -> Export
         return report
     with ray_session(cfg, "token store", report, needed=bool(plan.todo)) as t_connected:
         if plan.todo:
-            gpus, workers = resolve_workers(cfg, gpu_job=cluster_resources()[1] >= 1)
+            gpus, workers = resolve_workers(cfg, gpu_job=cluster_resources()[1] >= 1, spare_cpus=1)
             report.workers = workers = min(workers, len(plan.todo))
             report.device = "gpu" if gpus else "cpu"
+            if read_tasks is None:
+                read_tasks = bool(gpus)
             if progress:
                 progress.start(sum(hi - lo for _, lo, hi in plan.todo), report.skipped)
             t_first = None
             with job_failures("export", "token store", progress):
-                for batch in _dataset(plan, gpus, workers).iter_batches(batch_size=None, batch_format="numpy"):
+                for batch in _dataset(plan, gpus, workers, read_tasks).iter_batches(batch_size=None,
+                                                                                    batch_format="numpy"):
                     plan.saw(batch)
                     rows = int(np.sum(batch["rows"]))
                     report.processed += int(np.sum(np.asarray(batch["rows"])[~np.asarray(batch["failed"], bool)]))
