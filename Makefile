@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_tokens.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_tokenizer.py
 
 bench-pipeline: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py

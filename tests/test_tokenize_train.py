@@ -318,3 +318,18 @@ def test_stylegan_discriminator_shapes_and_minibatch_std():
     assert torch.allclose(y[5, 5], (x[4:].var(0, unbiased=False) + 1e-8).sqrt().mean().expand(4, 4))
     with pytest.raises(ValueError, match="at least 8 px"):
         StyleGANDiscriminator(image_size=4)
+
+
+def test_compile_trains_the_same_model_with_the_same_checkpoint_keys(store, tmp_path):
+    """--compile compiles encoder, decoder and discriminator in place: same first-step loss as
+    eager (to float32 rounding; kernels differ), checkpoints keyed as before."""
+    eager = train(cfg(store, tmp_path / "eager", steps=2, disc_start=1, lpips_weight=0.0, loader_workers=0))
+    comp = train(cfg(store, tmp_path / "comp", steps=2, disc_start=1, lpips_weight=0.0, loader_workers=0,
+                     compile=True))
+    a, b = records(tmp_path / "eager"), records(tmp_path / "comp")
+    assert b[0]["loss"] == pytest.approx(a[0]["loss"], rel=1e-4) and "d" in b[1]
+    ka = torch.load(checkpoints(tmp_path / "eager")[-1], weights_only=True)
+    kb = torch.load(checkpoints(tmp_path / "comp")[-1], weights_only=True)
+    assert ka["model"].keys() == kb["model"].keys() and ka["disc"].keys() == kb["disc"].keys()
+    assert comp.trainer.tok.encoder._compiled_call_impl is not None          # it was compiled
+    assert eager.steps == comp.steps == 2

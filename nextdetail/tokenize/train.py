@@ -72,6 +72,8 @@ class TokenizerTrainConfig(RunConfig):
     loader_lanes: int = opt(0, "lanes of the data stream, a multiple of the number of processes; the batches "
                                "depend on it, not on the process count; 0: the number of processes")
     shuffle_buffer: int = opt(256, "images read, shuffled and cropped together (one loader work item)")
+    compile: bool = opt(False, "torch.compile the tokenizer and the discriminator (first steps slower: "
+                               "compilation)")
     usage_every: int = opt(100, "steps over which each token map's codebook usage is counted (logged as "
                                 "map_usage; a warning when a map uses < 1%% of the codes after two windows)")
 
@@ -100,7 +102,7 @@ class TokenizerTrainConfig(RunConfig):
         return d
 
     # Fields a resumed run may change: where it writes and how long it goes on.
-    RESUMABLE_CHANGES = ("steps", "out", "ckpt_every", "loader_workers")
+    RESUMABLE_CHANGES = ("steps", "out", "ckpt_every", "loader_workers", "compile")
 
     def differences(self, other: "TokenizerTrainConfig") -> List[str]:
         """The tokenizer's differences first, named as in its own config ('quant.vocab ...')."""
@@ -222,6 +224,11 @@ class TokenizerTrainer:
             # Buffers are not broadcast: the codebook's usage is made global by end_step itself.
             self.net = DDP(self.tok, device_ids=ids, broadcast_buffers=False)
             self.net_d = DDP(self.disc, device_ids=ids, broadcast_buffers=False)
+        if cfg.compile:
+            # The convolutional parts, compiled in place (state_dict keys unchanged). Not the
+            # quantizer: its loop over maps would recompile once per map size.
+            for module in (self.tok.encoder, self.tok.decoder, self.disc):
+                module.compile()
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state(self) -> dict:
