@@ -17,6 +17,7 @@ from typing import List, Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .decomp.intrinsic import from_log
 from .imageio import to_uint8
 
 DETAIL_PERCENTILE = 99.5
@@ -88,18 +89,31 @@ def sheet_tiles(decomposition, image_index: Optional[int] = None) -> List[List[O
 
     row 0: input (B_0), B_1 .. B_n
     row 1: (empty),     D_1 .. D_n   labelled with their display scale (see module doc)
-    row 2: (empty),     s_1 .. s_n
+    row 2: (empty),     s_1 .. s_n   (when the method has edge fields)
+    Bases and details are named as the method names them (specular: A_k, E_k). A log-space
+    decomposition (intrinsic) is shown in linear space: the shading exp(log S), and the albedo
+    exp(log A) divided by its 99.5th percentile (labelled with that scale).
     For a batch (N, H, W, C) decomposition, image `image_index` (default 0) is shown.
     """
     i, _ = _pick(decomposition, image_index)
     sel = (lambda a: np.asarray(a)) if i < 0 else (lambda a: np.asarray(a)[i])
-    bases = [Tile("input" if k == 0 else f"B{k}", _rgb(to_uint8(sel(b))))
+    b_name, d_name = getattr(decomposition, "names", ("B", "D"))
+    log_space = getattr(decomposition, "space", "linear") == "log"
+    shown = from_log if log_space else (lambda a: a)
+    bases = [Tile("input" if k == 0 else f"{b_name}{k}", _rgb(to_uint8(shown(sel(b)))))
              for k, b in enumerate(decomposition.bases)]
     details: List[Optional[Tile]] = [None]
     for k, d in enumerate(decomposition.details, start=1):
         d = sel(d)
+        if log_space:
+            a = np.exp(d)
+            scale = detail_scale(a)
+            details.append(Tile(f"{d_name}{k} (x1/{scale:.2g})", _rgb(to_uint8(a / scale))))
+            continue
         scale = detail_scale(d)
-        details.append(Tile(f"D{k} (+/-{scale:.2g})", _rgb(detail_to_uint8(d, scale))))
+        details.append(Tile(f"{d_name}{k} (+/-{scale:.2g})", _rgb(detail_to_uint8(d, scale))))
+    if not decomposition.edges:          # specular: no edge fields, no third row
+        return [bases, details]
     edges: List[Optional[Tile]] = [None] + [Tile(f"s{k}", _rgb(to_uint8(sel(s))))
                                              for k, s in enumerate(decomposition.edges, start=1)]
     return [bases, details, edges]

@@ -4,6 +4,7 @@ from .energy import at_energy
 from .hierarchy import (Decomposer, Decomposition, available_decompositions, decompose,
                         register_decomposition)
 from .params import ATParams
+from . import intrinsic, specular  # importing them registers "intrinsic" and "specular"
 
 __all__ = ["ATParams", "ATResult", "ambrosio_tortorelli", "at_energy", "Decomposer", "Decomposition",
-           "available_decompositions", "decompose", "register_decomposition"]
+           "available_decompositions", "decompose", "intrinsic", "register_decomposition", "specular"]

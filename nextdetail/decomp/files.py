@@ -26,6 +26,7 @@ from ..options import check_int, nested, opt
 from ..viz import contact_sheet, detail_scale, detail_to_uint8
 from .at import BACKENDS, resolve_backend
 from .hierarchy import Decomposition, decompose
+from .intrinsic import from_log
 from .params import ATParams
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ class DecomposeConfig:
     inputs: Tuple[str, ...] = opt(help="image files or folders (searched recursively)", positional=True,
                                   nargs="+", metavar="INPUT", type=str)
     out: Path = opt(help="output folder; one sub-folder per image", metavar="DIR")
+    method: str = opt("base_detail", "decomposition: base_detail (Mumford-Shah bases and details), intrinsic "
+                                     "(log shading + log albedo; --order AT levels smooth the shading) or "
+                                     "specular (diffuse base + --order specular terms)",
+                      choices=("base_detail", "intrinsic", "specular"))
     order: int = opt(3, "levels n")
     params: ATParams = nested(ATParams)
     backend: str = opt("auto", "auto = cupy with a GPU, else numba (numpy if numba is unavailable)",
@@ -108,7 +113,7 @@ def select_image(dec: Decomposition, i: Optional[int]) -> Decomposition:
     energy = (lambda e: float(e)) if i is None else (lambda e: float(np.asarray(e)[i]))
     return Decomposition(bases=[pick(b) for b in dec.bases], details=[pick(d) for d in dec.details],
                          edges=[pick(s) for s in dec.edges], energies=[energy(e) for e in dec.energies],
-                         method=dec.method, params=dict(dec.params))
+                         method=dec.method, params=dict(dec.params), names=dec.names, space=dec.space)
 
 
 def write_decomposition(dec: Decomposition, folder: Path, *, source: Path, backend: str) -> None:
@@ -116,25 +121,37 @@ def write_decomposition(dec: Decomposition, folder: Path, *, source: Path, backe
 
     base_k.npy / detail_k.npy : float32 (H, W, 3), k = 1..n;  edges_k.npy : float32 (H, W)
     base_k.png, detail_k.png (mid-grey = 0, see nextdetail.viz), edges_k.png, input.png,
-    contact.png, meta.json (source, shape, parameters, energies, detail display scales).
+    contact.png, meta.json (source, shape, method, layer names, parameters, energies, detail
+    display scales). Intrinsic (log space): the .npy files hold log S and log A; base_1.png is
+    the shading S and detail_1.png the albedo A / (its 99.5th percentile, in meta.json).
+    Methods without edge fields (specular) write no edges_k files.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    save_png(dec.bases[0], folder / "input.png")
+    log_space = dec.space == "log"
+    save_png(from_log(dec.bases[0]) if log_space else dec.bases[0], folder / "input.png")
     scales = []
     for k in range(1, dec.order + 1):
-        base, detail, edges = dec.bases[k], dec.details[k - 1], dec.edges[k - 1]
+        base, detail = dec.bases[k], dec.details[k - 1]
         np.save(folder / f"base_{k}.npy", base.astype(np.float32, copy=False))
         np.save(folder / f"detail_{k}.npy", detail.astype(np.float32, copy=False))
-        np.save(folder / f"edges_{k}.npy", edges.astype(np.float32, copy=False))
-        save_png(base, folder / f"base_{k}.png")
-        scales.append(detail_scale(detail))
-        save_png(detail_to_uint8(detail, scales[-1]), folder / f"detail_{k}.png")
-        save_png(to_uint8(edges), folder / f"edges_{k}.png")
+        if log_space:
+            save_png(from_log(base), folder / f"base_{k}.png")
+            albedo = np.exp(detail)
+            scales.append(detail_scale(albedo))
+            save_png(albedo / scales[-1], folder / f"detail_{k}.png")
+        else:
+            save_png(base, folder / f"base_{k}.png")
+            scales.append(detail_scale(detail))
+            save_png(detail_to_uint8(detail, scales[-1]), folder / f"detail_{k}.png")
+        if k <= len(dec.edges):
+            np.save(folder / f"edges_{k}.npy", dec.edges[k - 1].astype(np.float32, copy=False))
+            save_png(to_uint8(dec.edges[k - 1]), folder / f"edges_{k}.png")
     contact_sheet(dec, title=source.name).save(folder / "contact.png")
     meta = {"source": str(source), "shape": list(dec.bases[0].shape), "method": dec.method,
-            "order": dec.order, "params": dec.params, "backend": backend,
+            "order": dec.order, "space": dec.space, "layer_names": dec.layer_names,
+            "params": dec.params, "backend": backend,
             "energies": [float(e) for e in dec.energies],
-            # detail_k.png shows clip(D / scale, -1, 1) * 127.5 + 127.5
+            # detail_k.png shows clip(D / scale, -1, 1) * 127.5 + 127.5 (log space: exp(D) / scale)
             "detail_png_scales": scales}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -168,7 +185,7 @@ def run_decompose(paths: Sequence[Path], cfg: DecomposeConfig, backend: str,
             batched = len(loaded) > 1
             images = np.stack([im for _, _, im in loaded]) if batched else loaded[0][2]
             try:
-                dec = decompose(images, cfg.order, backend=backend, **cfg.params.to_dict())
+                dec = decompose(images, cfg.order, method=cfg.method, backend=backend, **cfg.params.to_dict())
             except (ValueError, RuntimeError, MemoryError) as e:
                 for path, _, _ in loaded:
                     fail(f"{path}: decomposition failed ({type(e).__name__}: {e})")
@@ -182,7 +199,8 @@ def run_decompose(paths: Sequence[Path], cfg: DecomposeConfig, backend: str,
                     fail(f"{path}: cannot write {cfg.out / name} ({e})")
                 else:
                     report.written.append(cfg.out / name)
-                    report.energies.append(float(np.mean(one.energies)))
+                    if one.energies:
+                        report.energies.append(float(np.mean(one.energies)))
                 bar.update(1)
     report.seconds = time.perf_counter() - start_time
     return report

@@ -4,14 +4,17 @@ CART's base-detail decomposition (the default) smooths recursively:
 
     B_0 = I,   B_k = AT(B_(k-1)).u,   D_k = B_(k-1) - B_k,   I = B_n + D_n + ... + D_1
 
-so D_1 holds the finest detail and B_n the coarsest base. Other strategies (intrinsic:
-albedo/shading in log space; specular: diffuse/specular) register beside it with
-`@register_decomposition("name")` and are reached through the same `decompose` call.
+so D_1 holds the finest detail and B_n the coarsest base. The paper's other two strategies
+register beside it with `@register_decomposition("name")` and are reached through the same
+`decompose` call, with the same additive structure (bases B_0..B_n, details D_k = B_(k-1) - B_k):
+
+    specular   (specular.py)   A_0 = I .. A_n diffuse bases, E_1 .. E_n specular terms
+    intrinsic  (intrinsic.py)  log space: B_0 = log I, B_1 = log S (shading), D_1 = log A (albedo)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Protocol
+from typing import Callable, Dict, List, Protocol, Tuple
 
 import numpy as np
 
@@ -35,6 +38,8 @@ class Decomposition:
     energies: list
     method: str = "base_detail"
     params: dict = field(default_factory=dict)
+    names: Tuple[str, str] = ("B", "D")     # what bases and details are called (specular: A, E)
+    space: str = "linear"                   # "log": the layers add up to log I (intrinsic)
 
     @property
     def order(self) -> int:
@@ -49,6 +54,12 @@ class Decomposition:
     def layers(self) -> List[np.ndarray]:
         """Generation order, coarse to fine: [B_n, D_n, ..., D_1]."""
         return [self.base] + self.details[::-1]
+
+    @property
+    def layer_names(self) -> List[str]:
+        """Names of `layers`, e.g. [B_3, D_3, D_2, D_1], [A_4, E_4, ..., E_1], [S_1, A_1]."""
+        b, d = self.names
+        return [f"{b}_{self.order}"] + [f"{d}_{k}" for k in range(self.order, 0, -1)]
 
     def reconstruct(self) -> np.ndarray:
         """B_n + D_n + ... + D_1, which is I up to float32 rounding."""
