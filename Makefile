@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 IMAGES ?=
 OUT    ?= out/demo
 
-.PHONY: install test demo bench bench-pipeline bench-tokens bench-train bench-store-codecs bench-scale gpu-check clean
+.PHONY: install test demo demo-decompositions bench bench-pipeline bench-tokens bench-train bench-store-codecs bench-scale gpu-check clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m nextdetail.demo --out $(OUT) $(if $(IMAGES),--images $(IMAGES),)
+
+# The paper's three decompositions (base-detail, intrinsic, specular) of the same photos.
+demo-decompositions: $(STAMP)
+	$(PY) -m nextdetail.demo --decompositions --out $(OUT)-decompositions $(if $(IMAGES),--images $(IMAGES),)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_decomp.py

@@ -106,3 +106,14 @@ def test_the_decompose_command_writes_layers_and_a_contact_sheet(tmp_path, metho
     else:
         assert meta["layer_names"] == ["S_1", "A_1"] and meta["space"] == "log"
         assert (folder / "edges_1.png").exists() and not (folder / "base_2.npy").exists()
+
+
+def test_demo_decompositions_runs_the_three_methods_and_names_the_sheets(tmp_path, capsys):
+    from nextdetail import demo
+
+    src = photo_paths(1, tmp_path)[0]
+    assert demo.main(["--decompositions", "--images", str(src), "--out", str(tmp_path / "demo"), "--size", "32"]) == 0
+    out = capsys.readouterr().out
+    for method in ("base_detail", "intrinsic", "specular"):
+        sheet = tmp_path / "demo" / method / src.stem / "contact.png"
+        assert sheet.is_file() and str(sheet) in out
