@@ -10,6 +10,8 @@ max |du| ~ 1e-6, |ds| ~ 2e-5; real 256x256 RGB crops max |du| 4.8e-5, |ds| 2.4e-
 energy 3e-8. s = aG / (aG + c + ...) amplifies a rounding difference in G by up to
 alpha / c = 40 where G is small, hence the looser bound on s.
 """
+import os
+
 import numba
 import numpy as np
 import pytest
@@ -282,3 +284,28 @@ def test_cupy_input_stays_on_the_gpu(cp):
     ref = ambrosio_tortorelli(f, backend="numba", n_iter=20)
     assert np.abs(cp.asnumpy(r.u) - ref.u).max() < U_TOL
     assert r.energy == pytest.approx(ref.energy, rel=E_RTOL)
+
+
+def test_numba_gives_the_same_bits_with_its_loops_vectorized_or_not(tmp_path):
+    """LLVM runs a loop's vector body or its scalar fallback as run-time pointer checks decide,
+    so the two must round alike, or results depend on where the heap put the arrays (a resumed
+    store once differed from an uninterrupted one in one pixel). Compiled here with loop
+    vectorization off (a cache of its own) and compared with this process's vectorized kernels,
+    for 3 channels and for 1 (the intrinsic decomposition's luminance)."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(7)
+    f = rng.random((3, 24, 40, 3)).astype(np.float32)
+    np.save(tmp_path / "f.npy", f)
+    script = ("import sys, numpy as np; from nextdetail.decomp import ambrosio_tortorelli as at; "
+              "f = np.load(sys.argv[1]); "
+              "np.save(sys.argv[2], np.stack([at(f, backend='numba', n_iter=20).u, "
+              "np.repeat(at(f[..., :1], backend='numba', n_iter=20).u, 3, -1)]))")
+    env = dict(os.environ, NUMBA_LOOP_VECTORIZE="0", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "f.npy"), str(tmp_path / "scalar.npy")],
+                   check=True, env=env)
+    scalar = np.load(tmp_path / "scalar.npy")
+    vector = np.stack([ambrosio_tortorelli(f, backend="numba", n_iter=20).u,
+                       np.repeat(ambrosio_tortorelli(f[..., :1], backend="numba", n_iter=20).u, 3, -1)])
+    assert scalar.tobytes() == vector.tobytes()

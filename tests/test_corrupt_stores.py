@@ -79,7 +79,8 @@ def test_a_missing_shard_file(clean, tmp_path, capsys):
     shard(bad).unlink()                                           # Zarr alone would read zeros
     refused(capsys, ["train-tokenizer", "--data", bad, "--out", tmp_path / "run", "--image-size", "32",
                      "--downsample", "8", "--ch", "8", "--num-res-blocks", "1", "--vocab", "16", "--steps", "4",
-                     "--batch-size", "6", "--lpips-weight", "0"], bad, "c.0.0.0.0.0", "missing shard file")
+                     "--batch-size", "6", "--lpips-weight", "0", "--loader-workers", "1"],
+            bad, "c.0.0.0.0.0", "missing shard file")          # met in a loader worker process
 
 
 def test_a_manifest_cut_short(clean, tmp_path, capsys):

@@ -29,7 +29,14 @@ from numba import njit, prange
 
 from .params import ATParams
 
-_JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
+# Fast-math without reassociation, contraction (FMA), approximate reciprocals or functions:
+# the loops vectorize without them (no reductions in the sweeps), and with them LLVM's vector
+# body and its scalar fallback round differently. Which one runs is decided at run time by
+# pointer checks between the arrays, so results depended on where the heap put the arrays:
+# one image of 10,000 came out a last bit different after a resume (docs/dataset-store.md).
+# With these flags the scalar and the vector loops give the same bits (tested).
+_FASTMATH = {"nnan", "ninf", "nsz"}
+_JIT = dict(cache=True, fastmath=_FASTMATH, error_model="numpy", nogil=True)
 _ROW_BAND = 16  # rows per task in the row-parallel schedule (balances sync cost and load)
 # Below this many pixels an image is solved by one thread even when threads sit idle: the
 # banded schedule synchronises twice per sweep, which costs more than it saves on small

@@ -33,7 +33,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..stores.decomposition import DecompositionStore
+from ..stores.decomposition import DecompositionStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,13 @@ class _Blocks(torch.utils.data.IterableDataset):
         w, W = (info.id, info.num_workers) if info is not None else (0, 1)
         t = self.first + w
         while True:
-            yield self.block(*self.where(t))
+            try:
+                yield self.block(*self.where(t))
+            except StoreError as e:
+                # Sent home as data: torch re-raises a worker's exception as a RuntimeError
+                # with the traceback in its text, and a damaged store must stay one line.
+                yield _Damaged(str(e.path), e.reason)
+                return
             t += W
 
     def block(self, epoch: int, lane: int, block: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +127,14 @@ class _Blocks(torch.utils.data.IterableDataset):
                 y, x = offsets[j]
                 out[j] = shard.bases[items[j] - shard.items[0], :, :, y:y + c, x:x + c]
         return torch.from_numpy(items), torch.from_numpy(out)
+
+
+@dataclass(frozen=True)
+class _Damaged:
+    """A StoreError met in a worker: the file and the reason."""
+
+    path: str
+    reason: str
 
 
 def _worker_init(_: int) -> None:
@@ -177,10 +191,13 @@ class StoreLoader:
             self._pending[lane][0] = self._pending[lane][0][skip:]
 
     def _pull(self) -> None:
-        """The next block of every lane (they are made in that order)."""
+        """The next block of every lane (they are made in that order). StoreError when a
+        worker met a damaged store (named in one line)."""
         for lane in self.lanes:
-            _, crops = next(self._it)
-            self._pending[lane].append(crops)
+            got = next(self._it)
+            if isinstance(got, _Damaged):
+                raise StoreError(got.path, got.reason)
+            self._pending[lane].append(got[1])
 
     def _take(self, lane: int, n: int) -> torch.Tensor:
         got, have = [], 0
