@@ -10,9 +10,11 @@ resumed store differ from the reference, and for each differing image its id and
 
     python benchmarks/bench_resume_determinism.py [--source parquet] [--n 10000] [--repeats 3] [--burners 2]
 
-Measured 2026-11-28 (2 cores): Parquet, N = 10,000, 2 burners: 1 of 2 repeats differed, in
-image 5135 (train-00005.parquet#135) only, one pixel of B_2 by one level, energy_1 78.23782648 ->
-78.23782617; the same image and the same other value in all 4 differing runs seen that day.
+Measured 2026-11-28 (2 cores): Parquet, N = 10,000, 2 burners: with the Numba kernels under full
+fast-math, 5 of 8 repeats differed, always in image 5135 (train-00005.parquet#135) only, one
+pixel of B_2 by one level, energy_1 78.23782648 -> 78.23782617 (LLVM's vector body and scalar
+fallback rounding differently; see docs/dataset-store.md); with the restricted fast-math flags,
+0 of 4.
 """
 from __future__ import annotations
 
