@@ -1,8 +1,7 @@
 """torchrun's processes, for both trainers: who this process is and the few collectives they use.
 
-    d = setup_distributed(cfg.device)      # RANK / WORLD_SIZE / LOCAL_RANK from torchrun; world 1 without
-    ...
-    leave(d)                               # all ranks together, then the process group is gone
+    report = run(cfg.device, lambda d: _train(cfg, d, ...))    # set up, run, leave together
+    device = d.device(cfg.device)          # cuda -> this rank's GPU (LOCAL_RANK)
 
 gloo on the CPU (how the tests run two ranks), nccl on CUDA.
 """
@@ -10,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List
+from typing import Callable, List, TypeVar
 
 import torch
 
@@ -26,6 +25,14 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    def device(self, name: str) -> torch.device:
+        """The torch device of this process: "cuda" is this rank's GPU (LOCAL_RANK) under torchrun,
+        made the current one (NCCL's collectives run on the current device)."""
+        if name.startswith("cuda") and self.world > 1:
+            name = f"cuda:{self.local}"
+            torch.cuda.set_device(name)
+        return torch.device(name)
+
 
 def setup_distributed(device: str) -> Dist:
     """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); world 1 without it."""
@@ -39,6 +46,22 @@ def setup_distributed(device: str) -> Dist:
     if owned:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return Dist(rank, world, local, owned)
+
+
+T = TypeVar("T")
+
+
+def run(device: str, body: Callable[[Dist], T]) -> T:
+    """body(d) in this process's place of torchrun's world (set up from the environment), then
+    `leave` together; after a failure the process group is torn down without waiting."""
+    d = setup_distributed(device)
+    try:
+        out = body(d)
+    except BaseException:
+        leave(d, ok=False)
+        raise
+    leave(d)
+    return out
 
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:

@@ -246,12 +246,10 @@ def _steps(config, dist_=None) -> dict:
 def _ddp_worker(rank, world, port, config, result):
     import os
 
-    from nextdetail.distributed import leave, setup_distributed
+    from nextdetail.distributed import run
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    d = setup_distributed("cpu")
-    out = _steps(config, d)
-    leave(d)
+    out = run("cpu", lambda d: _steps(config, d))
     torch.save(out, f"{result}-{rank}.pt")
 
 

@@ -68,6 +68,11 @@ def resolve_backend(backend: str) -> str:
     return resolved
 
 
+def to_host(a) -> np.ndarray:
+    """A numpy array of a (a cupy array is copied from the GPU)."""
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
 def as_batch(f) -> tuple[np.ndarray, tuple, bool]:
     """Bring f to a float32 (N, H, W, C) batch. Returns it, f's shape and whether f had a channel axis."""
     xp = np

@@ -24,7 +24,7 @@ from ..errors import ConfigError, NextDetailError
 from ..imageio import ImageError, list_images, load_image, save_png, to_uint8
 from ..options import check_int, nested, opt
 from ..viz import contact_sheet, detail_scale, detail_to_uint8
-from .at import BACKENDS, resolve_backend
+from .at import BACKENDS, resolve_backend, to_host
 from .hierarchy import Decomposition, decompose
 from .intrinsic import from_log
 from .params import ATParams
@@ -102,14 +102,9 @@ def output_names(paths: Sequence[Path]) -> List[str]:
     return names
 
 
-def _host(a) -> np.ndarray:
-    """numpy view of a layer, copying from the GPU for cupy arrays."""
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
-
-
 def select_image(dec: Decomposition, i: Optional[int]) -> Decomposition:
     """Image i of a batch decomposition as a single-image one (i=None: dec itself, on the host)."""
-    pick = (lambda a: _host(a)) if i is None else (lambda a: _host(a)[i])
+    pick = to_host if i is None else (lambda a: to_host(a)[i])
     energy = (lambda e: float(e)) if i is None else (lambda e: float(np.asarray(e)[i]))
     return Decomposition(bases=[pick(b) for b in dec.bases], details=[pick(d) for d in dec.details],
                          edges=[pick(s) for s in dec.edges], energies=[energy(e) for e in dec.energies],

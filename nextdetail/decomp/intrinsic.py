@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .at import ambrosio_tortorelli
+from .at import ambrosio_tortorelli, to_host
 from .hierarchy import Decomposition, register_decomposition
 from .params import ATParams
 
@@ -58,14 +58,13 @@ def intrinsic(image: np.ndarray, order: int, params: ATParams, backend: str) -> 
     if f.shape[-1] != 3 or f.ndim not in (3, 4):
         raise ValueError(f"the intrinsic decomposition needs RGB images (..., H, W, 3), got shape {f.shape}")
     L_I = to_log(f)
-    l = np.log(f @ REC709 + np.float32(LOG_EPS))                  # (..., H, W)
-    u = l[..., None].astype(np.float32)                           # natural-log units, one channel
+    u = to_log(f @ REC709)[..., None]                             # natural-log units, one channel
     edges, energies = [], []
     for _ in range(order):
         r = ambrosio_tortorelli(u, params.alpha, params.lam, params.eps, backend=backend,
                                 omega=params.omega, n_iter=params.n_iter)
-        u = np.asarray(r.u.get() if hasattr(r.u, "get") else r.u, np.float32).reshape(u.shape)
-        edges.append(np.asarray(r.s.get() if hasattr(r.s, "get") else r.s, np.float32))
+        u = to_host(r.u).reshape(u.shape)
+        edges.append(to_host(r.s))
         energies.append(r.energy)
     # Grey: the same value in the three channels, so every layer has the image's shape.
     L_S = np.repeat(u, 3, axis=-1)

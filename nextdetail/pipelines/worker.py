@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..decomp import decompose
+from ..decomp.at import to_host
 from ..imageio import ImageError, load_image, load_image_bytes
 from ..stores.decomposition import STATUS_ERROR, STATUS_OK, StoreParams, manifest_schema, run_parts
 from ..stores.decomposition_writer import staged_shard_file
@@ -108,18 +109,14 @@ def _shard_members(paths, members, image_column: str) -> dict:
     return out
 
 
-def _host(a) -> np.ndarray:
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
-
-
 def shard_items(plan, shards: Optional[Sequence[int]] = None) -> List[dict]:
     """The job's rows for `shards` (default: every shard the plan writes): one per shard, its
     sources as JSON (a type Ray keeps as is), read from the store's manifest.
 
-    (Having each task read its shard's sources from the manifest instead would
-    spare the driver even this, but a pyarrow read in the actor made the solver's output differ
-    in the last bit now and then under Ray, measured and not understood; so the driver sends
-    them, a window of shards at a time: see job.py.)"""
+    (Each task could read its shard's sources from the manifest itself instead, sparing the
+    driver even the window. An earlier version did, and was taken out because the solver's
+    output then differed in the last bit now and then; the cause was found later in the Numba
+    kernels' fast-math, not in the read (docs/dataset-store.md), so that design is open again.)"""
     from ..stores.decomposition_writer import ManifestShards, manifest_sources
 
     manifest = ManifestShards(plan.path, plan.params.shard_images)
@@ -230,7 +227,7 @@ class DecomposeWorker:
 
     def _solve_batch(self, images: np.ndarray) -> tuple:
         dec = self._decompose(images)
-        energies = np.stack([np.asarray(_host(e), np.float64).reshape(-1) for e in dec.energies], axis=1)
+        energies = np.stack([np.asarray(to_host(e), np.float64).reshape(-1) for e in dec.energies], axis=1)
         return quantize_bases(dec.bases), energies
 
     def __call__(self, row: Dict[str, np.ndarray]):

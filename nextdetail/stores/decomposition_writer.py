@@ -101,7 +101,7 @@ class ManifestShards:
         starts = [0]
         for g in range(self.file.num_row_groups):
             starts.append(starts[-1] + self.file.metadata.row_group(g).num_rows)
-        self._starts, self._cached = starts, (None, None, None)
+        self._starts, self._cached = starts, (None, None)
 
     def shard(self, k: int, columns=None):
         """Shard k's rows (a pyarrow Table; those columns, default all)."""

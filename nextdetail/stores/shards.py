@@ -30,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..decomp.at import to_host
 from .atomic import write_bytes_atomic
 
 BASES = "bases.zarr"
@@ -43,13 +44,9 @@ def quantize_bases(bases: Sequence[np.ndarray]) -> np.ndarray:
     """Solver bases [B_0, ..., B_n], each float (B, H, W, 3) in [0, 1], as the store holds them:
     uint8 (B, n+1, 3, H, W), q = round(255 * clip(B_k, 0, 1)), so |q / 255 - B_k| <= 1/510 for
     values in [0, 1]. B_0 = I read from an 8-bit file is stored exactly."""
-    b = np.stack([np.asarray(_host(x), np.float32) for x in bases], axis=1)        # (B, n+1, H, W, 3)
+    b = np.stack([np.asarray(to_host(x), np.float32) for x in bases], axis=1)        # (B, n+1, H, W, 3)
     q = np.rint(np.clip(b, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
     return np.ascontiguousarray(q.transpose(0, 1, 4, 2, 3))
-
-
-def _host(a):
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else a
 
 
 def layers_from_bases(q: np.ndarray) -> np.ndarray:

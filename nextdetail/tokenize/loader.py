@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..stores.decomposition import DecompositionStore, StoreError
+from ..stores.layers import split_layers
 
 log = logging.getLogger(__name__)
 
@@ -244,5 +245,4 @@ def bases_inputs(q: torch.Tensor, n: int) -> Tuple[torch.Tensor, List[torch.Tens
     layers[:, 0] = qf[:, N]
     layers[:, 1:] = (qf[:, :N] - qf[:, 1:]).flip(1)
     layers /= 255.0
-    sums = layers.cumsum(1)                  # sums[:, j] = B_(N-j)
-    return sums[:, N], [sums[:, N - k] for k in range(1, n + 1)]
+    return split_layers(layers, n)

@@ -172,7 +172,7 @@ class Quantizer(nn.Module):
                 inputs.append(rest)
                 i, c = self.quantize_map(k, rest)
                 if self.training:
-                    self.map_seen[k] |= torch.bincount(i.flatten(), minlength=self.map_seen.shape[1]) > 0
+                    self.map_seen[k, i.flatten()] = True
                 idx.append(i)
                 contribs.append(c)
                 part = part + c

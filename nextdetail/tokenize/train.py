@@ -23,7 +23,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..distributed import Dist, all_reduce_sum, leave, setup_distributed
+from ..distributed import Dist, all_reduce_sum, run
 from ..errors import ConfigError
 from ..options import check_int, differences, nested, opt
 from ..runs import (PLOT, RunConfig, RunLog, RunReport, TrainError, checkpoint_name, load_resumed, read_log,
@@ -72,7 +72,7 @@ class TokenizerTrainConfig(RunConfig):
     loader_lanes: int = opt(0, "lanes of the data stream, a multiple of the number of processes; the batches "
                                "depend on it, not on the process count; 0: the number of processes")
     shuffle_buffer: int = opt(256, "images read, shuffled and cropped together (one loader work item)")
-    compile: bool = opt(False, "torch.compile the tokenizer and the discriminator (first steps slower: "
+    compile: bool = opt(False, "torch.compile the encoder, decoder and discriminator (first steps slower: "
                                "compilation)")
     usage_every: int = opt(100, "steps over which each token map's codebook usage is counted (logged as "
                                 "map_usage; a warning when a map uses < 1%% of the codes after two windows)")
@@ -180,10 +180,7 @@ class TokenizerTrainer:
         self.cfg, self.out = cfg, Path(cfg.out)
         self.dist = d = dist_ or Dist()
         found = resume_from(self.out, resume)
-        dev = cfg.device
-        if dev.startswith("cuda") and d.world > 1:
-            dev = f"cuda:{d.local}"
-        self.device = torch.device(dev)
+        self.device = d.device(cfg.device)
         cfg.tokenizer.validate()
         self.n_bases = cfg.tokenizer.needs_bases()
         if batches is None:
@@ -368,14 +365,7 @@ def train(cfg: TokenizerTrainConfig, *, resume: bool = False,
           progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainReport:
     """Train (or resume) into cfg.out; `progress(step, steps, record)` after every step (rank 0).
     Under torchrun, every rank runs this."""
-    d = setup_distributed(cfg.device)
-    try:
-        report = _train(cfg, d, resume, progress)
-    except BaseException:
-        leave(d, ok=False)
-        raise
-    leave(d)
-    return report
+    return run(cfg.device, lambda d: _train(cfg, d, resume, progress))
 
 
 def _train(cfg: TokenizerTrainConfig, d: Dist, resume: bool, progress) -> TrainReport:

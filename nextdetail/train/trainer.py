@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..options import differences, nested, opt
 from ..runs import (PLOT, RunConfig, RunError, RunLog, RunReport, TrainError, checkpoint_name, latest_checkpoint,
                     load_resumed, read_log, resume_from, running_mean, save_checkpoint)
-from ..distributed import Dist, all_reduce_sum, leave, setup_distributed
+from ..distributed import Dist, all_reduce_sum, run
 from .inputs import load_quantizer, teacher_inputs
 from .model import NextDetailTransformer, TransformerConfig, TransformerShape
 
@@ -166,11 +166,7 @@ class Trainer:
         self.dist = dist_ or Dist()
         self.out = Path(cfg.out)
         found = resume_from(self.out, resume)
-        dev = cfg.device
-        if dev.startswith("cuda") and self.dist.world > 1:
-            dev = f"cuda:{self.dist.local}"
-            torch.cuda.set_device(dev)
-        self.device = torch.device(dev)
+        self.device = self.dist.device(cfg.device)
         try:
             self.ds = TokenDataset(cfg.tokens, tokenizer=cfg.tokenizer)
             self.tok_ckpt = latest_checkpoint(cfg.tokenizer)
@@ -333,14 +329,7 @@ def plot_log(out: Path) -> Path:
 def train(cfg: TransformerTrainConfig, *, resume: bool = False,
           progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainReport:
     """Train (or resume) into cfg.out; `progress(step, steps, record)` after every step (rank 0)."""
-    d = setup_distributed(cfg.device)
-    try:
-        report = _train(cfg, d, resume, progress)
-    except BaseException:
-        leave(d, ok=False)
-        raise
-    leave(d)
-    return report
+    return run(cfg.device, lambda d: _train(cfg, d, resume, progress))
 
 
 def _train(cfg: TransformerTrainConfig, d: Dist, resume: bool, progress) -> TrainReport:
