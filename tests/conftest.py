@@ -22,9 +22,12 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def ray_session():
-    """One local Ray for the whole test session (ray.init costs ~5 s).
+    """One local Ray for the whole test session (ray.init costs ~5 s), started before the first
+    test, so that no command run in-process starts and stops a Ray of its own: a raylet started
+    seconds after another one stopped died twice in CI on a message meant for the old one (Ray's
+    "Check failed: binary.size() == T::Size()" in HandleFreeLocalObjects), taking pytest with it.
 
     4 logical CPUs on any machine: the job's actor pools need a CPU slot each, and the
     tests use up to 3 actors; Ray only schedules by these numbers, the cores are shared.

@@ -16,12 +16,6 @@ from nextdetail.stores.tokens import INDEX, TOKENS
 from token_data import make_token_store
 from conftest import own_lines
 
-# One Ray for the module (the session's): its commands would otherwise start and stop a Ray
-# each, and a raylet started seconds after another stopped once died on a message meant for
-# the old one (Ray's "Check failed: binary.size() == T::Size()" in HandleFreeLocalObjects),
-# taking the test process with it.
-pytestmark = pytest.mark.usefixtures("ray_session")
-
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
