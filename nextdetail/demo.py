@@ -187,9 +187,12 @@ def clear_run(folder: Path) -> None:
 
 
 def run_chain(inputs: Sequence[str], out: Path, *, size: int, backend: str, tokenizer_steps: int,
-              train_steps: int) -> int:
+              train_steps: int, method: str = "base_detail") -> int:
     """decompose-dataset -> train-tokenizer -> export-tokens -> train -> sample, each through
-    nextdetail.cli.main exactly as a user types it; stops at the first failing step."""
+    nextdetail.cli.main exactly as a user types it; stops at the first failing step. `method`:
+    the decomposition (at the order DECOMPOSITIONS gives it); the tokenizer takes its schedule
+    from the store."""
+    order = next(o for m, o, _ in DECOMPOSITIONS if m == method)
     store, tokenizer, tokens = out / "store", out / "tokenizer", out / "tokens"
     transformer, samples = out / "transformer", out / "samples"
     out.mkdir(parents=True, exist_ok=True)
@@ -199,7 +202,8 @@ def run_chain(inputs: Sequence[str], out: Path, *, size: int, backend: str, toke
     clear_run(transformer)
     steps = [
         (["decompose-dataset", str(listing), "--out", str(store), "--size", str(size), "--backend", backend,
-          "--overwrite"], f"decomposition store: {store}"),
+          "--overwrite"] + (["--method", method, "--order", str(order)] if method != "base_detail" else []),
+         f"decomposition store: {store}"),
         (["train-tokenizer", "--data", str(store), "--out", str(tokenizer), "--image-size", str(size),
           "--downsample", "8", "--ch", "16", "--num-res-blocks", "1", "--no-attn", "--vocab", "512",
           "--steps", str(tokenizer_steps), "--batch-size", "4", "--lr", "1e-3", "--lpips-weight", "0",

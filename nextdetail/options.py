@@ -42,6 +42,13 @@ def opt(default: Any = _MISSING, help: str = "", *, flag: Optional[str] = None, 
     return dataclasses.field(default=default, metadata=meta)
 
 
+def derived(default: Any, help: str) -> Any:
+    """A field whose value comes from the data, not from the command line (a tokenizer's
+    decomposition is its training store's): no option is added for it; `build` takes it from the
+    parsed arguments where the command has put it (a config's `derive(args)`, called first)."""
+    return dataclasses.field(default=default, metadata={"derived": help})
+
+
 def nested(factory: Callable[[], Any]) -> Any:
     """A field holding another config whose options are added and built in place."""
     return dataclasses.field(default_factory=factory, metadata={"nested": True})
@@ -130,7 +137,11 @@ def add_options(parser, cls, *, skip: tuple = ()) -> None:
 
 def build(cls, args: argparse.Namespace, **given):
     """cls from parsed arguments (nested configs built in place); `given` overrides fields.
-    A config that refuses its values raises ConfigError (ValueErrors are turned into one)."""
+    A config that refuses its values raises ConfigError (ValueErrors are turned into one).
+    A config class with a `derive(args)` class method is given the arguments first, to add the
+    values of its `derived` fields."""
+    if hasattr(cls, "derive"):
+        cls.derive(args)
     hints = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
@@ -138,7 +149,7 @@ def build(cls, args: argparse.Namespace, **given):
             values[f.name] = given[f.name]
         elif f.metadata.get("nested"):
             values[f.name] = build(hints[f.name], args)
-        elif "option" in f.metadata and hasattr(args, f.name):
+        elif ("option" in f.metadata or "derived" in f.metadata) and hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
     try:
         return cls(**values)

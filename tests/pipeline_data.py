@@ -97,7 +97,7 @@ def solve_shards(plan, worker, rows=None) -> list:
 
 
 def make_store(path: Path, n: int = 4, size: int = 32, order: int = 3, n_iter: int = 8,
-               shard_images: int = 64) -> Path:
+               shard_images: int = 64, method: str = "base_detail", batch_size: int = 8) -> Path:
     """A finished store of n images (real photos when present) at size x size, in-process:
     the job's own writer and worker, called the way Ray would call them."""
     from nextdetail.decomp import ATParams
@@ -106,10 +106,11 @@ def make_store(path: Path, n: int = 4, size: int = 32, order: int = 3, n_iter: i
     from nextdetail.stores.decomposition_writer import finish_store, prepare_store
 
     params = StoreParams(order=order, size=size, params=ATParams(n_iter=n_iter), backend="numba",
-                         shard_images=shard_images)
+                         shard_images=shard_images, method=method)
     src = list_sources(listing(photo_paths(n, path.parent), path.parent / f"{path.name}.txt"))
     plan = prepare_store(path, params, src, overwrite=False)
-    solve_shards(plan, DecomposeWorker(str(path), params.to_dict(), run=plan.run, batch_size=8, read_size=size))
+    solve_shards(plan, DecomposeWorker(str(path), params.to_dict(), run=plan.run, batch_size=batch_size,
+                                       read_size=size))
     finish_store(plan, src=f"{path.name}.txt")
     return path
 

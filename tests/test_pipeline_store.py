@@ -15,7 +15,7 @@ from nextdetail.decomp import ATParams, decompose
 from nextdetail.imageio import load_image
 from nextdetail.pipelines import DecompositionStore, StoreError, StoreParams, list_sources
 from nextdetail.pipelines.worker import DecomposeWorker
-from nextdetail.stores.decomposition import FORMAT_VERSION, LAYERS_V1, MANIFEST, META, PARTS, layer_names
+from nextdetail.stores.decomposition import FORMAT_VERSION, LAYERS_V1, MANIFEST, META, PARTS
 from nextdetail.stores.decomposition_writer import finish_store, merged_manifest, prepare_store
 from nextdetail.stores.shards import BASES, encode_shard, layers_from_bases, quantize_bases, shard_file
 from pipeline_data import broken_files, listing, photo_paths, shard_rows, solve_shards
@@ -60,7 +60,9 @@ def test_params_differences_are_named():
                                          "shard-images 4 (store) != 8 (this run)"]
     assert PARAMS.differences(PARAMS) == []
     assert StoreParams.from_dict(PARAMS.to_dict()) == PARAMS
-    assert layer_names(3) == ["B_3", "D_3", "D_2", "D_1"]
+    assert other.layer_names() == ["B_3", "D_3", "D_2", "D_1"] and other.levels == 3
+    intrinsic = StoreParams(order=3, size=SIZE, params=ATParams(), backend="numba", method="intrinsic")
+    assert intrinsic.levels == 1 and intrinsic.layer_names() == ["S_1", "A_1"]
     assert PARAMS.shards(8) == 2 and PARAMS.shards(9) == 3
 
 

@@ -124,8 +124,8 @@ def test_checkpoint_reloads_as_a_tokenizer_and_refuses_another_config(store, tmp
 
 def test_a_store_without_the_needed_bases_is_refused(tmp_path):
     low = make_store(tmp_path / "order2", n=2, size=32, order=2)
-    with pytest.raises(TrainError, match=r"store of order 2 has bases B_1..B_2; the base-detail tokenizer "
-                                         r"needs order >= 3 \(decompose-dataset --order 3\)"):
+    with pytest.raises(TrainError, match=r"store of order 2 has bases B_1..B_2; the tokenizer \(basedetail, "
+                                         r"order 3\) needs order >= 3 \(decompose-dataset --order 3\)"):
         train(cfg(low, tmp_path / "run"))
     # A quantizer that uses no bases trains on it.
     assert train(cfg(low, tmp_path / "run2", "multiscale", steps=1, ckpt_every=1)).steps == 1

@@ -25,7 +25,7 @@ from ..imageio import ImageError, list_images, load_image, save_png, to_uint8
 from ..options import check_int, nested, opt
 from ..viz import contact_sheet, detail_scale, detail_to_uint8
 from .at import BACKENDS, resolve_backend, to_host
-from .hierarchy import Decomposition, decompose
+from .hierarchy import Decomposition, available_decompositions, decompose
 from .intrinsic import from_log
 from .params import ATParams
 
@@ -38,6 +38,14 @@ class NoImages(NextDetailError):
     exit_status = 1
 
 
+def method_opt():
+    """The --method option of `decompose` and `decompose-dataset` (one field, written once)."""
+    return opt("base_detail", "decomposition: base_detail (Mumford-Shah bases and details), intrinsic "
+                              "(log shading + log albedo; --order AT levels smooth the shading) or "
+                              "specular (diffuse base + --order specular terms)",
+               choices=tuple(available_decompositions()))
+
+
 @dataclass(frozen=True)
 class DecomposeConfig:
     """Settings of `nextdetail decompose`; validated on construction (ConfigError)."""
@@ -45,10 +53,7 @@ class DecomposeConfig:
     inputs: Tuple[str, ...] = opt(help="image files or folders (searched recursively)", positional=True,
                                   nargs="+", metavar="INPUT", type=str)
     out: Path = opt(help="output folder; one sub-folder per image", metavar="DIR")
-    method: str = opt("base_detail", "decomposition: base_detail (Mumford-Shah bases and details), intrinsic "
-                                     "(log shading + log albedo; --order AT levels smooth the shading) or "
-                                     "specular (diffuse base + --order specular terms)",
-                      choices=("base_detail", "intrinsic", "specular"))
+    method: str = method_opt()
     order: int = opt(3, "levels n")
     params: ATParams = nested(ATParams)
     backend: str = opt("auto", "auto = cupy with a GPU, else numba (numpy if numba is unavailable)",

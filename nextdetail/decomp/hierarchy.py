@@ -58,8 +58,15 @@ class Decomposition:
     @property
     def layer_names(self) -> List[str]:
         """Names of `layers`, e.g. [B_3, D_3, D_2, D_1], [A_4, E_4, ..., E_1], [S_1, A_1]."""
-        b, d = self.names
-        return [f"{b}_{self.order}"] + [f"{d}_{k}" for k in range(self.order, 0, -1)]
+        return MethodInfo(self.names).layer_names(self.order)
+
+    def linear_bases(self) -> List[np.ndarray]:
+        """The bases as images in [0, 1] (what a store holds): as they are, or exp(.) - eps_I of
+        a log-space decomposition's."""
+        if self.space == "log":
+            from .intrinsic import from_log
+            return [from_log(b) for b in self.bases]
+        return list(self.bases)
 
     def reconstruct(self) -> np.ndarray:
         """B_n + D_n + ... + D_1, which is I up to float32 rounding."""
@@ -69,6 +76,34 @@ class Decomposition:
         return out
 
 
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the chain after the solver needs to know of a registered decomposition.
+
+    names : what its bases and details are called (base_detail B, D; specular A, E; intrinsic S, A)
+    space : "linear" (the layers add up to I) or "log" (they add up to log I)
+    single_level : one base and one detail whatever `order` (intrinsic: order is the number of
+                   smoothing levels of its shading, not a number of factors)
+    """
+
+    names: Tuple[str, str] = ("B", "D")
+    space: str = "linear"
+    single_level: bool = False
+
+    def levels(self, order: int) -> int:
+        """n, the number of details of a decomposition of this `order` (its bases: n + 1)."""
+        return 1 if self.single_level else int(order)
+
+    def base_names(self, levels: int) -> List[str]:
+        """The bases, finest first: [I, B_1, ..., B_n] (A_k for specular, S_1 for intrinsic)."""
+        return ["I"] + [f"{self.names[0]}_{k}" for k in range(1, levels + 1)]
+
+    def layer_names(self, levels: int) -> List[str]:
+        """Generation order, coarse to fine: [B_n, D_n, ..., D_1] under this method's names."""
+        b, d = self.names
+        return [f"{b}_{levels}"] + [f"{d}_{k}" for k in range(levels, 0, -1)]
+
+
 class Decomposer(Protocol):
     """A decomposition strategy: image (float32 in [0,1]) and order in, Decomposition out."""
 
@@ -76,20 +111,30 @@ class Decomposer(Protocol):
 
 
 _REGISTRY: Dict[str, Decomposer] = {}
+_INFO: Dict[str, MethodInfo] = {}
 
 
-def register_decomposition(name: str) -> Callable[[Decomposer], Decomposer]:
-    """Class/function decorator that makes a strategy reachable as decompose(..., method=name)."""
+def register_decomposition(name: str, **info) -> Callable[[Decomposer], Decomposer]:
+    """Class/function decorator that makes a strategy reachable as decompose(..., method=name);
+    `info` are MethodInfo fields (its factor names, space)."""
     def deco(fn: Decomposer) -> Decomposer:
         if name in _REGISTRY:
             raise ValueError(f"decomposition {name!r} is already registered")
         _REGISTRY[name] = fn
+        _INFO[name] = MethodInfo(**info)
         return fn
     return deco
 
 
 def available_decompositions() -> List[str]:
     return sorted(_REGISTRY)
+
+
+def method_info(method: str) -> MethodInfo:
+    """The MethodInfo of a registered decomposition; ValueError naming the known ones."""
+    if method not in _INFO:
+        raise ValueError(f"unknown decomposition {method!r}; available: {', '.join(available_decompositions())}")
+    return _INFO[method]
 
 
 @register_decomposition("base_detail")
@@ -112,8 +157,7 @@ def decompose(image, order: int = 3, *, method: str = "base_detail", backend: st
 
     `at_params` are ATParams fields (alpha, lam, eps, omega, n_iter).
     """
-    if method not in _REGISTRY:
-        raise ValueError(f"unknown decomposition {method!r}; available: {', '.join(available_decompositions())}")
+    method_info(method)
     if int(order) != order or order < 1:
         raise ValueError(f"order must be an integer >= 1, got {order!r}")
     try:

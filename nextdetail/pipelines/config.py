@@ -7,6 +7,7 @@ from typing import Optional
 
 from ..decomp import ATParams
 from ..decomp.at import BACKENDS
+from ..decomp.files import method_opt
 from ..errors import ConfigError
 from ..imageio import DEFAULT_MAX_PIXELS
 from ..options import check_int, nested, opt
@@ -56,7 +57,8 @@ class JobConfig(RayJobConfig):
                     positional=True, metavar="SRC")
     out: Path = opt(help="store folder", metavar="STORE")
     size: int = opt(256, "shorter side resized to N (LANCZOS), center-cropped N x N", metavar="N")
-    order: int = opt(3, "levels n; the store holds n + 1 bases per image (B_0 = I .. B_n)")
+    order: int = opt(3, "levels n; the store holds n + 1 bases per image (B_0 = I .. B_n); intrinsic: AT "
+                        "levels of the shading, 2 bases (I, S)")
     params: ATParams = nested(ATParams)
     backend: str = opt("auto", "auto = cupy on GPU workers, else numba", choices=BACKENDS)
     batch_size: int = opt(8, "images per solver call", metavar="B")
@@ -71,7 +73,7 @@ class JobConfig(RayJobConfig):
                                             "the Parquet shards' ClassLabel names, if any)", metavar="FILE")
     label_key: str = opt("cls", "WebDataset tars: the member extension holding the integer label as text",
                          metavar="EXT")
-    method: str = "base_detail"
+    method: str = method_opt()
 
     def __post_init__(self):
         super().__post_init__()

@@ -148,7 +148,7 @@ class EncodeWorker:
             b = min(hi, a + self.batch_size)
             # One Zarr read per shard, cropped before the float conversion.
             q = read[a - lo:b - lo] if read is not None else centre_crop(self.store.read_range(a, b), self.size)
-            x = torch.from_numpy(layers_from_bases(q)).to(self.device)
+            x = torch.from_numpy(layers_from_bases(q, self.store.space)).to(self.device)
             image, bases = split_layers(x, self.n_bases)
             rows.append(flatten_maps(self.tok.encode(image, bases)))
         return np.concatenate(rows) if rows else np.zeros((0, 0), DTYPE)

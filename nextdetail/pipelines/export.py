@@ -154,6 +154,7 @@ def make_plan(cfg: ExportConfig) -> ExportPlan:
     from ..runs import RunError, latest_checkpoint
     from ..tokenize import CheckpointError
     from ..tokenize.tokenizer import read_checkpoint
+    from ..tokenize.train import check_store_fits
 
     store = DecompositionStore(cfg.data)
     try:
@@ -164,12 +165,7 @@ def make_plan(cfg: ExportConfig) -> ExportPlan:
     if tcfg.quant.vocab > MAX_VOCAB:
         raise ConfigError(f"--tokenizer {ckpt}: a vocabulary of {tcfg.quant.vocab} does not fit the "
                           f"token store's uint16 (at most {MAX_VOCAB})")
-    if store.size < tcfg.image_size:
-        raise StoreError(store.path, f"images of {store.size} px are smaller than the tokenizer's "
-                                     f"{tcfg.image_size} px input (decompose-dataset --size {tcfg.image_size})")
-    if store.order < tcfg.needs_bases():
-        raise StoreError(store.path, f"store of order {store.order}; the base-detail tokenizer needs bases "
-                                     f"B_1..B_{tcfg.needs_bases()} (decompose-dataset --order {tcfg.needs_bases()})")
+    check_store_fits(store, tcfg, ConfigError, what=f"--tokenizer {ckpt}")
     sizes = tcfg.quant.map_sizes(tcfg.latent())
     kind = tcfg.quant.kind
     plan = ExportPlan(cfg=cfg, checkpoint=ckpt, sha256=file_sha256(ckpt), store=store,
@@ -291,8 +287,8 @@ def finish(plan: ExportPlan) -> None:
                           "kind": plan.tokenizer_config["quant"]["kind"], "config": plan.tokenizer_config,
                           "image_size": plan.tokenizer_config["image_size"],
                           "crop": "centre crop of the stored image"},
-            "decomposition": {"store": str(store.path.resolve()), "method": store.meta.get("method"),
-                              "order": store.order, "size": store.size, "at": store.meta.get("at"),
+            "decomposition": {"store": str(store.path.resolve()), "method": store.method,
+                              "layer_order": store.layer_names, "order": store.order, "size": store.size, "at": store.meta.get("at"),
                               "backend": store.meta.get("backend")},
             "plan": plan.key()}
     if plan.numerics:

@@ -168,7 +168,7 @@ class DecomposeWorker:
         self.max_attempts, self.crash_on = int(max_attempts), crash_on
         self.batch_size = int(batch_size)
         self.params = StoreParams.from_dict(params)
-        self.order = self.params.order
+        self.order, self.levels = self.params.order, self.params.levels
         self.threads = None
         if self.params.backend == "numba":
             import numba
@@ -178,7 +178,7 @@ class DecomposeWorker:
         self.store = Path(store)
         self.parts, self.run = run_parts(store, run), int(run)
         self.host, self.pid = socket.gethostname(), os.getpid()
-        self.schema = manifest_schema(self.order)
+        self.schema = manifest_schema(self.levels)
         # Warm-up: kernels are compiled per process; do it before the first real shard.
         self._decompose(np.zeros((1, 8, 8, 3), np.float32), n_iter=1)
 
@@ -194,7 +194,8 @@ class DecomposeWorker:
         return decompose(images, self.order, method=self.params.method, backend=self.params.backend, **at)
 
     def _solve(self, images: np.ndarray, index: np.ndarray, journal: AttemptJournal) -> tuple:
-        """Bases (B, n+1, 3, H, W) uint8 and energies (B, n) of one solver batch; per image when
+        """Bases (B, n+1, 3, H, W) uint8 and energies (B, n) of one solver batch (n: the store's
+        levels); per image when
         the batch fails or when a process died solving it before (then per-image deaths are
         journaled too: a death of the batch solve counts as an attempt at each of its images)."""
         batch_item = f"batch:{int(index.min())}"
@@ -227,8 +228,11 @@ class DecomposeWorker:
 
     def _solve_batch(self, images: np.ndarray) -> tuple:
         dec = self._decompose(images)
-        energies = np.stack([np.asarray(to_host(e), np.float64).reshape(-1) for e in dec.energies], axis=1)
-        return quantize_bases(dec.bases), energies
+        # The AT energy of each level; NaN where the method has none (specular has no AT).
+        energies = np.full((len(images), self.levels), np.nan)
+        for j, e in enumerate(dec.energies):
+            energies[:, j] = np.asarray(to_host(e), np.float64).reshape(-1)
+        return quantize_bases(dec.linear_bases()), energies
 
     def __call__(self, row: Dict[str, np.ndarray]):
         import pyarrow as pa
@@ -249,9 +253,9 @@ class DecomposeWorker:
             t_start = float(np.min(row[T_START]))
         errors: List[str] = list(batch["error"])
         seconds = np.asarray(batch["read_seconds"], np.float64).copy()
-        S, L = self.params.size, self.order + 1
+        S, L = self.params.size, self.levels + 1
         bases = np.zeros((n, L, 3, S, S), np.uint8)      # error rows stay 0, the array's fill value
-        energies = np.full((n, self.order), np.nan)
+        energies = np.full((n, self.levels), np.nan)
         images = np.asarray(batch["image"])
         good = [j for j, e in enumerate(errors) if not e]
         # The solver takes batch_size images at a time; the shard is written once, at the end.
@@ -283,9 +287,10 @@ class DecomposeWorker:
                 "error": [None if o else e for o, e in zip(ok, errors)], "shard_bytes": [shard_bytes] * n,
                 "seconds": seconds, "backend": [self.params.backend] * n,
                 "worker_host": [self.host] * n, "worker_pid": [self.pid] * n}
-        for j in range(1, self.order + 1):
-            cols[f"energy_{j}"] = [float(energies[r, j - 1]) if ok[r] else None for r in range(n)]
-            cols[f"iterations_{j}"] = [self.params.params.n_iter if ok[r] else None for r in range(n)]
+        for j in range(1, self.levels + 1):
+            solved = [ok[r] and not np.isnan(energies[r, j - 1]) for r in range(n)]
+            cols[f"energy_{j}"] = [float(energies[r, j - 1]) if solved[r] else None for r in range(n)]
+            cols[f"iterations_{j}"] = [self.params.params.n_iter if solved[r] else None for r in range(n)]
         table = pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in self.schema},
                          schema=self.schema)
         journal.drop()

@@ -14,7 +14,13 @@
 
 Details are derived on read, D_k = B_(k-1) - B_k, so for what is stored
 I = B_n + D_n + ... + D_1 holds exactly (telescoping) and each stored base is within 1/510 of
-the solver's output. The reader (`DecompositionStore`) refuses incomplete stores, stores of another
+the solver's output.
+
+meta.json's "method" names the decomposition (base_detail, specular: bases B_k / A_k as above;
+intrinsic: two bases, I and its shading S, as images) and "layer_order" its factors. A log-space
+method's bases are stored as images too (exp of its log bases); its layers are read in the
+unit-log space t(x) = ln((x + eps) / eps) / ln((1 + eps) / eps): [t(S), t(I) - t(S)], summing
+to t(I) in [0, 1] (shards.layers_from_bases). The reader (`DecompositionStore`) refuses incomplete stores, stores of another
 format version (format 1: float16 layers, nextdetail <= 0.2) and damaged shards with a one-line
 `StoreError`.
 """
@@ -27,7 +33,7 @@ from typing import List, Optional, Union
 
 import numpy as np
 
-from ..decomp import ATParams
+from ..decomp import ATParams, method_info
 from ..errors import PathError
 from ..options import differences
 from .atomic import PARTS
@@ -106,6 +112,16 @@ class StoreParams:
                    backend=str(d["backend"]), method=str(d["method"]), dtype=str(d["dtype"]),
                    shard_images=int(d["shard_images"]))
 
+    @property
+    def levels(self) -> int:
+        """n: the store holds n + 1 bases per image. The order, except for a method with one
+        factor pair whatever its order (intrinsic: order is its shading's smoothing levels)."""
+        return method_info(self.method).levels(self.order)
+
+    def layer_names(self) -> List[str]:
+        """Generation order under the method's names: [B_3, D_3, D_2, D_1], [S_1, A_1], ..."""
+        return method_info(self.method).layer_names(self.levels)
+
     def shards(self, n_images: int) -> int:
         """How many shards a store of n_images has."""
         return shard_count(n_images, self.shard_images)
@@ -131,11 +147,6 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
-def layer_names(order: int) -> List[str]:
-    """Generation order, coarse to fine: B_n, D_n, ..., D_1."""
-    return [f"B_{order}"] + [f"D_{k}" for k in range(order, 0, -1)]
-
-
 # Row group g of manifest.parquet holds the rows of shards g*G .. g*G+G-1 (G = this), whole
 # shards, so a shard's rows are read with one row group. Not one row group per shard: Parquet
 # keeps ~1.7 KB of metadata per column chunk in the writer's and reader's memory, which at one
@@ -143,16 +154,17 @@ def layer_names(order: int) -> List[str]:
 MANIFEST_GROUP_SHARDS = 64
 
 
-def manifest_schema(order: int):
-    """The pyarrow schema of manifest.parquet (and of every journal part) for `order` levels.
+def manifest_schema(levels: int):
+    """The pyarrow schema of manifest.parquet (and of every journal part) for `levels` levels
+    (energy_k, iterations_k: level k's AT energy and sweeps; null for a method without AT).
     Its row groups hold MANIFEST_GROUP_SHARDS whole shards each."""
     import pyarrow as pa
 
     fields = [("index", pa.int64()), ("id", pa.string()), ("path", pa.string()), ("member", pa.string()),
               ("label", pa.int64()), ("class_name", pa.string()), ("problem", pa.string()),
               ("status", pa.string()), ("error", pa.string())]
-    fields += [(f"energy_{k}", pa.float64()) for k in range(1, order + 1)]
-    fields += [(f"iterations_{k}", pa.int64()) for k in range(1, order + 1)]
+    fields += [(f"energy_{k}", pa.float64()) for k in range(1, levels + 1)]
+    fields += [(f"iterations_{k}", pa.int64()) for k in range(1, levels + 1)]
     fields += [("shard_bytes", pa.int64()), ("seconds", pa.float64()), ("backend", pa.string()),
                ("worker_host", pa.string()), ("worker_pid", pa.int64())]
     return pa.schema(fields)
@@ -201,9 +213,10 @@ class StoreItem:
     """One image of a store. Arrays are float32 (H, W, 3) unless said otherwise.
 
     image   : I = B_0, as stored (q_0 / 255)
-    bases   : [B_0, B_1, ..., B_n], q_k / 255
-    details : [D_1, ..., D_n], D_k = B_(k-1) - B_k, D_1 finest
+    bases   : [B_0, B_1, ..., B_n], q_k / 255 (images, also in a log-space store: I and S)
+    details : [D_1, ..., D_n], D_k = B_(k-1) - B_k, D_1 finest (log-space: t(B_(k-1)) - t(B_k))
     layers  : float32 (n+1, 3, H, W), generation order [B_n, D_n, ..., D_1]; they sum to I
+              (log-space store: to t(I), shards.layers_from_bases)
     """
 
     index: int
@@ -260,6 +273,14 @@ class DecompositionStore:
             raise StoreError(self.path / MANIFEST, f"has {len(self.manifest)} rows, not rows 0..{n - 1} "
                                                    f"of meta.json's {n} images")
         self.order = self.meta["order"]
+        self.method = self.meta["method"]
+        try:
+            info = method_info(self.method)
+        except ValueError as e:
+            raise StoreError(self.path / META, f"{e} (a store of a newer nextdetail?)") from None
+        self.levels = info.levels(self.order)             # bases per image: levels + 1
+        self.space = info.space                           # "log": layers add up to t(I) (shards.py)
+        self.layer_names = info.layer_names(self.levels)
         self.size = self.meta["size"]
         self.shard_images = self.meta["shard_images"]
         self.n_shards = shard_count(n, self.shard_images)
@@ -275,7 +296,7 @@ class DecompositionStore:
         self._array = None
         self._checked: set = set()
         shape = tuple(self._bases().shape)
-        want = (n, self.order + 1, 3, self.size, self.size)
+        want = (n, self.levels + 1, 3, self.size, self.size)
         if shape != want:
             raise StoreError(self.path, f"{BASES} has shape {shape}, meta.json implies {want}")
 
@@ -312,8 +333,9 @@ class DecompositionStore:
         return self._read(self._row(i))
 
     def layers(self, i: int) -> np.ndarray:
-        """float32 layers (n+1, 3, H, W) of ok image i, generation order [B_n, D_n, ..., D_1]."""
-        return layers_from_bases(self.quantized(i))
+        """float32 layers (n+1, 3, H, W) of ok image i, generation order [B_n, D_n, ..., D_1]
+        (`layer_names`; in a log-space store, of t(I): shards.layers_from_bases)."""
+        return layers_from_bases(self.quantized(i), self.space)
 
     def _check_shard(self, k: int) -> None:
         """A shard file that is gone or not the size it was written with is refused by name:
@@ -365,7 +387,7 @@ class DecompositionStore:
         if not 0 <= lo <= hi <= len(self.ok_indices):
             raise IndexError(f"images {lo}..{hi - 1} out of range for a store of {len(self.ok_indices)} ok images")
         rows = self.ok_indices[lo:hi]
-        out = np.empty((len(rows), self.order + 1, 3, self.size, self.size), np.uint8)
+        out = np.empty((len(rows), self.levels + 1, 3, self.size, self.size), np.uint8)
         shards = rows // self.shard_images
         for k in np.unique(shards):
             sel = np.flatnonzero(shards == k)
@@ -376,9 +398,9 @@ class DecompositionStore:
     def __getitem__(self, i: int) -> StoreItem:
         row = self._row(i)
         q = self._read(row)
-        layers = layers_from_bases(q)
+        layers = layers_from_bases(q, self.space)
         bases = [np.moveaxis(b, 0, -1) / np.float32(255.0) for b in q]
-        details = [np.moveaxis(layers[self.order + 1 - k], 0, -1) for k in range(1, self.order + 1)]
+        details = [np.moveaxis(layers[self.levels + 1 - k], 0, -1) for k in range(1, self.levels + 1)]
         return StoreItem(index=row, id=self._ids[row], label=int(self._labels[row]),
                          class_name=self._classes[row], image=bases[0], bases=bases, details=details,
                          layers=layers)

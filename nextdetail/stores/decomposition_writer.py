@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from .. import __version__
+from ..decomp import method_info
 from .atomic import atomic_write, commit_file, write_bytes_atomic, write_table_atomic
 from .decomposition import (FORMAT, FORMAT_VERSION, LAYERS_V1, MANIFEST, MANIFEST_GROUP_SHARDS, META, PARTS,
-                            STATUS_ERROR, STATUS_OK, STATUS_PENDING, Source, StoreError, StoreParams, format_refusal, layer_names,
+                            STATUS_ERROR, STATUS_OK, STATUS_PENDING, Source, StoreError, StoreParams, format_refusal,
                             manifest_schema, run_parts)
 from .shards import BASES, DIMENSIONS, ZSTD_LEVEL, create_bases_array, shard_file, shard_key
 
@@ -162,7 +163,7 @@ def open_manifest(path: Path):
 def zarr_attributes(params: StoreParams, n_images: int) -> dict:
     # No timestamps or host names: a resumed store must equal an uninterrupted one byte for byte.
     return {"nextdetail": {"format": FORMAT, "format_version": FORMAT_VERSION,
-                           "params": params.to_dict(), "layer_order": layer_names(params.order),
+                           "params": params.to_dict(), "layer_order": params.layer_names(),
                            "images": n_images}}
 
 
@@ -306,7 +307,7 @@ def _stage_listing(path: Path, params: StoreParams, sources: Iterable[Source]) -
     import pyarrow as pa
 
     path.mkdir(parents=True, exist_ok=True)
-    schema = manifest_schema(params.order)
+    schema = manifest_schema(params.levels)
     m, n, staged = params.shard_images, 0, path / LISTED
     try:
         with _GroupedWriter(staged, schema, m) as writer:
@@ -328,7 +329,7 @@ def _stage_listing(path: Path, params: StoreParams, sources: Iterable[Source]) -
 def create_store(path: Path, params: StoreParams, n_images: int, staged: Path) -> None:
     """bases.zarr (zarr.json only: no shard written), then the staged listing becomes the
     manifest: a folder with bases.zarr and no manifest is a creation that died."""
-    create_bases_array(path / BASES, n_images, params.order, params.size, params.shard_images,
+    create_bases_array(path / BASES, n_images, params.levels, params.size, params.shard_images,
                        zarr_attributes(params, n_images))
     commit_file(staged, path / MANIFEST)
 
@@ -365,7 +366,7 @@ def shard_tables(path, params: StoreParams, n_images: int) -> Iterator:
     import pyarrow.parquet as pq
 
     path = Path(path)
-    schema = manifest_schema(params.order)
+    schema = manifest_schema(params.levels)
     latest = _latest_parts(path)
     base = ManifestShards(path, params.shard_images)
     if base.rows != n_images:
@@ -400,7 +401,7 @@ def commit_shards(path, params: StoreParams, run: int, table) -> None:
     import numpy as np
 
     path = Path(path)
-    schema = manifest_schema(params.order)
+    schema = manifest_schema(params.levels)
     table = table.select(schema.names).cast(schema)
     shards = table.column("index").to_numpy() // params.shard_images
     for k in sorted(set(shards.tolist())):
@@ -478,7 +479,7 @@ def finish_store(plan: StorePlan, src: str) -> dict:
     """Write the merged manifest shard by shard, then meta.json, then drop the journal. Returns
     counts. The driver holds one shard's rows at a time."""
     path, params = plan.path, plan.params
-    schema = manifest_schema(params.order)
+    schema = manifest_schema(params.levels)
     counts = {"images": 0, "ok": 0, "error": 0}
     pending, example = 0, None
     with atomic_write(path / MANIFEST) as tmp:
@@ -495,14 +496,17 @@ def finish_store(plan: StorePlan, src: str) -> dict:
                 raise StoreError(path, f"{pending} images are still pending (e.g. {example}); rerun to "
                                        f"complete the store")
     counts["error"] = counts["images"] - counts["ok"]
-    s, L, m = params.size, params.order + 1, params.shard_images
+    s, L, m = params.size, params.levels + 1, params.shard_images
+    info = method_info(params.method)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "nextdetail_version": __version__,
             "method": params.method, "order": params.order, "size": params.size,
             "backend": params.backend, "at": params.params.to_dict(), "dtype": params.dtype,
-            "array": BASES, "layout": list(DIMENSIONS), "base_order": [f"B_{k}" for k in range(L)],
-            "quantization": "q = round(255 * clip(B, 0, 1))", "shard_images": m,
+            "array": BASES, "layout": list(DIMENSIONS), "levels": params.levels, "space": info.space,
+            "base_order": info.base_names(params.levels),
+            "quantization": "q = round(255 * clip(B, 0, 1))" + (
+                " of the bases as images, B = exp(L) - eps_I" if info.space == "log" else ""), "shard_images": m,
             "shards": [m, L, 3, s, s], "chunks": [1, L, 3, s, s], "codec": f"zstd {ZSTD_LEVEL} (checksum)",
-            "layer_order": layer_names(params.order), "fill_value": "0 (images whose status is error)",
+            "layer_order": params.layer_names(), "fill_value": "0 (images whose status is error)",
             "counts": counts, "src": str(src)}
     # Last: its presence is what marks the store complete.
     write_bytes_atomic(path / META, (json.dumps(meta, indent=2) + "\n").encode())

@@ -49,18 +49,44 @@ def quantize_bases(bases: Sequence[np.ndarray]) -> np.ndarray:
     return np.ascontiguousarray(q.transpose(0, 1, 4, 2, 3))
 
 
-def layers_from_bases(q: np.ndarray) -> np.ndarray:
+def layers_from_bases(q: np.ndarray, space: str = "linear") -> np.ndarray:
     """Stored uint8 bases (..., n+1, 3, H, W) -> float32 layers (..., n+1, 3, H, W) in generation
-    order [B_n, D_n, ..., D_1], D_k = (q_(k-1) - q_k) / 255: the details are exact multiples of
-    1/255 and the layers telescope, B_n + D_n + ... + D_1 = q_0 / 255 = I (to float32 rounding)."""
+    order [B_n, D_n, ..., D_1].
+
+    linear (base_detail, specular): D_k = (q_(k-1) - q_k) / 255, exact multiples of 1/255; the
+        layers telescope, B_n + D_n + ... + D_1 = q_0 / 255 = I (to float32 rounding).
+    log (intrinsic): the same with every base first taken through t = to_unit_log (a 256-entry
+        table, `unit_log_table`): [t(q_n), t(q_(n-1)) - t(q_n), ...], summing to t(I) in [0, 1].
+    """
     q = np.asarray(q)
     n = q.shape[-4] - 1
-    d = q[..., :n, :, :, :].astype(np.int16) - q[..., 1:, :, :, :]         # D_1 .. D_n
     out = np.empty(q.shape, np.float32)
+    if space == "log":
+        v = unit_log_table()[q]
+        out[..., 0, :, :, :] = v[..., n, :, :, :]
+        out[..., 1:, :, :, :] = (v[..., :n, :, :, :] - v[..., 1:, :, :, :])[..., ::-1, :, :, :]
+        return out
+    if space != "linear":
+        raise ValueError(f"layer space {space!r}: 'linear' or 'log'")
+    d = q[..., :n, :, :, :].astype(np.int16) - q[..., 1:, :, :, :]         # D_1 .. D_n
     out[..., 0, :, :, :] = q[..., n, :, :, :]
     out[..., 1:, :, :, :] = d[..., ::-1, :, :, :]
     out /= np.float32(255.0)          # as imageio.load_image scales 8-bit files: B_0 is I bit for bit
     return out
+
+
+_UNIT_LOG = None
+
+
+def unit_log_table() -> np.ndarray:
+    """float32 (256,): to_unit_log(v / 255) for each 8-bit value v, computed once, so the store
+    reader and the training loader (which indexes a copy on the device) see the same bits."""
+    global _UNIT_LOG
+    if _UNIT_LOG is None:
+        from ..decomp.intrinsic import to_unit_log
+        _UNIT_LOG = to_unit_log(np.arange(256, dtype=np.float32) / np.float32(255.0))
+        _UNIT_LOG.setflags(write=False)
+    return _UNIT_LOG
 
 
 def create_bases_array(path, n_images: int, order: int, size: int, shard_images: int, attributes: dict):

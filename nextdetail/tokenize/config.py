@@ -9,6 +9,10 @@ Schedules (token maps in generation order; L = latent side = image side / downsa
 - basedetail  : `base_patch_sizes` (multi-scale maps of f_Bn, the last must be L), then for
                 each detail factor D_n, ..., D_1, `detail_depth` maps at L x L (CART Algorithm 1):
                 M = len(base_patch_sizes) + order * detail_depth.
+
+The tokenizer records the decomposition it is for (`TokenizerConfig.decomposition`, taken from
+the training store): it decides how decoded images are shown (intrinsic: unit-log space) and the
+defaults of the basedetail schedule, the paper's for each decomposition (SCHEDULES).
 """
 from __future__ import annotations
 
@@ -16,13 +20,23 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import List, Optional, Tuple
 
 from ..errors import ConfigError
-from ..options import check_int, differences, nested, opt
+from ..options import check_int, derived, differences, nested, opt
 
 KINDS = ("vanilla", "multiscale", "basedetail")
 
 # VAR's and CART-256's schedules on a 16x16 latent (256 px, x16).
 VAR_PATCH_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 CART_BASE_PATCH_SIZES = (1, 2, 3, 4, 6, 9, 13, 16)
+CART_INTRINSIC_BASE_PATCH_SIZES = (1, 2, 4, 6, 9, 13, 16)
+
+# The CART paper's basedetail schedules per decomposition, (order, detail_depth, base sizes on
+# the 16 x 16 reference latent):
+#   base_detail  8 base maps + 3 details x 2 = 14      (B_3; D_3, D_2, D_1)
+#   specular     8 base maps + 4 terms x 2   = 16      (A_4; E_4, E_3, E_2, E_1)
+#   intrinsic    7 shading maps + 1 x 7      = 14      (S; A)
+SCHEDULES = {"base_detail": (3, 2, CART_BASE_PATCH_SIZES),
+             "specular": (4, 2, CART_BASE_PATCH_SIZES),
+             "intrinsic": (1, 7, CART_INTRINSIC_BASE_PATCH_SIZES)}
 
 
 def scale_patch_sizes(sizes, latent: int, reference: int = 16) -> Tuple[int, ...]:
@@ -81,8 +95,10 @@ class QuantConfig:
         None, "multiscale map sides, ending at the latent side (default VAR's, scaled to it)", metavar="P,P,...")
     base_patch_sizes: Optional[Tuple[int, ...]] = opt(
         None, "basedetail base map sides (default CART's 8, scaled to the latent side)", metavar="P,P,...")
-    order: int = opt(3, "basedetail: detail factors n")
-    detail_depth: int = opt(2, "basedetail: maps per detail factor, (M - B) / n")
+    order: Optional[int] = opt(None, "basedetail: detail factors n (default the decomposition's: "
+                                     "base_detail 3, specular 4, intrinsic 1)")
+    detail_depth: Optional[int] = opt(None, "basedetail: maps per detail factor, (M - B) / n (default 2; "
+                                            "intrinsic 7)")
     phi_ratio: float = 0.5         # phi_k(z) = (1 - r) z + r conv3x3(z), as VAR's quant_resi
     dead_after: int = opt(200, "steps unused before a code is re-initialised")
     usage_decay: float = 0.99
@@ -91,7 +107,7 @@ class QuantConfig:
         if self.kind not in KINDS:
             raise ConfigError(f"quantizer kind {self.kind!r}: one of {', '.join(KINDS)}")
         for name in ("vocab", "depth", "order", "detail_depth"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} {getattr(self, name)}: must be >= 1")
         for name in ("patch_sizes", "base_patch_sizes"):
             if getattr(self, name) is None:
@@ -101,20 +117,25 @@ class QuantConfig:
             if not sizes or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] < 1:
                 raise ConfigError(f"{name} {sizes}: must be strictly increasing positive sizes")
 
-    def schedule(self, latent: int) -> "QuantConfig":
-        """This config with the default schedules scaled to a latent of side `latent`."""
-        return replace(self,
+    def schedule(self, latent: int, decomposition: str = "base_detail") -> "QuantConfig":
+        """This config with what is left at None filled in: the decomposition's schedule
+        (SCHEDULES) and the default sizes scaled to a latent of side `latent`."""
+        if decomposition not in SCHEDULES:
+            raise ConfigError(f"no tokenizer schedule for the decomposition {decomposition!r}; "
+                              f"known: {', '.join(SCHEDULES)}")
+        order, depth, base = SCHEDULES[decomposition]
+        return replace(self, order=self.order or order, detail_depth=self.detail_depth or depth,
                        patch_sizes=self.patch_sizes or scale_patch_sizes(VAR_PATCH_SIZES, latent),
-                       base_patch_sizes=self.base_patch_sizes or scale_patch_sizes(CART_BASE_PATCH_SIZES, latent))
+                       base_patch_sizes=self.base_patch_sizes or scale_patch_sizes(base, latent))
 
     def num_maps(self) -> int:
-        """M; with default schedules, at the reference 16 x 16 latent."""
+        """M; with default schedules (base_detail's), at the reference 16 x 16 latent."""
         q = self.schedule(16)
         if self.kind == "vanilla":
             return self.depth
         if self.kind == "multiscale":
             return len(q.patch_sizes)
-        return len(q.base_patch_sizes) + self.order * self.detail_depth
+        return len(q.base_patch_sizes) + q.order * q.detail_depth
 
     def map_sizes(self, latent: int) -> List[int]:
         """Side of each token map, in generation order, for a latent of side `latent`."""
@@ -128,7 +149,7 @@ class QuantConfig:
                               "(image side / downsample); see scale_patch_sizes")
         if self.kind == "multiscale":
             return list(sizes)
-        return list(sizes) + [latent] * (self.order * self.detail_depth)
+        return list(sizes) + [latent] * (q.order * q.detail_depth)
 
 
 @dataclass(frozen=True)
@@ -136,11 +157,19 @@ class TokenizerConfig:
     model: ModelConfig = nested(ModelConfig)
     quant: QuantConfig = nested(QuantConfig)
     image_size: int = opt(256, "training crop side (random crops of the store's images)", metavar="S")
+    decomposition: str = derived("base_detail", "the decomposition of the training store (its meta.json)")
 
     def __post_init__(self):
         check_int("image_size", self.image_size)
-        # Default schedules scaled to this latent side, held explicitly (saved in checkpoints).
-        object.__setattr__(self, "quant", self.quant.schedule(self.latent()))
+        # The decomposition's schedule, default sizes scaled to this latent side, held
+        # explicitly (saved in checkpoints).
+        object.__setattr__(self, "quant", self.quant.schedule(self.latent(), self.decomposition))
+
+    def space(self) -> str:
+        """What the tokenizer's images are: "linear" (pixels) or "log" (unit-log, intrinsic):
+        `to_pixels` takes its decoded images back to pixels."""
+        from ..decomp import method_info
+        return method_info(self.decomposition).space
 
     def latent(self) -> int:
         if self.image_size % self.model.downsample:
@@ -169,7 +198,8 @@ class TokenizerConfig:
                 raise ConfigError(f"unknown {klass.__name__} fields: {', '.join(sorted(unknown))}")
             return klass(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
         return cls(model=build(ModelConfig, d.get("model", {})), quant=build(QuantConfig, d.get("quant", {})),
-                   image_size=int(d.get("image_size", 256)))
+                   image_size=int(d.get("image_size", 256)),
+                   decomposition=str(d.get("decomposition", "base_detail")))     # older checkpoints: base_detail
 
     def differences(self, other: "TokenizerConfig") -> List[str]:
         """'quant.kind basedetail (checkpoint) != vanilla (asked)' for each field that differs."""
@@ -177,10 +207,12 @@ class TokenizerConfig:
 
 
 def config_for(kind: str = "basedetail", image_size: int = 256, downsample: int = 16, *, ch: int = 128,
-               num_res_blocks: int = 2, attn: bool = True, **quant) -> TokenizerConfig:
-    """A validated config whose default schedules are scaled to the latent side (identity at
-    256 px, x16). E.g. 64x64 crops with x8 -> 8x8 latent: base maps and VAR sizes 1..8, CART's
-    M = 8 + 3 * 2 = 14. Explicit `patch_sizes` / `base_patch_sizes` are kept as given."""
+               num_res_blocks: int = 2, attn: bool = True, decomposition: str = "base_detail",
+               **quant) -> TokenizerConfig:
+    """A validated config whose default schedules (the decomposition's) are scaled to the latent
+    side (identity at 256 px, x16). E.g. 64x64 crops with x8 -> 8x8 latent: base maps and VAR
+    sizes 1..8, CART's M = 8 + 3 * 2 = 14. Explicit `patch_sizes` / `base_patch_sizes` are kept."""
     return TokenizerConfig(model=ModelConfig(downsample=downsample, ch=ch, num_res_blocks=num_res_blocks,
                                              attn=attn),
-                           quant=QuantConfig(kind=kind, **quant), image_size=image_size).validate()
+                           quant=QuantConfig(kind=kind, **quant), image_size=image_size,
+                           decomposition=decomposition).validate()

@@ -21,7 +21,8 @@ from ..runs import TrainError, latest_checkpoint
 from ..stores.decomposition import DecompositionStore, StoreError
 from ..stores.layers import centre_crop, split_layers
 from .losses import backbone_path, build_lpips
-from .tokenizer import Tokenizer, to_image, to_model
+from .tokenizer import Tokenizer, to_model
+from .train import check_store_fits
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +69,16 @@ def evaluate_run(run, store, *, limit: int = 64, batch: int = 16, lpips=None) ->
     path = latest_checkpoint(run)
     tok = Tokenizer.from_checkpoint(path)
     cfg = tok.config
-    if store.order < tok.needs_bases:
-        raise TrainError(f"{store.path}: store of order {store.order}; {path} needs order >= {tok.needs_bases}")
-    if store.size < cfg.image_size:
-        raise TrainError(f"{store.path}: images of {store.size} px, {path} takes {cfg.image_size}")
-    M = cfg.quant.num_maps()
+    check_store_fits(store, cfg, TrainError, what=str(path))
+    M = len(cfg.quant.map_sizes(cfg.latent()))
     sq, lp, count = [0.0] * M, [0.0] * M, 0
     for image, bases in centre_crops(store, cfg.image_size, tok.needs_bases, limit, batch):
         contribs = tok.quantizer.contributions(tok.encode(image, bases))
         f_hat = torch.zeros_like(contribs[0])
+        image = tok.to_pixels(image)          # measured on pixels, whatever the tokenizer's space
         for m, c in enumerate(contribs):
             f_hat = f_hat + c
-            rec = to_image(tok.decoder(f_hat)).clamp(0, 1)
+            rec = tok.to_pixels(tok.decode_features(f_hat))
             sq[m] += float((rec - image).square().mean((1, 2, 3)).sum())
             if lpips is not None:
                 lp[m] += float(lpips(to_model(rec), to_model(image)).sum())

@@ -35,6 +35,7 @@ import torch
 
 from ..stores.decomposition import DecompositionStore, StoreError
 from ..stores.layers import split_layers
+from ..stores.shards import unit_log_table
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class _Blocks(torch.utils.data.IterableDataset):
         store, c = self._store, plan.crop
         span = store.size - c + 1
         offsets = rng.integers(0, span, size=(len(items), 2))
-        out = np.empty((len(items), store.order + 1, 3, c, c), np.uint8)
+        out = np.empty((len(items), store.levels + 1, 3, c, c), np.uint8)
         shard_of = np.searchsorted(plan.shard_starts, items, side="right") - 1
         for k in np.unique(shard_of):           # each shard it touches: one sequential read
             shard = store.read_shard(int(k))
@@ -234,15 +235,20 @@ class StoreLoader:
         self.position, self._it = int(state["position"]), None
 
 
-def bases_inputs(q: torch.Tensor, n: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+def bases_inputs(q: torch.Tensor, n: int, space: str = "linear") -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """uint8 bases (B, N+1, 3, H, W), [q_0 .. q_N], on any device -> the tokenizer's inputs
     (I, [B_1, ..., B_n]) float32 in [0, 1], n <= N. The same arithmetic as the store's reader
     (layers_from_bases, then split_layers: B_k as running sums of [B_N, D_N, ..., D_1] with
-    D_k = (q_(k-1) - q_k) / 255), so training sees what evaluation and export see."""
+    D_k = (q_(k-1) - q_k) / 255, or in a log-space store t(q_(k-1)) - t(q_k) from the same
+    table), so training sees what evaluation and export see."""
     N = q.shape[1] - 1
-    qf = q.float()
+    if space == "log":
+        qf = torch.from_numpy(unit_log_table().copy()).to(q.device)[q.long()]
+    else:
+        qf = q.float()
     layers = torch.empty_like(qf)
     layers[:, 0] = qf[:, N]
     layers[:, 1:] = (qf[:, :N] - qf[:, 1:]).flip(1)
-    layers /= 255.0
+    if space != "log":
+        layers /= 255.0
     return split_layers(layers, n)

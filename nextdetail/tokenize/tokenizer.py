@@ -6,7 +6,8 @@
 
 Images and bases are float (B, 3, H, W) in [0, 1] (the decomposition store's range), H = W =
 config.image_size; bases B_1..B_n (B_1 finest) are needed by the base-detail quantizer only,
-the others ignore them. Inside, pixels are mapped to [-1, 1] ("model space", what LPIPS and the
+the others ignore them. A tokenizer of a log-space decomposition (intrinsic) takes them in the
+store's unit-log space t (stores/shards.py) and `decode` returns pixels (`to_pixels`). Inside, pixels are mapped to [-1, 1] ("model space", what LPIPS and the
 decoder use); `forward` returns the reconstruction in model space for the training losses.
 """
 from __future__ import annotations
@@ -117,10 +118,23 @@ class Tokenizer(nn.Module):
         finally:
             self.train(was)
 
+    def decode_features(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
+        """Features -> the decoder's image float32 (B, 3, H, W) in [0, 1], in the tokenizer's
+        space (what `encode` takes: unit-log for intrinsic)."""
+        return to_image(self.decoder(f_hat_BChw.float())).clamp(0, 1)
+
+    def to_pixels(self, x_B3HW: torch.Tensor) -> torch.Tensor:
+        """An image in the tokenizer's space -> pixels in [0, 1]: itself, or from_unit_log of a
+        log-space (intrinsic) tokenizer's."""
+        if self.config.space() == "log":
+            from ..decomp.intrinsic import from_unit_log
+            return from_unit_log(x_B3HW).clamp(0, 1)
+        return x_B3HW
+
     @torch.no_grad()
     def decode(self, token_maps: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Algorithm 2: token maps -> image float32 (B, 3, H, W), clamped to [0, 1]."""
-        return to_image(self.decoder(self.quantizer.lookup(token_maps))).clamp(0, 1)
+        """Algorithm 2: token maps -> image float32 (B, 3, H, W), pixels clamped to [0, 1]."""
+        return self.to_pixels(self.decode_features(self.quantizer.lookup(token_maps)))
 
     @classmethod
     def from_checkpoint(cls, path, expect: Optional[TokenizerConfig] = None,

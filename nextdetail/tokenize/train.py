@@ -101,6 +101,16 @@ class TokenizerTrainConfig(RunConfig):
         d["tokenizer"] = self.tokenizer.to_dict()
         return d
 
+    @classmethod
+    def derive(cls, args) -> None:
+        """On the command line the tokenizer is for the decomposition of the store it trains on
+        (options.derived). A store that cannot be read is refused later, with its reason."""
+        from ..stores.decomposition import read_meta
+        try:
+            args.decomposition = read_meta(args.data)["method"]
+        except StoreError:
+            pass
+
     # Fields a resumed run may change: where it writes and how long it goes on.
     RESUMABLE_CHANGES = ("steps", "out", "ckpt_every", "loader_workers", "compile")
 
@@ -123,23 +133,33 @@ class TrainReport(RunReport):
 
 # ----------------------------------------------------------------------------- data
 
-def open_training_store(path, crop: int, needs_bases: int) -> DecompositionStore:
+def open_training_store(path, tokenizer: TokenizerConfig) -> DecompositionStore:
     """The store to train on, refused in one line (TrainError) when it cannot serve: unreadable,
-    no ok image, too few bases for the tokenizer, images smaller than the crop."""
+    no ok image, of another decomposition than the tokenizer's, too few bases for the tokenizer,
+    images smaller than the crop."""
     try:
         store = DecompositionStore(path)
     except StoreError as e:
         raise TrainError(str(e)) from None
     if len(store) == 0:
         raise TrainError(f"{path}: the store has no ok images")
-    if store.order < needs_bases:
-        raise TrainError(f"{path}: store of order {store.order} has bases B_1..B_{store.order}; "
-                         f"the base-detail tokenizer needs order >= {needs_bases} "
-                         f"(decompose-dataset --order {needs_bases})")
-    if store.size < crop:
-        raise TrainError(f"{path}: store images are {store.size} px, smaller than the "
-                         f"{crop} px training crop (image_size)")
+    check_store_fits(store, tokenizer, TrainError)
     return store
+
+
+def check_store_fits(store: DecompositionStore, tokenizer: TokenizerConfig, error, what: str = "the tokenizer") -> None:
+    """error(one line) when `store` cannot feed a tokenizer of this config: another decomposition,
+    fewer bases than its quantizer takes, images smaller than its input."""
+    if store.method != tokenizer.decomposition:
+        raise error(f"{store.path}: a store of {store.method} layers ({', '.join(store.layer_names)}); {what} "
+                    f"is for {tokenizer.decomposition} layers")
+    n = tokenizer.needs_bases()
+    if store.levels < n:
+        raise error(f"{store.path}: store of order {store.levels} has bases B_1..B_{store.levels}; {what} "
+                    f"(basedetail, order {n}) needs order >= {n} (decompose-dataset --order {n})")
+    if store.size < tokenizer.image_size:
+        raise error(f"{store.path}: store images are {store.size} px, smaller than the "
+                    f"{tokenizer.image_size} px input of {what} (image_size)")
 
 
 def plot_log(out: Path) -> Path:
@@ -184,7 +204,7 @@ class TokenizerTrainer:
         cfg.tokenizer.validate()
         self.n_bases = cfg.tokenizer.needs_bases()
         if batches is None:
-            store = open_training_store(cfg.data, cfg.tokenizer.image_size, self.n_bases)
+            store = open_training_store(cfg.data, cfg.tokenizer)
             workers = default_workers(d.world) if cfg.loader_workers < 0 else cfg.loader_workers
             try:
                 batches = StoreLoader(store, cfg.tokenizer.image_size, cfg.batch_size, seed=cfg.seed, rank=d.rank,
@@ -272,7 +292,7 @@ class TokenizerTrainer:
         (losses averaged over the ranks)."""
         cfg, tok, disc, d = self.cfg, self.tok, self.disc, self.dist
         q = self.batches.next().to(self.device, non_blocking=True)
-        image, bases = bases_inputs(q, self.n_bases)
+        image, bases = bases_inputs(q, self.n_bases, cfg.tokenizer.space())
         x = to_model(image)
         gan = self.step_ >= cfg.disc_start
         with self.amp:

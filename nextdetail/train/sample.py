@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from ..errors import ConfigError, NextDetailError
 from ..options import check_int, opt
 from ..tokenize import CheckpointError, Tokenizer
-from ..tokenize.tokenizer import to_image
 from .inputs import contribution, next_input
 from .model import NextDetailTransformer, TransformerConfig
 
@@ -211,7 +210,7 @@ def upsample_base(f_base_BCLL: torch.Tensor, scale: int, tokenizer=None) -> torc
     if tokenizer is None:
         return F.interpolate(f_base_BCLL, scale_factor=scale, mode="bicubic")
     from ..tokenize.tokenizer import to_model
-    img = to_image(tokenizer.decoder(f_base_BCLL)).clamp(0, 1)
+    img = tokenizer.decode_features(f_base_BCLL)          # the tokenizer's own space, as encode takes
     img = F.interpolate(img, scale_factor=scale, mode="bicubic").clamp(0, 1)
     return tokenizer.encoder(to_model(img))
 
@@ -298,6 +297,15 @@ def load_run(run, tokenizer=None, device="cpu") -> Run:
                 "class_names": list(ck["data"].get("class_names") or [])})
 
 
+def strip_names(run: Run) -> List[str]:
+    """What each image of a sample's strip shows, under its decomposition's factor names: the
+    base, then the factors added one by one (B_3, +D_3, +D_2, +D_1; A_4, +E_4, ...; S_1, +A_1)."""
+    from ..decomp import method_info
+
+    names = method_info(run.tokenizer.config.decomposition).layer_names(run.order)
+    return [names[0]] + [f"+{n}" for n in names[1:]]
+
+
 def class_label(value: str, class_names: Sequence[Optional[str]]) -> int:
     """--class as given: an integer label, or a class name of the training data (its folder name)."""
     try:
@@ -312,8 +320,8 @@ def class_label(value: str, class_names: Sequence[Optional[str]]) -> int:
 
 @torch.no_grad()
 def decode(tok: Tokenizer, f_hat_BCHW: torch.Tensor) -> np.ndarray:
-    """Features -> uint8 images (B, H, W, 3)."""
-    img = to_image(tok.decoder(f_hat_BCHW.float())).clamp(0, 1)
+    """Features -> uint8 images (B, H, W, 3), pixels (a log-space tokenizer's converted)."""
+    img = tok.to_pixels(tok.decode_features(f_hat_BCHW))
     return (img.permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
 
 
@@ -389,7 +397,7 @@ def sample_to_folder(run: Run, out, *, label: int = -1, n: int = 16, cfg: float 
     Image.fromarray(tile(finals, cols=math.ceil(math.sqrt(len(finals))))).save(grid)
     meta = {"checkpoint": str(run.checkpoint), "step": run.meta["step"], "class": label, "n": n, "cfg": cfg,
             "top_k": top_k, "top_p": top_p, "temperature": temperature, "seed": seed, "highres": highres,
-            "overlap": overlap, "highres_base": highres_base, "strip": ("base, " + ", ".join(f"+D_{k}" for k in range(run.order, 0, -1))
+            "overlap": overlap, "highres_base": highres_base, "strip": (", ".join(strip_names(run))
                                           if highres == 1 and len(stages) > 1 else
                                           ("upsampled base, final" if highres > 1 else "final"))}
     (out / "samples.json").write_text(json.dumps(meta, indent=1))
