@@ -146,7 +146,7 @@ def test_sample_to_folder_writes_grid_strips_and_is_seeded(trained, tmp_path):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / name)),
                               np.asarray(Image.open(tmp_path / "b" / name)))
     meta = json.loads((tmp_path / "a" / "samples.json").read_text())
-    assert meta["seed"] == 7 and meta["strip"] == "base, +D_3, +D_2, +D_1"
+    assert meta["seed"] == 7 and meta["strip"] == "B_3, +D_3, +D_2, +D_1"
     with pytest.raises(SampleError, match="trained without labels"):
         sample_to_folder(run, tmp_path / "c", label=2)
     hi = sample_to_folder(run, tmp_path / "hi", n=1, highres=2, overlap=True)
