@@ -9,6 +9,8 @@ errors are reported once, in `main`, as one line and the error's exit status.
     nextdetail export-tokens --data STORE --tokenizer RUN --out TOKENS [--workers N --shard-rows R]
     nextdetail train --tokens TOKENS --tokenizer RUN --out RUN2 [--depth --width ... --resume]
     nextdetail sample RUN2 --out DIR [--class C --n 16 --cfg 1.5 --top-k --top-p --seed S --highres 2]
+    nextdetail sample RUN2 --out DIR --per-class 50 [--npz FILE --no-png --batch-size B]   (torchrun-aware)
+    nextdetail eval-samples SAMPLES [--ref REF --inception-weights FILE --save-stats FILE --offline]
 
 Exit status: 0 done; 1 some inputs failed and the rest is done (error rows in a store, images
 that `decompose` could not read, token blocks given up on); 2 usage or input error (an option,
@@ -92,8 +94,20 @@ COMMANDS = {
         "them with its tokenizer. Writes DIR/grid.png, DIR/sample_XXX.png (the base-only image, "
         "then after each detail factor; the last is the final image) and DIR/samples.json. "
         "--highres S generates at S times the trained resolution without retraining: upsampled "
-        "base, detail maps patchwise. Exit status: 0 done, 2 usage, run or tokenizer error.",
+        "base, detail maps patchwise. --per-class K draws K images of every class instead (each seeded "
+        "on its own, in fixed batches split over torchrun's processes) into DIR/images/NNNNNN.png and "
+        "resumable DIR/parts/, and with --npz FILE an ADM .npz batch for FID. Exit status: 0 done, "
+        "2 usage, run or tokenizer error.",
         "nextdetail.train.sample:SampleConfig"),
+    "eval-samples": (
+        "FID, IS, KID and precision/recall of generated images against a reference",
+        "Inception-v3 features (torch-fidelity's port of the TF graph ADM's evaluator uses) of SAMPLES "
+        "and REF, each a folder of images, an ADM .npz batch (arr_0) or a decomposition store; REF may "
+        "also be statistics (an .npz with mu and sigma: an ADM reference batch, or --save-stats output). "
+        "Prints the metrics and writes them as JSON with the image counts and the weights' sha256. The "
+        "weights: --inception-weights FILE, else the torch hub cache, else downloaded there unless "
+        "--offline. Exit status: 0 done, 2 usage, input or missing weights.",
+        "nextdetail.evaluation.fidelity:EvalSamplesConfig"),
 }
 RESUMABLE = ("train-tokenizer", "train")          # these take --resume besides their config
 
@@ -185,6 +199,8 @@ def cmd_train(cfg, args) -> int:
 def cmd_sample(cfg, args) -> int:
     from .train.sample import class_label, load_run, sample_to_folder
 
+    if cfg.per_class:
+        return _sample_per_class(cfg)
     run = load_run(cfg.run, tokenizer=cfg.tokenizer, device=cfg.device)
     label = class_label(cfg.label, run.meta["class_names"])
     bar = tqdm(total=cfg.n, unit="img", desc="sample", file=sys.stderr, disable=None)
@@ -192,6 +208,38 @@ def cmd_sample(cfg, args) -> int:
         report = sample_to_folder(run, cfg.out, label=label, progress=bar.update, **cfg.generation())
     finally:
         bar.close()
+    print(report.summary())
+    return 0
+
+
+def _sample_per_class(cfg) -> int:
+    """`sample --per-class K`: the evaluation batch, split over torchrun's processes; rank 0 shows
+    the bar (its own share of the batches) and prints the summary."""
+    from .progress import JobProgress
+    from .train.sample_batches import sample_per_class
+
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    progress = JobProgress("sample", "already sampled") if rank0 else None
+    try:
+        with logging_redirect_tqdm():
+            report = sample_per_class(cfg, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    if rank0:
+        print(report.summary())
+    return 0
+
+
+def cmd_eval_samples(cfg, args) -> int:
+    from .evaluation.fidelity import evaluate_samples
+
+    bar = tqdm(unit="img", desc="inception", file=sys.stderr, disable=None)
+    try:
+        report = evaluate_samples(cfg, progress=bar.update)
+    finally:
+        bar.close()
+    print(report.table())
     print(report.summary())
     return 0
 

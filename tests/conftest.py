@@ -13,6 +13,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+# Never try to download pretrained weights (nextdetail.weights): CI has no network, and a test of
+# the download path says so itself (monkeypatch.delenv).
+os.environ["NEXTDETAIL_OFFLINE"] = "1"
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

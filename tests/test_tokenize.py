@@ -208,7 +208,9 @@ def test_lpips_pretrained_backbone_from_the_hub_cache(tmp_path, monkeypatch):
         raise AssertionError("LPIPS tried to download weights")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(LPIPSWeightsError, match=f"put torchvision's alexnet-owt-7be5be79.pth at {tmp_path}"):
+    with pytest.raises(LPIPSWeightsError, match=f"LPIPS alex backbone .* not found: download https://download"
+                                                 f".pytorch.org/models/alexnet-owt-7be5be79.pth to {tmp_path}/"
+                                                 f"checkpoints/alexnet-owt-7be5be79.pth"):
         build_lpips("alex")
     torch.manual_seed(5)
     weights = torchvision.models.alexnet().state_dict()

@@ -2,9 +2,10 @@
 with hinge losses.
 
 LPIPS = an ImageNet backbone + linear heads. The `lpips` package ships the heads; the backbone
-is torchvision's, which it would download. We never let it: the package builds a random
-backbone (pnet_rand=True) and we load torchvision's weights ourselves from the local torch hub
-cache, or keep it random when asked (offline tests, with a warning).
+is torchvision's, which it would download through torchvision on its own terms. We build it
+random (pnet_rand=True) and load torchvision's weights ourselves, found or downloaded the way
+nextdetail.weights says (the hub cache, a download unless offline, else one line), or keep it
+random when asked (offline tests, with a warning).
 """
 from __future__ import annotations
 
@@ -16,40 +17,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import NextDetailError
+from ..weights import Weights, WeightsError, weights_file
 
 log = logging.getLogger(__name__)
 
-# torchvision's file names for the backbones LPIPS uses (what torch.hub would download).
-BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth",
-                  "squeeze": "squeezenet1_1-b8a52dc0.pth"}
-
-
-class LPIPSWeightsError(NextDetailError, FileNotFoundError):
-    """The backbone weights are not in the local torch hub cache (one line: which file where)."""
+# torchvision's files for the backbones LPIPS uses (what torchvision would download).
+BACKBONES = {net: Weights(f"LPIPS {net} backbone (torchvision's ImageNet weights)",
+                          f"https://download.pytorch.org/models/{name}")
+             for net, name in (("alex", "alexnet-owt-7be5be79.pth"), ("vgg", "vgg16-397923af.pth"),
+                               ("squeeze", "squeezenet1_1-b8a52dc0.pth"))}
+BACKBONE_FILES = {net: w.filename for net, w in BACKBONES.items()}
+LPIPSWeightsError = WeightsError
 
 
 def backbone_path(net: str) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / BACKBONE_FILES[net]
+    """Where the hub cache keeps the backbone's file."""
+    return BACKBONES[net].cached()
 
 
-def build_lpips(net: str = "alex", backbone: str = "pretrained") -> nn.Module:
+def build_lpips(net: str = "alex", backbone: str = "pretrained", *, no_download: bool = False) -> nn.Module:
     """A frozen LPIPS module taking images in [-1, 1]; returns (B, 1, 1, 1) distances.
 
-    backbone: "pretrained" loads torchvision's weights from the torch hub cache (error if
-    absent); "random" keeps a randomly initialised backbone (seeded, so every run gets the
-    same one) and warns: the loss is then only a fixed random-feature distance.
+    backbone: "pretrained" loads torchvision's weights (the hub cache, else downloaded there
+    unless no_download / NEXTDETAIL_OFFLINE; WeightsError naming the file otherwise); "random"
+    keeps a randomly initialised backbone (seeded, so every run gets the same one) and warns:
+    the loss is then only a fixed random-feature distance.
     """
     import lpips
 
-    if net not in BACKBONE_FILES:
-        raise ValueError(f"LPIPS net {net!r}: one of {', '.join(BACKBONE_FILES)}")
+    if net not in BACKBONES:
+        raise ValueError(f"LPIPS net {net!r}: one of {', '.join(BACKBONES)}")
     if backbone not in ("pretrained", "random"):
         raise ValueError(f"LPIPS backbone {backbone!r}: 'pretrained' or 'random'")
-    path = backbone_path(net)
-    if backbone == "pretrained" and not path.is_file():
-        raise LPIPSWeightsError(f"LPIPS backbone weights missing: put torchvision's {path.name} at {path} "
-                                "(or train with --lpips-random-backbone)")
+    if backbone == "pretrained":
+        path = weights_file(BACKBONES[net], no_download=no_download)
     # A private RNG stream: building the random backbone must not shift the training RNG.
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # lpips calls torchvision with the deprecated `pretrained=False`: noise, not a problem.

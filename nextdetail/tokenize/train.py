@@ -29,6 +29,7 @@ from ..options import check_int, differences, nested, opt
 from ..runs import (PLOT, RunConfig, RunLog, RunReport, TrainError, checkpoint_name, load_resumed, read_log,
                     resume_from, running_mean, save_checkpoint)
 from ..stores.decomposition import DecompositionStore, StoreError
+from ..weights import offline_opt
 from .config import TokenizerConfig
 from .disc_stylegan import StyleGANDiscriminator, r1_penalty
 from .loader import StoreLoader, bases_inputs, default_workers
@@ -55,6 +56,7 @@ class TokenizerTrainConfig(RunConfig):
     lpips_backbone: str = opt("pretrained", "random LPIPS backbone instead of the pretrained weights from "
                                             "the torch hub cache (offline tests; warns)",
                               flag="--lpips-random-backbone", action="store_const", const="random")
+    offline: bool = offline_opt()
     disc: str = opt("patchgan", "discriminator: PatchGAN (a logit per patch) or the StyleGAN2-style residual "
                                 "one the CART paper names (a logit per image, minibatch std)",
                     choices=("patchgan", "stylegan"))
@@ -112,7 +114,7 @@ class TokenizerTrainConfig(RunConfig):
             pass
 
     # Fields a resumed run may change: where it writes and how long it goes on.
-    RESUMABLE_CHANGES = ("steps", "out", "ckpt_every", "loader_workers", "compile")
+    RESUMABLE_CHANGES = ("steps", "out", "ckpt_every", "loader_workers", "compile", "offline")
 
     def differences(self, other: "TokenizerTrainConfig") -> List[str]:
         """The tokenizer's differences first, named as in its own config ('quant.vocab ...')."""
@@ -218,7 +220,7 @@ class TokenizerTrainer:
         self.disc = (StyleGANDiscriminator(cfg.disc_ch, cfg.tokenizer.image_size, cfg.disc_mbstd_group)
                      if cfg.disc == "stylegan"
                      else PatchDiscriminator(cfg.disc_ch)).to(self.device)
-        self.lpips = (build_lpips(cfg.lpips_net, cfg.lpips_backbone).to(self.device)
+        self.lpips = (build_lpips(cfg.lpips_net, cfg.lpips_backbone, no_download=cfg.offline).to(self.device)
                       if cfg.lpips_weight > 0 else None)
         self.opt = torch.optim.AdamW(self.tok.parameters(), lr=cfg.lr, betas=cfg.betas,
                                      weight_decay=cfg.weight_decay)

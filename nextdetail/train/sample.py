@@ -60,7 +60,7 @@ class SampleConfig:
     out: Path = opt(Path("out/samples"), "output folder", metavar="DIR")
     label: str = opt("-1", "class label or class name (a class folder of the data)", flag="--class",
                      metavar="C", default_help="none: unconditional")
-    n: int = opt(16, "images")
+    n: int = opt(16, "images (without --per-class)")
     cfg: float = opt(1.5, "guidance scale on the last map; 1: off")
     top_k: int = opt(0, "keep the k most likely tokens; 0: all")
     top_p: float = opt(0.0, "nucleus sampling mass; 0: off")
@@ -75,6 +75,11 @@ class SampleConfig:
     tokenizer: Optional[Path] = opt(None, "the tokenizer run, when it moved since training (its sha256 must "
                                           "match)", metavar="RUN")
     device: str = opt("cpu", "torch device")
+    per_class: int = opt(0, "evaluation batch: K images of every class, seeded per sample, written as "
+                            "DIR/images/NNNNNN.png and resumable DIR/parts; 0: off", metavar="K")
+    npz: Optional[Path] = opt(None, "--per-class: also write the samples as one ADM .npz batch (arr_0 images, "
+                                    "arr_1 labels)", metavar="FILE")
+    png: bool = opt(True, "--per-class: no DIR/images/NNNNNN.png (parts and --npz only)", flag="--no-png")
 
     def __post_init__(self):
         if not 0.0 <= self.top_p <= 1.0 or self.top_k < 0 or self.temperature <= 0 or self.cfg < 0:
@@ -83,10 +88,18 @@ class SampleConfig:
         check_int("highres", self.highres)
         check_int("n", self.n)
         check_int("batch_size", self.batch_size)
+        check_int("per_class", self.per_class, 0)
+        if not self.per_class and (self.npz is not None or not self.png):
+            raise ConfigError(f"{'--npz' if self.npz is not None else '--no-png'}: only with --per-class K")
+        if self.per_class and self.label != "-1":
+            raise ConfigError(f"--class {self.label} with --per-class: every class is drawn; leave --class out")
+        if self.per_class and self.highres > 1:
+            raise ConfigError(f"--per-class with --highres {self.highres}: evaluation batches are drawn at "
+                              "the trained resolution; leave --highres out")
 
     def generation(self) -> dict:
         """The keywords of sample_to_folder besides the run, the folder and the label."""
-        skip = ("run", "out", "label", "tokenizer", "device")
+        skip = ("run", "out", "label", "tokenizer", "device", "per_class", "npz", "png")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
@@ -113,6 +126,29 @@ def filter_logits(logits_NV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -
     return logits_NV
 
 
+def inverse_cdf(probs_BNV: torch.Tensor, u_BN: torch.Tensor) -> torch.Tensor:
+    """int64 (B, N): the token whose CDF interval holds u * total mass, u in [0, 1). The first
+    token with cdf > u (searchsorted right), so that u = 0 skips leading zero-probability tokens;
+    clamped to the last token of positive probability, in case rounding puts u at the very top."""
+    cdf_BNV = probs_BNV.cumsum(-1)
+    x_BN1 = (u_BN * cdf_BNV[..., -1]).unsqueeze(-1)
+    idx_BN = torch.searchsorted(cdf_BNV.contiguous(), x_BN1.contiguous(), right=True).squeeze(-1)
+    V = probs_BNV.shape[-1]
+    last_BN = V - 1 - (probs_BNV.flip(-1) > 0).int().argmax(-1)
+    return torch.minimum(idx_BN, last_BN)
+
+
+def draw_per_row(probs_BNV: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per position, row b's uniforms drawn from generators[b] alone: a row's tokens do
+    not depend on the other rows of the batch (given its own probabilities)."""
+    B, N, _ = probs_BNV.shape
+    if len(generators) != B:
+        raise SampleError(f"{len(generators)} generators for a batch of {B} rows")
+    u_BN = torch.stack([torch.rand(N, generator=g, device=probs_BNV.device, dtype=probs_BNV.dtype)
+                        for g in generators])
+    return inverse_cdf(probs_BNV, u_BN)
+
+
 def guidance_scale(cfg: float, k: int, M: int) -> float:
     """s_k = 1 + (cfg - 1) k / (M - 1): no guidance on map 0, cfg on the last map."""
     return cfg if M == 1 else 1.0 + (cfg - 1.0) * k / (M - 1)
@@ -129,10 +165,13 @@ def stage_ends(M: int, num_base: int, order: int) -> List[int]:
 @torch.no_grad()
 def generate(model: NextDetailTransformer, quantizer, labels_B: torch.Tensor, *, cfg: float = 1.5,
              top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
-             generator: Optional[torch.Generator] = None, prefix: Sequence[torch.Tensor] = (),
+             generator: Optional[torch.Generator | Sequence[torch.Generator]] = None,
+             prefix: Sequence[torch.Tensor] = (),
              num_base: Optional[int] = None, order: int = 0, stop: Optional[int] = None) -> Generated:
     """Draw maps len(prefix)..stop-1 (default all M) for labels_B (int64 (B,); -1: unconditional);
-    `prefix` maps (B, h_k, w_k) are given, not drawn (teacher-forced into the cache)."""
+    `prefix` maps (B, h_k, w_k) are given, not drawn (teacher-forced into the cache).
+    generator: one torch.Generator for the batch (torch.multinomial), or a list of B, one per row
+    (inverse-CDF draws, `draw_per_row`: each row's tokens come from its own generator)."""
     model.eval()
     mc = model.cfg
     M = len(mc.map_shapes) if stop is None else stop
@@ -161,8 +200,11 @@ def generate(model: NextDetailTransformer, quantizer, labels_B: torch.Tensor, *,
                 c, u = logits.chunk(2)
                 logits = u + guidance_scale(cfg, k, len(mc.map_shapes)) * (c - u)
             logits = filter_logits(logits / max(temperature, 1e-6), top_k, top_p)
-            probs = logits.softmax(-1).flatten(0, 1)
-            idx_Bhw = torch.multinomial(probs, 1, generator=generator).view(B, h, w)
+            if isinstance(generator, (list, tuple)):
+                idx_Bhw = draw_per_row(logits.softmax(-1), generator).view(B, h, w)
+            else:
+                probs = logits.softmax(-1).flatten(0, 1)
+                idx_Bhw = torch.multinomial(probs, 1, generator=generator).view(B, h, w)
         maps.append(idx_Bhw)
         nxt = mc.map_shapes[k + 1] if k + 1 < M else None
         f_hat, f_in = next_input(quantizer, k, idx_Bhw, f_hat, nxt)

@@ -1,0 +1,76 @@
+"""Inception-v3 features for FID, IS, KID and precision/recall.
+
+The network is torch-fidelity's port of the TensorFlow Inception graph of 2015-12-05, the graph
+OpenAI's ADM evaluator (and so VAR, LlamaGen, RAR, CART) computes its numbers with: the same
+weights, TF's bilinear resize to 299 x 299 and (x - 128) / 128 input scaling, pool features of
+2048 and the 1008 logits ("logits_unbiased", as IS uses them). torch-fidelity is maintained, pure
+PyTorch and reproduces the TF numbers to within a small fraction of a FID point (its README;
+clean-fid instead changes the resize, which moves FID by whole points at times, LlamaGen #34).
+
+Its constructor loads the file with torch.load(weights_only=False); we build it with
+TORCH_FORCE_WEIGHTS_ONLY_LOAD set, which makes torch refuse anything but tensors in the pickle.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterable, Tuple
+
+import numpy as np
+import torch
+
+from ..weights import Weights, WeightsError
+
+log = logging.getLogger(__name__)
+
+INCEPTION = Weights("Inception-v3 weights (FID/IS/KID; torch-fidelity's port of the TF graph ADM uses)",
+                    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                    "weights-inception-2015-12-05-6726825d.pth")
+POOL, LOGITS = "2048", "logits_unbiased"
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
+def load_inception(path, device="cpu") -> torch.nn.Module:
+    """The feature extractor with the weights file at `path` (a state dict in torch-fidelity's
+    format); WeightsError naming the file when it is not one."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    try:
+        with _weights_only_loads():
+            net = FeatureExtractorInceptionV3("inception-v3-compat", [POOL, LOGITS],
+                                              feature_extractor_weights_path=str(path))
+    except Exception as e:  # noqa: BLE001 - unpickling refused, wrong keys, not a zip: one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{path}: not usable as the {INCEPTION.what} ({type(e).__name__}: {first[:200]})") from None
+    return net.to(device).eval()
+
+
+@torch.no_grad()
+def inception_features(net, batches: Iterable[np.ndarray], device="cpu", progress=None
+                       ) -> Tuple[np.ndarray, np.ndarray]:
+    """uint8 image batches (b, H, W, 3) -> pool features float64 (N, 2048) and logits float64
+    (N, 1008). The network resizes every batch to 299 x 299 itself."""
+    pools, logits = [], []
+    for x_bHW3 in batches:
+        x_b3HW = torch.from_numpy(np.require(x_bHW3, np.uint8, ["C", "W"])).permute(0, 3, 1, 2).to(device)
+        pool, logit = net(x_b3HW)
+        pools.append(pool.double().cpu().numpy())
+        logits.append(logit.double().cpu().numpy())
+        if progress is not None:
+            progress(len(x_bHW3))
+    if not pools:
+        return np.zeros((0, 2048)), np.zeros((0, 1008))
+    return np.concatenate(pools), np.concatenate(logits)
