@@ -5,7 +5,7 @@ errors are reported once, in `main`, as one line and the error's exit status.
     nextdetail decompose INPUT... --out DIR [--order 3 --alpha 10 ... --backend auto --size N]
     nextdetail decompose-dataset SRC --out STORE [--size 256 --order 3 ... --workers N]
     nextdetail train-tokenizer --data STORE --out RUN [--quantizer basedetail --image-size 256 ...]
-    nextdetail eval-tokenizer RUN... --data STORE [--out DIR --images N]
+    nextdetail eval-tokenizer RUN... --data STORE [--out DIR --images N --no-lpips --no-rfid]
     nextdetail export-tokens --data STORE --tokenizer RUN --out TOKENS [--workers N --shard-rows R]
     nextdetail train --tokens TOKENS --tokenizer RUN --out RUN2 [--depth --width ... --resume]
     nextdetail sample RUN2 --out DIR [--class C --n 16 --cfg 1.5 --top-k --top-p --seed S --highres 2]
@@ -61,12 +61,14 @@ COMMANDS = {
         "3 training failed.",
         "nextdetail.tokenize.train:TokenizerTrainConfig"),
     "eval-tokenizer": (
-        "reconstruction MSE/PSNR after each quantization depth (CART Figure 11)",
+        "reconstruction quality: MSE/PSNR/LPIPS after each depth (CART Figure 11); PSNR, SSIM, LPIPS, rFID",
         "For each RUN (its latest checkpoint, or a checkpoint file), encode the first --images "
-        "images of STORE (centre crops of the run's image size) and decode the running sum of the "
-        "first m token maps, m = 1..M. Writes OUT/eval.csv (run, quantizer, depth, map_side, mse, "
-        "psnr, lpips when its weights are cached) and OUT/eval.png (MSE against depth, one line per "
-        "run), prints the table. Exit status: 0 done, 2 usage, store or checkpoint error.",
+        "images of STORE (centre crops of the run's image size; use a held-out store) and decode the "
+        "running sum of the first m token maps, m = 1..M. Writes OUT/eval.csv (run, quantizer, depth, "
+        "map_side, mse, psnr, lpips), OUT/final.csv (the final depth: psnr, ssim, lpips, rfid) and "
+        "OUT/eval.png (MSE against depth, one line per run), prints both tables. LPIPS and rFID need "
+        "pretrained weights (cached, downloaded unless --offline, or --no-lpips / --no-rfid). Exit "
+        "status: 0 done, 2 usage, store, checkpoint or missing weights.",
         "nextdetail.tokenize.evaluate:EvalConfig"),
     "export-tokens": (
         "encode every ok image of a store into a token store (Ray)",
@@ -182,10 +184,11 @@ def cmd_train_tokenizer(cfg, args) -> int:
 def cmd_eval_tokenizer(cfg, args) -> int:
     from .tokenize.evaluate import evaluate, table, write_results
 
-    rows = evaluate(cfg.runs, cfg.data, limit=cfg.images, batch=cfg.batch_size)
-    files = write_results(rows, cfg.out)
-    print(table(rows))
-    print(f"{len(cfg.runs)} runs on {rows[0].images} images; wrote {files['csv']} and {files['png']}")
+    rows, finals = evaluate(cfg)
+    files = write_results(rows, finals, cfg.out)
+    print(table(rows, finals))
+    print(f"{len(cfg.runs)} runs on {rows[0].images} images; wrote {files['csv']}, {files['final']} and "
+          f"{files['png']}")
     return 0
 
 

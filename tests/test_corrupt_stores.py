@@ -59,7 +59,8 @@ def test_a_shard_overwritten_with_garbage(clean, tmp_path, capsys):
     shard(bad).write_bytes((b"\x28\xb5\x2f\xfd" + b"garbage" * size)[:size])     # zstd magic, then noise
     with pytest.raises(StoreError, match=r"c\.0\.0\.0\.0\.0: image 2 \(.+\): damaged shard, cannot decode it"):
         DecompositionStore(bad)[2]
-    line = refused(capsys, ["eval-tokenizer", ckpt, "--data", bad, "--out", tmp_path / "eval"], bad,
+    line = refused(capsys, ["eval-tokenizer", ckpt, "--data", bad, "--out", tmp_path / "eval", "--no-lpips",
+                            "--no-rfid"], bad,
                    "bases.zarr/c.0.0.0.0.0", "damaged shard")
     assert line.startswith("nextdetail eval-tokenizer: error: ")
 

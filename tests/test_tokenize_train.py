@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,19 +156,36 @@ def test_cli_trains_resumes_and_reports(store, tmp_path, capsys):
     assert "not divisible by downsample 8" in capsys.readouterr().err
 
 
-def test_eval_tokenizer_reports_error_after_each_depth(store, tmp_path, capsys):
+def test_eval_tokenizer_reports_error_after_each_depth(store, tmp_path, capsys, monkeypatch):
     import csv
 
+    import torchvision
+    from inception_standin import write_standin_inception
+
     from nextdetail.pipelines import DecompositionStore
-    from nextdetail.tokenize.evaluate import centre_crops
+    from nextdetail.tokenize.evaluate import centre_crops, ssim
+    from nextdetail.tokenize.losses import backbone_path
 
     for kind in ("basedetail", "multiscale"):
         train(cfg(store, tmp_path / kind, kind, steps=2, ckpt_every=2))
     out = tmp_path / "eval"
+    # Stand-in weights (no network here): a random AlexNet in the hub cache, a random Inception.
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    backbone_path("alex").parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet().state_dict(), backbone_path("alex"))
+    rng = np.random.default_rng(0)
+    inception = write_standin_inception(tmp_path / "inception.pth", rng.integers(0, 256, (4, 32, 32, 3), np.uint8))
     assert main(["eval-tokenizer", str(tmp_path / "basedetail"), str(tmp_path / "multiscale"),
-                 "--data", str(store), "--out", str(out), "--images", "3", "--batch-size", "2"]) == 0
+                 "--data", str(store), "--out", str(out), "--images", "3", "--batch-size", "2",
+                 "--inception-weights", str(inception)]) == 0
     printed = capsys.readouterr().out
-    assert "2 runs on 3 images" in printed
+    assert "2 runs on 3 images" in printed and "final depth" in printed
+    finals = {r["quantizer"]: r for r in csv.DictReader(open(out / "final.csv"))}
+    assert set(finals) == {"basedetail", "multiscale"}
+    for r in finals.values():
+        assert int(r["images"]) == 3 and -1 < float(r["ssim"]) <= 1 and float(r["lpips"]) > 0
+        assert np.isfinite(float(r["rfid"])) and float(r["rfid"]) > -1e-3
     rows = list(csv.DictReader(open(out / "eval.csv")))
     bd = [r for r in rows if r["quantizer"] == "basedetail"]
     ms = [r for r in rows if r["quantizer"] == "multiscale"]
@@ -181,6 +199,22 @@ def test_eval_tokenizer_reports_error_after_each_depth(store, tmp_path, capsys):
         sq += float((tok.decode(tok.encode(image, bases)) - image).square().mean((1, 2, 3)).sum())
         n += len(image)
     assert float(bd[-1]["mse"]) == pytest.approx(sq / n, rel=1e-4)
+    assert float(finals["basedetail"]["lpips"]) == pytest.approx(float(bd[-1]["lpips"]), rel=1e-4)
+    # Final PSNR and SSIM: means over the images of each image's value.
+    psnr, ssims = [], []
+    for image, bases in centre_crops(DecompositionStore(store), 32, 3, limit=3, batch=3):
+        rec = tok.decode(tok.encode(image, bases))
+        psnr += (10 * torch.log10(1 / (rec - image).square().mean((1, 2, 3)))).tolist()
+        ssims += [ssim(a.permute(1, 2, 0).numpy(), b.permute(1, 2, 0).numpy()) for a, b in zip(rec, image)]
+    assert float(finals["basedetail"]["psnr"]) == pytest.approx(np.mean(psnr), abs=1e-3)
+    assert float(finals["basedetail"]["ssim"]) == pytest.approx(np.mean(ssims), abs=1e-4)
+    # Without weights: one line naming the file, exit status 2, unless they are left out.
+    (tmp_path / "inception.pth").unlink()
+    assert main(["eval-tokenizer", str(tmp_path / "multiscale"), "--data", str(store), "--out", str(out),
+                 "--images", "2", "--inception-weights", str(tmp_path / "inception.pth")]) == 2
+    assert f"{tmp_path / 'inception.pth'}: no such file" in capsys.readouterr().err
+    assert main(["eval-tokenizer", str(tmp_path / "multiscale"), "--data", str(store), "--out", str(out),
+                 "--images", "2", "--no-rfid", "--no-lpips"]) == 0
     assert main(["eval-tokenizer", str(tmp_path / "nope"), "--data", str(store), "--out", str(out)]) == 2
     assert "no checkpoint" in capsys.readouterr().err
 

@@ -104,13 +104,18 @@ def fid_stats(pool: np.ndarray) -> dict:
     return fid_features_to_statistics(torch.from_numpy(pool))
 
 
+def fid(pool: np.ndarray, ref_stats: dict) -> float:
+    """FID of pool features (N, 2048) against reference statistics {mu, sigma}."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+    return float(fid_statistics_to_metric(fid_stats(pool), ref_stats, verbose=False)["frechet_inception_distance"])
+
+
 def fidelity_metrics(pool_s: np.ndarray, logits_s: np.ndarray, ref_pool: Optional[np.ndarray],
                      ref_stats: Optional[dict], *, kid_subsets: int = 100, kid_subset_size: int = 1000,
                      prc_neighborhood: int = 3) -> dict:
     """The metrics of samples (pool features (N, 2048), logits (N, 1008)) against a reference
     given as features and/or statistics; a metric whose inputs are missing is left out."""
     import torch
-    from torch_fidelity.metric_fid import fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
@@ -122,7 +127,7 @@ def fidelity_metrics(pool_s: np.ndarray, logits_s: np.ndarray, ref_pool: Optiona
     if ref_stats is None and ref_pool is not None:
         ref_stats = fid_stats(ref_pool)
     if ref_stats is not None:
-        out["fid"] = fid_statistics_to_metric(fid_stats(pool_s), ref_stats, verbose=False)["frechet_inception_distance"]
+        out["fid"] = fid(pool_s, ref_stats)
     if ref_pool is not None:
         f_s, f_r = torch.from_numpy(pool_s), torch.from_numpy(ref_pool)
         kid = kid_features_to_metric(f_s, f_r, kid_subsets=kid_subsets, verbose=False,

@@ -1,9 +1,21 @@
-"""Reconstruction error after each quantization depth (the analogue of CART's Figure 11).
+"""Reconstruction quality of tokenizers on a (held-out) store: after each quantization depth (the
+analogue of CART's Figure 11) and, at the final depth, the numbers tokenizer papers report.
 
 For every run (its latest checkpoint) and every image of the store (centre crop of the run's
 image_size), the image is encoded once; the reconstruction at depth m decodes the running sum
-of the first m phi contributions. MSE and PSNR are on pixels in [0, 1] (decoder output clamped);
-LPIPS is added when its pretrained backbone is in the torch hub cache.
+of the first m phi contributions. Per depth: MSE and PSNR = 10 log10(1 / MSE) on pixels in
+[0, 1] (decoder output clamped), and LPIPS. At the final depth (`FinalRow`):
+
+    PSNR   mean over images of each image's PSNR (the usual convention of VQGAN/VAR tables)
+    SSIM   mean over images; Wang et al. 2004: Gaussian window sigma 1.5, per channel, on [0, 1]
+    LPIPS  mean over images (AlexNet backbone, the common choice)
+    rFID   FID of the reconstructions against their inputs, Inception features of both as 8-bit
+           images (nextdetail.evaluation). Papers report it on 50,000 ImageNet val images; on a
+           few hundred it is dominated by the estimator's bias and only compares runs on the
+           same images.
+
+LPIPS and rFID need pretrained weights (nextdetail.weights): `--no-lpips`, `--no-rfid` leave them
+out where none can be had.
 """
 from __future__ import annotations
 
@@ -12,16 +24,18 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from ..options import check_int, opt
 from ..runs import TrainError, latest_checkpoint
 from ..stores.decomposition import DecompositionStore, StoreError
 from ..stores.layers import centre_crop, split_layers
-from .losses import backbone_path, build_lpips
-from .tokenizer import Tokenizer, to_model
+from ..weights import offline_opt
+from .losses import build_lpips
+from .tokenizer import Tokenizer, read_checkpoint, to_model
 from .train import check_store_fits
 
 log = logging.getLogger(__name__)
@@ -37,10 +51,28 @@ class EvalConfig:
     out: Path = opt(Path("out/eval-tokenizer"), "output folder")
     images: int = opt(64, "images evaluated", metavar="N")
     batch_size: int = opt(16, "images per encoder call")
+    lpips: bool = opt(True, "leave LPIPS out (it needs torchvision's AlexNet weights)", flag="--no-lpips")
+    rfid: bool = opt(True, "leave rFID out (it needs the Inception weights)", flag="--no-rfid")
+    inception_weights: Optional[Path] = opt(None, "the Inception weights file for rFID (default: the torch hub "
+                                                  "cache, downloaded there when allowed)", metavar="FILE")
+    offline: bool = offline_opt()
 
     def __post_init__(self):
         check_int("images", self.images)
         check_int("batch_size", self.batch_size)
+
+
+@dataclass
+class FinalRow:
+    """A run's reconstruction quality at its final depth (module docstring)."""
+
+    run: str
+    quantizer: str
+    images: int
+    psnr: float
+    ssim: float
+    lpips: float = float("nan")
+    rfid: float = float("nan")
 
 
 @dataclass
@@ -64,14 +96,28 @@ def centre_crops(store, size: int, n_bases: int, limit: int, batch: int):
         yield split_layers(layers, n_bases)
 
 
+def ssim(a_HW3: np.ndarray, b_HW3: np.ndarray) -> float:
+    """SSIM of two float images in [0, 1] (Wang et al. 2004: Gaussian window, sigma 1.5)."""
+    from skimage.metrics import structural_similarity
+    return float(structural_similarity(a_HW3, b_HW3, channel_axis=-1, data_range=1.0, gaussian_weights=True,
+                                       sigma=1.5, use_sample_covariance=False))
+
+
 @torch.no_grad()
-def evaluate_run(run, store, *, limit: int = 64, batch: int = 16, lpips=None) -> List[DepthRow]:
+def evaluate_run(run, store, *, limit: int = 64, batch: int = 16, lpips=None,
+                 inception=None) -> Tuple[List[DepthRow], FinalRow]:
+    """The per-depth rows and the final-depth row of one run; `inception`: the network for rFID."""
+    from ..evaluation.fidelity import fid, fid_stats
+    from ..evaluation.inception import inception_features
+    from ..imageio import to_uint8
+
     path = latest_checkpoint(run)
     tok = Tokenizer.from_checkpoint(path)
     cfg = tok.config
     check_store_fits(store, cfg, TrainError, what=str(path))
     M = len(cfg.quant.map_sizes(cfg.latent()))
     sq, lp, count = [0.0] * M, [0.0] * M, 0
+    psnrs, ssims, pools_rec, pools_in = [], [], [], []
     for image, bases in centre_crops(store, cfg.image_size, tok.needs_bases, limit, batch):
         contribs = tok.quantizer.contributions(tok.encode(image, bases))
         f_hat = torch.zeros_like(contribs[0])
@@ -79,9 +125,17 @@ def evaluate_run(run, store, *, limit: int = 64, batch: int = 16, lpips=None) ->
         for m, c in enumerate(contribs):
             f_hat = f_hat + c
             rec = tok.to_pixels(tok.decode_features(f_hat))
-            sq[m] += float((rec - image).square().mean((1, 2, 3)).sum())
+            err_B = (rec - image).square().mean((1, 2, 3))
+            sq[m] += float(err_B.sum())
             if lpips is not None:
                 lp[m] += float(lpips(to_model(rec), to_model(image)).sum())
+        # rec is now the final depth's, the full reconstruction.
+        psnrs += [10 * math.log10(1 / e) if e > 0 else float("inf") for e in err_B.tolist()]
+        rec_BHW3, image_BHW3 = (x.permute(0, 2, 3, 1).numpy() for x in (rec, image))
+        ssims += [ssim(a, b) for a, b in zip(rec_BHW3, image_BHW3)]
+        if inception is not None:
+            pools_rec.append(inception_features(inception, [to_uint8(rec_BHW3)])[0])
+            pools_in.append(inception_features(inception, [to_uint8(image_BHW3)])[0])
         count += image.shape[0]
     # A run folder is named by itself (its latest checkpoint), a checkpoint file by folder/file.
     name = Path(run).name if Path(run).is_dir() else f"{path.parent.name}/{path.stem}"
@@ -92,28 +146,48 @@ def evaluate_run(run, store, *, limit: int = 64, batch: int = 16, lpips=None) ->
         rows.append(DepthRow(name, cfg.quant.kind, m + 1, sides[m], mse,
                              10 * math.log10(1 / mse) if mse > 0 else float("inf"), count,
                              lp[m] / count if lpips is not None else float("nan")))
-    return rows
+    final = FinalRow(name, cfg.quant.kind, count, float(np.mean(psnrs)), float(np.mean(ssims)), rows[-1].lpips)
+    if inception is not None:
+        final.rfid = fid(np.concatenate(pools_rec), fid_stats(np.concatenate(pools_in)))
+    return rows, final
 
 
-def evaluate(runs: Sequence, store_path, *, limit: int = 64, batch: int = 16) -> List[DepthRow]:
+def evaluate(cfg: "EvalConfig") -> Tuple[List[DepthRow], List[FinalRow]]:
+    """Every run of cfg on its store: per-depth rows and one final row per run."""
+    from ..evaluation.inception import INCEPTION, load_inception
+    from ..weights import weights_file
 
     try:
-        store = DecompositionStore(store_path)
+        store = DecompositionStore(cfg.data)
     except StoreError as e:
         raise TrainError(str(e)) from None
-    lpips = build_lpips("alex") if backbone_path("alex").is_file() else None
-    if lpips is None:
-        log.info("LPIPS column left out: no pretrained backbone at %s", backbone_path("alex"))
+    for run in cfg.runs:            # a bad RUN is named before any weights are looked for
+        read_checkpoint(latest_checkpoint(run))
+    lpips = build_lpips("alex", no_download=cfg.offline) if cfg.lpips else None
+    inception = None
+    if cfg.rfid:
+        inception = load_inception(weights_file(INCEPTION, cfg.inception_weights, no_download=cfg.offline,
+                                                option="--inception-weights (or --no-rfid)"))
     rows: List[DepthRow] = []
-    for run in runs:
-        rows += evaluate_run(run, store, limit=limit, batch=batch, lpips=lpips)
-    return rows
+    finals: List[FinalRow] = []
+    for run in cfg.runs:
+        r, f = evaluate_run(run, store, limit=cfg.images, batch=cfg.batch_size, lpips=lpips, inception=inception)
+        rows += r
+        finals.append(f)
+    return rows, finals
 
 
-def write_results(rows: Sequence[DepthRow], out: Path) -> Dict[str, Path]:
+def write_results(rows: Sequence[DepthRow], finals: Sequence[FinalRow], out: Path) -> Dict[str, Path]:
+    """OUT/eval.csv (per depth), OUT/final.csv (final depth), OUT/eval.png (MSE against depth)."""
     from ..plots import line_plot
 
     out.mkdir(parents=True, exist_ok=True)
+    with open(out / "final.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "quantizer", "images", "psnr", "ssim", "lpips", "rfid"])
+        for r in finals:
+            w.writerow([r.run, r.quantizer, r.images, f"{r.psnr:.4f}", f"{r.ssim:.5f}",
+                        "" if math.isnan(r.lpips) else f"{r.lpips:.6g}", "" if math.isnan(r.rfid) else f"{r.rfid:.4f}"])
     with open(out / "eval.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "quantizer", "depth", "map_side", "mse", "psnr", "lpips"])
@@ -127,11 +201,17 @@ def write_results(rows: Sequence[DepthRow], out: Path) -> Dict[str, Path]:
         ys.append(r.mse)
     line_plot(series, out / "eval.png", title="reconstruction MSE after each quantization depth",
               xlabel="quantization depth", ylabel="MSE")
-    return {"csv": out / "eval.csv", "png": out / "eval.png"}
+    return {"csv": out / "eval.csv", "final": out / "final.csv", "png": out / "eval.png"}
 
 
-def table(rows: Sequence[DepthRow]) -> str:
+def table(rows: Sequence[DepthRow], finals: Sequence[FinalRow] = ()) -> str:
     lines = [f"{'run':<28} {'quantizer':<11} {'depth':>5} {'side':>4} {'MSE':>10} {'PSNR dB':>8}"]
     lines += [f"{r.run:<28} {r.quantizer:<11} {r.depth:>5} {r.map_side:>4} {r.mse:>10.5f} {r.psnr:>8.2f}"
               for r in rows]
+    if finals:
+        num = lambda v, f: "-" if math.isnan(v) else format(v, f)        # noqa: E731
+        lines += ["", f"{'final depth':<28} {'quantizer':<11} {'images':>6} {'PSNR dB':>8} {'SSIM':>6} "
+                      f"{'LPIPS':>6} {'rFID':>8}"]
+        lines += [f"{r.run:<28} {r.quantizer:<11} {r.images:>6} {r.psnr:>8.2f} {r.ssim:>6.4f} "
+                  f"{num(r.lpips, '6.4f'):>6} {num(r.rfid, '8.2f'):>8}" for r in finals]
     return "\n".join(lines)
