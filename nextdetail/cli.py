@@ -10,6 +10,8 @@ errors are reported once, in `main`, as one line and the error's exit status.
     nextdetail train --tokens TOKENS --tokenizer RUN --out RUN2 [--depth --width ... --resume]
     nextdetail sample RUN2 --out DIR [--class C --n 16 --cfg 1.5 --top-k --top-p --seed S --highres 2]
     nextdetail sample RUN2 --out DIR --per-class 50 [--npz FILE --no-png --batch-size B]   (torchrun-aware)
+    nextdetail upscale IMAGE... --run RUN2 --out DIR [--scale 4 --prefix K --overlap --reference REF...]
+    nextdetail edit RUN2 --out DIR --edit recolor|relight [--n 4 --variants 2 --gains 0,0.5,2]
     nextdetail eval-samples SAMPLES [--ref REF --inception-weights FILE --save-stats FILE --offline]
 
 Exit status: 0 done; 1 some inputs failed and the rest is done (error rows in a store, images
@@ -101,6 +103,24 @@ COMMANDS = {
         "resumable DIR/parts/, and with --npz FILE an ADM .npz batch for FID. Exit status: 0 done, "
         "2 usage, run or tokenizer error.",
         "nextdetail.train.sample:SampleConfig"),
+    "upscale": (
+        "super-resolution by token prefix: the input's base maps, the details drawn by the model",
+        "Each IMAGE (a centre crop of --input-size, default the tokenizer's size / --scale) is "
+        "bicubic-resized to the tokenizer's size, decomposed and encoded; its first --prefix maps "
+        "(default: the base maps) are kept and the base-detail model draws the rest, unconditionally; "
+        "above the training resolution the base is upsampled and the details drawn patchwise. Writes "
+        "the result, the bicubic upscale and a sheet per image, DIR/upscale.json, and PSNR/SSIM "
+        "against --reference (or, with --downscale-first, against each IMAGE itself). Exit status: 0 "
+        "done, 2 usage, run, image or model error.",
+        "nextdetail.train.upscale:UpscaleConfig"),
+    "edit": (
+        "recolor (intrinsic runs) or relight (specular runs) generated samples through their factors",
+        "Draws --n samples and edits them without retraining: recolor keeps the shading maps and "
+        "swaps or redraws the albedo maps (--to-class: under another class); relight keeps the diffuse "
+        "base maps and scales (--gains), drops (gain 0) or redraws the specular terms. A strip per "
+        "sample, DIR/edit_XXX.png (original, then each edit), and DIR/edit.json. Exit status: 0 done, "
+        "2 usage, or a run whose decomposition has no such factors.",
+        "nextdetail.train.edit:EditConfig"),
     "eval-samples": (
         "FID, IS, KID and precision/recall of generated images against a reference",
         "Inception-v3 features (torch-fidelity's port of the TF graph ADM's evaluator uses) of SAMPLES "
@@ -231,6 +251,25 @@ def _sample_per_class(cfg) -> int:
             progress.close()
     if rank0:
         print(report.summary())
+    return 0
+
+
+def cmd_upscale(cfg, args) -> int:
+    from .train.upscale import upscale_files
+
+    bar = tqdm(total=len(cfg.images), unit="img", desc="upscale", file=sys.stderr, disable=None)
+    try:
+        report = upscale_files(cfg, progress=bar.update)
+    finally:
+        bar.close()
+    print(report.summary())
+    return 0
+
+
+def cmd_edit(cfg, args) -> int:
+    from .train.edit import edit_to_folder
+
+    print(edit_to_folder(cfg).summary())
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import List, Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .decomp.intrinsic import from_log
+from .decomp.logspace import from_log
 from .imageio import to_uint8
 
 DETAIL_PERCENTILE = 99.5

@@ -13,7 +13,7 @@ from pipeline_data import make_store, photo_paths
 
 from nextdetail import cli, demo
 from nextdetail.decomp import decompose, method_info
-from nextdetail.decomp.intrinsic import from_unit_log, to_unit_log
+from nextdetail.decomp.logspace import from_unit_log, to_unit_log
 from nextdetail.runs import TrainError
 from nextdetail.stores.decomposition import META, DecompositionStore, StoreError
 from nextdetail.stores.layers import split_layers

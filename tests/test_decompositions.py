@@ -10,7 +10,7 @@ import pytest
 
 from nextdetail import cli
 from nextdetail.decomp import available_decompositions, decompose
-from nextdetail.decomp.intrinsic import LOG_EPS, from_log, to_log
+from nextdetail.decomp.logspace import LOG_EPS, from_log, to_log
 from pipeline_data import photo_paths
 
 

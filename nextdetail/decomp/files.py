@@ -26,7 +26,7 @@ from ..options import check_int, nested, opt
 from ..viz import contact_sheet, detail_scale, detail_to_uint8
 from .at import BACKENDS, resolve_backend, to_host
 from .hierarchy import Decomposition, available_decompositions, decompose
-from .intrinsic import from_log
+from .logspace import from_log
 from .params import ATParams
 
 log = logging.getLogger(__name__)

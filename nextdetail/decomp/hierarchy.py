@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Protocol, Tuple
 import numpy as np
 
 from .at import ambrosio_tortorelli
+from .logspace import from_log
 from .params import ATParams
 
 
@@ -64,7 +65,6 @@ class Decomposition:
         """The bases as images in [0, 1] (what a store holds): as they are, or exp(.) - eps_I of
         a log-space decomposition's."""
         if self.space == "log":
-            from .intrinsic import from_log
             return [from_log(b) for b in self.bases]
         return list(self.bases)
 

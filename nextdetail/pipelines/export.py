@@ -154,7 +154,7 @@ def make_plan(cfg: ExportConfig) -> ExportPlan:
     from ..runs import RunError, latest_checkpoint
     from ..tokenize import CheckpointError
     from ..tokenize.tokenizer import read_checkpoint
-    from ..tokenize.train import check_store_fits
+    from ..tokenize.loader import check_store_fits
 
     store = DecompositionStore(cfg.data)
     try:

@@ -83,7 +83,7 @@ def unit_log_table() -> np.ndarray:
     reader and the training loader (which indexes a copy on the device) see the same bits."""
     global _UNIT_LOG
     if _UNIT_LOG is None:
-        from ..decomp.intrinsic import to_unit_log
+        from ..decomp.logspace import to_unit_log
         _UNIT_LOG = to_unit_log(np.arange(256, dtype=np.float32) / np.float32(255.0))
         _UNIT_LOG.setflags(write=False)
     return _UNIT_LOG

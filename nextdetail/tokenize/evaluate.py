@@ -36,7 +36,7 @@ from ..stores.layers import centre_crop, split_layers
 from ..weights import offline_opt
 from .losses import build_lpips
 from .tokenizer import Tokenizer, read_checkpoint, to_model
-from .train import check_store_fits
+from .loader import check_store_fits
 
 log = logging.getLogger(__name__)
 

@@ -252,3 +252,18 @@ def bases_inputs(q: torch.Tensor, n: int, space: str = "linear") -> Tuple[torch.
     if space != "log":
         layers /= 255.0
     return split_layers(layers, n)
+
+
+def check_store_fits(store: DecompositionStore, tokenizer, error, what: str = "the tokenizer") -> None:
+    """error(one line) when `store` cannot feed a tokenizer of this TokenizerConfig: another decomposition,
+    fewer bases than its quantizer takes, images smaller than its input."""
+    if store.method != tokenizer.decomposition:
+        raise error(f"{store.path}: a store of {store.method} layers ({', '.join(store.layer_names)}); {what} "
+                    f"is for {tokenizer.decomposition} layers")
+    n = tokenizer.needs_bases()
+    if store.levels < n:
+        raise error(f"{store.path}: store of order {store.levels} has bases B_1..B_{store.levels}; {what} "
+                    f"(basedetail, order {n}) needs order >= {n} (decompose-dataset --order {n})")
+    if store.size < tokenizer.image_size:
+        raise error(f"{store.path}: store images are {store.size} px, smaller than the "
+                    f"{tokenizer.image_size} px input of {what} (image_size)")

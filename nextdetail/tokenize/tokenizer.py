@@ -127,7 +127,7 @@ class Tokenizer(nn.Module):
         """An image in the tokenizer's space -> pixels in [0, 1]: itself, or from_unit_log of a
         log-space (intrinsic) tokenizer's."""
         if self.config.space() == "log":
-            from ..decomp.intrinsic import from_unit_log
+            from ..decomp.logspace import from_unit_log
             return from_unit_log(x_B3HW).clamp(0, 1)
         return x_B3HW
 

@@ -32,7 +32,7 @@ from ..stores.decomposition import DecompositionStore, StoreError
 from ..weights import offline_opt
 from .config import TokenizerConfig
 from .disc_stylegan import StyleGANDiscriminator, r1_penalty
-from .loader import StoreLoader, bases_inputs, default_workers
+from .loader import StoreLoader, bases_inputs, check_store_fits, default_workers
 from .losses import PatchDiscriminator, build_lpips, hinge_d_loss, hinge_g_loss
 from .tokenizer import Tokenizer, to_model
 
@@ -147,21 +147,6 @@ def open_training_store(path, tokenizer: TokenizerConfig) -> DecompositionStore:
         raise TrainError(f"{path}: the store has no ok images")
     check_store_fits(store, tokenizer, TrainError)
     return store
-
-
-def check_store_fits(store: DecompositionStore, tokenizer: TokenizerConfig, error, what: str = "the tokenizer") -> None:
-    """error(one line) when `store` cannot feed a tokenizer of this config: another decomposition,
-    fewer bases than its quantizer takes, images smaller than its input."""
-    if store.method != tokenizer.decomposition:
-        raise error(f"{store.path}: a store of {store.method} layers ({', '.join(store.layer_names)}); {what} "
-                    f"is for {tokenizer.decomposition} layers")
-    n = tokenizer.needs_bases()
-    if store.levels < n:
-        raise error(f"{store.path}: store of order {store.levels} has bases B_1..B_{store.levels}; {what} "
-                    f"(basedetail, order {n}) needs order >= {n} (decompose-dataset --order {n})")
-    if store.size < tokenizer.image_size:
-        raise error(f"{store.path}: store images are {store.size} px, smaller than the "
-                    f"{tokenizer.image_size} px input of {what} (image_size)")
 
 
 def plot_log(out: Path) -> Path:

@@ -268,10 +268,20 @@ def generate_highres(model, quantizer, labels_B, *, scale: int = 2, overlap: boo
         raise SampleError("high-resolution generation needs a base-detail model (detail maps after the base)")
     if scale < 1:
         raise SampleError(f"scale {scale}: must be >= 1")
-    L = quantizer.latent
     base = generate(model, quantizer, labels_B, stop=num_base, **kw)
     f_up = upsample_base(base.f_hat, scale, tokenizer)
-    S = scale * L
+    return f_up, patchwise_details(model, quantizer, f_up, labels_B, num_base=num_base, overlap=overlap,
+                                   patch_batch=patch_batch, **kw)
+
+
+@torch.no_grad()
+def patchwise_details(model, quantizer, f_up: torch.Tensor, labels_B, *, num_base: int, overlap: bool = False,
+                      patch_batch: int = 64, **kw) -> torch.Tensor:
+    """f_up + details drawn on L x L windows of a base feature f_up (B, Cvae, S, S), S a multiple
+    of the latent side L: each window's crop of f_up is re-quantized into the base maps and fed as
+    a teacher-forced prefix, the detail maps drawn after it; overlapping windows are blended with
+    a tent. kw: cfg, top_k, top_p, temperature, generator as in `generate`."""
+    L, S = quantizer.latent, f_up.shape[-1]
     boxes = patch_boxes(S, L, overlap)
     B = labels_B.shape[0]
     win = tent(L, f_up.device) if overlap else torch.ones(L, L, device=f_up.device)
@@ -288,7 +298,7 @@ def generate_highres(model, quantizer, labels_B, *, scale: int = 2, overlap: boo
             y, x = boxes[p]
             acc[b, :, y:y + L, x:x + L] += detail[j] * win
             wsum[y:y + L, x:x + L] += win
-    return f_up, f_up + acc / wsum
+    return f_up + acc / wsum
 
 
 # ----------------------------------------------------------------------------- runs and files
@@ -335,7 +345,7 @@ def load_run(run, tokenizer=None, device="cpu") -> Run:
     except CheckpointError as e:
         raise SampleError(str(e)) from None
     return Run(model, tok, int(ck["data"]["num_base"]), int(ck["data"]["order"]), path,
-               {"step": ck["step"], "tokenizer": str(tok_path),
+               {"step": ck["step"], "tokenizer": str(tok_path), "tokens": ck["data"].get("tokens"),
                 "class_names": list(ck["data"].get("class_names") or [])})
 
 

@@ -1,0 +1,166 @@
+"""Editing generated samples through their factors, without retraining (the later CART paper's
+applications): `nextdetail edit RUN2 --out DIR --edit recolor|relight`.
+
+A next-detail model's token maps are an ordered sum of interpretable factors, base maps first:
+
+    recolor (an intrinsic run: base maps = shading S, detail maps = albedo A)
+        keep a sample's shading maps and change its albedo maps:
+        swap      the albedo maps of the next sample (f = f_S(i) + f_A(i+1))
+        redraw    new albedo maps drawn after the shading prefix, with another seed
+                  (and --to-class, another class)
+    relight (a specular run: base maps = diffuse base A_n, detail maps = specular terms E_k)
+        keep the diffuse base maps and change the specular part f_E = f_hat - f_A:
+        gain g    f = f_A + g f_E for each g of --gains (0 drops the highlights)
+        redraw    new specular maps drawn after the diffuse prefix, with another seed
+
+Each sample gets a strip DIR/edit_XXX.png: the original, then each edit (edit.json names them).
+The kept maps are the original's, bit for bit (teacher-forced into the KV cache when redrawing).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..errors import ConfigError
+from ..options import check_int, opt
+from .inputs import contribution
+from .sample import SampleError, class_label, decode, generate, load_run, tile
+
+EDITS = {"recolor": "intrinsic", "relight": "specular"}      # edit -> the decomposition it needs
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """Settings of `nextdetail edit`."""
+
+    run: Path = opt(help="`nextdetail train` run (or a checkpoint) of an intrinsic or specular model",
+                    positional=True, metavar="RUN2")
+    edit: str = opt(help="recolor (intrinsic runs: new albedo, same shading) or relight (specular runs: "
+                         "scaled, dropped or redrawn specular terms, same diffuse base)", choices=tuple(EDITS))
+    out: Path = opt(Path("out/edit"), "output folder", metavar="DIR")
+    label: str = opt("-1", "class of the samples (label or class name)", flag="--class", metavar="C",
+                     default_help="none: unconditional")
+    to_class: Optional[str] = opt(None, "recolor: draw the new albedo under this class", metavar="C")
+    n: int = opt(4, "samples")
+    variants: int = opt(2, "redrawn variants per sample (new seeds)")
+    gains: Tuple[float, ...] = opt((0.0, 0.5, 2.0), "relight: gains of the specular part (0: none)",
+                                   type=lambda t: tuple(float(v) for v in t.split(",")), metavar="G,G,...")
+    seed: int = opt(0, "seed")
+    cfg: float = opt(1.5, "guidance scale on the last map; 1: off")
+    top_k: int = opt(0, "keep the k most likely tokens; 0: all")
+    top_p: float = opt(0.0, "nucleus sampling mass; 0: off")
+    temperature: float = opt(1.0, "softmax temperature")
+    tokenizer: Optional[Path] = opt(None, "the tokenizer run, when it moved since training", metavar="RUN")
+    device: str = opt("cpu", "torch device")
+
+    def __post_init__(self):
+        check_int("n", self.n)
+        check_int("variants", self.variants, 0)
+        object.__setattr__(self, "gains", tuple(float(g) for g in self.gains))
+        if self.to_class is not None and self.edit != "recolor":
+            raise ConfigError(f"--to-class with --edit {self.edit}: only recolor draws under another class")
+
+
+@dataclass
+class EditResult:
+    """Token maps of the originals and of each edit that has maps (for checks), and the strips."""
+
+    names: List[str]                               # columns of a strip: original, then the edits
+    original: List[torch.Tensor]                   # M maps (n, h_k, w_k)
+    edited: Dict[str, List[torch.Tensor]]          # edit name -> its M maps (swap and redraws)
+    files: List[Path]
+    seconds: float
+    out: Path
+
+    def summary(self) -> str:
+        return (f"edited {self.original[0].shape[0]} samples ({', '.join(self.names[1:])}) in {self.seconds:.1f} s; "
+                f"strips in {self.out}")
+
+
+def check_edit(edit: str, decomposition: str, run) -> None:
+    """One line when the run's decomposition has no factors for this edit."""
+    need = EDITS[edit]
+    if decomposition != need:
+        raise SampleError(f"--edit {edit} needs a run of the {need} decomposition; {run} is a {decomposition} run")
+
+
+def _generators(seed: int, stream: int, n: int, dev) -> List[torch.Generator]:
+    from .sample_batches import sample_seed
+    return [torch.Generator(device=dev).manual_seed(sample_seed(seed, stream, i)) for i in range(n)]
+
+
+def features(quantizer, maps: List[torch.Tensor]) -> torch.Tensor:
+    return sum(contribution(quantizer, k, m) for k, m in enumerate(maps))
+
+
+@torch.no_grad()
+def edit_samples(run, out, *, edit: str, label: int = -1, to_label: Optional[int] = None, n: int = 4,
+                 variants: int = 2, gains=(0.0, 0.5, 2.0), seed: int = 0, **kw) -> EditResult:
+    """Draw n samples and their edits (module docstring); kw: cfg, top_k, top_p, temperature."""
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    check_edit(edit, run.tokenizer.config.decomposition, run.checkpoint)
+    q, B = run.tokenizer.quantizer, run.num_base
+    if B >= len(run.model.cfg.map_shapes):
+        raise SampleError(f"{run.checkpoint}: a model without detail maps has no factors to edit")
+    dev = next(run.model.parameters()).device
+    labels = torch.full((n,), label, dtype=torch.int64, device=dev)
+    gen = lambda stream: _generators(seed, stream, n, dev)          # noqa: E731 - one stream per draw
+    draw = dict(kw, num_base=B, order=run.order)
+    orig = generate(run.model, q, labels, generator=gen(0), **draw)
+    f_base = features(q, orig.maps[:B])
+    images = {"original": orig.f_hat}
+    edited: Dict[str, List[torch.Tensor]] = {}
+    if edit == "recolor":
+        nxt = [(i + 1) % n for i in range(n)]
+        swapped = orig.maps[:B] + [m[nxt] for m in orig.maps[B:]]
+        edited["albedo of the next sample"] = swapped
+        images["albedo of the next sample"] = features(q, swapped)
+        redraw_labels = labels if to_label is None else torch.full_like(labels, to_label)
+    else:
+        f_spec = orig.f_hat - f_base
+        for g in gains:
+            images[f"specular x{g:g}"] = f_base + g * f_spec
+        redraw_labels = labels
+    what = "albedo" if edit == "recolor" else "specular"
+    for v in range(1, variants + 1):
+        g = generate(run.model, q, redraw_labels, generator=gen(v), prefix=orig.maps[:B], **draw)
+        edited[f"new {what} {v}"] = g.maps
+        images[f"new {what} {v}"] = g.f_hat
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(images)
+    decoded = [decode(run.tokenizer, f) for f in images.values()]           # each (n, H, W, 3)
+    files = []
+    for i in range(n):
+        path = out / f"edit_{i:03d}.png"
+        Image.fromarray(tile([d[i] for d in decoded], cols=len(decoded))).save(path)
+        files.append(path)
+    meta = {"checkpoint": str(run.checkpoint), "edit": edit, "decomposition": run.tokenizer.config.decomposition,
+            "class": label, "to_class": to_label, "n": n, "variants": variants, "gains": list(gains), "seed": seed,
+            **kw, "strip": names}
+    (out / "edit.json").write_text(json.dumps(meta, indent=1))
+    return EditResult(names, orig.maps, edited, files, time.perf_counter() - t0, out)
+
+
+def edit_to_folder(cfg: EditConfig) -> EditResult:
+    """`nextdetail edit`: the run, its labels, then edit_samples."""
+    run = load_run(cfg.run, tokenizer=cfg.tokenizer, device=cfg.device)
+    check_edit(cfg.edit, run.tokenizer.config.decomposition, cfg.run)
+    names = run.meta["class_names"]
+    label = class_label(cfg.label, names)
+    to_label = None if cfg.to_class is None else class_label(cfg.to_class, names)
+    nc = run.model.cfg.num_classes
+    for flag, lab in (("--class", label), ("--to-class", to_label)):
+        if lab is not None and lab != -1 and not 0 <= lab < nc:
+            raise SampleError(f"{flag} {lab}: this model knows classes 0..{nc - 1}" if nc else
+                              f"{flag} {lab}: this model was trained without labels")
+    return edit_samples(run, cfg.out, edit=cfg.edit, label=label, to_label=to_label, n=cfg.n, variants=cfg.variants,
+                        gains=cfg.gains, seed=cfg.seed, cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p,
+                        temperature=cfg.temperature)
