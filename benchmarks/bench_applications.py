@@ -14,6 +14,7 @@ WORK/<method>/ and reused when present), trained on BSD100 + Set14 + Set5 (119 p
 then
     upscale KODAK/*.png --run base_detail/transformer --scale 4 --downscale-first   (16 -> 64 px)
     upscale KODAK/*.png --run base_detail/transformer --scale 2 --downscale-first   (32 -> 64 px)
+    upscale ... --scale 4 --prefix K                for K in --prefixes (more maps from the input)
     edit intrinsic/transformer --edit recolor --n 4          (with --edits)
     edit specular/transformer --edit relight --n 4
 
@@ -21,7 +22,7 @@ The Kodak photos are never trained on; PSNR and SSIM are of their 64 px centre c
 `upscale` reports them (upscale.json per scale). Prints a table at the end.
 
     python benchmarks/bench_applications.py [--work out/bench-applications] [--tokenizer-steps 4000]
-        [--steps 800] [--depth 2] [--width 192] [--edits]
+        [--steps 800] [--depth 2] [--width 192] [--prefixes 11,13] [--edits]
 """
 from __future__ import annotations
 
@@ -101,6 +102,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=800, help="transformer steps")
     p.add_argument("--depth", type=int, default=2, help="transformer depth")
     p.add_argument("--width", type=int, default=192, help="transformer width")
+    p.add_argument("--prefixes", type=lambda t: [int(v) for v in t.split(",")], default=[11, 13],
+                   help="longer prefixes measured at 4x (the base-detail model has 8 base + 6 detail maps)")
     p.add_argument("--edits", action="store_true", help="also the intrinsic and specular runs and their edits")
     args = p.parse_args()
     if not SHARED.is_dir():
@@ -114,22 +117,25 @@ def main() -> int:
     listing.write_text("".join(f"{p}\n" for p in train))
     base = chain(w, "base_detail", listing, args.tokenizer_steps, args.steps, args.depth, args.width)
     rows = []
-    for scale in (4, 2):
-        out = w / f"upscale-x{scale}"
-        run(["upscale", *kodak, "--run", base, "--scale", scale, "--downscale-first", "--out", out])
+    # The default prefix (the base maps) at both scales, then longer prefixes at 4x: the more maps
+    # come from the input, the less the model draws (K = M - 1: all but the last map).
+    for scale, prefix in [(4, None), (2, None)] + [(4, k) for k in args.prefixes]:
+        out = w / (f"upscale-x{scale}" + (f"-prefix{prefix}" if prefix else ""))
+        run(["upscale", *kodak, "--run", base, "--scale", scale, "--downscale-first", "--out", out]
+            + (["--prefix", prefix] if prefix else []))
         meta = json.loads((out / "upscale.json").read_text())
         mean = lambda k: sum(r[k] for r in meta["images"]) / len(meta["images"])      # noqa: E731
-        rows.append((scale, meta["input_size"], meta["output_size"], len(meta["images"]), mean("psnr"),
-                     mean("ssim"), mean("bicubic_psnr"), mean("bicubic_ssim")))
+        rows.append((scale, meta["prefix"], meta["input_size"], meta["output_size"], len(meta["images"]),
+                     mean("psnr"), mean("ssim"), mean("bicubic_psnr"), mean("bicubic_ssim")))
     ceiling = tokenizer_ceiling(base, kodak)
     if args.edits:
         for method, edit in (("intrinsic", "recolor"), ("specular", "relight")):
             tr = chain(w, method, listing, args.tokenizer_steps, args.steps, args.depth, args.width)
             run(["edit", tr, "--edit", edit, "--n", 4, "--variants", 2, "--out", w / f"edit-{edit}", "--top-k", 50])
-    print(f"\n{'scale':>5} {'in':>4} {'out':>4} {'images':>6} {'PSNR dB':>8} {'SSIM':>6} "
+    print(f"\n{'scale':>5} {'prefix':>6} {'in':>4} {'out':>4} {'images':>6} {'PSNR dB':>8} {'SSIM':>6} "
           f"{'bicubic PSNR':>12} {'bicubic SSIM':>12}")
-    for s, n_in, n_out, n, ps, ss, bp, bs in rows:
-        print(f"{s:>5} {n_in:>4} {n_out:>4} {n:>6} {ps:>8.2f} {ss:>6.4f} {bp:>12.2f} {bs:>12.4f}")
+    for s, k, n_in, n_out, n, ps, ss, bp, bs in rows:
+        print(f"{s:>5} {k:>6} {n_in:>4} {n_out:>4} {n:>6} {ps:>8.2f} {ss:>6.4f} {bp:>12.2f} {bs:>12.4f}")
     print(f"the tokenizer alone on the original 64 px crops (its ceiling): PSNR {ceiling[0]:.2f} dB, "
           f"SSIM {ceiling[1]:.4f}")
     return 0
