@@ -21,6 +21,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .errors import PathError
+from .stores.atomic import commit_file
 
 IMAGES, LABELS = "arr_0", "arr_1"
 
@@ -35,8 +36,9 @@ class NpzWriter:
         with NpzWriter(path, n=N, size=(H, W)) as w:
             w.write(images_bHW3, labels_b)          # in sample order, N images in all
 
-    The file is written to path + ".tmp" and renamed on close, so a reader never sees half a
-    batch; a writer closed with fewer than N images raises and leaves no file."""
+    The file is written to path + ".tmp" and moved into place on close (stores.atomic.commit_file:
+    fsync, rename), so a reader never sees half a batch; a writer closed with fewer than N images
+    raises and leaves no file."""
 
     def __init__(self, path, n: int, size, labels: bool):
         self.path, self.n, self.size, self.labels = Path(path), int(n), tuple(size), bool(labels)
@@ -70,7 +72,7 @@ class NpzWriter:
                     np.lib.format.write_array(f, np.concatenate(self.all_labels) if self.all_labels
                                               else np.zeros(0, np.int64))
             self.zf.close()
-            self.tmp.replace(self.path)
+            commit_file(self.tmp, self.path)
         except BaseException:
             self.zf.close()
             self.tmp.unlink(missing_ok=True)

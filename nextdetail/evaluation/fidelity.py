@@ -28,6 +28,7 @@ from .. import __version__
 from ..errors import ConfigError
 from ..npz import IMAGES, npz_keys
 from ..options import check_int, opt
+from ..stores.atomic import atomic_write, write_bytes_atomic
 from ..weights import offline_opt, weights_file
 from .image_sets import open_image_set, read_stats
 from .inception import INCEPTION, inception_features, load_inception
@@ -159,8 +160,8 @@ def evaluate_samples(cfg: EvalSamplesConfig, progress=None) -> EvalReport:
     ref_pool = inception_features(net, ref.batches(cfg.batch_size), cfg.device, progress)[0] if ref else None
     if cfg.save_stats is not None:
         st = fid_stats(pool_s)
-        Path(cfg.save_stats).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cfg.save_stats, mu=st["mu"], sigma=st["sigma"])
+        with atomic_write(cfg.save_stats) as tmp, open(tmp, "wb") as f:
+            np.savez(f, mu=st["mu"], sigma=st["sigma"])
     metrics = fidelity_metrics(pool_s, logits_s, ref_pool, ref_stats, kid_subsets=cfg.kid_subsets,
                                kid_subset_size=cfg.kid_subset_size, prc_neighborhood=cfg.prc_neighborhood)
     ref_about = None
@@ -177,6 +178,5 @@ def evaluate_samples(cfg: EvalSamplesConfig, progress=None) -> EvalReport:
                             "prc_neighborhood": cfg.prc_neighborhood, "is_splits": min(10, samples.n)},
                "save_stats": None if cfg.save_stats is None else str(cfg.save_stats)}
     out = cfg.out_path()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    write_bytes_atomic(out, (json.dumps(results, indent=1) + "\n").encode())
     return EvalReport(results, out, time.perf_counter() - t0)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,11 +56,11 @@ def png_path(out: Path, j: int) -> Path:
 
 
 def write_part(path: Path, images_bHW3: np.ndarray, labels_b: np.ndarray) -> None:
-    """A batch's part file, whole or not at all (temp name in the same folder, then renamed)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    """A batch's part file, whole or not at all (stores.atomic: temp file, fsync, rename)."""
+    from ..stores.atomic import atomic_write
+
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, images=images_bHW3, labels=labels_b.astype(np.int64))
-    os.replace(tmp, path)
 
 
 def read_part(path: Path):
@@ -80,9 +79,8 @@ def check_settings(out: Path, settings: dict) -> None:
             raise SampleError(f"{out}: holds samples drawn with other settings ({', '.join(diff)}); "
                               "use another --out")
         return
-    tmp = path.with_name(f".settings.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(settings, indent=1))
-    os.replace(tmp, path)
+    from ..stores.atomic import write_bytes_atomic
+    write_bytes_atomic(path, json.dumps(settings, indent=1).encode())
 
 
 @dataclass
