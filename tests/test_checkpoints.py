@@ -12,7 +12,7 @@ import torch
 
 from nextdetail.cli import main
 from nextdetail.runs import CHECKPOINT_FORMAT, RunError, checkpoints, load_checkpoint
-from token_data import make_token_store
+from token_data import make_token_store, tiny_transformer
 from conftest import own_lines
 
 
@@ -31,10 +31,7 @@ def runs(tmp_path_factory):
     """A token store, its tokenizer checkpoint and a 1-step `nextdetail train` run."""
     tmp = tmp_path_factory.mktemp("ckpt")
     tokens, tok_ckpt, store = make_token_store(tmp, n=4)
-    run = tmp / "run"
-    assert main(["train", "--tokens", str(tokens), "--tokenizer", str(tok_ckpt), "--out", str(run), "--depth", "1",
-                 "--width", "32", "--heads", "2", "--steps", "1", "--batch-size", "2", "--val-every", "1",
-                 "--ckpt-every", "1"]) == 0
+    run = tiny_transformer(tokens, tok_ckpt, tmp / "run", steps=1)
     return {"tokens": tokens, "tok": tok_ckpt, "store": store, "run": run}
 
 

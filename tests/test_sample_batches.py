@@ -1,15 +1,14 @@
 """`nextdetail sample --per-class`: the evaluation batch (K images of every class), per-sample
 seeds, resumable part files, the ADM npz, and a split (2-process) run equal to a single one."""
 import json
-import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from token_data import make_token_store
+from ddp import free_port, join_world
+from token_data import make_token_store, tiny_transformer
 
 from nextdetail.cli import main
 from nextdetail.errors import ConfigError
@@ -25,10 +24,7 @@ def runs(tmp_path_factory):
     and the same checkpoint made a 3-class model (class embeddings drawn at random)."""
     tmp = tmp_path_factory.mktemp("batches")
     tokens, ckpt, _ = make_token_store(tmp, n=4)
-    plain = tmp / "plain"
-    assert main(["train", "--tokens", str(tokens), "--tokenizer", str(ckpt), "--out", str(plain), "--depth", "1",
-                 "--width", "32", "--heads", "2", "--steps", "2", "--batch-size", "2", "--val-every", "2",
-                 "--ckpt-every", "2"]) == 0
+    plain = tiny_transformer(tokens, ckpt, tmp / "plain", steps=2)
     state = load_checkpoint(latest_checkpoint(plain))
     state["model_config"]["num_classes"] = 3
     state["model"]["class_emb.weight"] = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
@@ -130,15 +126,8 @@ def test_a_rerun_resumes_from_the_parts(runs, tmp_path):
         sample_batches(run, out, **{**kw, "seed": 2})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _split_worker(rank, world, port, threads, config):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    join_world(rank, world, port)
     torch.set_num_threads(threads)
     rep = sample_per_class(config)
     assert rep.generated == 6 and rep.n == 6
@@ -152,7 +141,7 @@ def test_a_split_run_equals_a_single_process_run(runs, tmp_path, monkeypatch):
     cfg = lambda name: SampleConfig(run=runs[0], out=tmp_path / name, per_class=2, batch_size=2, seed=4,
                                     npz=tmp_path / f"{name}.npz")
     threads = max(1, torch.get_num_threads() // 2)
-    mp.spawn(_split_worker, args=(2, _free_port(), threads, cfg("split")), nprocs=2, join=True)
+    mp.spawn(_split_worker, args=(2, free_port(), threads, cfg("split")), nprocs=2, join=True)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads)                  # the same arithmetic as each rank's
     try:

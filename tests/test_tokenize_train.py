@@ -15,6 +15,7 @@ from nextdetail.stores.layers import split_layers
 from nextdetail.runs import checkpoints
 from nextdetail.tokenize.loader import StoreLoader, bases_inputs
 from nextdetail.tokenize.train import TokenizerTrainConfig, TrainError, train
+from ddp import free_port, join_world
 from pipeline_data import make_store
 from conftest import own_lines
 
@@ -251,14 +252,6 @@ def test_ema_weights_follow_the_recurrence_and_are_what_from_checkpoint_loads(st
     torch.testing.assert_close(Tokenizer.from_checkpoint(last, ema=False).state_dict()[k], c2["model"][k])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _steps(config, dist_=None) -> dict:
     """Train config.steps steps by hand; the gradients of the first step (DDP: averaged over the
     ranks), the weights and restart counts at the end, the losses of every step."""
@@ -278,11 +271,9 @@ def _steps(config, dist_=None) -> dict:
 
 
 def _ddp_worker(rank, world, port, config, result):
-    import os
-
     from nextdetail.distributed import run
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+
+    join_world(rank, world, port)
     out = run("cpu", lambda d: _steps(config, d))
     torch.save(out, f"{result}-{rank}.pt")
 
@@ -304,7 +295,7 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_doubled_batch(tmp_path
                   # StyleGAN: R1 through DDP (double backward), minibatch-std groups within a rank
                   **({"r1_gamma": 1.0, "disc_mbstd_group": 2, "disc_ch": 8} if disc == "stylegan" else {}))
     ddp = TokenizerTrainConfig(out=str(tmp_path / "ddp"), batch_size=2, **common)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), ddp, str(tmp_path / "w")), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), ddp, str(tmp_path / "w")), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"w-{r}.pt", weights_only=True) for r in range(2))
     one = _steps(TokenizerTrainConfig(out=str(tmp_path / "single"), batch_size=4, **common))
     for part in ("tok", "disc"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from token_data import make_token_store
+from token_data import make_token_store, tiny_transformer
 
 from nextdetail.cli import main
 from nextdetail.tokenize import config_for
@@ -23,11 +23,7 @@ def trained(tmp_path_factory):
     """(run folder of `nextdetail train`, token store, tokenizer checkpoint): 3 steps of a tiny model."""
     tmp = tmp_path_factory.mktemp("sample")
     tokens, ckpt, _ = make_token_store(tmp, n=6)
-    run = tmp / "run"
-    status = main(["train", "--tokens", str(tokens), "--tokenizer", str(ckpt), "--out", str(run), "--depth", "1",
-                   "--width", "32", "--heads", "2", "--steps", "3", "--batch-size", "2", "--val-every", "3",
-                   "--ckpt-every", "3"])
-    assert status == 0
+    run = tiny_transformer(tokens, ckpt, tmp / "run", steps=3)
     return run, tokens, ckpt
 
 

@@ -2,7 +2,6 @@
 validation split, logs, refusals, and DDP with 2 CPU processes (gloo)."""
 import json
 import shutil
-import socket
 
 import numpy as np
 import pyarrow as pa
@@ -10,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from ddp import free_port, join_world
 from token_data import make_token_store
 
 from nextdetail.runs import TrainError, checkpoints, read_log
@@ -128,16 +128,8 @@ def test_refusals_name_the_problem(tokens, tmp_path):
         cfg(tokens, tmp_path / "run3", min_lr=1.5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, config, result):
-    import os
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    join_world(rank, world, port)
     torch.set_num_threads(1)
     report = train(config)
     torch.save(report.trainer.model.state_dict(), f"{result}-{rank}.pt")
@@ -147,7 +139,7 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_doubled_batch(tokens, 
     import torch.multiprocessing as mp
 
     ddp = cfg(tokens, tmp_path / "ddp", steps=3, batch_size=2, ckpt_every=3, val_every=3)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), ddp, str(tmp_path / "params")), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), ddp, str(tmp_path / "params")), nprocs=2, join=True)
     p0, p1 = (torch.load(tmp_path / f"params-{r}.pt", weights_only=True) for r in range(2))
     single = train(cfg(tokens, tmp_path / "single", steps=3, batch_size=4, ckpt_every=3, val_every=3))
     ref = single.trainer.model.state_dict()

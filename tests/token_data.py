@@ -47,3 +47,14 @@ def near_tie_checkpoint(ckpt: Path, out: Path, spread: float = 1e-5) -> Path:
             state[key]["quantizer.codebook.embed.weight"] = e[:1] + spread * torch.randn(e.shape, generator=g)
     torch.save(state, out)
     return out
+
+
+def tiny_transformer(tokens: Path, tokenizer: Path, out: Path, steps: int) -> Path:
+    """A `nextdetail train` run of a 1-block, 32-wide transformer for `steps` steps (batch 2), its
+    validation and checkpoint at the last step, through the command; returns the run folder."""
+    from nextdetail.cli import main
+
+    assert main(["train", "--tokens", str(tokens), "--tokenizer", str(tokenizer), "--out", str(out), "--depth", "1",
+                 "--width", "32", "--heads", "2", "--steps", str(steps), "--batch-size", "2",
+                 "--val-every", str(steps), "--ckpt-every", str(steps)]) == 0
+    return out

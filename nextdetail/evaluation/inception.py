@@ -7,14 +7,13 @@ weights, TF's bilinear resize to 299 x 299 and (x - 128) / 128 input scaling, po
 PyTorch and reproduces the TF numbers to within a small fraction of a FID point (its README;
 clean-fid instead changes the resize, which moves FID by whole points at times, LlamaGen #34).
 
-Its constructor loads the file with torch.load(weights_only=False); we build it with
-TORCH_FORCE_WEIGHTS_ONLY_LOAD set, which makes torch refuse anything but tensors in the pickle.
+The weights file is read here with runs.load_checkpoint (torch.load(weights_only=True): a pickle
+that needs code is refused, never run) and handed to torch-fidelity's constructor in place of its
+own download, so its own file loader is never called.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from typing import Iterable, Tuple
 
 import numpy as np
@@ -30,30 +29,24 @@ INCEPTION = Weights("Inception-v3 weights (FID/IS/KID; torch-fidelity's port of 
 POOL, LOGITS = "2048", "logits_unbiased"
 
 
-@contextlib.contextmanager
-def _weights_only_loads():
-    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
-
-
 def load_inception(path, device="cpu") -> torch.nn.Module:
     """The feature extractor with the weights file at `path` (a state dict in torch-fidelity's
     format); WeightsError naming the file when it is not one."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    from ..runs import RunError, load_checkpoint
 
     try:
-        with _weights_only_loads():
-            net = FeatureExtractorInceptionV3("inception-v3-compat", [POOL, LOGITS],
-                                              feature_extractor_weights_path=str(path))
-    except Exception as e:  # noqa: BLE001 - unpickling refused, wrong keys, not a zip: one line
+        state = load_checkpoint(path, what=INCEPTION.what)
+        # The constructor fetches its weights with load_state_dict_from_url when given no path:
+        # it gets the state dict just read instead, so no other loader ever opens the file.
+        with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: state):
+            net = fe.FeatureExtractorInceptionV3("inception-v3-compat", [POOL, LOGITS])
+    except (RunError, RuntimeError, KeyError) as e:      # refused or damaged file, wrong keys or shapes
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first.removeprefix(f"{path}: ")
         raise WeightsError(f"{path}: not usable as the {INCEPTION.what} ({type(e).__name__}: {first[:200]})") from None
     return net.to(device).eval()
 

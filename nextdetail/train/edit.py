@@ -28,14 +28,14 @@ import torch
 
 from ..errors import ConfigError
 from ..options import check_int, opt
-from .inputs import contribution
-from .sample import SampleError, class_label, decode, generate, load_run, tile
+from .inputs import prefix_features
+from .sample import DrawOptions, SampleError, class_label, decode, generate, load_run, tile
 
 EDITS = {"recolor": "intrinsic", "relight": "specular"}      # edit -> the decomposition it needs
 
 
-@dataclass(frozen=True)
-class EditConfig:
+@dataclass(frozen=True, kw_only=True)
+class EditConfig(DrawOptions):
     """Settings of `nextdetail edit`."""
 
     run: Path = opt(help="`nextdetail train` run (or a checkpoint) of an intrinsic or specular model",
@@ -52,11 +52,6 @@ class EditConfig:
                                    type=lambda t: tuple(float(v) for v in t.split(",")), metavar="G,G,...")
     seed: int = opt(0, "seed")
     cfg: float = opt(1.5, "guidance scale on the last map; 1: off")
-    top_k: int = opt(0, "keep the k most likely tokens; 0: all")
-    top_p: float = opt(0.0, "nucleus sampling mass; 0: off")
-    temperature: float = opt(1.0, "softmax temperature")
-    tokenizer: Optional[Path] = opt(None, "the tokenizer run, when it moved since training", metavar="RUN")
-    device: str = opt("cpu", "torch device")
 
     def __post_init__(self):
         check_int("n", self.n)
@@ -94,10 +89,6 @@ def _generators(seed: int, stream: int, n: int, dev) -> List[torch.Generator]:
     return [torch.Generator(device=dev).manual_seed(sample_seed(seed, stream, i)) for i in range(n)]
 
 
-def features(quantizer, maps: List[torch.Tensor]) -> torch.Tensor:
-    return sum(contribution(quantizer, k, m) for k, m in enumerate(maps))
-
-
 @torch.no_grad()
 def edit_samples(run, out, *, edit: str, label: int = -1, to_label: Optional[int] = None, n: int = 4,
                  variants: int = 2, gains=(0.0, 0.5, 2.0), seed: int = 0, **kw) -> EditResult:
@@ -114,14 +105,14 @@ def edit_samples(run, out, *, edit: str, label: int = -1, to_label: Optional[int
     gen = lambda stream: _generators(seed, stream, n, dev)          # noqa: E731 - one stream per draw
     draw = dict(kw, num_base=B, order=run.order)
     orig = generate(run.model, q, labels, generator=gen(0), **draw)
-    f_base = features(q, orig.maps[:B])
+    f_base = prefix_features(q, orig.maps[:B])
     images = {"original": orig.f_hat}
     edited: Dict[str, List[torch.Tensor]] = {}
     if edit == "recolor":
         nxt = [(i + 1) % n for i in range(n)]
         swapped = orig.maps[:B] + [m[nxt] for m in orig.maps[B:]]
         edited["albedo of the next sample"] = swapped
-        images["albedo of the next sample"] = features(q, swapped)
+        images["albedo of the next sample"] = prefix_features(q, swapped)
         redraw_labels = labels if to_label is None else torch.full_like(labels, to_label)
     else:
         f_spec = orig.f_hat - f_base
@@ -152,7 +143,6 @@ def edit_samples(run, out, *, edit: str, label: int = -1, to_label: Optional[int
 def edit_to_folder(cfg: EditConfig) -> EditResult:
     """`nextdetail edit`: the run, its labels, then edit_samples."""
     run = load_run(cfg.run, tokenizer=cfg.tokenizer, device=cfg.device)
-    check_edit(cfg.edit, run.tokenizer.config.decomposition, cfg.run)
     names = run.meta["class_names"]
     label = class_label(cfg.label, names)
     to_label = None if cfg.to_class is None else class_label(cfg.to_class, names)
@@ -162,5 +152,4 @@ def edit_to_folder(cfg: EditConfig) -> EditResult:
             raise SampleError(f"{flag} {lab}: this model knows classes 0..{nc - 1}" if nc else
                               f"{flag} {lab}: this model was trained without labels")
     return edit_samples(run, cfg.out, edit=cfg.edit, label=label, to_label=to_label, n=cfg.n, variants=cfg.variants,
-                        gains=cfg.gains, seed=cfg.seed, cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p,
-                        temperature=cfg.temperature)
+                        gains=cfg.gains, seed=cfg.seed, cfg=cfg.cfg, **cfg.draw())

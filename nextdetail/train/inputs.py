@@ -65,6 +65,12 @@ def contribution(quantizer: Quantizer, k: int, idx_Bhw: torch.Tensor) -> torch.T
     return quantizer.map_contribution(k, idx_Bhw, quantizer.latent)
 
 
+def prefix_features(quantizer: Quantizer, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """sum_k phi_k(up(lookup(r_k))) over the given first maps r_1 .. r_K: the features they
+    contribute (B, Cvae, L, L); all M maps give f_hat."""
+    return sum(contribution(quantizer, k, idx) for k, idx in enumerate(maps))
+
+
 @torch.no_grad()
 def next_input(quantizer: Quantizer, k: int, idx_Bhw: torch.Tensor, f_hat_BCLL: Optional[torch.Tensor],
                next_shape: Optional[Tuple[int, int]]):

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError, NextDetailError
 from ..options import check_int, opt
 from ..tokenize import CheckpointError, Tokenizer
-from .inputs import contribution, next_input
+from .inputs import next_input, prefix_features
 from .model import NextDetailTransformer, TransformerConfig
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,24 @@ class SampleError(NextDetailError, ValueError):
     """Sampling cannot run as asked (run folder, tokenizer, class, options); one line."""
 
 
-@dataclass(frozen=True)
-class SampleConfig:
+@dataclass(frozen=True, kw_only=True)
+class DrawOptions:
+    """What `sample`, `upscale` and `edit` share: how tokens are drawn, where the run is loaded."""
+
+    top_k: int = opt(0, "keep the k most likely tokens; 0: all")
+    top_p: float = opt(0.0, "nucleus sampling mass; 0: off")
+    temperature: float = opt(1.0, "softmax temperature")
+    tokenizer: Optional[Path] = opt(None, "the tokenizer run, when it moved since training (its sha256 must "
+                                          "match)", metavar="RUN")
+    device: str = opt("cpu", "torch device")
+
+    def draw(self) -> dict:
+        """The keywords of `generate` that shape each draw: top_k, top_p, temperature."""
+        return {"top_k": self.top_k, "top_p": self.top_p, "temperature": self.temperature}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig(DrawOptions):
     """Settings of `nextdetail sample`; the generation fields are sample_to_folder's keywords."""
 
     run: Path = opt(help="run folder of `nextdetail train` (or a checkpoint)", positional=True, metavar="RUN2")
@@ -62,9 +78,6 @@ class SampleConfig:
                      metavar="C", default_help="none: unconditional")
     n: int = opt(16, "images (without --per-class)")
     cfg: float = opt(1.5, "guidance scale on the last map; 1: off")
-    top_k: int = opt(0, "keep the k most likely tokens; 0: all")
-    top_p: float = opt(0.0, "nucleus sampling mass; 0: off")
-    temperature: float = opt(1.0, "softmax temperature")
     seed: int = opt(0, "seed of the samples")
     batch_size: int = opt(16, "images generated at once")
     highres: int = opt(1, "integer upscale of the trained resolution (base upsampled, details patchwise)",
@@ -72,9 +85,6 @@ class SampleConfig:
     overlap: bool = opt(False, "--highres: 50%% overlapping detail patches")
     highres_base: str = opt("image", "--highres: upsample the base as an image and re-encode it, or its "
                                      "features", choices=("image", "latent"))
-    tokenizer: Optional[Path] = opt(None, "the tokenizer run, when it moved since training (its sha256 must "
-                                          "match)", metavar="RUN")
-    device: str = opt("cpu", "torch device")
     per_class: int = opt(0, "evaluation batch: K images of every class, seeded per sample, written as "
                             "DIR/images/NNNNNN.png and resumable DIR/parts; 0: off", metavar="K")
     npz: Optional[Path] = opt(None, "--per-class: also write the samples as one ADM .npz batch (arr_0 images, "
@@ -292,7 +302,7 @@ def patchwise_details(model, quantizer, f_up: torch.Tensor, labels_B, *, num_bas
         f_p = crops[lo:lo + patch_batch]
         prefix = requantize_base(quantizer, f_p, num_base)
         out = generate(model, quantizer, labels_P[lo:lo + patch_batch], prefix=prefix, **kw)
-        detail = out.f_hat - sum(contribution(quantizer, k, m) for k, m in enumerate(prefix))
+        detail = out.f_hat - prefix_features(quantizer, prefix)
         for j in range(detail.shape[0]):
             p, b = divmod(lo + j, B)
             y, x = boxes[p]

@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -34,14 +34,14 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..options import check_int, opt
-from .inputs import contribution
-from .sample import SampleError, decode, generate, load_run, patchwise_details, tile, upsample_base
+from .inputs import prefix_features
+from .sample import DrawOptions, SampleError, decode, generate, load_run, patchwise_details, tile, upsample_base
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class UpscaleConfig:
+@dataclass(frozen=True, kw_only=True)
+class UpscaleConfig(DrawOptions):
     """Settings of `nextdetail upscale`."""
 
     images: Tuple[str, ...] = opt(help="low-resolution images (or, with --downscale-first, references)",
@@ -59,11 +59,6 @@ class UpscaleConfig:
     downscale_first: bool = opt(False, "take each IMAGE as the reference: its centre crop of scale x N is "
                                        "bicubic-downscaled to N, upscaled, and both compared with it")
     seed: int = opt(0, "seed (each image draws from its own generator, seeded from it and its position)")
-    top_k: int = opt(0, "keep the k most likely tokens; 0: all")
-    top_p: float = opt(0.0, "nucleus sampling mass; 0: off")
-    temperature: float = opt(1.0, "softmax temperature")
-    tokenizer: Optional[Path] = opt(None, "the tokenizer run, when it moved since training", metavar="RUN")
-    device: str = opt("cpu", "torch device")
 
     def __post_init__(self):
         object.__setattr__(self, "images", tuple(str(i) for i in self.images))
@@ -160,7 +155,7 @@ def upscale_tensor(run, low_B3HW: torch.Tensor, scale: int, *, prefix: Optional[
     kw = dict(kw, cfg=1.0, generator=generator)                 # unconditional: no guidance
     if m == 1:
         return generate(model, q, labels, prefix=maps, num_base=run.num_base, order=run.order, **kw).f_hat, maps
-    f_base = sum(contribution(q, k, r) for k, r in enumerate(maps))
+    f_base = prefix_features(q, maps)
     f_up = upsample_base(f_base, m, tok)
     return patchwise_details(model, q, f_up, labels, num_base=run.num_base, overlap=overlap, **kw), maps
 
@@ -188,7 +183,7 @@ def upscale_files(cfg: UpscaleConfig, progress=None) -> UpscaleReport:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     order, at = decomposition_params(run)
-    kw = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in ("top_k", "top_p", "temperature")}
+    kw = cfg.draw()
     rows = []
     for i, path in enumerate(cfg.images):
         try:
