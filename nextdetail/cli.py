@@ -17,7 +17,7 @@ errors are reported once, in `main`, as one line and the error's exit status.
 Exit status: 0 done; 1 some inputs failed and the rest is done (error rows in a store, images
 that `decompose` could not read, token blocks given up on); 2 usage or input error (an option,
 a file, a store, a checkpoint); 3 the job did not finish (Ray, I/O, a diverged loss): rerunning
-the same command resumes; 130 interrupted (rerunning resumes).
+the same command resumes; 130 interrupted, 143 stopped by SIGTERM (preempted; rerunning resumes).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -33,6 +34,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import __version__
 from .errors import NextDetailError
+from .faults import PREEMPTED_STATUS, Preempted, cause_line, terminable
 from .options import add_options, build
 
 PROG = "nextdetail"
@@ -288,10 +290,24 @@ def cmd_eval_samples(cfg, args) -> int:
 
 # --------------------------------------------------------------------------- entry point
 
+class UsageError(NextDetailError):
+    """What argparse refuses (an unknown option, a missing argument, a bad number): one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: "nextdetail train: error: --lr must be a finite number > 0,
+    got nan (nextdetail train --help lists the options)", exit status 2, raised rather than exited
+    so that main reports it like every other error."""
+
+    def error(self, message):
+        message = re.sub(r"^argument ([^:]+): ", lambda m: m.group(1).split("/")[-1] + " ", message)
+        raise UsageError(f"{message} ({self.prog} --help lists the options)")
+
+
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     """The parser; options are added for `command` only (importing a config may import torch,
     which `decompose` and `--help` should not pay for)."""
-    parser = argparse.ArgumentParser(prog=PROG, description="Data pipelines for next-detail (CART) "
+    parser = _Parser(prog=PROG, description="Data pipelines for next-detail (CART) "
                                                             "autoregressive image generation.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO)")
@@ -306,25 +322,33 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point. Returns the exit status; argparse exits with 2 on usage errors."""
+    """Console entry point. Returns the exit status (see the module docstring); every error,
+    argparse's included, is one line on stderr."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if a in COMMANDS), None)
-    args = build_parser(command).parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(name)s: %(levelname)s: %(message)s")
-    name = f"{PROG} {args.command}"
-    try:
-        cfg = build(config_class(args.command), args)
-        return globals()[f"cmd_{args.command.replace('-', '_')}"](cfg, args)
-    except NextDetailError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return e.exit_status
-    except (OSError, FloatingPointError) as e:     # I/O, or a diverged loss: the run did not finish
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    name = f"{PROG} {command}" if command else PROG
+    with terminable():
+        try:
+            args = build_parser(command).parse_args(argv)
+            logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                                format="%(name)s: %(levelname)s: %(message)s")
+            cfg = build(config_class(args.command), args)
+            return globals()[f"cmd_{args.command.replace('-', '_')}"](cfg, args)
+        except NextDetailError as e:
+            print(f"{name}: error: {e}", file=sys.stderr)
+            return e.exit_status
+        except OSError as e:                # I/O on the driver's side: the run did not finish
+            print(f"{name}: error: {cause_line(e)}", file=sys.stderr)
+            return 3
+        except FloatingPointError as e:     # a diverged loss
+            print(f"{name}: error: {e}", file=sys.stderr)
+            return 3
+        except Preempted:
+            print(f"{name}: stopped by SIGTERM; rerun the same command to resume", file=sys.stderr)
+            return PREEMPTED_STATUS
+        except KeyboardInterrupt:
+            print(f"{name}: interrupted; rerun the same command to resume", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

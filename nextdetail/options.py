@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -28,15 +29,20 @@ _MISSING = dataclasses.MISSING
 
 
 def opt(default: Any = _MISSING, help: str = "", *, flag: Optional[str] = None, positional: bool = False,
-        factory: Optional[Callable[[], Any]] = None, **argparse_kwargs) -> Any:
+        factory: Optional[Callable[[], Any]] = None, gt=None, ge=None, lt=None, le=None,
+        **argparse_kwargs) -> Any:
     """A dataclass field that is also a command-line option (see the module docstring).
 
     default  : the field's default; omitted for a required option.
     flag     : the option's name when it is not --field-name (e.g. "--quantizer" for `kind`).
     positional: a positional argument (metavar and nargs in argparse_kwargs).
+    gt, ge, lt, le: bounds of a numeric option, checked where it is parsed (with finiteness:
+               nan and inf are refused for every float option).
     argparse_kwargs : metavar, choices, nargs, type, action, const, ... as argparse takes them.
     """
-    meta = {"option": {"help": help, "flag": flag, "positional": positional, **argparse_kwargs}}
+    bounds = {k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if v is not None}
+    meta = {"option": {"help": help, "flag": flag, "positional": positional, **argparse_kwargs},
+            "bounds": bounds}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -68,6 +74,36 @@ def int_tuple(text: str) -> tuple:
         return tuple(int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
+
+
+_WORDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def bounds_text(kind, bounds: dict) -> str:
+    """'an integer >= 1', 'a finite number > 0 and < 1'."""
+    limits = " and ".join(f"{_WORDS[k]} {v:g}" for k, v in bounds.items())
+    return ("an integer" if kind is int else "a finite number") + (" " + limits if limits else "")
+
+
+def out_of_bounds(value, bounds: dict) -> bool:
+    return any({"gt": value <= b, "ge": value < b, "lt": value >= b, "le": value > b}[k] for k, b in bounds.items())
+
+
+def number(kind, bounds: dict):
+    """The argparse type of a numeric option: parses, then refuses nan, inf and values out of
+    bounds, so that a bad number is named where it is parsed ("--lr must be a finite number > 0,
+    got nan")."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or (kind is float and not math.isfinite(value)) or out_of_bounds(value, bounds):
+            raise argparse.ArgumentTypeError(f"must be {bounds_text(kind, bounds)}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__            # argparse names the type in some messages
+    return parse
 
 
 def _describe(value) -> str:
@@ -112,7 +148,7 @@ def add_options(parser, cls, *, skip: tuple = ()) -> None:
             if kind is bool:
                 o["action"] = "store_false" if default is True else "store_true"
             elif kind in (int, float, str):
-                o["type"] = kind
+                o["type"] = number(kind, f.metadata.get("bounds", {})) if kind in (int, float) else kind
                 if "choices" not in o:
                     o.setdefault("metavar", {int: "N", float: "X", str: f.name.upper()}[kind])
             elif kind is Path:

@@ -22,11 +22,14 @@ import logging
 import pickle
 import re
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from .errors import NextDetailError
+from .errors import ConfigError, NextDetailError
+from .faults import Preempted, deferred_term, term_requested, terminable
+from .limits import check_max_memory, memory_opt
 from .options import check_int, opt
 from .stores import atomic_write
 
@@ -52,14 +55,24 @@ class RunConfig:
     """What both trainers take besides their data, model and optimizer: how long, how often to
     checkpoint, the seed of every random draw, the device. The trainers' configs extend it."""
 
-    steps: int = opt(1000, "training steps")
-    ckpt_every: int = opt(500, "steps between checkpoints")
-    seed: int = opt(0, "seed of the weights, the data order and every random draw")
+    steps: int = opt(1000, "training steps", ge=1)
+    ckpt_every: int = opt(500, "steps between checkpoints", ge=1)
+    seed: int = opt(0, "seed of the weights, the data order and every random draw", ge=0)
     device: str = opt("cpu", "torch device (cuda: bf16 autocast)")
+    term_grace: float = opt(20.0, "on SIGTERM (preemption), write a checkpoint of the current step if that "
+                                  "takes less than this many seconds, then stop; 0: stop at once", ge=0,
+                            metavar="S")
+    max_memory: Optional[str] = memory_opt()
+
+    # Fields any resumed run may change (each trainer adds its own): how it reacts to faults.
+    FAULT_FIELDS = ("term_grace", "max_memory")
 
     def __post_init__(self):
         check_int("steps", self.steps)
         check_int("ckpt_every", self.ckpt_every)
+        if not self.term_grace >= 0:
+            raise ConfigError(f"--term-grace must be a finite number >= 0, got {self.term_grace}")
+        check_max_memory(self.max_memory)
 
 
 def checkpoint_name(step: int) -> str:
@@ -186,6 +199,9 @@ class RunLog:
             truncate_log(self.out / LOG, start)
             self._file = open(self.out / LOG, "a")
 
+        self.save_seconds = 0.0          # how long the last checkpoint took to write
+        self.saved_step = start          # the step of the newest checkpoint
+
     def write(self, *records: dict) -> None:
         if self._file is not None:
             for rec in records:
@@ -194,9 +210,37 @@ class RunLog:
     def end_step(self, step: int, steps: int, every: int, save: Callable[[], object],
                  plot: Callable[[Path], object]) -> None:
         if self._file is not None and (step % every == 0 or step == steps):
-            self._file.flush()
-            save()
-            plot(self.out)
+            self._checkpoint(step, save, plot)
+
+    def _checkpoint(self, step: int, save: Callable[[], object], plot: Callable[[Path], object]) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        self._file.flush()
+        save()
+        self.save_seconds = time.perf_counter() - t0
+        self.saved_step = step
+        plot(self.out)
+
+    def stop_if_terminated(self, step: int, save: Callable[[], object],
+                           plot: Callable[[Path], object], d=None, device="cpu") -> None:
+        """After a step: when SIGTERM has arrived (on any rank, so that all stop at one step),
+        write a checkpoint of this step if the last one took less than the grace left (and none
+        was just written), then raise Preempted. A resume from it equals an uninterrupted run."""
+        left = term_requested()
+        stop = left is not None
+        if d is not None and d.world > 1:
+            import torch
+
+            from .distributed import all_reduce_sum
+            stop = bool(all_reduce_sum(torch.tensor([float(stop)], device=device), d).item())
+        if not stop:
+            return
+        fits = left is None or self.save_seconds < left
+        if self._file is not None and self.saved_step != step and fits:
+            self._checkpoint(step, save, plot)
+            log.info("SIGTERM: wrote the checkpoint of step %d", step)
+        raise Preempted()
 
     def close(self, plot: Callable[[Path], object]) -> None:
         """Close the log; draw the plot when this run wrote no checkpoint and there is none."""
@@ -206,6 +250,14 @@ class RunLog:
         self._file = None
         if not (self.out / PLOT).exists() and read_log(self.out):
             plot(self.out)
+
+
+@contextmanager
+def preemptible(grace: float):
+    """Around a training loop: SIGTERM waits for the step in progress (at most `grace` seconds),
+    then RunLog.stop_if_terminated checkpoints and stops (see nextdetail.faults)."""
+    with terminable(), deferred_term(grace):
+        yield
 
 
 def read_log(run) -> List[dict]:

@@ -54,13 +54,13 @@ class DecomposeConfig:
                                   nargs="+", metavar="INPUT", type=str)
     out: Path = opt(help="output folder; one sub-folder per image", metavar="DIR")
     method: str = method_opt()
-    order: int = opt(3, "levels n")
+    order: int = opt(3, "levels n", ge=1)
     params: ATParams = nested(ATParams)
     backend: str = opt("auto", "auto = cupy with a GPU, else numba (numpy if numba is unavailable)",
                        choices=BACKENDS)
     size: Optional[int] = opt(None, "resize shorter side to N and center-crop N x N (enables batching)",
-                              metavar="N")
-    batch_size: int = opt(8, "images per solver call with --size", metavar="B")
+                              metavar="N", ge=1)
+    batch_size: int = opt(8, "images per solver call with --size", metavar="B", ge=1)
 
     def __post_init__(self):
         object.__setattr__(self, "inputs", tuple(str(i) for i in self.inputs))

@@ -151,6 +151,17 @@ def base_detail(image: np.ndarray, order: int, params: ATParams, backend: str) -
     return Decomposition(bases, details, edges, energies, "base_detail", params.to_dict())
 
 
+def decomposition_bytes(side: int, order: int, batch: int = 1, channels: int = 3) -> int:
+    """Bytes of one solver call on `batch` images of side x side, float32: what `decompose`
+    returns (order + 1 bases and order details of `channels`, order edge fields) and what the AT
+    solver holds while it runs (its image, u, s and about nine more planes of scratch):
+
+        4 B x side^2 x batch x ((2 order + 1) channels + order + 12)
+    """
+    planes = (2 * order + 1) * channels + order + 12
+    return 4 * side * side * batch * planes
+
+
 def decompose(image, order: int = 3, *, method: str = "base_detail", backend: str = "auto",
               **at_params) -> Decomposition:
     """Decompose an image (H,W), (H,W,C) or batch (N,H,W,C), float in [0,1], into `order` levels.

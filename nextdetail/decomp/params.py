@@ -21,11 +21,11 @@ class ATParams:
             (0.1% at 100, for twice the time); see docs/decomposition.md, "Quality and speed".
     """
 
-    alpha: float = opt(10.0, "smoothness weight")
-    lam: float = opt(0.01, "edge-length weight")
-    eps: float = opt(0.01, "edge width in px")
-    omega: float = opt(1.6, "SOR relaxation in (0,2)")
-    n_iter: int = opt(50, "solver sweeps per level")
+    alpha: float = opt(10.0, "smoothness weight", gt=0)
+    lam: float = opt(0.01, "edge-length weight", gt=0)
+    eps: float = opt(0.01, "edge width in px", gt=0)
+    omega: float = opt(1.6, "SOR relaxation in (0,2)", gt=0, lt=2)
+    n_iter: int = opt(50, "solver sweeps per level", ge=1)
 
     def __post_init__(self):
         if not (self.alpha >= 0 and float(self.alpha) < float("inf")):

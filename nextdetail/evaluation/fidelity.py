@@ -46,17 +46,17 @@ class EvalSamplesConfig:
                                     "with mu and sigma: an ADM reference batch, or --save-stats output); "
                                     "none: IS only", metavar="REF")
     size: Optional[int] = opt(None, "folders: resize the shorter side to N (Lanczos) and centre-crop N x N "
-                                    "(needed when a folder's images differ in size)", metavar="N")
+                                    "(needed when a folder's images differ in size)", metavar="N", ge=1)
     inception_weights: Optional[Path] = opt(None, "the Inception weights file (default: the torch hub "
                                                   "cache, downloaded there when allowed)", metavar="FILE")
     offline: bool = offline_opt()
     save_stats: Optional[Path] = opt(None, "write SAMPLES' FID statistics (mu, sigma) to this .npz, to be "
                                            "a REF later", metavar="FILE")
     out: Optional[Path] = opt(None, "results JSON (default: SAMPLES-eval.json beside SAMPLES)", metavar="FILE")
-    batch_size: int = opt(50, "images per Inception batch")
-    kid_subsets: int = opt(100, "KID: subsets averaged")
-    kid_subset_size: int = opt(1000, "KID: images per subset (at most the smaller set's size)")
-    prc_neighborhood: int = opt(3, "precision/recall: k of the k-NN balls")
+    batch_size: int = opt(50, "images per Inception batch", ge=1)
+    kid_subsets: int = opt(100, "KID: subsets averaged", ge=1)
+    kid_subset_size: int = opt(1000, "KID: images per subset (at most the smaller set's size)", ge=1)
+    prc_neighborhood: int = opt(3, "precision/recall: k of the k-NN balls", ge=1)
     device: str = opt("cpu", "torch device of the Inception network")
 
     def __post_init__(self):

@@ -53,10 +53,10 @@ class ExportConfig(RayJobConfig):
     tokenizer: Path = opt(help="tokenizer run folder (latest checkpoint) or checkpoint file", metavar="RUN")
     out: Path = opt(help="token store folder", metavar="TOKENS")
     batch_size: int = opt(32, "images read and encoded per step; the tokens do not depend on it "
-                              "(the encoder runs fixed micro-batches, see Tokenizer.encode)", metavar="B")
-    block_rows: int = opt(512, "images per part file, the unit of work and of resume", metavar="R")
+                              "(the encoder runs fixed micro-batches, see Tokenizer.encode)", metavar="B", ge=1)
+    block_rows: int = opt(512, "images per part file, the unit of work and of resume", metavar="R", ge=1)
     shard_rows: Optional[int] = opt(None, "keep fixed-size shard files of R rows instead of one tokens.bin "
-                                          "(multi-node friendly, no final copy)", metavar="R")
+                                          "(multi-node friendly, no final copy)", metavar="R", ge=1)
 
     def __post_init__(self):
         super().__post_init__()

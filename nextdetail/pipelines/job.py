@@ -27,12 +27,14 @@ from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
 from ..errors import ConfigError
+from ..limits import human
 from ..stores.decomposition import STATUS_ERROR, run_parts, source_name
+from ..stores.lock import folder_lock
 from ..stores.decomposition_writer import StorePlan, check_store, commit_shards, finish_store, plan_store
 from .attempts import ATTEMPTS, crash_hook
 from .config import JobConfig
-from .ray_job import (Progress, RayJobReport, cluster_resources, job_failures, quiet_data_context, ray_session,
-                      resolve_workers)
+from .ray_job import (Progress, RayJobReport, cluster_resources, job_failures, largest_node, quiet_data_context,
+                      ray_session, resolve_workers)
 from .sources import scan_source
 from .worker import T_END, T_START, DecomposeWorker, read_shard, shard_items
 
@@ -122,7 +124,15 @@ def _dataset(plan: StorePlan, shards: List[int], cfg: JobConfig, gpus: float, wo
 
 def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
     """Decompose every image of cfg.src not yet in cfg.out. Raises SourceError, StoreError,
-    ConfigError (bad input, refused store) or JobError (Ray or I/O failure; rerun resumes)."""
+    ConfigError (bad input, refused store, options that cannot fit), FolderLocked (another job
+    writes the store) or JobError (Ray or I/O failure; rerun resumes)."""
+    if cfg.address is None:             # a cluster's nodes are known once connected
+        cfg.check_memory(cfg.memory_needs(), cfg.local_workers())
+    with folder_lock(cfg.out, "store"):
+        return _run_job(cfg, progress)
+
+
+def _run_job(cfg: JobConfig, progress: Optional[Progress]) -> JobReport:
     t_begin = time.perf_counter()
     listing = scan_source(cfg.src, cfg.shard_options())
     # Refuse a mismatched store before paying for Ray; a cluster's 'auto' backend is only
@@ -134,6 +144,8 @@ def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
                        failed_shards=listing.failed)
     with ray_session(cfg, "store", report) as t_connected:
         backend, gpus, workers = resolve_resources(cfg)
+        if cfg.address is not None:
+            cfg.check_memory(cfg.memory_needs(), workers, node=largest_node())
         report.device, report.workers = backend, workers
         plan = plan_store(cfg.out, cfg.store_params(backend), check, overwrite=cfg.overwrite)
         report.skipped = plan.done
@@ -147,7 +159,12 @@ def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
         if progress:
             progress.start(plan.todo, plan.done)
         t_first, t_last = None, None
-        with job_failures("job", "store", progress):
+        def needs() -> str:             # the space a full disk still has to find
+            left = max(0, plan.todo - report.processed)
+            per = cfg.shard_images * 3 * plan.params.size ** 2 * (plan.params.levels + 1) / cfg.shard_images
+            return f"about {human(left * per)} more for {left} images, uncompressed"
+
+        with job_failures("job", "store", progress, needs):
             for shards in _windows(plan, workers):
                 for batch in _dataset(plan, shards, cfg, gpus, workers).iter_batches(batch_size=None,
                                                                                     batch_format="pyarrow"):

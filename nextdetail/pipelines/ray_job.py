@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from ..errors import ConfigError, JobError
+from ..faults import as_os_error, cause_line, install_term_handler
 from ..stores.decomposition import StoreError
 from .config import RayJobConfig
+
+log = logging.getLogger(__name__)
 
 
 class Progress(Protocol):
@@ -78,16 +82,31 @@ def connect(cfg: RayJobConfig) -> tuple:
     _quiet_env()
     t0 = time.perf_counter()
     kwargs = dict(include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        if cfg.address is None:
-            workers = cfg.workers or 0
-            # address="local": a new Ray of our own, even when RAY_ADDRESS points elsewhere.
-            ray.init(address="local", num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, workers), **kwargs)
-        else:
-            ray.init(address=cfg.address, **kwargs)
-    except Exception as e:  # ConnectionError, RuntimeError, ... from Ray
-        where = "a local Ray" if cfg.address is None else f"Ray at {cfg.address}"
-        raise JobError(f"cannot start {where} ({type(e).__name__}: {e})") from None
+    where = "a local Ray" if cfg.address is None else f"Ray at {cfg.address}"
+    # A local start times out now and then ("The current node timed out during startup"); a
+    # second start, in a temp folder of its own, nearly always comes up.
+    for attempt in (1, 2) if cfg.address is None else (1,):
+        try:
+            if cfg.address is None:
+                workers = cfg.workers or 0
+                # address="local": a new Ray of our own, even when RAY_ADDRESS points elsewhere.
+                extra = {} if attempt == 1 else {"_temp_dir": tempfile.mkdtemp(prefix="nextdetail-ray-")}
+                ray.init(address="local", num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, workers), **kwargs,
+                         **extra)
+            else:
+                ray.init(address=cfg.address, **kwargs)
+            break
+        except Exception as e:  # ConnectionError, RuntimeError, ... from Ray
+            if attempt == 1 and cfg.address is None:
+                log.info("the local Ray did not start (%s: %s); starting it once more", type(e).__name__, e)
+                ray.shutdown()
+                continue
+            again = ", also when started a second time" if cfg.address is None else ""
+            raise JobError(f"cannot start {where}{again} ({type(e).__name__}: {' '.join(str(e).split())[:300]})") \
+                from None
+    # ray.init's core worker installs a SIGTERM handler that prints a C++ stack dump and exits
+    # 15; ours stops like Ctrl-C (exit 143, nothing lost).
+    install_term_handler()
     return True, time.perf_counter() - t0
 
 
@@ -100,7 +119,7 @@ def ray_session(cfg: RayJobConfig, output: str, report: RayJobReport, needed: bo
     try:
         yield time.time() - report.ray_seconds
     except OSError as e:
-        raise JobError(f"cannot write the {output} ({e}); rerun the same command once fixed") from e
+        raise JobError(f"cannot write the {output}: {cause_line(e)}") from e
     finally:
         if started:
             import ray
@@ -113,6 +132,17 @@ def cluster_resources() -> tuple:
 
     res = ray.cluster_resources()
     return int(res.get("CPU", 0)), float(res.get("GPU", 0))
+
+
+def largest_node() -> tuple:
+    """(bytes, 'node ADDR') of the alive Ray node with the most memory for tasks and actors."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    best = max(nodes, key=lambda n: n.get("Resources", {}).get("memory", 0), default=None)
+    if best is None:
+        return (0, "no alive node")
+    return (int(best["Resources"].get("memory", 0)), f"node {best.get('NodeManagerAddress', '?')}")
 
 
 def resolve_workers(cfg: RayJobConfig, gpu_job: bool, spare_cpus: int = 0) -> tuple:
@@ -144,27 +174,21 @@ def quiet_data_context() -> None:
 
 
 @contextmanager
-def job_failures(job: str, output: str, progress=None):
+def job_failures(job: str, output: str, progress=None, needs: Callable[[], str] = lambda: ""):
     """Around a Ray Data run: bad input and refusals (StoreError, ConfigError) pass through;
-    any other failure, which Ray wraps in its own exception types, becomes one JobError line
-    saying the output is resumable. The progress bar is closed either way."""
+    any other failure, which Ray wraps in its own exception types, becomes one JobError line:
+    the real cause dug out of the wrappers (a full disk with its path and the space still
+    needed, `needs()`, a permission, a worker out of memory) and that the output is resumable.
+    The progress bar is closed either way."""
     try:
         yield
     except (StoreError, ConfigError):
         raise
     except Exception as e:
+        if as_os_error(e) is not None:
+            raise JobError(f"the {job} stopped: {cause_line(e, needs())}; the {output} is resumable") from e
         raise JobError(f"the {job} failed; the {output} is resumable, rerun the same command "
-                       f"({_root_cause(e)})") from e
+                       f"({cause_line(e)})") from e
     finally:
         if progress:
             progress.close()
-
-
-def _root_cause(e: BaseException) -> str:
-    """'Type: message' of the innermost cause (Ray wraps worker errors several times)."""
-    seen = set()
-    while (e.__cause__ or getattr(e, "cause", None)) is not None and id(e) not in seen:
-        seen.add(id(e))
-        e = e.__cause__ or e.cause
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:300]}"

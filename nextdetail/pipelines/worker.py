@@ -20,6 +20,7 @@ import numpy as np
 
 from ..decomp import decompose
 from ..decomp.at import to_host
+from ..faults import machine_error
 from ..imageio import ImageError, load_image, load_image_bytes
 from ..stores.decomposition import STATUS_ERROR, STATUS_OK, StoreParams, manifest_schema, run_parts
 from ..stores.decomposition_writer import staged_shard_file
@@ -79,6 +80,8 @@ def read_batch(batch: Dict[str, np.ndarray], size: int, max_pixels: Optional[int
         except ImageError as e:
             errors.append(e.reason)
         except Exception as e:  # noqa: BLE001 - one bad file must not stop the dataset
+            if machine_error(e):        # a full disk is not this image's fault: stop the job
+                raise
             errors.append(f"cannot read ({type(e).__name__}: {e})")
         seconds[j] = time.perf_counter() - t0
     if own:
@@ -221,7 +224,10 @@ class DecomposeWorker:
                 with journal.attempt(item):
                     out.append(self._solve_batch(im[None]))
                 errs.append("")
-            except (ValueError, RuntimeError, MemoryError, TypeError) as e:
+            except MemoryError as e:    # one image at the store's size: the worker's memory is at fault
+                raise MemoryError(f"decomposing image {int(i)} at {self.params.size} x {self.params.size} px "
+                                  f"(order {self.order}) in a worker: {e}") from e
+            except (ValueError, RuntimeError, TypeError) as e:
                 out.append(None)
                 errs.append(f"decomposition failed ({type(e).__name__}: {e})")
         return out, errs

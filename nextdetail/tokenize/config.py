@@ -21,6 +21,7 @@ from typing import List, Optional, Tuple
 
 from ..errors import ConfigError
 from ..options import check_int, derived, differences, nested, opt
+from ..stores.tokens import MAX_VOCAB
 
 KINDS = ("vanilla", "multiscale", "basedetail")
 
@@ -60,9 +61,9 @@ class ModelConfig:
     divisible by `downsample`; latents are (B, z_channels, H/downsample, W/downsample)."""
 
     downsample: int = opt(16, "encoder stride: log2 of it x2 stages", choices=(8, 16))
-    ch: int = opt(128, "channels of the first stage")
+    ch: int = opt(128, "channels of the first stage", ge=1)
     ch_mult: Optional[Tuple[int, ...]] = None   # per stage; None: (1, 1, 2, 2, 4, 4)[:stages + 1]
-    num_res_blocks: int = opt(2, "residual blocks per stage")
+    num_res_blocks: int = opt(2, "residual blocks per stage", ge=1)
     attn: bool = opt(True, "no self-attention at the lowest resolution", flag="--no-attn")
     z_channels: int = 32           # Cvae
 
@@ -86,9 +87,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class QuantConfig:
     kind: str = opt("basedetail", "token-map schedule", flag="--quantizer", choices=KINDS)
-    vocab: int = opt(4096, "codebook size V, one codebook shared by every token map")
-    beta: float = opt(0.25, "commitment weight")
-    depth: int = opt(14, "vanilla: residual depth (maps at full latent resolution)")
+    vocab: int = opt(4096, "codebook size V, one codebook shared by every token map", ge=2, le=MAX_VOCAB)
+    beta: float = opt(0.25, "commitment weight", ge=0)
+    depth: int = opt(14, "vanilla: residual depth (maps at full latent resolution)", ge=1)
     # None: the reference schedule (VAR's, CART's) scaled to the latent side; a TokenizerConfig
     # always holds the resolved sizes, so checkpoints record them.
     patch_sizes: Optional[Tuple[int, ...]] = opt(
@@ -96,11 +97,11 @@ class QuantConfig:
     base_patch_sizes: Optional[Tuple[int, ...]] = opt(
         None, "basedetail base map sides (default CART's 8, scaled to the latent side)", metavar="P,P,...")
     order: Optional[int] = opt(None, "basedetail: detail factors n (default the decomposition's: "
-                                     "base_detail 3, specular 4, intrinsic 1)")
+                                     "base_detail 3, specular 4, intrinsic 1)", ge=1)
     detail_depth: Optional[int] = opt(None, "basedetail: maps per detail factor, (M - B) / n (default 2; "
-                                            "intrinsic 7)")
+                                            "intrinsic 7)", ge=1)
     phi_ratio: float = 0.5         # phi_k(z) = (1 - r) z + r conv3x3(z), as VAR's quant_resi
-    dead_after: int = opt(200, "steps unused before a code is re-initialised")
+    dead_after: int = opt(200, "steps unused before a code is re-initialised", ge=1)
     usage_decay: float = 0.99
 
     def __post_init__(self):
@@ -109,6 +110,8 @@ class QuantConfig:
         for name in ("vocab", "depth", "order", "detail_depth"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} {getattr(self, name)}: must be >= 1")
+        if self.vocab > MAX_VOCAB:      # export-tokens stores token ids as uint16
+            raise ConfigError(f"--vocab {self.vocab}: a token store holds uint16 ids, at most {MAX_VOCAB} codes")
         for name in ("patch_sizes", "base_patch_sizes"):
             if getattr(self, name) is None:
                 continue
@@ -156,7 +159,7 @@ class QuantConfig:
 class TokenizerConfig:
     model: ModelConfig = nested(ModelConfig)
     quant: QuantConfig = nested(QuantConfig)
-    image_size: int = opt(256, "training crop side (random crops of the store's images)", metavar="S")
+    image_size: int = opt(256, "training crop side (random crops of the store's images)", metavar="S", ge=1)
     decomposition: str = derived("base_detail", "the decomposition of the training store (its meta.json)")
 
     def __post_init__(self):

@@ -49,8 +49,8 @@ class EvalConfig:
                                  type=Path)
     data: Path = opt(help="decomposition store", metavar="STORE")
     out: Path = opt(Path("out/eval-tokenizer"), "output folder")
-    images: int = opt(64, "images evaluated", metavar="N")
-    batch_size: int = opt(16, "images per encoder call")
+    images: int = opt(64, "images evaluated", metavar="N", ge=1)
+    batch_size: int = opt(16, "images per encoder call", ge=1)
     lpips: bool = opt(True, "leave LPIPS out (it needs torchvision's AlexNet weights)", flag="--no-lpips")
     rfid: bool = opt(True, "leave rFID out (it needs the Inception weights)", flag="--no-rfid")
     inception_weights: Optional[Path] = opt(None, "the Inception weights file for rFID (default: the torch hub "

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -142,6 +143,9 @@ class _Damaged:
 def _worker_init(_: int) -> None:
     # One thread per worker: the workers are the parallelism, and decoding is zstd + copies.
     torch.set_num_threads(1)
+    # A forked worker inherits the trainer's SIGTERM handler (checkpoint, then stop); a worker
+    # has nothing to save: it just ends, and its parent stops at the end of the step.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def default_workers(world: int = 1) -> int:

@@ -19,6 +19,8 @@ down-sampling), so the bookkeeping of Algorithm 1 can be checked from outside.
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
@@ -66,7 +68,8 @@ class Codebook(nn.Module):
         f_NC = f_BChw.permute(0, 2, 3, 1).reshape(-1, C)
         e_VC = self.embed.weight
         # Distances in float32 even under bf16 autocast: bf16 would blur the nearest code.
-        with torch.no_grad(), torch.autocast(f_NC.device.type, enabled=False):
+        off = torch.autocast("cuda", enabled=False) if f_NC.is_cuda else contextlib.nullcontext()
+        with torch.no_grad(), off:
             f_NC, e_VC = f_NC.float(), e_VC.float()
             d_NV = (f_NC.pow(2).sum(1, keepdim=True) - 2 * f_NC @ e_VC.t() + e_VC.pow(2).sum(1)[None])
             idx_N = d_NV.argmin(1)

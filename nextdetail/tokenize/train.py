@@ -25,15 +25,18 @@ import torch.nn.functional as F
 
 from ..distributed import Dist, all_reduce_sum, run
 from ..errors import ConfigError
+from ..limits import check_memory
 from ..options import check_int, differences, nested, opt
 from ..runs import (PLOT, RunConfig, RunLog, RunReport, TrainError, checkpoint_name, load_resumed, read_log,
                     resume_from, running_mean, save_checkpoint)
 from ..stores.decomposition import DecompositionStore, StoreError
+from ..stores.lock import folder_lock
 from ..weights import offline_opt
 from .config import TokenizerConfig
 from .disc_stylegan import StyleGANDiscriminator, r1_penalty
 from .loader import StoreLoader, bases_inputs, check_store_fits, default_workers
 from .losses import PatchDiscriminator, build_lpips, hinge_d_loss, hinge_g_loss
+from .memory import training_needs
 from .tokenizer import Tokenizer, to_model
 
 log = logging.getLogger(__name__)
@@ -47,11 +50,11 @@ class TokenizerTrainConfig(RunConfig):
     data: str = opt(help="decomposition store", metavar="STORE")
     out: str = opt(help="run folder", metavar="RUN")
     tokenizer: TokenizerConfig = nested(TokenizerConfig)
-    batch_size: int = opt(8, "images per step")
-    lr: float = opt(1e-4, "AdamW learning rate (generator and discriminator)")
+    batch_size: int = opt(8, "images per step", ge=1)
+    lr: float = opt(1e-4, "AdamW learning rate (generator and discriminator)", gt=0)
     betas: tuple = (0.5, 0.9)
-    weight_decay: float = opt(1e-4, "AdamW weight decay")
-    lpips_weight: float = opt(1.0, "LPIPS weight; 0 switches LPIPS off")
+    weight_decay: float = opt(1e-4, "AdamW weight decay", ge=0)
+    lpips_weight: float = opt(1.0, "LPIPS weight; 0 switches LPIPS off", ge=0)
     lpips_net: str = opt("alex", "LPIPS backbone", choices=("alex", "vgg", "squeeze"))
     lpips_backbone: str = opt("pretrained", "random LPIPS backbone instead of the pretrained weights from "
                                             "the torch hub cache (offline tests; warns)",
@@ -60,24 +63,24 @@ class TokenizerTrainConfig(RunConfig):
     disc: str = opt("patchgan", "discriminator: PatchGAN (a logit per patch) or the StyleGAN2-style residual "
                                 "one the CART paper names (a logit per image, minibatch std)",
                     choices=("patchgan", "stylegan"))
-    disc_weight: float = opt(0.1, "GAN loss weight")
-    disc_start: int = opt(2000, "step from which the discriminator trains, and its loss counts")
-    disc_ch: int = opt(64, "discriminator width (channels of its first layer)")
-    disc_mbstd_group: int = opt(4, "stylegan: images per minibatch-std group (within a process's batch)")
+    disc_weight: float = opt(0.1, "GAN loss weight", ge=0)
+    disc_start: int = opt(2000, "step from which the discriminator trains, and its loss counts", ge=0)
+    disc_ch: int = opt(64, "discriminator width (channels of its first layer)", ge=1)
+    disc_mbstd_group: int = opt(4, "stylegan: images per minibatch-std group (within a process's batch)", ge=1)
     r1_gamma: float = opt(0.0, "R1 penalty: D loss + gamma/2 E|grad_x D(x)|^2 over real images (StyleGAN's "
-                               "regulariser); 0: off", metavar="GAMMA")
+                               "regulariser); 0: off", metavar="GAMMA", ge=0)
     adaptive_gan: bool = opt(False, "scale the GAN loss by |grad rec| / |grad G| at the decoder's last layer "
                                     "(VQGAN)", flag="--adaptive-gan-weight")
-    ema: float = opt(0.0, "keep an EMA of the weights with this decay (e.g. 0.999); 0: off", metavar="DECAY")
+    ema: float = opt(0.0, "keep an EMA of the weights with this decay (e.g. 0.999); 0: off", metavar="DECAY", ge=0, lt=1)
     loader_workers: int = opt(-1, "loader worker processes per training process; -1: from the CPU count "
-                                  "(CPUs per process - 1, at most 8)")
+                                  "(CPUs per process - 1, at most 8)", ge=-1)
     loader_lanes: int = opt(0, "lanes of the data stream, a multiple of the number of processes; the batches "
-                               "depend on it, not on the process count; 0: the number of processes")
-    shuffle_buffer: int = opt(256, "images read, shuffled and cropped together (one loader work item)")
+                               "depend on it, not on the process count; 0: the number of processes", ge=0)
+    shuffle_buffer: int = opt(256, "images read, shuffled and cropped together (one loader work item)", ge=1)
     compile: bool = opt(False, "torch.compile the encoder, decoder and discriminator (first steps slower: "
                                "compilation)")
     usage_every: int = opt(100, "steps over which each token map's codebook usage is counted (logged as "
-                                "map_usage; a warning when a map uses < 1%% of the codes after two windows)")
+                                "map_usage; a warning when a map uses < 1%% of the codes after two windows)", ge=1)
 
     def __post_init__(self):
         super().__post_init__()
@@ -114,7 +117,7 @@ class TokenizerTrainConfig(RunConfig):
             pass
 
     # Fields a resumed run may change: where it writes and how long it goes on.
-    RESUMABLE_CHANGES = ("steps", "out", "ckpt_every", "loader_workers", "compile", "offline")
+    RESUMABLE_CHANGES = ("steps", "out", "ckpt_every", "loader_workers", "compile", "offline") + RunConfig.FAULT_FIELDS
 
     def differences(self, other: "TokenizerTrainConfig") -> List[str]:
         """The tokenizer's differences first, named as in its own config ('quant.vocab ...')."""
@@ -165,6 +168,21 @@ def plot_log(out: Path) -> Path:
     return line_plot(series, out / PLOT, title=title, xlabel="step", ylabel="loss", log_y=True)
 
 
+def discriminator(cfg: TokenizerTrainConfig) -> torch.nn.Module:
+    if cfg.disc == "stylegan":
+        return StyleGANDiscriminator(cfg.disc_ch, cfg.tokenizer.image_size, cfg.disc_mbstd_group)
+    return PatchDiscriminator(cfg.disc_ch)
+
+
+def check_training_memory(cfg: TokenizerTrainConfig, device: torch.device) -> None:
+    """MemoryRefusal naming the option when a step cannot fit (nextdetail.tokenize.memory)."""
+    s, workers = cfg.tokenizer.image_size, max(1, default_workers() if cfg.loader_workers < 0 else cfg.loader_workers)
+    buffer = cfg.shuffle_buffer * (cfg.tokenizer.needs_bases() + 1) * 3 * s * s * workers
+    needs = training_needs(cfg.tokenizer, cfg.batch_size, disc_factory=lambda: discriminator(cfg), ema=cfg.ema > 0,
+                           buffer_bytes=buffer)
+    check_memory(needs, device=str(device), max_memory=cfg.max_memory)
+
+
 # ----------------------------------------------------------------------------- loop
 
 class TokenizerTrainer:
@@ -190,6 +208,7 @@ class TokenizerTrainer:
         self.device = d.device(cfg.device)
         cfg.tokenizer.validate()
         self.n_bases = cfg.tokenizer.needs_bases()
+        check_training_memory(cfg, self.device)
         if batches is None:
             store = open_training_store(cfg.data, cfg.tokenizer)
             workers = default_workers(d.world) if cfg.loader_workers < 0 else cfg.loader_workers
@@ -202,9 +221,7 @@ class TokenizerTrainer:
         self.batches = batches
         torch.manual_seed(cfg.seed)
         self.tok = Tokenizer(cfg.tokenizer).to(self.device)   # weights from the seeded RNG
-        self.disc = (StyleGANDiscriminator(cfg.disc_ch, cfg.tokenizer.image_size, cfg.disc_mbstd_group)
-                     if cfg.disc == "stylegan"
-                     else PatchDiscriminator(cfg.disc_ch)).to(self.device)
+        self.disc = discriminator(cfg).to(self.device)
         self.lpips = (build_lpips(cfg.lpips_net, cfg.lpips_backbone, no_download=cfg.offline).to(self.device)
                       if cfg.lpips_weight > 0 else None)
         self.opt = torch.optim.AdamW(self.tok.parameters(), lr=cfg.lr, betas=cfg.betas,
@@ -376,16 +393,23 @@ def train(cfg: TokenizerTrainConfig, *, resume: bool = False,
 
 
 def _train(cfg: TokenizerTrainConfig, d: Dist, resume: bool, progress) -> TrainReport:
+    with folder_lock(cfg.out, "run") if d.main else nullcontext():
+        return _train_locked(cfg, d, resume, progress)
+
+
+def _train_locked(cfg: TokenizerTrainConfig, d: Dist, resume: bool, progress) -> TrainReport:
     tr = TokenizerTrainer(cfg, resume=resume, dist_=d)
     start, t0, rec = tr.step_, time.perf_counter(), {}
     run_log = RunLog(tr.out, start, main=d.main)
     try:
-        while tr.step_ < cfg.steps:
-            rec = tr.step()
-            run_log.write(rec)
-            run_log.end_step(tr.step_, cfg.steps, cfg.ckpt_every, tr.save, plot_log)
-            if progress is not None and d.main:
-                progress(tr.step_, cfg.steps, rec)
+        with preemptible(cfg.term_grace):
+            while tr.step_ < cfg.steps:
+                rec = tr.step()
+                run_log.write(rec)
+                run_log.end_step(tr.step_, cfg.steps, cfg.ckpt_every, tr.save, plot_log)
+                if progress is not None and d.main:
+                    progress(tr.step_, cfg.steps, rec)
+                run_log.stop_if_terminated(tr.step_, tr.save, plot_log, d, tr.device)
     finally:
         run_log.close(plot_log)
     return TrainReport(out=tr.out, start_step=start, steps=tr.step_, seconds=time.perf_counter() - t0, last=rec,

@@ -29,6 +29,7 @@ import torch
 from ..errors import ConfigError
 from ..options import check_int, opt
 from .inputs import prefix_features
+from .memory import check_draw
 from .sample import DrawOptions, SampleError, class_label, decode, generate, load_run, tile
 
 EDITS = {"recolor": "intrinsic", "relight": "specular"}      # edit -> the decomposition it needs
@@ -46,14 +47,15 @@ class EditConfig(DrawOptions):
     label: str = opt("-1", "class of the samples (label or class name)", flag="--class", metavar="C",
                      default_help="none: unconditional")
     to_class: Optional[str] = opt(None, "recolor: draw the new albedo under this class", metavar="C")
-    n: int = opt(4, "samples")
-    variants: int = opt(2, "redrawn variants per sample (new seeds)")
+    n: int = opt(4, "samples", ge=1)
+    variants: int = opt(2, "redrawn variants per sample (new seeds)", ge=1)
     gains: Tuple[float, ...] = opt((0.0, 0.5, 2.0), "relight: gains of the specular part (0: none)",
                                    type=lambda t: tuple(float(v) for v in t.split(",")), metavar="G,G,...")
-    seed: int = opt(0, "seed")
-    cfg: float = opt(1.5, "guidance scale on the last map; 1: off")
+    seed: int = opt(0, "seed", ge=0)
+    cfg: float = opt(1.5, "guidance scale on the last map; 1: off", ge=0)
 
     def __post_init__(self):
+        super().__post_init__()
         check_int("n", self.n)
         check_int("variants", self.variants, 0)
         object.__setattr__(self, "gains", tuple(float(g) for g in self.gains))
@@ -91,7 +93,8 @@ def _generators(seed: int, stream: int, n: int, dev) -> List[torch.Generator]:
 
 @torch.no_grad()
 def edit_samples(run, out, *, edit: str, label: int = -1, to_label: Optional[int] = None, n: int = 4,
-                 variants: int = 2, gains=(0.0, 0.5, 2.0), seed: int = 0, **kw) -> EditResult:
+                 variants: int = 2, gains=(0.0, 0.5, 2.0), seed: int = 0, max_memory: Optional[str] = None,
+                 **kw) -> EditResult:
     """Draw n samples and their edits (module docstring); kw: cfg, top_k, top_p, temperature."""
     from PIL import Image
 
@@ -101,6 +104,7 @@ def edit_samples(run, out, *, edit: str, label: int = -1, to_label: Optional[int
     if B >= len(run.model.cfg.map_shapes):
         raise SampleError(f"{run.checkpoint}: a model without detail maps has no factors to edit")
     dev = next(run.model.parameters()).device
+    check_draw(run, n, guidance=kw.get("cfg", 1.0) != 1, option=f"--n {n}", device=str(dev), max_memory=max_memory)
     labels = torch.full((n,), label, dtype=torch.int64, device=dev)
     gen = lambda stream: _generators(seed, stream, n, dev)          # noqa: E731 - one stream per draw
     draw = dict(kw, num_base=B, order=run.order)
@@ -152,4 +156,4 @@ def edit_to_folder(cfg: EditConfig) -> EditResult:
             raise SampleError(f"{flag} {lab}: this model knows classes 0..{nc - 1}" if nc else
                               f"{flag} {lab}: this model was trained without labels")
     return edit_samples(run, cfg.out, edit=cfg.edit, label=label, to_label=to_label, n=cfg.n, variants=cfg.variants,
-                        gains=cfg.gains, seed=cfg.seed, cfg=cfg.cfg, **cfg.draw())
+                        gains=cfg.gains, seed=cfg.seed, cfg=cfg.cfg, max_memory=cfg.max_memory, **cfg.draw())

@@ -40,10 +40,10 @@ from ..options import opt
 class TransformerShape:
     """The transformer's architecture: what a user chooses (the options of `nextdetail train`)."""
 
-    depth: int = opt(6, "transformer blocks")
-    width: int = opt(384, "model width")
-    heads: int = opt(6, "attention heads")
-    mlp_ratio: float = opt(4.0, "MLP width / model width")
+    depth: int = opt(6, "transformer blocks", ge=1)
+    width: int = opt(384, "model width", ge=1)
+    heads: int = opt(6, "attention heads", ge=1)
+    mlp_ratio: float = opt(4.0, "MLP width / model width", gt=0)
     pos: str = opt("rope", "normalized 2-D RoPE or learned absolute positions", choices=("rope", "learned"))
     rope_grid: float = 0.0                      # G of the normalized positions; 0: the largest map side
     rope_base: float = 100.0

@@ -40,9 +40,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, NextDetailError
+from ..limits import check_max_memory, memory_opt
 from ..options import check_int, opt
 from ..tokenize import CheckpointError, Tokenizer
 from .inputs import next_input, prefix_features
+from .memory import check_draw
 from .model import NextDetailTransformer, TransformerConfig
 
 log = logging.getLogger(__name__)
@@ -56,12 +58,19 @@ class SampleError(NextDetailError, ValueError):
 class DrawOptions:
     """What `sample`, `upscale` and `edit` share: how tokens are drawn, where the run is loaded."""
 
-    top_k: int = opt(0, "keep the k most likely tokens; 0: all")
-    top_p: float = opt(0.0, "nucleus sampling mass; 0: off")
-    temperature: float = opt(1.0, "softmax temperature")
+    top_k: int = opt(0, "keep the k most likely tokens; 0: all", ge=0)
+    top_p: float = opt(0.0, "nucleus sampling mass; 0: off", ge=0, le=1)
+    temperature: float = opt(1.0, "softmax temperature", gt=0)
     tokenizer: Optional[Path] = opt(None, "the tokenizer run, when it moved since training (its sha256 must "
                                           "match)", metavar="RUN")
     device: str = opt("cpu", "torch device")
+    max_memory: Optional[str] = memory_opt()
+
+    def __post_init__(self):
+        if not 0.0 <= self.top_p <= 1.0 or self.top_k < 0 or self.temperature <= 0:
+            raise ConfigError(f"--top-p {self.top_p}, --top-k {self.top_k}, --temperature {self.temperature}: "
+                              f"need 0 <= top-p <= 1, top-k >= 0, temperature > 0")
+        check_max_memory(self.max_memory)
 
     def draw(self) -> dict:
         """The keywords of `generate` that shape each draw: top_k, top_p, temperature."""
@@ -76,25 +85,25 @@ class SampleConfig(DrawOptions):
     out: Path = opt(Path("out/samples"), "output folder", metavar="DIR")
     label: str = opt("-1", "class label or class name (a class folder of the data)", flag="--class",
                      metavar="C", default_help="none: unconditional")
-    n: int = opt(16, "images (without --per-class)")
-    cfg: float = opt(1.5, "guidance scale on the last map; 1: off")
-    seed: int = opt(0, "seed of the samples")
-    batch_size: int = opt(16, "images generated at once")
+    n: int = opt(16, "images (without --per-class)", ge=1)
+    cfg: float = opt(1.5, "guidance scale on the last map; 1: off", ge=0)
+    seed: int = opt(0, "seed of the samples", ge=0)
+    batch_size: int = opt(16, "images generated at once", ge=1)
     highres: int = opt(1, "integer upscale of the trained resolution (base upsampled, details patchwise)",
-                       metavar="S")
+                       metavar="S", ge=1)
     overlap: bool = opt(False, "--highres: 50%% overlapping detail patches")
     highres_base: str = opt("image", "--highres: upsample the base as an image and re-encode it, or its "
                                      "features", choices=("image", "latent"))
     per_class: int = opt(0, "evaluation batch: K images of every class, seeded per sample, written as "
-                            "DIR/images/NNNNNN.png and resumable DIR/parts; 0: off", metavar="K")
+                            "DIR/images/NNNNNN.png and resumable DIR/parts; 0: off", metavar="K", ge=0)
     npz: Optional[Path] = opt(None, "--per-class: also write the samples as one ADM .npz batch (arr_0 images, "
                                     "arr_1 labels)", metavar="FILE")
     png: bool = opt(True, "--per-class: no DIR/images/NNNNNN.png (parts and --npz only)", flag="--no-png")
 
     def __post_init__(self):
-        if not 0.0 <= self.top_p <= 1.0 or self.top_k < 0 or self.temperature <= 0 or self.cfg < 0:
-            raise ConfigError(f"--top-p {self.top_p}, --top-k {self.top_k}, --temperature {self.temperature}, "
-                              f"--cfg {self.cfg}: need 0 <= top-p <= 1, top-k >= 0, temperature > 0, cfg >= 0")
+        super().__post_init__()
+        if self.cfg < 0:
+            raise ConfigError(f"--cfg {self.cfg}: must be >= 0")
         check_int("highres", self.highres)
         check_int("n", self.n)
         check_int("batch_size", self.batch_size)
@@ -415,7 +424,7 @@ class SampleReport:
 def sample_to_folder(run: Run, out, *, label: int = -1, n: int = 16, cfg: float = 1.5, top_k: int = 0,
                      top_p: float = 0.0, temperature: float = 1.0, seed: int = 0, batch_size: int = 16,
                      highres: int = 1, overlap: bool = False, highres_base: str = "image",
-                     progress=None) -> SampleReport:
+                     max_memory: Optional[str] = None, progress=None) -> SampleReport:
     """Generate n images of class `label` into `out`: grid.png (final images), sample_XXX.png per
     sample (base only, then + each detail factor, the last is the final image), samples.json."""
     import time
@@ -429,6 +438,9 @@ def sample_to_folder(run: Run, out, *, label: int = -1, n: int = 16, cfg: float 
         raise SampleError(f"--n {n}, --batch-size {batch_size}: must be >= 1")
     if highres > 1 and run.num_base >= len(run.model.cfg.map_shapes):
         raise SampleError("--highres needs a base-detail model (its tokens have detail maps after the base)")
+    check_draw(run, min(n, batch_size), guidance=cfg != 1, option=f"--batch-size {batch_size}", scale=highres,
+               scale_option=f"--highres {highres}", device=str(next(run.model.parameters()).device),
+               max_memory=max_memory)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = next(run.model.parameters()).device

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..distributed import Dist, all_reduce_sum
+from .memory import check_draw
 from .sample import SampleConfig, SampleError, decode, generate, load_run
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ class BatchReport:
 @torch.no_grad()
 def sample_batches(run, out, *, per_class: int, npz=None, png: bool = True, cfg: float = 1.5, top_k: int = 0,
                    top_p: float = 0.0, temperature: float = 1.0, seed: int = 0, batch_size: int = 16,
-                   highres: int = 1, d: Optional[Dist] = None, progress=None, **ignored) -> BatchReport:
+                   highres: int = 1, max_memory: Optional[str] = None, d: Optional[Dist] = None, progress=None,
+                   **ignored) -> BatchReport:
     """This process's batches of the C x per_class samples of `run` into `out` (see the module
     docstring), then, on rank 0, the ADM batch `npz` and samples.json. progress: an object with
     start(todo, done) and update(count) (nextdetail.progress.JobProgress), for this rank's share.
@@ -126,6 +128,8 @@ def sample_batches(run, out, *, per_class: int, npz=None, png: bool = True, cfg:
     if highres != 1:
         raise SampleError(f"--per-class with --highres {highres}: evaluation batches are drawn at the "
                           "trained resolution; leave --highres out")
+    check_draw(run, batch_size, guidance=cfg != 1, option=f"--batch-size {batch_size}",
+               device=str(next(run.model.parameters()).device), max_memory=max_memory)
     out = Path(out)
     for sub in ("parts", "images") if png else ("parts",):
         (out / sub).mkdir(parents=True, exist_ok=True)

@@ -35,11 +35,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..limits import check_memory
 from ..options import differences, nested, opt
 from ..runs import (PLOT, RunConfig, RunError, RunLog, RunReport, TrainError, checkpoint_name, latest_checkpoint,
-                    load_resumed, read_log, resume_from, running_mean, save_checkpoint)
+                    load_resumed, preemptible, read_log, resume_from, running_mean, save_checkpoint)
 from ..distributed import Dist, all_reduce_sum, run
+from ..stores.lock import folder_lock
 from .inputs import load_quantizer, teacher_inputs
+from .memory import training_needs
 from .model import NextDetailTransformer, TransformerConfig, TransformerShape
 
 log = logging.getLogger(__name__)
@@ -54,22 +57,22 @@ class TransformerTrainConfig(RunConfig):
     tokenizer: str = opt(help="tokenizer run folder or checkpoint the tokens were exported with", metavar="RUN")
     out: str = opt(help="run folder of this training", metavar="RUN2")
     model: TransformerShape = nested(TransformerShape)
-    batch_size: int = opt(32, "samples per step and process")
-    lr: float = opt(3e-4, "peak AdamW learning rate")
-    min_lr: float = opt(0.1, "cosine floor as a fraction of --lr")
-    warmup: int = opt(100, "linear warmup steps")
-    weight_decay: float = opt(0.05, "AdamW weight decay")
+    batch_size: int = opt(32, "samples per step and process", ge=1)
+    lr: float = opt(3e-4, "peak AdamW learning rate", gt=0)
+    min_lr: float = opt(0.1, "cosine floor as a fraction of --lr", ge=0, le=1)
+    warmup: int = opt(100, "linear warmup steps", ge=0)
+    weight_decay: float = opt(0.05, "AdamW weight decay", ge=0)
     betas: Tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = opt(1.0, "max gradient norm; 0: off")
-    cond_drop: float = opt(0.1, "null-class probability (classifier-free guidance)")
-    val_fraction: float = opt(0.05, "held-out samples")
-    val_every: int = opt(500, "steps between validations")
+    grad_clip: float = opt(1.0, "max gradient norm; 0: off", ge=0)
+    cond_drop: float = opt(0.1, "null-class probability (classifier-free guidance)", ge=0, lt=1)
+    val_fraction: float = opt(0.05, "held-out samples", ge=0, lt=1)
+    val_every: int = opt(500, "steps between validations", ge=1)
     val_batches: int = 20              # at most this many batches per validation
     compile: bool = opt(False, "torch.compile the model")
 
     # Fields a resumed run may change: where and how long it runs, how often it reports.
     RESUMABLE_CHANGES = ("out", "steps", "ckpt_every", "val_every", "val_batches", "device", "compile",
-                         "tokens", "tokenizer")
+                         "tokens", "tokenizer") + RunConfig.FAULT_FIELDS
 
     def __post_init__(self):
         super().__post_init__()
@@ -183,6 +186,7 @@ class Trainer:
         self.mcfg = TransformerConfig(vocab=self.ds.vocab, map_shapes=tuple(self.ds.map_shapes),
                                       cvae=self.quantizer.codebook.embed.weight.shape[1],
                                       num_classes=self.ds.num_classes, **asdict(cfg.model))
+        check_memory(training_needs(self.mcfg, cfg.batch_size), device=str(self.device), max_memory=cfg.max_memory)
         torch.manual_seed(cfg.seed)
         self.model = NextDetailTransformer(self.mcfg).to(self.device)
         self.train_idx, self.val_idx = split_indices(len(self.ds), cfg.val_fraction, cfg.seed)
@@ -333,24 +337,31 @@ def train(cfg: TransformerTrainConfig, *, resume: bool = False,
 
 
 def _train(cfg: TransformerTrainConfig, d: Dist, resume: bool, progress) -> TrainReport:
+    with folder_lock(cfg.out, "run") if d.main else nullcontext():
+        return _train_locked(cfg, d, resume, progress)
+
+
+def _train_locked(cfg: TransformerTrainConfig, d: Dist, resume: bool, progress) -> TrainReport:
     tr = Trainer(cfg, resume=resume, dist_=d)
     start, t0, tokens, rec, val = tr.step_, time.perf_counter(), 0, {}, None
     run_log = RunLog(tr.out, start, main=d.main)
     try:
-        while tr.step_ < cfg.steps:
-            ts = time.perf_counter()
-            batch = tr.next_batch()
-            rec = tr.step(*batch)
-            n_tok = batch[0].numel() * d.world
-            tokens += n_tok
-            rec["tokens_per_s"] = round(n_tok / max(time.perf_counter() - ts, 1e-9), 1)
-            step = tr.step_
-            if step % cfg.val_every == 0 or step == cfg.steps:
-                val = tr.validate()
-            run_log.write(rec, *([val] if val is not None and val["step"] == step else []))
-            run_log.end_step(step, cfg.steps, cfg.ckpt_every, tr.save, plot_log)
-            if progress is not None and d.main:
-                progress(step, cfg.steps, rec)
+        with preemptible(cfg.term_grace):
+            while tr.step_ < cfg.steps:
+                ts = time.perf_counter()
+                batch = tr.next_batch()
+                rec = tr.step(*batch)
+                n_tok = batch[0].numel() * d.world
+                tokens += n_tok
+                rec["tokens_per_s"] = round(n_tok / max(time.perf_counter() - ts, 1e-9), 1)
+                step = tr.step_
+                if step % cfg.val_every == 0 or step == cfg.steps:
+                    val = tr.validate()
+                run_log.write(rec, *([val] if val is not None and val["step"] == step else []))
+                run_log.end_step(step, cfg.steps, cfg.ckpt_every, tr.save, plot_log)
+                if progress is not None and d.main:
+                    progress(step, cfg.steps, rec)
+                run_log.stop_if_terminated(step, tr.save, plot_log, d, tr.device)
     finally:
         run_log.close(plot_log)
     return TrainReport(out=tr.out, start_step=start, steps=tr.step_, seconds=time.perf_counter() - t0, last=rec,

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..options import check_int, opt
 from .inputs import prefix_features
+from .memory import check_draw
 from .sample import DrawOptions, SampleError, decode, generate, load_run, patchwise_details, tile, upsample_base
 
 log = logging.getLogger(__name__)
@@ -51,16 +52,17 @@ class UpscaleConfig(DrawOptions):
     scale: int = opt(4, "upscaling factor", choices=(2, 4))
     input_size: Optional[int] = opt(None, "side N of the low-resolution input, a centre crop (default: the "
                                           "tokenizer's image size / scale, so the output is its image size)",
-                                    metavar="N")
-    prefix: Optional[int] = opt(None, "token maps taken from the input (default: the base maps)", metavar="K")
+                                    metavar="N", ge=1)
+    prefix: Optional[int] = opt(None, "token maps taken from the input (default: the base maps)", metavar="K", ge=1)
     overlap: bool = opt(False, "above the training resolution: 50%% overlapping detail windows")
     reference: Optional[Tuple[str, ...]] = opt(None, "the high-resolution originals, one per IMAGE: report "
                                                      "PSNR/SSIM against them", nargs="+", metavar="REF", type=str)
     downscale_first: bool = opt(False, "take each IMAGE as the reference: its centre crop of scale x N is "
                                        "bicubic-downscaled to N, upscaled, and both compared with it")
-    seed: int = opt(0, "seed (each image draws from its own generator, seeded from it and its position)")
+    seed: int = opt(0, "seed (each image draws from its own generator, seeded from it and its position)", ge=0)
 
     def __post_init__(self):
+        super().__post_init__()
         object.__setattr__(self, "images", tuple(str(i) for i in self.images))
         check_int("input_size", self.input_size, optional=True)
         check_int("prefix", self.prefix, optional=True)
@@ -180,6 +182,8 @@ def upscale_files(cfg: UpscaleConfig, progress=None) -> UpscaleReport:
     T = run.tokenizer.config.image_size
     N = cfg.input_size or T // cfg.scale
     O = cfg.scale * N
+    check_draw(run, 1, guidance=False, option=f"--input-size {N}", scale=max(1, O // T),
+               scale_option=f"--input-size {N} x --scale {cfg.scale}", device=str(dev), max_memory=cfg.max_memory)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     order, at = decomposition_params(run)
