@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import re
 import zipfile
@@ -91,7 +92,7 @@ def latest_checkpoint(run) -> Path:
         return run
     found = checkpoints(run) if run.is_dir() else []
     if not found:
-        raise RunError(f"{run}: no checkpoint (ckpt-*.pt) in this run folder")
+        raise RunError(f"{run}: {folder_kind(run)} with no checkpoint (ckpt-*.pt), not a run folder")
     return found[-1]
 
 
@@ -141,6 +142,38 @@ def load_checkpoint(path, map_location="cpu", what: str = "nextdetail checkpoint
         log.warning("%s: written before checkpoint format 2 (nextdetail 0.1); it holds plain data only, "
                     "read safely with weights_only", path)
     return obj
+
+
+def folder_kind(path) -> str:
+    """What a path holds, from its names alone (nothing is read): 'a decomposition store', 'a
+    token store', 'a training run', 'an empty folder', 'a folder', 'a file', 'nothing'; for
+    messages that say what a command was given and what it needs."""
+    path = Path(path)
+    if not path.exists():
+        return "nothing (no such file or folder)"
+    if path.is_file():
+        return "a file"
+    names = {n for n in os.listdir(path) if not n.startswith(".")}
+    if not names:
+        return "an empty folder"
+    if "bases.zarr" in names or "layers.zarr" in names:
+        return "a decomposition store"
+    if names & {"tokens.bin", "index.parquet", "shards"}:
+        return "a token store"
+    if any(n.startswith("ckpt-") and n.endswith(".pt") for n in names) or LOG in names:
+        return "a training run"
+    return "a folder"
+
+
+def checkpoint_kind(ckpt: dict) -> str:
+    """Which command wrote a checkpoint dict: 'tokenizer run' (train-tokenizer), 'transformer run'
+    (train), or 'unknown'; for messages that say what was given and what is needed."""
+    config = ckpt.get("config")
+    if "model_config" in ckpt:
+        return "transformer run (nextdetail train)"
+    if isinstance(config, dict) and isinstance(config.get("tokenizer"), dict):
+        return "tokenizer run (nextdetail train-tokenizer)"
+    return "checkpoint of neither trainer"
 
 
 @dataclass

@@ -118,7 +118,7 @@ def test_all_good_exits_zero_and_writes_the_layout(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,word", [
-    (["--eps", "0"], "eps"), (["--order", "0"], "order"), (["--n-iter", "-1"], "n_iter"),
+    (["--eps", "0"], "eps"), (["--order", "0"], "order"), (["--n-iter", "-1"], "--n-iter"),
     (["--size", "0"], "size"), (["--alpha", "nan"], "alpha"), (["--omega", "2"], "omega"),
     (["--lam", "-1"], "lam"), (["--batch-size", "0"], "batch-size")])
 def test_bad_parameters_give_one_line_and_exit_2(tmp_path, capsys, args, word):
@@ -133,10 +133,9 @@ def test_bad_parameters_give_one_line_and_exit_2(tmp_path, capsys, args, word):
                                   ["decompose", "x.png", "--out", "o", "--backend", "fortran"],
                                   ["decompose", "x.png", "--out", "o", "--order", "two"]])
 def test_usage_errors_exit_2(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    assert e.value.code == 2
-    assert "usage:" in capsys.readouterr().err
+    assert cli.main(argv) == 2
+    lines = own_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "--help lists the options" in lines[0]
 
 
 def test_out_must_not_be_a_file(tmp_path, capsys):

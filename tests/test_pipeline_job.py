@@ -137,7 +137,7 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
     for argv, message in [
         ([tmp_path / "nope", "--out", tmp_path / "s"], f"{tmp_path / 'nope'}: no such file or folder"),
         ([tmp_path, "--out", tmp_path / "s", "--size", 0], "--size must be an integer >= 1, got 0"),
-        ([tmp_path, "--out", tmp_path / "s", "--omega", 2.5], "omega must lie in (0, 2)"),
+        ([tmp_path, "--out", tmp_path / "s", "--omega", 2.5], "--omega must be a finite number > 0 and < 2, got 2.5"),
         ([tmp_path, "--out", tmp_path / "s", "--backend", "numba", "--gpus-per-worker", 1],
          "--gpus-per-worker 1.0 needs the cupy backend, not 'numba'"),
     ]:

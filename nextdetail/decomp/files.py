@@ -22,10 +22,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..errors import ConfigError, NextDetailError
 from ..imageio import ImageError, list_images, load_image, save_png, to_uint8
+from ..limits import Need, check_max_memory, check_memory, memory_opt
 from ..options import check_int, nested, opt
 from ..viz import contact_sheet, detail_scale, detail_to_uint8
 from .at import BACKENDS, resolve_backend, to_host
-from .hierarchy import Decomposition, available_decompositions, decompose
+from .hierarchy import Decomposition, available_decompositions, decompose, decomposition_bytes
 from .logspace import from_log
 from .params import ATParams
 
@@ -61,8 +62,10 @@ class DecomposeConfig:
     size: Optional[int] = opt(None, "resize shorter side to N and center-crop N x N (enables batching)",
                               metavar="N", ge=1)
     batch_size: int = opt(8, "images per solver call with --size", metavar="B", ge=1)
+    max_memory: Optional[str] = memory_opt()
 
     def __post_init__(self):
+        check_max_memory(self.max_memory)
         object.__setattr__(self, "inputs", tuple(str(i) for i in self.inputs))
         object.__setattr__(self, "out", Path(self.out))
         check_int("order", self.order)
@@ -208,7 +211,12 @@ def run_decompose(paths: Sequence[Path], cfg: DecomposeConfig, backend: str,
 
 def decompose_files(cfg: DecomposeConfig, on_failure: Callable[[str], None]) -> DecomposeReport:
     """List cfg.inputs, resolve the backend and decompose every image (see run_decompose).
-    ConfigError for a backend that cannot run; FolderError for a folder that cannot be walked."""
+    ConfigError for a backend that cannot run or a --size that cannot fit; FolderError for a
+    folder that cannot be walked."""
+    if cfg.size is not None:            # without --size each image is solved at its own size
+        S = int(cfg.size)
+        check_memory([Need(f"--size {S}", f"the AT solve of {cfg.batch_size} images at {S} x {S} px",
+                           decomposition_bytes(S, int(cfg.order), int(cfg.batch_size)))], max_memory=cfg.max_memory)
     try:
         backend = resolve_backend(cfg.backend)
     except (ValueError, RuntimeError) as e:

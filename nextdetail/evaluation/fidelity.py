@@ -27,6 +27,7 @@ import numpy as np
 from .. import __version__
 from ..errors import ConfigError
 from ..npz import IMAGES, npz_keys
+from ..limits import Need, check_max_memory, check_memory, memory_opt
 from ..options import check_int, opt
 from ..stores.atomic import atomic_write, write_bytes_atomic
 from ..weights import offline_opt, weights_file
@@ -58,8 +59,10 @@ class EvalSamplesConfig:
     kid_subset_size: int = opt(1000, "KID: images per subset (at most the smaller set's size)", ge=1)
     prc_neighborhood: int = opt(3, "precision/recall: k of the k-NN balls", ge=1)
     device: str = opt("cpu", "torch device of the Inception network")
+    max_memory: Optional[str] = memory_opt()
 
     def __post_init__(self):
+        check_max_memory(self.max_memory)
         for name in ("batch_size", "kid_subsets", "kid_subset_size", "prc_neighborhood"):
             check_int(name, getattr(self, name))
         check_int("size", self.size, optional=True)
@@ -154,6 +157,10 @@ def evaluate_samples(cfg: EvalSamplesConfig, progress=None) -> EvalReport:
     if ref is not None and small <= cfg.prc_neighborhood:
         raise ConfigError(f"--prc-neighborhood {cfg.prc_neighborhood}: the sets need more images than that "
                           f"(the smaller has {small})")
+    B = cfg.batch_size
+    # Inception-v3 at 299 px: the batch, and its widest step (64 channels at 147 x 147, in and out).
+    check_memory([Need(f"--batch-size {B}", f"Inception-v3 on {B} images", B * (3 * 299 * 299 + 2 * 64 * 147 * 147) * 4)],
+                 device=cfg.device, max_memory=cfg.max_memory)
     weights = weights_file(INCEPTION, cfg.inception_weights, no_download=cfg.offline, option="--inception-weights")
     net = load_inception(weights, cfg.device)
     pool_s, logits_s = inception_features(net, samples.batches(cfg.batch_size), cfg.device, progress)

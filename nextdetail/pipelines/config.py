@@ -60,7 +60,8 @@ class RayJobConfig:
             scaled = [Need(n.option, f"{n.what} x {workers} workers", n.bytes * workers) for n in per_worker]
             check_memory(scaled, max_memory=self.max_memory)
         else:
-            check_memory(per_worker, max_memory=self.max_memory or str(node[0]), per=f"per worker ({node[1]})")
+            if node[0] > 0:             # Ray reports no memory resource for some nodes
+                check_memory(per_worker, max_memory=self.max_memory or str(node[0]), per=f"per worker ({node[1]})")
 
 
 @dataclass(frozen=True, kw_only=True)

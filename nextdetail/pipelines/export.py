@@ -27,16 +27,18 @@ import numpy as np
 
 from .. import __version__
 from ..errors import ConfigError, JobError
+from ..limits import Need, human
 from ..options import check_int, opt
 from ..stores import PARTS, atomic_write, write_bytes_atomic, write_table_atomic
 from ..stores.decomposition import DecompositionStore, StoreError
+from ..stores.lock import folder_lock
 from ..stores.tokens import (DTYPE, FORMAT, FORMAT_VERSION, INDEX, MAX_VOCAB, META, SHARDS, TOKENS,
                              file_sha256, map_offsets, shard_name)
 from .attempts import ATTEMPTS, crash_hook
 from .config import RayJobConfig
 from .encode_worker import EncodeWorker, failed_path, part_path, read_block
-from .ray_job import (Progress, RayJobReport, cluster_resources, job_failures, quiet_data_context, ray_session,
-                      resolve_workers)
+from .ray_job import (Progress, RayJobReport, cluster_resources, job_failures, largest_node, quiet_data_context,
+                      ray_session, resolve_workers)
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +196,7 @@ def prepare(plan: ExportPlan) -> int:
     out, cfg = plan.cfg.out, plan.cfg
     if out.exists() and not out.is_dir():
         raise StoreError(out, "exists and is not a folder; choose another --out")
-    names = set(os.listdir(out)) if out.is_dir() else set()
+    names = {n for n in os.listdir(out) if not n.startswith(".")} if out.is_dir() else set()    # the lock
     if names and not names & set(ENTRIES):
         raise StoreError(out, "exists and is not a token store; choose another --out "
                               "(--overwrite only ever replaces a token store)")
@@ -336,8 +338,27 @@ def run_export(cfg: ExportConfig, progress: Optional[Progress] = None, *,
 
     read_tasks: feed the actors from CPU read tasks; default when the actors have GPUs (True
     on the CPU runs the GPU path's plan with CPU actors: how it is tested without a GPU)."""
-    t_begin = time.perf_counter()
     plan = make_plan(cfg)
+    if cfg.address is None:             # a cluster's nodes are known once connected
+        cfg.check_memory(memory_needs(plan), cfg.local_workers())
+    with folder_lock(cfg.out, "token store"):
+        return _run_export(cfg, plan, progress, read_tasks)
+
+
+def memory_needs(plan: ExportPlan) -> list:
+    """What one actor holds: the tokenizer, its encoder's largest step, a batch of inputs."""
+    from ..tokenize.config import TokenizerConfig
+    from ..tokenize.memory import inference_needs
+    from ..tokenize.tokenizer import encode_micro_batch
+
+    tcfg, B = TokenizerConfig.from_dict(plan.tokenizer_config), plan.cfg.batch_size
+    s = tcfg.image_size
+    return inference_needs(tcfg, min(B, encode_micro_batch("cpu")), f"--batch-size {B}") + [
+        Need(f"--batch-size {B}", f"{B} images and their bases as floats", B * (tcfg.needs_bases() + 1) * 3 * s * s * 4)]
+
+
+def _run_export(cfg: ExportConfig, plan: ExportPlan, progress: Optional[Progress], read_tasks: Optional[bool]):
+    t_begin = time.perf_counter()
     report = ExportReport(out=str(cfg.out), rows=plan.N, tokens_per_row=plan.L, blocks=len(plan.blocks))
     report.skipped = prepare(plan)
     if not plan.todo and (cfg.out / META).is_file():
@@ -346,6 +367,8 @@ def run_export(cfg: ExportConfig, progress: Optional[Progress] = None, *,
     with ray_session(cfg, "token store", report, needed=bool(plan.todo)) as t_connected:
         if plan.todo:
             gpus, workers = resolve_workers(cfg, gpu_job=cluster_resources()[1] >= 1, spare_cpus=1)
+            if cfg.address is not None:
+                cfg.check_memory(memory_needs(plan), workers, node=largest_node())
             report.workers = workers = min(workers, len(plan.todo))
             report.device = "gpu" if gpus else "cpu"
             if read_tasks is None:
@@ -353,7 +376,11 @@ def run_export(cfg: ExportConfig, progress: Optional[Progress] = None, *,
             if progress:
                 progress.start(sum(hi - lo for _, lo, hi in plan.todo), report.skipped)
             t_first = None
-            with job_failures("export", "token store", progress):
+            def needs() -> str:         # the space a full disk still has to find: uint16 tokens
+                left = max(0, sum(hi - lo for _, lo, hi in plan.todo) - report.processed)
+                return f"about {human(2 * left * plan.L)} more for {left} images"
+
+            with job_failures("export", "token store", progress, needs):
                 for batch in _dataset(plan, gpus, workers, read_tasks).iter_batches(batch_size=None,
                                                                                     batch_format="numpy"):
                     plan.saw(batch)
@@ -379,8 +406,14 @@ def run_export(cfg: ExportConfig, progress: Optional[Progress] = None, *,
 
 def export_in_process(cfg: ExportConfig) -> ExportReport:
     """The same export without Ray: one EncodeWorker in this process (small stores, tests)."""
-    t0 = time.perf_counter()
     plan = make_plan(cfg)
+    cfg.check_memory(memory_needs(plan), 1)
+    with folder_lock(cfg.out, "token store"):
+        return _export_in_process(cfg, plan)
+
+
+def _export_in_process(cfg: ExportConfig, plan: ExportPlan) -> ExportReport:
+    t0 = time.perf_counter()
     report = ExportReport(out=str(cfg.out), rows=plan.N, tokens_per_row=plan.L, blocks=len(plan.blocks),
                           device="cpu", workers=1)
     report.skipped = prepare(plan)

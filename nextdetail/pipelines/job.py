@@ -161,7 +161,7 @@ def _run_job(cfg: JobConfig, progress: Optional[Progress]) -> JobReport:
         t_first, t_last = None, None
         def needs() -> str:             # the space a full disk still has to find
             left = max(0, plan.todo - report.processed)
-            per = cfg.shard_images * 3 * plan.params.size ** 2 * (plan.params.levels + 1) / cfg.shard_images
+            per = 3 * plan.params.size ** 2 * (plan.params.levels + 1)
             return f"about {human(left * per)} more for {left} images, uncompressed"
 
         with job_failures("job", "store", progress, needs):

@@ -178,6 +178,8 @@ def folder_lock(folder, what: str, option: str = "--out"):
     folder = Path(folder)
     lockpath = folder / LOCK
     created = not folder.exists()
+    if folder.exists() and not folder.is_dir():
+        raise PathError(folder, f"exists and is not a folder; choose another {option}")
     fd = _acquire(folder, what, option)
     try:
         yield

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..limits import check_max_memory, check_memory, memory_opt
 from ..options import check_int, opt
 from ..runs import TrainError, latest_checkpoint
 from ..stores.decomposition import DecompositionStore, StoreError
@@ -37,6 +38,7 @@ from ..weights import offline_opt
 from .losses import build_lpips
 from .tokenizer import Tokenizer, read_checkpoint, to_model
 from .loader import check_store_fits
+from .memory import inference_needs
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +58,13 @@ class EvalConfig:
     inception_weights: Optional[Path] = opt(None, "the Inception weights file for rFID (default: the torch hub "
                                                   "cache, downloaded there when allowed)", metavar="FILE")
     offline: bool = offline_opt()
+    device: str = "cpu"
+    max_memory: Optional[str] = memory_opt()
 
     def __post_init__(self):
         check_int("images", self.images)
         check_int("batch_size", self.batch_size)
+        check_max_memory(self.max_memory)
 
 
 @dataclass
@@ -162,7 +167,9 @@ def evaluate(cfg: "EvalConfig") -> Tuple[List[DepthRow], List[FinalRow]]:
     except StoreError as e:
         raise TrainError(str(e)) from None
     for run in cfg.runs:            # a bad RUN is named before any weights are looked for
-        read_checkpoint(latest_checkpoint(run))
+        _, tcfg = read_checkpoint(latest_checkpoint(run))
+        check_memory(inference_needs(tcfg, cfg.batch_size, f"--batch-size {cfg.batch_size}"),
+                     device=cfg.device, max_memory=cfg.max_memory)
     lpips = build_lpips("alex", no_download=cfg.offline) if cfg.lpips else None
     inception = None
     if cfg.rfid:

@@ -22,7 +22,8 @@ def _images(tcfg: TokenizerConfig, batch: int):
     return [torch.zeros(batch, 3, s, s) for _ in range(1 + tcfg.needs_bases())]
 
 
-def training_needs(tcfg: TokenizerConfig, batch: int, *, disc_factory, ema: bool, buffer_bytes: int) -> List[Need]:
+def training_needs(tcfg: TokenizerConfig, batch: int, *, disc_factory, ema: bool, buffer_bytes: int,
+                   buffer: int = 0) -> List[Need]:
     """Weights, gradients and AdamW state of the tokenizer and the discriminator (`disc_factory()`
     builds it), the EMA copy, the activations of one step at `batch` images, and the loader's
     shuffle buffer (`buffer_bytes`)."""
@@ -42,7 +43,7 @@ def training_needs(tcfg: TokenizerConfig, batch: int, *, disc_factory, ema: bool
             Need(f"--ch {tcfg.model.ch}", "EMA weights", tok_b if ema else 0),
             Need(f"--batch-size {batch}", f"activations of {batch} images at {s} px",
                  acts + (2 + LPIPS_AS_DISC) * d_acts),
-            Need(f"--shuffle-buffer", "the loader's shuffle buffer", buffer_bytes)]
+            Need(f"--shuffle-buffer {buffer}", "the loader's shuffle buffer", buffer_bytes)]
 
 
 def inference_needs(tcfg: TokenizerConfig, batch: int, option: str) -> List[Need]:
@@ -57,7 +58,7 @@ def inference_needs(tcfg: TokenizerConfig, batch: int, option: str) -> List[Need
             Need(option, f"encoding and decoding {batch} images at {tcfg.image_size} px", peak)]
 
 
-def decode_needs(tcfg: TokenizerConfig, batch: int, latent: int, option: str) -> int:
+def decode_needs(tcfg: TokenizerConfig, batch: int, latent: int) -> int:
     """Bytes of the largest step of decoding `batch` latents of side `latent` (the high-resolution
     strategy decodes (S L)^2 latents)."""
     def probe():

@@ -154,18 +154,19 @@ class Tokenizer(nn.Module):
 def read_checkpoint(path, map_location="cpu"):
     """(checkpoint dict, TokenizerConfig) of a `train-tokenizer` checkpoint; CheckpointError
     (one line naming the file) when it is unreadable or not one."""
-    from ..runs import RunError, load_checkpoint
+    from ..runs import RunError, checkpoint_kind, load_checkpoint
 
     path = Path(path)
     try:
         ckpt = load_checkpoint(path, map_location, what="nextdetail tokenizer checkpoint")
     except RunError as e:
         raise CheckpointError(str(e)) from None
-    if "config" not in ckpt or "model" not in ckpt or not isinstance(ckpt["config"], dict):
-        raise CheckpointError(f"{path}: not a nextdetail tokenizer checkpoint")
+    kind = checkpoint_kind(ckpt)
+    if not kind.startswith("tokenizer") or "model" not in ckpt:
+        raise CheckpointError(f"{path}: a {kind}, not a tokenizer run (nextdetail train-tokenizer)")
     try:
         config = TokenizerConfig.from_dict(ckpt["config"]["tokenizer"]).validate()
-    except (ConfigError, KeyError, TypeError) as e:
+    except (ConfigError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: bad tokenizer config ({e})") from None
     return ckpt, config
 

@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..limits import check_memory
 from ..options import check_int, differences, nested, opt
 from ..runs import (PLOT, RunConfig, RunLog, RunReport, TrainError, checkpoint_name, load_resumed, read_log,
-                    resume_from, running_mean, save_checkpoint)
+                    preemptible, resume_from, running_mean, save_checkpoint)
 from ..stores.decomposition import DecompositionStore, StoreError
 from ..stores.lock import folder_lock
 from ..weights import offline_opt
@@ -179,7 +179,7 @@ def check_training_memory(cfg: TokenizerTrainConfig, device: torch.device) -> No
     s, workers = cfg.tokenizer.image_size, max(1, default_workers() if cfg.loader_workers < 0 else cfg.loader_workers)
     buffer = cfg.shuffle_buffer * (cfg.tokenizer.needs_bases() + 1) * 3 * s * s * workers
     needs = training_needs(cfg.tokenizer, cfg.batch_size, disc_factory=lambda: discriminator(cfg), ema=cfg.ema > 0,
-                           buffer_bytes=buffer)
+                           buffer_bytes=buffer, buffer=cfg.shuffle_buffer)
     check_memory(needs, device=str(device), max_memory=cfg.max_memory)
 
 
@@ -208,9 +208,9 @@ class TokenizerTrainer:
         self.device = d.device(cfg.device)
         cfg.tokenizer.validate()
         self.n_bases = cfg.tokenizer.needs_bases()
-        check_training_memory(cfg, self.device)
         if batches is None:
             store = open_training_store(cfg.data, cfg.tokenizer)
+            check_training_memory(cfg, self.device)      # before the loader's processes start
             workers = default_workers(d.world) if cfg.loader_workers < 0 else cfg.loader_workers
             try:
                 batches = StoreLoader(store, cfg.tokenizer.image_size, cfg.batch_size, seed=cfg.seed, rank=d.rank,

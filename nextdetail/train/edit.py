@@ -99,12 +99,12 @@ def edit_samples(run, out, *, edit: str, label: int = -1, to_label: Optional[int
     from PIL import Image
 
     t0 = time.perf_counter()
+    dev = next(run.model.parameters()).device
+    check_draw(run, n, guidance=kw.get("cfg", 1.0) != 1, option=f"--n {n}", device=str(dev), max_memory=max_memory)
     check_edit(edit, run.tokenizer.config.decomposition, run.checkpoint)
     q, B = run.tokenizer.quantizer, run.num_base
     if B >= len(run.model.cfg.map_shapes):
         raise SampleError(f"{run.checkpoint}: a model without detail maps has no factors to edit")
-    dev = next(run.model.parameters()).device
-    check_draw(run, n, guidance=kw.get("cfg", 1.0) != 1, option=f"--n {n}", device=str(dev), max_memory=max_memory)
     labels = torch.full((n,), label, dtype=torch.int64, device=dev)
     gen = lambda stream: _generators(seed, stream, n, dev)          # noqa: E731 - one stream per draw
     draw = dict(kw, num_base=B, order=run.order)

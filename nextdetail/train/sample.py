@@ -335,7 +335,7 @@ class Run:
 def load_run(run, tokenizer=None, device="cpu") -> Run:
     """The latest checkpoint of a training run folder (or a checkpoint file) and its tokenizer
     (the recorded checkpoint, or `tokenizer`: a run folder or checkpoint with the same sha256)."""
-    from ..runs import RunError, latest_checkpoint, load_checkpoint
+    from ..runs import RunError, checkpoint_kind, latest_checkpoint, load_checkpoint
     from ..stores.tokens import file_sha256
 
     try:
@@ -343,6 +343,9 @@ def load_run(run, tokenizer=None, device="cpu") -> Run:
         ck = load_checkpoint(path, device, what="`nextdetail train` checkpoint")
     except RunError as e:
         raise SampleError(f"{e} (a `nextdetail train` run)") from None
+    kind = checkpoint_kind(ck)
+    if not kind.startswith("transformer"):
+        raise SampleError(f"{path}: a {kind}, not a transformer run (nextdetail train)")
     try:
         mcfg = TransformerConfig.from_dict(ck["model_config"])
     except Exception as e:  # missing keys, wrong types
