@@ -13,6 +13,7 @@ to resume": its outputs are journalled, so nothing done is lost.
 from __future__ import annotations
 
 import errno
+import re
 import signal
 import threading
 import time
@@ -63,10 +64,43 @@ def root_cause(e: BaseException) -> BaseException:
     return e
 
 
+# How an OSError reads in a traceback: Ray Data hands a worker's failure home as text (its
+# UserCodeException arrives without the exception it wrapped).
+_OS_ERROR_TEXT = re.compile(r"^(?:\w+\.)*\w*Error: \[Errno (\d+)\] ([^\n]*?)(?:: '([^'\n]*)')?$", re.M)
+_MEMORY_ERROR_TEXT = re.compile(r"^MemoryError(?:: (.*))?$", re.M)
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while isinstance(e, BaseException) and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or getattr(e, "cause", None)
+
+
 def as_os_error(e: BaseException) -> Optional[OSError]:
-    """The OSError at the root of e, if that is what it is (Ray's RayTaskError(OSError) included)."""
+    """The OSError at the root of e, if that is what it is: the exception itself (Ray's
+    RayTaskError(OSError) included), or read back from the remote traceback Ray Data sends as text."""
+    found = [x for x in _chain(e) if isinstance(x, OSError) and x.errno is not None]
+    if found:                   # the outermost names the file where an inner write did not
+        return next((x for x in found if x.filename), found[-1])
+    for x in _chain(e):
+        found = _OS_ERROR_TEXT.findall(str(x))
+        if found:
+            code, text, filename = found[-1]            # the innermost: the traceback's first error
+            return OSError(int(code), text, filename or None)
+    return None
+
+
+def _memory_error(e: BaseException) -> Optional[str]:
     root = root_cause(e)
-    return root if isinstance(root, OSError) and root.errno is not None else None
+    if isinstance(root, MemoryError):
+        return " ".join(str(root).split()) or "MemoryError"
+    for x in _chain(e):
+        found = _MEMORY_ERROR_TEXT.findall(str(x))
+        if found:
+            return " ".join(found[-1].split()) or "MemoryError"
+    return None
 
 
 def os_error_line(e: OSError, more: str = "") -> str:
@@ -83,10 +117,10 @@ def cause_line(e: BaseException, more: str = "") -> str:
     os_error = as_os_error(e)
     if os_error is not None:
         return os_error_line(os_error, more if os_error.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+    memory = _memory_error(e)
+    if memory is not None:
+        return f"out of memory ({memory[:200]}); lower --batch-size or --workers and rerun the same command"
     root = root_cause(e)
-    if isinstance(root, MemoryError):
-        return f"out of memory ({' '.join(str(root).split())[:200] or 'MemoryError'}); lower the batch size or " \
-               f"--workers and rerun the same command"
     text = " ".join(str(root).split())
     return f"{type(root).__name__}: {text[:300]}"
 

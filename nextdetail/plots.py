@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Dict, Sequence, Tuple
 
+from .stores.atomic import atomic_write
+
 Series = Dict[str, Tuple[Sequence[float], Sequence[float]]]
 
 
@@ -43,5 +45,6 @@ def line_plot(series: Series, path, *, title: str = "", xlabel: str = "", ylabel
         ax.legend(loc="best")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, format="png")
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path

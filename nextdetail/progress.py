@@ -56,10 +56,13 @@ def step_bar(desc: str, total: int, postfix: Callable[[dict], dict], enabled: bo
 
 
 class _DropRayNoise(logging.Filter):
-    """Ray Data warns that its progress bars are off: they are, ours replaces them."""
+    """Ray Data warns that its progress bars are off: they are, ours replaces them. When a job
+    fails Ray Data logs the failure at ERROR with its own stack trace; the command reports it
+    once, in one line with its cause (pipelines.ray_job.job_failures), and Ray Data's log file
+    keeps the trace."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Progress bars disabled" not in record.getMessage()
+        return record.levelno < logging.ERROR and "Progress bars disabled" not in record.getMessage()
 
 
 def quiet_ray_data() -> None:

@@ -17,9 +17,11 @@ nextdetail 0.1, which also only stored plain data: it is read the same way, with
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shutil
 import pickle
 import re
 import zipfile
@@ -32,7 +34,7 @@ from .errors import ConfigError, NextDetailError
 from .faults import Preempted, deferred_term, term_requested, terminable
 from .limits import check_max_memory, memory_opt
 from .options import check_int, opt
-from .stores import atomic_write
+from .stores import atomic_write, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,11 @@ def save_checkpoint(path: Path, obj: dict) -> None:
     import torch
 
     with atomic_write(path) as tmp:
-        torch.save({**obj, "checkpoint": CHECKPOINT_FORMAT}, tmp)
+        try:
+            torch.save({**obj, "checkpoint": CHECKPOINT_FORMAT}, tmp)
+        except RuntimeError as e:       # torch's zip writer reports a failed write as a RuntimeError
+            full = shutil.disk_usage(Path(path).parent).free < (1 << 20)
+            raise OSError(errno.ENOSPC if full else errno.EIO, str(e).strip().splitlines()[0], str(path)) from e
 
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
@@ -237,8 +243,11 @@ class RunLog:
 
     def write(self, *records: dict) -> None:
         if self._file is not None:
-            for rec in records:
-                self._file.write(json.dumps(rec) + "\n")
+            try:
+                for rec in records:
+                    self._file.write(json.dumps(rec) + "\n")
+            except OSError as e:        # a full disk's write names no file: say which one it was
+                raise OSError(e.errno, e.strerror, str(self.out / LOG)) from e
 
     def end_step(self, step: int, steps: int, every: int, save: Callable[[], object],
                  plot: Callable[[Path], object]) -> None:
@@ -249,7 +258,10 @@ class RunLog:
         import time
 
         t0 = time.perf_counter()
-        self._file.flush()
+        try:
+            self._file.flush()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.out / LOG)) from e
         save()
         self.save_seconds = time.perf_counter() - t0
         self.saved_step = step
@@ -317,4 +329,4 @@ def truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [s for s in path.read_text().splitlines() if s.strip() and json.loads(s)["step"] <= step]
-    path.write_text("".join(s + "\n" for s in keep))
+    write_bytes_atomic(path, "".join(s + "\n" for s in keep).encode())

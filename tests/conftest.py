@@ -62,21 +62,27 @@ def own_lines(text: str) -> list:
     return lines
 
 
-def kill_cli_when(argv, ready, what: str, timeout: float = 240) -> None:
-    """Run `python -m nextdetail.cli ARGV` in a session of its own and SIGKILL the driver alone
-    (as a crash would) as soon as `ready()` holds, then the Ray helpers it left behind."""
+def kill_cli_when(argv, ready, what: str, timeout: float = 240, sig=signal.SIGKILL) -> tuple:
+    """Run `python -m nextdetail.cli ARGV` in a session of its own and send the driver alone
+    `sig` as soon as `ready()` holds: SIGKILL as a crash would, SIGTERM as a preemption does;
+    then kill the Ray helpers it left behind. Returns (exit status, stderr text)."""
+    import tempfile
+
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
+    err = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "nextdetail.cli", *map(str, argv)], cwd=REPO, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + timeout
         while not ready():
             assert proc.poll() is None, f"the {what} ended before it could be killed"
             assert time.monotonic() < deadline, f"the {what} wrote nothing to wait for"
             time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        os.kill(proc.pid, sig)
+        rc = proc.wait(timeout=60)
+        err.seek(0)
+        return rc, err.read().decode(errors="replace")
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)

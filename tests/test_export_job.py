@@ -155,6 +155,22 @@ def test_driver_killed_mid_way_then_rerun_equals_uninterrupted(ray_session, inpu
     same_store(out, reference)
 
 
+def test_sigterm_stops_the_export_in_one_line_and_a_rerun_equals_uninterrupted(ray_session, inputs, tmp_path, capsys):
+    """Preemption: exit 143, one line, no Ray stack dump; the rerun finishes the same bytes."""
+    store, ckpt, reference = inputs
+    out = tmp_path / "tokens"
+    argv = args(store, ckpt, out, "--workers", "1", "--block-rows", "1", "--batch-size", "1")
+    parts = lambda: list((out / PARTS).glob("block-*.bin")) if (out / PARTS).is_dir() else []  # noqa: E731
+    rc, err = kill_cli_when(argv, lambda: len(parts()) >= 2, "export", sig=signal.SIGTERM)
+    assert rc == 143 and "stopped by SIGTERM; rerun the same command to resume" in err, err
+    assert "SIGTERM received" not in err and "Traceback" not in err, err
+    time.sleep(1)
+    assert not (out / META).exists(), "the signal came too late: the export had finished"
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    same_store(out, reference)
+
+
 def encode_actor_pids():
     """PIDs of live Ray actor processes running EncodeWorker (from their process titles)."""
     pids = []

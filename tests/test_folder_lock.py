@@ -37,10 +37,11 @@ def test_acquire_records_holder_and_release_removes_the_file(tmp_path):
         assert info["process_start"] == _process_start(os.getpid())
         assert info["started"].endswith("+00:00") and isinstance(info["command"], str)
         assert [p.name for p in folder.iterdir()] == [LOCK]     # no temp file left behind
-    assert not (folder / LOCK).exists() and folder.is_dir()
+    assert not folder.exists()          # the lock made the folder and the job wrote nothing: gone
+    folder.mkdir()
     with folder_lock(folder, "store"):
-        pass
-    assert list(folder.iterdir()) == []
+        (folder / "work").write_text("done")
+    assert [p.name for p in folder.iterdir()] == ["work"]      # a folder it did not make stays
 
 
 def test_a_live_holder_in_another_process_is_refused(tmp_path):

@@ -97,6 +97,21 @@ def test_driver_killed_mid_way_then_rerun_equals_uninterrupted(reference, datase
     kill_then_rerun(dataset, reference, tmp_path / "store", capsys)
 
 
+def test_sigterm_stops_the_job_in_one_line_and_a_rerun_equals_uninterrupted(reference, dataset, tmp_path, capsys):
+    """Preemption (Kubernetes, Slurm, spot): exit 143, one line, no Ray stack dump, nothing lost."""
+    store = tmp_path / "store"
+    rc, err = kill_cli_when([*args(dataset, store), "--workers", "2"], lambda: len(journal_rows(store)) >= SHARD, "job",
+                            sig=signal.SIGTERM)
+    assert rc == 143, err
+    assert "stopped by SIGTERM; rerun the same command to resume" in err
+    assert "SIGTERM received" not in err and "Traceback" not in err, err
+    time.sleep(1)
+    assert not (store / META).exists(), "the signal came too late: the job had finished"
+    assert cli.main(args(dataset, store)) == 0
+    capsys.readouterr()
+    assert_same_store(store, reference)
+
+
 def test_driver_killed_mid_way_on_parquet_shards(ray_session, dataset, tmp_path_factory, tmp_path, capsys):
     """The same images as Hugging Face Parquet shards (the workers read them from the shards)."""
     from pipeline_data import hf_shard

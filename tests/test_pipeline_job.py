@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 
 from nextdetail import cli
 from nextdetail.imageio import load_image
@@ -196,3 +197,36 @@ def test_demo_writes_a_store_and_a_contact_sheet_read_back_from_it(ray_session, 
     assert f"contact sheet of {photos[0].name} from the store (bases B_k, details D_k): {sheet}" in stdout
     assert len(DecompositionStore(store)) == 2
     assert Image.open(sheet).size[0] > 4 * 24          # input + 3 bases side by side, enlarged
+
+
+def test_a_local_ray_that_fails_to_start_is_started_once_more(monkeypatch):
+    """A local start times out now and then: one more start, in a temp folder of its own."""
+    import signal
+
+    import ray
+    from nextdetail.pipelines import JobError
+    from nextdetail.pipelines.config import RayJobConfig
+    from nextdetail.pipelines.ray_job import connect
+
+    calls = []
+
+    def flaky(**kw):
+        calls.append(kw)
+        if len(calls) == 1:
+            raise RuntimeError("The current node timed out during startup")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray, "init", flaky)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        assert connect(RayJobConfig())[0] and len(calls) == 2 and "_temp_dir" in calls[1]
+
+        def never(**kw):
+            raise RuntimeError("The current node timed out during startup")
+
+        monkeypatch.setattr(ray, "init", never)
+        with pytest.raises(JobError, match="cannot start a local Ray, also when started a second time"):
+            connect(RayJobConfig())
+    finally:
+        signal.signal(signal.SIGTERM, handler)

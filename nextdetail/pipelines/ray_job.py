@@ -21,6 +21,7 @@ from ..errors import ConfigError, JobError
 from ..faults import as_os_error, cause_line, install_term_handler
 from ..stores.decomposition import StoreError
 from .config import RayJobConfig
+from .native_log import quiet_known_native_lines
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,8 @@ def ray_session(cfg: RayJobConfig, output: str, report: RayJobReport, needed: bo
     shut down either way."""
     started, report.ray_seconds = connect(cfg) if needed else (False, 0.0)
     try:
-        yield time.time() - report.ray_seconds
+        with quiet_known_native_lines():
+            yield time.time() - report.ray_seconds
     except OSError as e:
         raise JobError(f"cannot write the {output}: {cause_line(e)}") from e
     finally:

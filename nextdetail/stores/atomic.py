@@ -20,6 +20,11 @@ def atomic_write(path):
     try:
         yield tmp
         commit_file(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None:          # a write's ENOSPC names no file: say which one it was
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

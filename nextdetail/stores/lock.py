@@ -108,6 +108,8 @@ def _try_create(folder: Path, lockpath: Path, content: bytes) -> Optional[int]:
         os.close(fd)
         if isinstance(e, FileExistsError):
             return None
+        if isinstance(e, OSError) and e.filename is None:     # say where (a full disk, a quota)
+            raise OSError(e.errno, e.strerror, str(lockpath)) from e
         raise
     finally:
         tmp.unlink(missing_ok=True)

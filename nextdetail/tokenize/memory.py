@@ -23,10 +23,11 @@ def _images(tcfg: TokenizerConfig, batch: int):
 
 
 def training_needs(tcfg: TokenizerConfig, batch: int, *, disc_factory, ema: bool, buffer_bytes: int,
-                   buffer: int = 0) -> List[Need]:
+                   buffer: int = 0, gan: bool = True) -> List[Need]:
     """Weights, gradients and AdamW state of the tokenizer and the discriminator (`disc_factory()`
-    builds it), the EMA copy, the activations of one step at `batch` images, and the loader's
-    shuffle buffer (`buffer_bytes`)."""
+    builds it), the EMA copy, the activations of one step at `batch` images (the discriminator's
+    and LPIPS's only when `gan`: the run reaches --disc-start), and the loader's shuffle buffer
+    (`buffer_bytes`)."""
     s = tcfg.image_size
 
     def probe():
@@ -34,7 +35,10 @@ def training_needs(tcfg: TokenizerConfig, batch: int, *, disc_factory, ema: bool
         disc = disc_factory()
         x, *bases = _images(tcfg, batch)
         acts = saved_bytes(lambda: tok(x, bases))
-        d_acts = saved_bytes(lambda: disc(x))
+        try:
+            d_acts = saved_bytes(lambda: disc(x)) if gan else 0
+        except RuntimeError:                       # too small an image for it: refused at --disc-start
+            d_acts = 0
         return model_bytes(tok), model_bytes(disc), acts, d_acts
 
     tok_b, disc_b, acts, d_acts = on_meta(probe)

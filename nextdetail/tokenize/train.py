@@ -179,7 +179,8 @@ def check_training_memory(cfg: TokenizerTrainConfig, device: torch.device) -> No
     s, workers = cfg.tokenizer.image_size, max(1, default_workers() if cfg.loader_workers < 0 else cfg.loader_workers)
     buffer = cfg.shuffle_buffer * (cfg.tokenizer.needs_bases() + 1) * 3 * s * s * workers
     needs = training_needs(cfg.tokenizer, cfg.batch_size, disc_factory=lambda: discriminator(cfg), ema=cfg.ema > 0,
-                           buffer_bytes=buffer, buffer=cfg.shuffle_buffer)
+                           buffer_bytes=buffer, buffer=cfg.shuffle_buffer,
+                           gan=cfg.disc_start < cfg.steps)
     check_memory(needs, device=str(device), max_memory=cfg.max_memory)
 
 
