@@ -8,7 +8,8 @@ Every error's str is one line naming the thing at fault (an option, a file, a st
       JobError                     exit 3: the job or its I/O failed; rerunning resumes
 
 The subclasses each module raises (StoreError, TokenStoreError, CheckpointError, ...) say which
-thing failed; none is mapped to an exit status anywhere but here.
+thing failed and inherit their exit status from here. `cli.main` gives the rest theirs: an
+OSError or a diverged loss 3, Ctrl-C 130, SIGTERM 143 (nextdetail.faults).
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from ..limits import Need, check_max_memory, check_memory, memory_opt
 from ..options import check_int, nested, opt
 from ..viz import contact_sheet, detail_scale, detail_to_uint8
 from .at import BACKENDS, resolve_backend, to_host
-from .hierarchy import Decomposition, available_decompositions, decompose, decomposition_bytes
+from .hierarchy import Decomposition, available_decompositions, decompose, decomposition_bytes, method_info
 from .logspace import from_log
 from .params import ATParams
 
@@ -41,10 +41,9 @@ class NoImages(NextDetailError):
 
 def method_opt():
     """The --method option of `decompose` and `decompose-dataset` (one field, written once)."""
-    return opt("base_detail", "decomposition: base_detail (Mumford-Shah bases and details), intrinsic "
-                              "(log shading + log albedo; --order AT levels smooth the shading) or "
-                              "specular (diffuse base + --order specular terms)",
-               choices=tuple(available_decompositions()))
+    names = available_decompositions()
+    return opt("base_detail", "decomposition: " + "; ".join(f"{m} ({method_info(m).summary})" for m in names),
+               choices=tuple(names))
 
 
 @dataclass(frozen=True)

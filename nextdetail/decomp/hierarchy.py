@@ -84,11 +84,13 @@ class MethodInfo:
     space : "linear" (the layers add up to I) or "log" (they add up to log I)
     single_level : one base and one detail whatever `order` (intrinsic: order is the number of
                    smoothing levels of its shading, not a number of factors)
+    summary : one phrase for the --method help
     """
 
     names: Tuple[str, str] = ("B", "D")
     space: str = "linear"
     single_level: bool = False
+    summary: str = ""                    # what it is, for --help
 
     def levels(self, order: int) -> int:
         """n, the number of details of a decomposition of this `order` (its bases: n + 1)."""
@@ -137,7 +139,7 @@ def method_info(method: str) -> MethodInfo:
     return _INFO[method]
 
 
-@register_decomposition("base_detail")
+@register_decomposition("base_detail", summary="Mumford-Shah bases and details")
 def base_detail(image: np.ndarray, order: int, params: ATParams, backend: str) -> Decomposition:
     """CART's base-detail decomposition by repeated AT smoothing (whole batch per level)."""
     bases, details, edges, energies = [image], [], [], []

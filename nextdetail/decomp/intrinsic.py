@@ -41,7 +41,8 @@ from .params import ATParams
 REC709 = np.array([0.2126, 0.7152, 0.0722], np.float32)
 
 
-@register_decomposition("intrinsic", names=("S", "A"), space="log", single_level=True)
+@register_decomposition("intrinsic", names=("S", "A"), space="log", single_level=True,
+                        summary="log shading + log albedo; --order AT levels smooth the shading")
 def intrinsic(image: np.ndarray, order: int, params: ATParams, backend: str) -> Decomposition:
     """Log-space albedo and shading (module docstring); `order` AT levels smooth the shading."""
     f = np.asarray(image, np.float32)

@@ -57,7 +57,7 @@ def white_tophat(m_NHW: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-@register_decomposition("specular", names=("A", "E"))
+@register_decomposition("specular", names=("A", "E"), summary="diffuse base + --order specular terms")
 def specular(image: np.ndarray, order: int, params: ATParams, backend: str) -> Decomposition:
     """Diffuse bases A_0 = I .. A_n and achromatic specular terms E_1 .. E_n (module docstring).
     params and backend are not used: the top-hat runs on the CPU in scipy."""

@@ -1,7 +1,7 @@
 """Typed settings of the dataset decomposition job and of the store it writes."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 import os
 from typing import Optional, Tuple
@@ -129,9 +129,3 @@ class JobConfig(RayJobConfig):
         """The store parameters of this job once `backend` is resolved (not auto)."""
         return StoreParams(order=int(self.order), size=int(self.size), params=self.params,
                            backend=backend, method=self.method, shard_images=int(self.shard_images))
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["src"], d["out"] = str(self.src), str(self.out)
-        d["class_names"] = None if self.class_names is None else str(self.class_names)
-        return d

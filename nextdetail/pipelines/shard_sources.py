@@ -14,7 +14,7 @@ Each image becomes a Source whose `path` is its shard, `member` its row (Parquet
 and id "<shard relative to SRC>#<row or key>". What listing already shows to be wrong (a key
 group without an image, a label that is not an integer) travels as the Source's `problem` and
 becomes an error row without a read. Workers read the images of a store shard with
-`read_members`: each source shard opened once, its rows or keys read in order.
+`read_parquet_rows` / `read_tar_keys`: each source file opened once, its rows or keys read in order.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from ..errors import NextDetailError
 from ..imageio import IMAGE_EXTENSIONS
 from ..stores.decomposition import NO_LABEL, Source
 
@@ -46,11 +47,6 @@ class ShardOptions:
     label_column: str = "label"
     class_names: Optional[Tuple[str, ...]] = None       # from --class-names FILE
     label_key: str = "cls"
-
-    def to_dict(self) -> dict:
-        return {"image_column": self.image_column, "label_column": self.label_column,
-                "class_names": list(self.class_names) if self.class_names is not None else None,
-                "label_key": self.label_key}
 
 
 def is_glob(src) -> bool:
@@ -99,8 +95,8 @@ def iter_shard_sources(root: Path, paths: Sequence[Path], kind: str, options: Sh
             index += 1
 
 
-class ShardError(Exception):
-    """A shard that cannot be opened or listed at all."""
+class ShardError(NextDetailError):
+    """A source file (Parquet or tar) that cannot be opened or listed at all."""
 
 
 def _first_line(e: BaseException) -> str:
