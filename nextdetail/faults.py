@@ -131,15 +131,16 @@ class _Term:
     deferred = False           # a trainer checks at each step end instead of being interrupted
     requested: Optional[float] = None
     grace = 0.0
+    timer: Optional[threading.Timer] = None
 
 
 def _on_term(signum, frame):
     if _Term.deferred and _Term.requested is None:
         _Term.requested = time.monotonic()
         # If the step in progress outlasts the grace, stop anyway: the last checkpoint stands.
-        timer = threading.Timer(_Term.grace, lambda: signal.raise_signal(signal.SIGTERM))
-        timer.daemon = True
-        timer.start()
+        _Term.timer = threading.Timer(_Term.grace, lambda: signal.raise_signal(signal.SIGTERM))
+        _Term.timer.daemon = True
+        _Term.timer.start()
         return
     raise Preempted()
 
@@ -174,7 +175,9 @@ def deferred_term(grace: float):
     try:
         yield
     finally:
-        _Term.deferred, _Term.requested = False, None
+        if _Term.timer is not None:         # the loop stopped in time: no late signal
+            _Term.timer.cancel()
+        _Term.deferred, _Term.requested, _Term.timer = False, None, None
 
 
 def term_requested() -> Optional[float]:

@@ -120,3 +120,18 @@ def test_a_second_job_on_a_held_folder_is_refused_naming_the_holder(tokens, tmp_
     assert cli.main([*train_argv(tokens, run), "--resume"]) == 2
     line = own_lines(capsys.readouterr().err)[0]
     assert "node-17" in line and f"remove {run / LOCK}" in line
+
+
+def test_sigterm_waits_for_the_step_inside_a_training_loop_and_interrupts_elsewhere():
+    from nextdetail.faults import Preempted, deferred_term, term_requested, terminable
+
+    with terminable():
+        with deferred_term(5.0):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            left = term_requested()
+            assert left is not None and 0 < left <= 5.0          # noted, the step goes on
+        assert term_requested() is None
+        with pytest.raises(Preempted):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1.0)
