@@ -195,12 +195,14 @@ def saved_bytes(forward: Callable[[], object]) -> int:
 
 
 def forward_peak(module, forward: Callable[[], object]) -> int:
-    """The largest inputs + outputs of any one submodule while `forward()` runs (no grad): the
-    peak of an inference pass beyond the weights, e.g. a decoder's last convolution at full
-    resolution."""
+    """The most tensor bytes alive at once while `forward()` runs (no grad), beyond the weights:
+    at the end of each submodule call, its output plus the inputs of every call still open
+    around it (a residual block keeps its input for the skip; a decoder keeps its input while its
+    blocks run), e.g. a decoder's last block at full resolution."""
     import torch
 
     peak = 0
+    open_inputs: list = []          # input bytes of the calls in progress, outermost first
 
     def size(x) -> int:
         if isinstance(x, torch.Tensor):
@@ -211,11 +213,16 @@ def forward_peak(module, forward: Callable[[], object]) -> int:
             return sum(size(v) for v in x.values())
         return 0
 
-    def hook(_, inputs, output):
-        nonlocal peak
-        peak = max(peak, size(inputs) + size(output))
+    def enter(_, inputs):
+        open_inputs.append(size(inputs))
 
-    handles = [m.register_forward_hook(hook) for m in module.modules()]
+    def leave(_, inputs, output):
+        nonlocal peak
+        peak = max(peak, sum(open_inputs) + size(output))
+        open_inputs.pop()
+
+    handles = [h for m in module.modules()
+               for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     try:
         with torch.no_grad():
             out = forward()

@@ -11,6 +11,7 @@ the estimates allocate nothing, so "cannot fit" costs no memory.
 from __future__ import annotations
 
 import resource
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -106,10 +107,10 @@ def test_decompose_dataset_refuses_an_output_of_another_kind(kinds, capsys):
 
 def test_every_command_refuses_what_cannot_fit_before_any_work(kinds, capsys, tmp_path):
     k = {n: str(v) for n, v in kinds.items()}
-    big = "--max-memory", "1G"              # the machine's real memory would do; this keeps it certain
+    big = "--max-memory", "1G"      # refused on any machine; the machine's own limit is every other test's
     cases = [
-        (["decompose", k["photo"], "--out", tmp_path / "d", "--size", "30000"], "--size 30000"),
-        (["decompose-dataset", k["empty"], "--out", tmp_path / "s", "--size", "30000"], "--size 30000"),
+        (["decompose", k["photo"], "--out", tmp_path / "d", "--size", "30000", *big], "--size 30000"),
+        (["decompose-dataset", k["empty"], "--out", tmp_path / "s", "--size", "30000", *big], "--size 30000"),
         (["train-tokenizer", "--data", k["store"], "--out", tmp_path / "t", "--image-size", "32", "--ch", "8",
           "--batch-size", "100000", "--lpips-weight", "0", *big], "--batch-size 100000"),
         (["eval-tokenizer", k["tokenizer"], "--data", k["store"], "--out", tmp_path / "e", "--batch-size",
@@ -117,8 +118,9 @@ def test_every_command_refuses_what_cannot_fit_before_any_work(kinds, capsys, tm
         (["export-tokens", "--data", k["store"], "--tokenizer", k["tokenizer"], "--out", tmp_path / "x",
           "--batch-size", "1000000", *big], "--batch-size 1000000"),
         (["train", "--tokens", k["tokens"], "--tokenizer", k["tokenizer"], "--out", tmp_path / "r",
-          "--depth", "200", "--width", "4096", "--heads", "64"], "--depth 200 --width 4096"),
-        (["sample", k["transformer"], "--out", tmp_path / "p", "--highres", "128", "--n", "16"], "--highres 128"),
+          "--depth", "200", "--width", "4096", "--heads", "64", *big], "--depth 200 --width 4096"),
+        (["sample", k["transformer"], "--out", tmp_path / "p", "--highres", "128", "--n", "16", *big],
+         "--highres 128"),
         (["upscale", k["photo"], "--run", k["transformer"], "--out", tmp_path / "u", "--input-size", "16384",
           *big], "--input-size"),
         (["edit", k["transformer"], "--out", tmp_path / "ed", "--edit", "recolor", "--n", "1000000", *big],
@@ -127,12 +129,26 @@ def test_every_command_refuses_what_cannot_fit_before_any_work(kinds, capsys, tm
          "--batch-size 1000000"),
     ]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for argv, option in cases:
-        line = assert_refused(capsys, argv, option, "needs about", "can have")
-        out = Path(argv[argv.index("--out") + 1])
-        assert not out.exists(), (argv, line)
+    with address_space_limit(6 << 30):      # an estimate that let a command through fails, never OOMs
+        for argv, option in cases:
+            line = assert_refused(capsys, argv, option, "needs about", "can have")
+            out = Path(argv[argv.index("--out") + 1])
+            assert not out.exists(), (argv, line)
     # bounded memory: the estimates ran on meta tensors (ru_maxrss in KB on Linux)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2 * 1024 * 1024
+
+
+@contextmanager
+def address_space_limit(extra: int):
+    """RLIMIT_AS at the address space in use plus `extra` bytes, for the block."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    used = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (used + extra, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def test_max_memory_off_skips_the_check_and_a_bad_size_is_refused(kinds, capsys, tmp_path):
