@@ -79,8 +79,9 @@ def tokenizer_ceiling(run_path: Path, images, side: int = 64) -> tuple:
 
     from nextdetail.imageio import load_image
     from nextdetail.tokenize.evaluate import ssim
-    from nextdetail.train.sample import decode, load_run
-    from nextdetail.train.upscale import decomposition_params, psnr, store_inputs
+    from nextdetail.generate.images import decode
+    from nextdetail.generate.run import load_run
+    from nextdetail.generate.upscale import decomposition_params, psnr, store_inputs
 
     run = load_run(run_path)
     order, at = decomposition_params(run)

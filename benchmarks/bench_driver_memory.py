@@ -38,7 +38,8 @@ def hwm():
 from nextdetail.pipelines import JobConfig, job
 from nextdetail.pipelines.sources import scan_source
 from nextdetail.pipelines.worker import shard_items
-from nextdetail.stores.decomposition_writer import check_store, plan_store
+from nextdetail.stores.store_check import check_store
+from nextdetail.stores.store_plan import plan_store
 src, store, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 params = JobConfig(src=src, out=store, size=64, order=3).store_params("numba")
 before, t = hwm(), {}

@@ -274,7 +274,7 @@ def part_export_encode(dry: bool) -> dict:
 
     from nextdetail.pipelines.encode_worker import flatten_maps, numerics, pin_numerics
     from nextdetail.tokenize import Tokenizer
-    from nextdetail.tokenize.loader import bases_inputs
+    from nextdetail.tokenize.bases import inputs_from_bases
 
     device = torch_device(dry)
     pin_numerics(device)
@@ -282,8 +282,8 @@ def part_export_encode(dry: bool) -> dict:
     torch.manual_seed(0)
     tok = Tokenizer(cfg).to(device).eval()
     n = 8 if dry else 256
-    image, bases = bases_inputs(SyntheticBatches(cfg.image_size, cfg.needs_bases(), n).next().to(device),
-                                cfg.needs_bases())
+    image, bases = inputs_from_bases(SyntheticBatches(cfg.image_size, cfg.needs_bases(), n).next().to(device),
+                                     cfg.needs_bases())
     dt = timed(lambda: tok.encode(image, bases), device, repeats=2 if dry else 3)
     whole = flatten_maps(tok.encode(image, bases))
     parts = [flatten_maps(tok.encode(image[a:a + 7], [b[a:a + 7] for b in bases])) for a in range(0, n, 7)]

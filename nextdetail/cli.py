@@ -104,7 +104,7 @@ COMMANDS = {
         "on its own, in fixed batches split over torchrun's processes) into DIR/images/NNNNNN.png and "
         "resumable DIR/parts/, and with --npz FILE an ADM .npz batch for FID. Exit status: 0 done, "
         "2 usage, run or tokenizer error.",
-        "nextdetail.train.sample:SampleConfig"),
+        "nextdetail.generate.sample:SampleConfig"),
     "upscale": (
         "super-resolution by token prefix: the input's base maps, the details drawn by the model",
         "Each IMAGE (a centre crop of --input-size, default the tokenizer's size / --scale) is "
@@ -114,7 +114,7 @@ COMMANDS = {
         "the result, the bicubic upscale and a sheet per image, DIR/upscale.json, and PSNR/SSIM "
         "against --reference (or, with --downscale-first, against each IMAGE itself). Exit status: 0 "
         "done, 2 usage, run, image or model error.",
-        "nextdetail.train.upscale:UpscaleConfig"),
+        "nextdetail.generate.upscale:UpscaleConfig"),
     "edit": (
         "recolor (intrinsic runs) or relight (specular runs) generated samples through their factors",
         "Draws --n samples and edits them without retraining: recolor keeps the shading maps and "
@@ -122,7 +122,7 @@ COMMANDS = {
         "base maps and scales (--gains), drops (gain 0) or redraws the specular terms. A strip per "
         "sample, DIR/edit_XXX.png (original, then each edit), and DIR/edit.json. Exit status: 0 done, "
         "2 usage, or a run whose decomposition has no such factors.",
-        "nextdetail.train.edit:EditConfig"),
+        "nextdetail.generate.edit:EditConfig"),
     "eval-samples": (
         "FID, IS, KID and precision/recall of generated images against a reference",
         "Inception-v3 features (torch-fidelity's port of the TF graph ADM's evaluator uses) of SAMPLES "
@@ -222,7 +222,8 @@ def cmd_train(cfg, args) -> int:
 
 
 def cmd_sample(cfg, args) -> int:
-    from .train.sample import class_label, load_run, sample_to_folder
+    from .generate.run import class_label, load_run
+    from .generate.sample import sample_to_folder
 
     if cfg.per_class:
         return _sample_per_class(cfg)
@@ -230,7 +231,7 @@ def cmd_sample(cfg, args) -> int:
     label = class_label(cfg.label, run.meta["class_names"])
     bar = tqdm(total=cfg.n, unit="img", desc="sample", file=sys.stderr, disable=None)
     try:
-        report = sample_to_folder(run, cfg.out, label=label, progress=bar.update, **cfg.generation())
+        report = sample_to_folder(run, cfg.out, cfg, label=label, progress=bar.update)
     finally:
         bar.close()
     print(report.summary())
@@ -241,7 +242,7 @@ def _sample_per_class(cfg) -> int:
     """`sample --per-class K`: the evaluation batch, split over torchrun's processes; rank 0 shows
     the bar (its own share of the batches) and prints the summary."""
     from .progress import JobProgress
-    from .train.sample_batches import sample_per_class
+    from .generate.batches import sample_per_class
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
     progress = JobProgress("sample", "already sampled") if rank0 else None
@@ -257,7 +258,7 @@ def _sample_per_class(cfg) -> int:
 
 
 def cmd_upscale(cfg, args) -> int:
-    from .train.upscale import upscale_files
+    from .generate.upscale import upscale_files
 
     bar = tqdm(total=len(cfg.images), unit="img", desc="upscale", file=sys.stderr, disable=None)
     try:
@@ -269,7 +270,7 @@ def cmd_upscale(cfg, args) -> int:
 
 
 def cmd_edit(cfg, args) -> int:
-    from .train.edit import edit_to_folder
+    from .generate.edit import edit_to_folder
 
     print(edit_to_folder(cfg).summary())
     return 0

@@ -16,6 +16,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def first_line(e: BaseException, typed: bool = False) -> str:
+    """The first line of str(e), for messages that must stay on one line; the exception type's
+    name when the message is empty, and 'Type: line' with `typed`."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else ""
+    if typed:
+        return f"{type(e).__name__}: {line}" if line else type(e).__name__
+    return line or type(e).__name__
+
+
 class NextDetailError(Exception):
     """Base of every error a command reports in one line."""
 

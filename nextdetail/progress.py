@@ -12,7 +12,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from .stores.decomposition import source_name
+from .stores.decomposition_format import source_name
 
 
 class JobProgress:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from .errors import ConfigError, NextDetailError
+from .errors import ConfigError, NextDetailError, first_line
 from .faults import Preempted, deferred_term, term_requested, terminable
 from .limits import check_max_memory, memory_opt
 from .options import check_int, opt
@@ -108,7 +108,7 @@ def save_checkpoint(path: Path, obj: dict) -> None:
             torch.save({**obj, "checkpoint": CHECKPOINT_FORMAT}, tmp)
         except RuntimeError as e:       # torch's zip writer reports a failed write as a RuntimeError
             full = shutil.disk_usage(Path(path).parent).free < (1 << 20)
-            raise OSError(errno.ENOSPC if full else errno.EIO, str(e).strip().splitlines()[0], str(path)) from e
+            raise OSError(errno.ENOSPC if full else errno.EIO, first_line(e), str(path)) from e
 
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
@@ -140,8 +140,7 @@ def load_checkpoint(path, map_location="cpu", what: str = "nextdetail checkpoint
         raise RunError(f"{path}: refused: its pickle needs `{found.group(1)}`, not a tensor or plain "
                        f"container, so loading it could run code; not a {what}") from None
     except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"{path}: cannot read checkpoint (damaged: {first})") from None
+        raise RunError(f"{path}: cannot read checkpoint (damaged: {first_line(e)})") from None
     if not isinstance(obj, dict):
         raise RunError(f"{path}: holds a {type(obj).__name__}, not a {what}")
     if obj.get("checkpoint") != CHECKPOINT_FORMAT and "model" in obj:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import NextDetailError
+from .errors import NextDetailError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ def weights_file(w: Weights, given=None, *, no_download: bool = False, option: s
     try:
         torch.hub.download_url_to_file(w.url, str(path), hash_prefix=w.hash_prefix(), progress=True)
     except Exception as e:  # noqa: BLE001 - no network, refused, wrong bytes: the same advice
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"{w.what} not found and the download failed ({first}): {how}") from None
+        raise WeightsError(f"{w.what} not found and the download failed ({first_line(e)}): {how}") from None
     return path
 
 

@@ -1,7 +1,8 @@
 """Inputs for the pipeline tests: real photos from <repo>/../shared/data by path (never
 copied), or generated images when that folder is absent, plus deliberately broken files;
-and `make_store`, a small finished decomposition store written in-process, without Ray
-(the tokenizer tests train on it)."""
+`make_store`, a small finished decomposition store written in-process, without Ray
+(the tokenizer tests train on it); and the store writer's steps as the tests call them
+(`prepare_store`, `merged_manifest`, `plan_sources`)."""
 from __future__ import annotations
 
 import io
@@ -75,6 +76,30 @@ def broken_files(folder: Path, good: Path) -> dict:
     return files
 
 
+def prepare_store(path, params, sources, *, overwrite: bool):
+    """check_store, then plan_store: what the job does, split by Ray's start-up. A StorePlan."""
+    from nextdetail.stores.store_check import check_store
+    from nextdetail.stores.store_plan import plan_store
+
+    return plan_store(path, params, check_store(path, params, sources, overwrite=overwrite), overwrite=overwrite)
+
+
+def merged_manifest(path, params, n_images: int):
+    """The whole manifest as it stands (manifest + journal), a pandas DataFrame (the job itself
+    goes shard by shard)."""
+    import pyarrow as pa
+    from nextdetail.stores.shard_journal import shard_tables
+
+    return pa.concat_tables(list(shard_tables(path, params, n_images))).to_pandas()
+
+
+def plan_sources(plan, k: int):
+    """The images (Sources) of shard k of a StorePlan, as listed when the store was created."""
+    from nextdetail.stores.manifest import ManifestShards, manifest_sources
+
+    return manifest_sources(ManifestShards(plan.path, plan.params.shard_images), k)
+
+
 def shard_rows(plan):
     """The one-row batches Ray Data hands a DecomposeWorker: one per shard the plan writes."""
     from nextdetail.pipelines.worker import shard_items
@@ -86,7 +111,7 @@ def shard_rows(plan):
 def solve_shards(plan, worker, rows=None) -> list:
     """Run a DecomposeWorker on the plan's shard rows (or the given ones) and commit each result,
     as the job's driver does; returns the worker's tables."""
-    from nextdetail.stores.decomposition_writer import commit_shards
+    from nextdetail.stores.shard_journal import commit_shards
 
     out = []
     for row in shard_rows(plan) if rows is None else rows:
@@ -103,7 +128,7 @@ def make_store(path: Path, n: int = 4, size: int = 32, order: int = 3, n_iter: i
     from nextdetail.decomp import ATParams
     from nextdetail.pipelines import StoreParams, list_sources
     from nextdetail.pipelines.worker import DecomposeWorker
-    from nextdetail.stores.decomposition_writer import finish_store, prepare_store
+    from nextdetail.stores.store_plan import finish_store
 
     params = StoreParams(order=order, size=size, params=ATParams(n_iter=n_iter), backend="numba",
                          shard_images=shard_images, method=method)

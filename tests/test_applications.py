@@ -12,10 +12,12 @@ from PIL import Image
 from pipeline_data import photo_paths
 
 from nextdetail import cli, demo
-from nextdetail.train.edit import edit_samples
+from nextdetail.generate.edit import edit_samples
 from nextdetail.train.inputs import teacher_inputs
-from nextdetail.train.sample import SampleError, generate, load_run
-from nextdetail.train.upscale import bicubic, store_inputs, upscale_tensor
+from nextdetail.generate.loop import generate
+from nextdetail.generate.options import SampleError
+from nextdetail.generate.run import load_run
+from nextdetail.generate.upscale import bicubic, store_inputs, upscale_tensor
 
 SIZE = 32
 

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from nextdetail import cli
-from nextdetail.stores.decomposition import MANIFEST, META, DecompositionStore, StoreError
+from nextdetail.stores.decomposition import DecompositionStore
+from nextdetail.stores.decomposition_format import MANIFEST, META, StoreError
 from nextdetail.stores.shards import shard_file
 from nextdetail.stores.tokens import INDEX, TOKENS
 from token_data import make_token_store

@@ -15,11 +15,13 @@ from nextdetail import cli, demo
 from nextdetail.decomp import decompose, method_info
 from nextdetail.decomp.logspace import from_unit_log, to_unit_log
 from nextdetail.runs import TrainError
-from nextdetail.stores.decomposition import META, DecompositionStore, StoreError
+from nextdetail.stores.decomposition import DecompositionStore
+from nextdetail.stores.decomposition_format import META, StoreError
 from nextdetail.stores.layers import split_layers
 from nextdetail.stores.shards import layers_from_bases, unit_log_table
 from nextdetail.tokenize import Tokenizer, config_for
-from nextdetail.tokenize.loader import StoreLoader, bases_inputs
+from nextdetail.tokenize.bases import inputs_from_bases as bases_inputs
+from nextdetail.tokenize.loader import StoreLoader
 from nextdetail.tokenize.train import TokenizerTrainConfig, train
 from nextdetail.tokenize.tokenizer import to_image
 

@@ -17,7 +17,7 @@ import pytest
 from nextdetail import cli
 from nextdetail.decomp import ATParams
 from nextdetail.pipelines import DecompositionStore, JobConfig, run_job
-from nextdetail.stores.decomposition import META, PARTS, RUN_DEPENDENT_COLUMNS, manifest_schema
+from nextdetail.stores.decomposition_format import META, PARTS, RUN_DEPENDENT_COLUMNS, manifest_schema
 from nextdetail.stores.shards import BASES
 from conftest import kill_cli_when
 from pipeline_data import SHARED_DATA, listing, synthetic_photo

@@ -14,7 +14,7 @@ import pytest
 from nextdetail import cli
 from nextdetail.imageio import load_image
 from nextdetail.pipelines import DecompositionStore, JobConfig, list_sources, run_job
-from nextdetail.stores.decomposition import MANIFEST, META, RUN_DEPENDENT_COLUMNS
+from nextdetail.stores.decomposition_format import MANIFEST, META, RUN_DEPENDENT_COLUMNS
 from nextdetail.stores.shards import BASES
 from pipeline_data import broken_files, class_folder, listing, photo_paths
 from conftest import own_lines

@@ -166,8 +166,8 @@ def test_a_journal_left_by_a_killed_worker_is_not_read_as_a_part(tmp_path):
     from nextdetail.pipelines import StoreParams
     from nextdetail.pipelines.attempts import ATTEMPTS
     from nextdetail.pipelines.worker import DecomposeWorker
-    from nextdetail.stores.decomposition_writer import finish_store, merged_manifest, prepare_store
-    from pipeline_data import shard_rows, solve_shards
+    from nextdetail.stores.store_plan import finish_store
+    from pipeline_data import merged_manifest, plan_sources, prepare_store, shard_rows, solve_shards
 
     params = StoreParams(order=2, size=16, params=ATParams(n_iter=2), backend="numpy", shard_images=2)
     src = list_sources(listing(photo_paths(3, tmp_path), tmp_path / "l.txt"))
@@ -179,7 +179,7 @@ def test_a_journal_left_by_a_killed_worker_is_not_read_as_a_part(tmp_path):
     left.write_text("start read:2\n")                                   # its worker died here
     assert merged_manifest(tmp_path / "store", params, 3)["status"].tolist() == ["ok", "ok", "pending"]
     plan = prepare_store(tmp_path / "store", params, src, overwrite=False)   # the rerun
-    assert plan.shards == [1] and plan.todo == 1 and [s.index for s in plan.shard_sources(1)] == [2]
+    assert plan.shards == [1] and plan.todo == 1 and [s.index for s in plan_sources(plan, 1)] == [2]
     solve_shards(plan, DecomposeWorker(str(tmp_path / "store"), params.to_dict(), run=plan.run, batch_size=2,
                                        read_size=16))
     assert finish_store(plan, src="l.txt") == {"images": 3, "ok": 3, "error": 0}

@@ -15,10 +15,11 @@ from nextdetail.decomp import ATParams, decompose
 from nextdetail.imageio import load_image
 from nextdetail.pipelines import DecompositionStore, StoreError, StoreParams, list_sources
 from nextdetail.pipelines.worker import DecomposeWorker
-from nextdetail.stores.decomposition import FORMAT_VERSION, LAYERS_V1, MANIFEST, META, PARTS
-from nextdetail.stores.decomposition_writer import finish_store, merged_manifest, prepare_store
+from nextdetail.stores.decomposition_format import FORMAT_VERSION, LAYERS_V1, MANIFEST, META, PARTS
+from nextdetail.stores.store_plan import finish_store
 from nextdetail.stores.shards import BASES, encode_shard, layers_from_bases, quantize_bases, shard_file
-from pipeline_data import broken_files, listing, photo_paths, shard_rows, solve_shards
+from pipeline_data import (broken_files, listing, merged_manifest, photo_paths, prepare_store, shard_rows,
+                           solve_shards)
 
 SIZE = 24
 # Shards of 4: the 6 images of `src` are shard 0 (images 0-3, image 3 broken) and shard 1 (4-5).
@@ -166,9 +167,9 @@ def test_resume_redoes_whole_shards_with_errors_and_later_runs_win(tmp_path, src
     """(group_shards: the manifest's row groups hold that many shards; 1 makes several groups
     of these 6 images.)"""
     import pyarrow.parquet as pq
-    from nextdetail.stores import decomposition_writer
+    from nextdetail.stores import manifest
 
-    monkeypatch.setattr(decomposition_writer, "MANIFEST_GROUP_SHARDS", group_shards)
+    monkeypatch.setattr(manifest, "MANIFEST_GROUP_SHARDS", group_shards)     # read by its GroupedWriter
     store = tmp_path / "store"
     plan = prepare_store(store, PARAMS, src, overwrite=False)
     write(store, plan, shards={0})                              # 3 ok, 1 error; then the "driver dies"
@@ -421,7 +422,7 @@ def test_only_the_driver_commits_so_a_worker_that_outlives_it_cannot_change_the_
     """A worker of a killed job can run on for seconds (Ray helpers linger). Its shard is staged
     in its run's folder and only a live driver moves it into bases.zarr, so what it writes after
     its driver died is never read: the store ends as an uninterrupted run's."""
-    from nextdetail.stores.decomposition_writer import staged_shard_file
+    from nextdetail.stores.shard_journal import staged_shard_file
     from nextdetail.stores.shards import write_shard
 
     reference = tree_bytes(complete_store(tmp_path / "ref", src) / BASES)

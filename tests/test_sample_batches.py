@@ -13,8 +13,12 @@ from token_data import make_token_store, tiny_transformer
 from nextdetail.cli import main
 from nextdetail.errors import ConfigError
 from nextdetail.runs import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
-from nextdetail.train.sample import SampleConfig, SampleError, draw_per_row, generate, inverse_cdf, load_run
-from nextdetail.train.sample_batches import part_path, sample_batches, sample_per_class, sample_seed
+from nextdetail.generate.batches import part_path, sample_batches, sample_per_class, sample_seed
+from nextdetail.generate.draw import draw_per_row, inverse_cdf
+from nextdetail.generate.loop import generate
+from nextdetail.generate.options import SampleError
+from nextdetail.generate.run import load_run
+from nextdetail.generate.sample import SampleConfig
 from conftest import own_lines
 
 

@@ -151,8 +151,7 @@ def test_an_interrupted_shard_source_store_resumes_to_the_same_bytes(ray_session
     assert (reference.ok, reference.error) == (5, 2)
     # An "interrupted" run: the store created and two of its four shards written, then a rerun.
     from nextdetail.pipelines.worker import DecomposeWorker
-    from nextdetail.stores.decomposition_writer import prepare_store
-    from pipeline_data import shard_rows, solve_shards
+    from pipeline_data import prepare_store, shard_rows, solve_shards
 
     plan = prepare_store(tmp_path / "cut", cfg(tmp_path / "cut").store_params("numba"), scan_source(parquet_src),
                          overwrite=False)
@@ -169,9 +168,9 @@ def test_export_tokens_keeps_the_shard_ids(tmp_path, parquet_src):
     the shard#row ids."""
     from nextdetail.pipelines.export import ExportConfig, export_in_process
     from nextdetail.pipelines.worker import DecomposeWorker
-    from nextdetail.stores.decomposition_writer import finish_store, prepare_store
+    from nextdetail.stores.store_plan import finish_store
     from nextdetail.stores.tokens import INDEX
-    from pipeline_data import solve_shards
+    from pipeline_data import prepare_store, solve_shards
     from token_data import tiny_tokenizer
 
     store = tmp_path / "store"
@@ -216,7 +215,8 @@ def test_the_driver_holds_a_shard_of_the_listing_not_the_dataset(tmp_path, monke
 
     from nextdetail.pipelines import job
     from nextdetail.pipelines.worker import shard_items
-    from nextdetail.stores.decomposition_writer import check_store, plan_store
+    from nextdetail.stores.store_check import check_store
+    from nextdetail.stores.store_plan import plan_store
 
     monkeypatch.setattr(job, "WINDOW_SHARDS", 8)
     monkeypatch.setattr(job, "WINDOW_SHARDS_PER_ACTOR", 1)
@@ -255,7 +255,8 @@ def test_a_job_in_several_windows_equals_one_window(ray_session, parquet_src, tm
 
 
 def test_a_listing_that_fails_leaves_nothing_staged(tmp_path, parquet_src):
-    from nextdetail.stores.decomposition_writer import LISTED, check_store
+    from nextdetail.stores.manifest import LISTED
+    from nextdetail.stores.store_check import check_store
 
     for f in (parquet_src / "data").iterdir():
         f.write_bytes(b"PAR1 garbage")

@@ -11,7 +11,8 @@ import torch
 from nextdetail.pipelines import DecompositionStore
 from nextdetail.stores.layers import split_layers
 from nextdetail.stores.shards import layers_from_bases
-from nextdetail.tokenize.loader import StoreLoader, _Blocks, bases_inputs
+from nextdetail.tokenize.bases import inputs_from_bases as bases_inputs
+from nextdetail.tokenize.loader import StoreLoader, _Blocks
 from pipeline_data import make_store
 
 

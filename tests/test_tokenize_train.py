@@ -13,7 +13,8 @@ from nextdetail.cli import main
 from nextdetail.tokenize import CheckpointError, Tokenizer, config_for
 from nextdetail.stores.layers import split_layers
 from nextdetail.runs import checkpoints
-from nextdetail.tokenize.loader import StoreLoader, bases_inputs
+from nextdetail.tokenize.bases import inputs_from_bases as bases_inputs
+from nextdetail.tokenize.loader import StoreLoader
 from nextdetail.tokenize.train import TokenizerTrainConfig, TrainError, train
 from ddp import free_port, join_world
 from pipeline_data import make_store

@@ -13,8 +13,13 @@ from nextdetail.cli import main
 from nextdetail.tokenize import config_for
 from nextdetail.tokenize.quant import build_quantizer
 from nextdetail.train.model import NextDetailTransformer, TransformerConfig
-from nextdetail.train.sample import (SampleError, class_label, filter_logits, generate, generate_highres, guidance_scale,
-                                     load_run, patch_boxes, requantize_base, sample_to_folder, stage_ends)
+from nextdetail.generate.draw import filter_logits, guidance_scale
+from nextdetail.generate.highres import generate_highres, patch_boxes, requantize_base
+from nextdetail.generate.loop import generate
+from nextdetail.generate.options import SampleError
+from nextdetail.generate.run import class_label, load_run
+from nextdetail.generate.sample import sample_to_folder
+from nextdetail.tokenize.schedule import stage_ends
 from conftest import own_lines
 
 

@@ -19,6 +19,7 @@ from typing import Iterable, Tuple
 import numpy as np
 import torch
 
+from ..errors import first_line
 from ..weights import Weights, WeightsError
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,7 @@ def load_inception(path, device="cpu") -> torch.nn.Module:
         with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: state):
             net = fe.FeatureExtractorInceptionV3("inception-v3-compat", [POOL, LOGITS])
     except (RunError, RuntimeError, KeyError) as e:      # refused or damaged file, wrong keys or shapes
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        first = first.removeprefix(f"{path}: ")
+        first = first_line(e).removeprefix(f"{path}: ")
         raise WeightsError(f"{path}: not usable as the {INCEPTION.what} ({type(e).__name__}: {first[:200]})") from None
     return net.to(device).eval()
 

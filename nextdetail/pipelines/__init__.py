@@ -8,7 +8,8 @@ Ray, Zarr and pyarrow are imported only by the functions that need them, so impo
 package stays cheap.
 """
 from ..errors import ConfigError, JobError
-from ..stores.decomposition import DecompositionStore, Source, StoreError, StoreItem, StoreParams
+from ..stores.decomposition import DecompositionStore, StoreItem
+from ..stores.decomposition_format import Source, StoreError, StoreParams
 from .config import JobConfig
 from .job import JobReport, run_job
 from .shard_sources import ShardOptions

@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..imageio import DEFAULT_MAX_PIXELS
 from ..limits import Need, check_max_memory, check_memory, memory_opt
 from ..options import check_int, nested, opt
-from ..stores.decomposition import StoreParams
+from ..stores.decomposition_format import StoreParams
 from ..stores.shards import SHARD_IMAGES
 from .attempts import DEFAULT_MAX_ATTEMPTS
 from .shard_sources import ShardOptions

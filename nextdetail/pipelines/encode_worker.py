@@ -26,8 +26,7 @@ import numpy as np
 
 from ..stores import PARTS, write_bytes_atomic
 from ..stores.decomposition import DecompositionStore, StoreError
-from ..stores.layers import centre_crop, split_layers
-from ..stores.shards import layers_from_bases
+from ..stores.layers import centre_crop
 from ..stores.tokens import DTYPE
 from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
 
@@ -140,6 +139,8 @@ class EncodeWorker:
         read: their cropped bases, already read (else read here)."""
         import torch
 
+        from ..tokenize.bases import inputs_from_bases
+
         rows = []
         for a in range(lo, hi, self.batch_size):
             if self.crash_on:                   # the test-only hook; nothing in real runs
@@ -148,8 +149,8 @@ class EncodeWorker:
             b = min(hi, a + self.batch_size)
             # One Zarr read per shard, cropped before the float conversion.
             q = read[a - lo:b - lo] if read is not None else centre_crop(self.store.read_range(a, b), self.size)
-            x = torch.from_numpy(layers_from_bases(q, self.store.space)).to(self.device)
-            image, bases = split_layers(x, self.n_bases)
+            q = torch.from_numpy(np.array(q)).to(self.device)         # a copy: Ray's arrays are read-only
+            image, bases = inputs_from_bases(q, self.n_bases, self.store.space)
             rows.append(flatten_maps(self.tok.encode(image, bases)))
         return np.concatenate(rows) if rows else np.zeros((0, 0), DTYPE)
 

@@ -6,7 +6,7 @@
     encode  : from_items(blocks) -> map_batches(EncodeWorker, ActorPoolStrategy): one tokenizer
               per actor, one part file per block (nextdetail.pipelines.encode_worker)
     finish  : parts -> tokens.bin (or shards/), index.parquet, then meta.json (the complete
-              mark), then the journal is dropped
+              mark), then the journal is dropped (nextdetail.stores.tokens_writer)
 
 Resume works from the folder alone: a part exists only once complete (atomic rename), so a
 killed run loses at most the blocks in flight. The token store format is documented in
@@ -25,15 +25,14 @@ from typing import List, Optional
 
 import numpy as np
 
-from .. import __version__
 from ..errors import ConfigError, JobError
 from ..limits import Need, human
 from ..options import check_int, opt
-from ..stores import PARTS, atomic_write, write_bytes_atomic, write_table_atomic
+from ..stores import PARTS, write_bytes_atomic
 from ..stores.decomposition import DecompositionStore, StoreError
 from ..stores.lock import folder_lock
-from ..stores.tokens import (DTYPE, FORMAT, FORMAT_VERSION, INDEX, MAX_VOCAB, META, SHARDS, TOKENS,
-                             file_sha256, map_offsets, shard_name)
+from ..stores.tokens import DTYPE, INDEX, MAX_VOCAB, META, SHARDS, TOKENS, file_sha256, map_offsets, shard_name
+from ..stores.tokens_writer import finish_token_store
 from .attempts import ATTEMPTS, crash_hook
 from .config import RayJobConfig
 from .encode_worker import EncodeWorker, failed_path, part_path, read_block
@@ -168,13 +167,10 @@ def make_plan(cfg: ExportConfig) -> ExportPlan:
         raise ConfigError(f"--tokenizer {ckpt}: a vocabulary of {tcfg.quant.vocab} does not fit the "
                           f"token store's uint16 (at most {MAX_VOCAB})")
     check_store_fits(store, tcfg, ConfigError, what=f"--tokenizer {ckpt}")
-    sizes = tcfg.quant.map_sizes(tcfg.latent())
-    kind = tcfg.quant.kind
+    schedule = tcfg.map_schedule()          # the quantizer's, from its config alone
     plan = ExportPlan(cfg=cfg, checkpoint=ckpt, sha256=file_sha256(ckpt), store=store,
-                      tokenizer_config=tcfg.to_dict(), map_shapes=[[p, p] for p in sizes],
-                      vocab=tcfg.quant.vocab,
-                      num_base=len(tcfg.quant.base_patch_sizes) if kind == "basedetail" else len(sizes),
-                      order=tcfg.quant.order if kind == "basedetail" else 0)
+                      tokenizer_config=tcfg.to_dict(), map_shapes=[[p, p] for p in schedule.sizes],
+                      vocab=tcfg.quant.vocab, num_base=schedule.num_base, order=schedule.order)
     R = cfg.rows_per_block
     plan.blocks = [(b, lo, min(lo + R, plan.N)) for b, lo in enumerate(range(0, plan.N, R))]
     return plan
@@ -250,61 +246,12 @@ def failed_blocks(plan: ExportPlan) -> List[dict]:
 
 
 def finish(plan: ExportPlan) -> None:
-    """Parts -> tokens.bin or shards/, index.parquet, then meta.json last, then drop the journal."""
-    import pyarrow as pa
-
+    """Parts -> the token store's files, meta.json last, then drop the journal (stores.tokens_writer)."""
     out = plan.cfg.out
-    sharded = plan.cfg.shard_rows is not None
-    if sharded:
-        (out / SHARDS).mkdir(exist_ok=True)
-        for b, lo, hi in plan.blocks:
-            if part_path(out, b).is_file():        # not yet moved by an earlier finish
-                os.replace(part_path(out, b), out / shard_name(b))
-    else:
-        with atomic_write(out / TOKENS) as tmp, open(tmp, "wb") as dst:
-            for b, lo, hi in plan.blocks:
-                with open(part_path(out, b), "rb") as src:
-                    shutil.copyfileobj(src, dst, 1 << 24)
-    store = plan.store
-    m = store.manifest.set_index("index").loc[store.ok_indices]
-    labels = store.labels.astype(np.int64)
-    classes = [c if isinstance(c, str) else None for c in m["class_name"].tolist()]   # NaN -> None
-    table = pa.table({"row": pa.array(np.arange(plan.N), pa.int64()),
-                      "id": pa.array(m["id"].tolist(), pa.string()),
-                      "label": pa.array(labels, pa.int64()),
-                      "class_name": pa.array(classes, pa.string()),
-                      "store_index": pa.array(store.ok_indices.astype(np.int64), pa.int64())})
-    write_table_atomic(table, out / INDEX)
-    names = {int(lab): c for lab, c in zip(labels, classes) if lab >= 0 and c}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "nextdetail_version": __version__,
-            "N": plan.N, "L": plan.L, "dtype": "uint16", "byte_order": "little",
-            "layout": "row-major (N, L); map k of row i is row[offsets[k]:offsets[k+1]], reshaped (h_k, w_k)",
-            "vocab": plan.vocab, "map_shapes": plan.map_shapes,
-            "offsets": map_offsets(plan.map_shapes).tolist(), "num_maps": len(plan.map_shapes),
-            "num_base": plan.num_base, "order": plan.order,
-            "detail_depth": plan.tokenizer_config["quant"]["detail_depth"] if plan.order else 0,
-            "num_classes": int(labels.max()) + 1 if len(labels) and labels.max() >= 0 else 0,
-            "class_names": [names.get(k) for k in range(int(labels.max()) + 1)] if names else [],
-            "tokenizer": {"checkpoint": str(plan.checkpoint.resolve()), "sha256": plan.sha256,
-                          "kind": plan.tokenizer_config["quant"]["kind"], "config": plan.tokenizer_config,
-                          "image_size": plan.tokenizer_config["image_size"],
-                          "crop": "centre crop of the stored image"},
-            "decomposition": {"store": str(store.path.resolve()), "method": store.method,
-                              "layer_order": store.layer_names, "order": store.order, "size": store.size, "at": store.meta.get("at"),
-                              "backend": store.meta.get("backend")},
-            "plan": plan.key()}
-    if plan.numerics:
-        # What the bytes depend on besides the inputs, as the encoders of this run reported it
-        # (blocks finished by an earlier run are not in it). Two entries: mixed bytes.
-        meta["encode"] = [json.loads(s) for s in sorted(plan.numerics)]
-        if len(plan.numerics) > 1:
-            log.warning("%s: blocks were encoded on %d different set-ups (see meta.json 'encode'); "
-                        "their tokens may differ in the last bit of a near-tie", out, len(plan.numerics))
-    if sharded:
-        meta["shard_rows"] = plan.cfg.shard_rows
-        meta["shards"] = [{"file": shard_name(b), "rows": hi - lo} for b, lo, hi in plan.blocks]
-    write_bytes_atomic(out / META, (json.dumps(meta, indent=2) + "\n").encode())
-    shutil.rmtree(out / PARTS, ignore_errors=True)
+    finish_token_store(out, plan.store, [(b, hi - lo, part_path(out, b)) for b, lo, hi in plan.blocks],
+                       shard_rows=plan.cfg.shard_rows, map_shapes=plan.map_shapes, vocab=plan.vocab,
+                       num_base=plan.num_base, order=plan.order, checkpoint=plan.checkpoint, sha256=plan.sha256,
+                       tokenizer_config=plan.tokenizer_config, plan=plan.key(), encode=plan.numerics)
 
 
 # ----------------------------------------------------------------------------- the job

@@ -28,9 +28,11 @@ from typing import Iterator, List, Optional
 
 from ..errors import ConfigError
 from ..limits import human
-from ..stores.decomposition import STATUS_ERROR, run_parts, source_name
+from ..stores.decomposition_format import STATUS_ERROR, run_parts, source_name
 from ..stores.lock import folder_lock
-from ..stores.decomposition_writer import StorePlan, check_store, commit_shards, finish_store, plan_store
+from ..stores.shard_journal import commit_shards
+from ..stores.store_check import check_store
+from ..stores.store_plan import StorePlan, finish_store, plan_store
 from .attempts import ATTEMPTS, crash_hook
 from .config import JobConfig
 from .ray_job import (Progress, RayJobReport, cluster_resources, job_failures, largest_node, quiet_data_context,

@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 
 from ..errors import ConfigError, JobError
 from ..faults import as_os_error, cause_line, install_term_handler
-from ..stores.decomposition import StoreError
+from ..stores.decomposition_format import StoreError
 from .config import RayJobConfig
 from .native_log import quiet_known_native_lines
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from ..errors import NextDetailError
+from ..errors import NextDetailError, first_line
 from ..imageio import IMAGE_EXTENSIONS
-from ..stores.decomposition import NO_LABEL, Source
+from ..stores.decomposition_format import NO_LABEL, Source
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,6 @@ class ShardError(NextDetailError):
     """A source file (Parquet or tar) that cannot be opened or listed at all."""
 
 
-def _first_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 # ----------------------------------------------------------------------------- Parquet (Hugging Face)
 
 def hf_class_names(schema, label_column: str) -> Optional[List[str]]:
@@ -127,7 +122,7 @@ def _parquet_items(path: Path, options: ShardOptions) -> Iterator[tuple]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
-        raise ShardError(f"cannot open it as Parquet ({_first_line(e)})") from None
+        raise ShardError(f"cannot open it as Parquet ({first_line(e, typed=True)})") from None
     schema = pf.schema_arrow
     if options.image_column not in schema.names:
         raise ShardError(f"no image column {options.image_column!r} (columns: {', '.join(schema.names)}); "
@@ -246,7 +241,7 @@ def _tar_items(path: Path, options: ShardOptions) -> list:
     try:
         tar = tarfile.open(path, mode="r:")
     except (tarfile.TarError, OSError) as e:
-        raise ShardError(f"cannot open it as a tar ({_first_line(e)})") from None
+        raise ShardError(f"cannot open it as a tar ({first_line(e, typed=True)})") from None
     items = []
     names = list(options.class_names) if options.class_names is not None else None
     with tar:
@@ -262,9 +257,9 @@ def _tar_items(path: Path, options: ShardOptions) -> list:
                 items.append((key, label, class_name, problem))
         except (tarfile.TarError, OSError, EOFError) as e:
             if not items:
-                raise ShardError(f"cannot read it as a tar ({_first_line(e)})") from None
+                raise ShardError(f"cannot read it as a tar ({first_line(e, typed=True)})") from None
             log.warning("%s: the tar ends early (%s); %d key groups before that are used", path,
-                        _first_line(e), len(items))
+                        first_line(e, typed=True), len(items))
     return items
 
 
@@ -284,7 +279,7 @@ def read_tar_keys(path: str, keys: Sequence[str]) -> Dict[str, object]:
                 try:
                     data = tar.extractfile(members[ext]).read()
                 except (tarfile.TarError, OSError, EOFError) as e:
-                    out[key] = f"truncated tar member {members[ext].name} ({_first_line(e)})"
+                    out[key] = f"truncated tar member {members[ext].name} ({first_line(e, typed=True)})"
                     continue
                 out[key] = data if len(data) == members[ext].size else \
                     f"truncated tar member {members[ext].name} ({len(data)} of {members[ext].size} bytes)"
@@ -292,5 +287,5 @@ def read_tar_keys(path: str, keys: Sequence[str]) -> Dict[str, object]:
                     break
         except (tarfile.TarError, OSError, EOFError) as e:
             for key in wanted - out.keys():
-                out[key] = f"not readable from the tar ({_first_line(e)})"
+                out[key] = f"not readable from the tar ({first_line(e, typed=True)})"
     return out

@@ -27,7 +27,7 @@ from typing import Iterator, List, Optional, Sequence
 
 from ..errors import PathError
 from ..imageio import FolderError, walk_image_files
-from ..stores.decomposition import NO_LABEL, Source
+from ..stores.decomposition_format import NO_LABEL, Source
 from .shard_sources import ShardOptions, find_shards, is_glob, iter_shard_sources, shard_kind
 
 log = logging.getLogger(__name__)

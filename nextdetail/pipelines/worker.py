@@ -22,8 +22,8 @@ from ..decomp import decompose
 from ..decomp.at import to_host
 from ..faults import machine_error
 from ..imageio import ImageError, load_image, load_image_bytes
-from ..stores.decomposition import STATUS_ERROR, STATUS_OK, StoreParams, manifest_schema, run_parts
-from ..stores.decomposition_writer import staged_shard_file
+from ..stores.decomposition_format import STATUS_ERROR, STATUS_OK, StoreParams, manifest_schema, run_parts
+from ..stores.shard_journal import staged_shard_file
 from ..stores.shards import quantize_bases, write_shard
 from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
 from .shard_sources import PARQUET, read_parquet_rows, read_tar_keys, shard_kind
@@ -120,7 +120,7 @@ def shard_items(plan, shards: Optional[Sequence[int]] = None) -> List[dict]:
     driver even the window. An earlier version did, and was taken out because the solver's
     output then differed in the last bit now and then; the cause was found later in the Numba
     kernels' fast-math, not in the read (docs/dataset-store.md), so that design is open again.)"""
-    from ..stores.decomposition_writer import ManifestShards, manifest_sources
+    from ..stores.manifest import ManifestShards, manifest_sources
 
     manifest = ManifestShards(plan.path, plan.params.shard_images)
     return [{"shard": k, "sources": json.dumps([[s.index, s.path, s.member, s.problem]
@@ -285,7 +285,7 @@ class DecomposeWorker:
         if any(ok):
             seconds[np.flatnonzero(ok)] += (time.perf_counter() - t0) / sum(ok)
         # id, label and class_name stay null here: the store's manifest, written by the
-        # driver from SRC, is their one source (merged in by writer.merged_manifest).
+        # driver from SRC, is their one source (merged in by shard_journal.shard_tables).
         cols = {"index": index, "id": [None] * n, "path": [str(p) for p in batch["path"]],
                 "member": list(batch["member"]), "problem": list(batch["problem"]),
                 "label": [None] * n, "class_name": [None] * n,

@@ -23,123 +23,25 @@ unit-log space t(x) = ln((x + eps) / eps) / ln((1 + eps) / eps): [t(S), t(I) - t
 to t(I) in [0, 1] (shards.layers_from_bases). The reader (`DecompositionStore`) refuses incomplete stores, stores of another
 format version (format 1: float16 layers, nextdetail <= 0.2) and damaged shards with a one-line
 `StoreError`.
+
+The names and types both sides share (StoreParams, Source, manifest_schema, read_meta) are in
+decomposition_format.py; the writer is store_check.py, manifest.py, shard_journal.py (its
+protocol) and store_plan.py.
 """
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import numpy as np
 
-from ..decomp import ATParams, method_info
-from ..errors import PathError
-from ..options import differences
-from .atomic import PARTS
-from .meta import check_keys
-from .shards import BASES, DTYPE, SHARD_IMAGES, layers_from_bases, shard_count, shard_file
-
-FORMAT = "nextdetail.decomposition_store"
-FORMAT_VERSION = 2
-LAYERS_V1 = "layers.zarr"      # format 1's array (float16 layers, one file per image)
-
-MANIFEST = "manifest.parquet"
-META = "meta.json"
-
-STATUS_OK = "ok"
-STATUS_ERROR = "error"
-STATUS_PENDING = "pending"     # only in incomplete stores: not processed yet
-
-# Columns of the manifest that depend on when and where an image ran, not on what it is:
-# everything else is the same for an interrupted-and-resumed run as for an uninterrupted one.
-RUN_DEPENDENT_COLUMNS = ("seconds", "worker_host", "worker_pid")
-
-
-class StoreError(PathError):
-    """A store that cannot be used as asked; str is one line "<STORE or its file>: <reason>"."""
-
-
-# What readers use of meta.json: key -> (type, check). A store whose meta.json is edited or
-# damaged is refused naming the key, instead of failing later in a traceback.
-_META_KEYS = {"method": str, "order": int, "size": int, "backend": str, "at": dict, "dtype": str,
-              "shard_images": int, "counts": dict}
-_COUNT_KEYS = ("images", "ok", "error")
-
-
-NO_LABEL = -1
-
-
-@dataclass(frozen=True, slots=True)      # slots: a million of them in the driver
-class Source:
-    """One image of the job. index is its row in the store, path what workers open: the image
-    file, or the shard (Parquet file, tar) that holds it as `member` (row number or key).
-    problem: why it cannot be used, when listing already knows (an error row, never read)."""
-
-    index: int
-    id: str
-    path: str
-    label: int = NO_LABEL
-    class_name: Optional[str] = None
-    member: Union[int, str, None] = None
-    problem: Optional[str] = None
-
-
-@dataclass(frozen=True)
-class StoreParams:
-    """Everything that decides the bytes of a store: a rerun must ask for exactly these.
-
-    backend is the resolved solver (numba, cupy or numpy, never auto): backends agree only
-    to float32 rounding, so mixing two in one store would break byte-for-byte resumes.
-    """
-
-    order: int
-    size: int
-    params: ATParams
-    backend: str
-    method: str = "base_detail"
-    shard_images: int = SHARD_IMAGES
-    dtype: str = DTYPE
-
-    def to_dict(self) -> dict:
-        return {"method": self.method, "order": self.order, "size": self.size,
-                "backend": self.backend, "dtype": self.dtype, "shard_images": self.shard_images,
-                "at": self.params.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "StoreParams":
-        return cls(order=int(d["order"]), size=int(d["size"]), params=ATParams(**d["at"]),
-                   backend=str(d["backend"]), method=str(d["method"]), dtype=str(d["dtype"]),
-                   shard_images=int(d["shard_images"]))
-
-    @property
-    def levels(self) -> int:
-        """n: the store holds n + 1 bases per image. The order, except for a method with one
-        factor pair whatever its order (intrinsic: order is its shading's smoothing levels)."""
-        return method_info(self.method).levels(self.order)
-
-    def layer_names(self) -> List[str]:
-        """Generation order under the method's names: [B_3, D_3, D_2, D_1], [S_1, A_1], ..."""
-        return method_info(self.method).layer_names(self.levels)
-
-    def shards(self, n_images: int) -> int:
-        """How many shards a store of n_images has."""
-        return shard_count(n_images, self.shard_images)
-
-    def differences(self, other: "StoreParams", *, ignore: tuple = ()) -> List[str]:
-        """'name A (store) != B (this run)' for every setting that differs, named as the command
-        line spells it, in a fixed order."""
-        return differences(self, other, ignore=ignore, labels=("store", "this run"), flatten=True, value=repr)
-
-
-def source_name(row: dict) -> str:
-    """Where a manifest row's image came from: its file, or "<shard>#<row or key>"."""
-    return row["path"] if not row.get("member") else f"{row['path']}#{row['member']}"
-
-
-def run_parts(store, run: int) -> Path:
-    """The journal folder of run `run` of a store being written (see decomposition_writer.py)."""
-    return Path(store) / PARTS / f"run-{run:04d}"
+from ..decomp import method_info
+# StoreError and read_meta are this module's public names too: what a reader catches and checks.
+from .decomposition_format import MANIFEST, META, STATUS_OK, StoreError, read_meta
+from .manifest import ManifestRows
+from .shards import BASES, layers_from_bases, shard_count, shard_damage, shard_file
 
 
 def _first_line(e: BaseException) -> str:
@@ -147,65 +49,14 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
-# Row group g of manifest.parquet holds the rows of shards g*G .. g*G+G-1 (G = this), whole
-# shards, so a shard's rows are read with one row group. Not one row group per shard: Parquet
-# keeps ~1.7 KB of metadata per column chunk in the writer's and reader's memory, which at one
-# group per 64 images is ~0.5 KB per image (0.5 GB at a million).
-MANIFEST_GROUP_SHARDS = 64
-
-
-def manifest_schema(levels: int):
-    """The pyarrow schema of manifest.parquet (and of every journal part) for `levels` levels
-    (energy_k, iterations_k: level k's AT energy and sweeps; null for a method without AT).
-    Its row groups hold MANIFEST_GROUP_SHARDS whole shards each."""
-    import pyarrow as pa
-
-    fields = [("index", pa.int64()), ("id", pa.string()), ("path", pa.string()), ("member", pa.string()),
-              ("label", pa.int64()), ("class_name", pa.string()), ("problem", pa.string()),
-              ("status", pa.string()), ("error", pa.string())]
-    fields += [(f"energy_{k}", pa.float64()) for k in range(1, levels + 1)]
-    fields += [(f"iterations_{k}", pa.int64()) for k in range(1, levels + 1)]
-    fields += [("shard_bytes", pa.int64()), ("seconds", pa.float64()), ("backend", pa.string()),
-               ("worker_host", pa.string()), ("worker_pid", pa.int64())]
-    return pa.schema(fields)
-
-
-def format_refusal(path, version, meta: dict) -> str:
-    """The one line refusing a store of another format version, saying how to rebuild it."""
-    src = meta.get("src") or "SRC"
-    written = f"written by nextdetail {meta.get('nextdetail_version', '?')}"
-    what = "float16 layers, one file per image; " if version == 1 else ""
-    return (f"store format version {version!r} ({what}{written}); this nextdetail reads and writes "
-            f"version {FORMAT_VERSION} only: rebuild it with `nextdetail decompose-dataset {src} --out "
-            f"{path} --overwrite` and the same parameters")
-
-
-def read_meta(path) -> dict:
-    """meta.json of a store, checked: StoreError if missing (incomplete) or of another format."""
-    path = Path(path)
-    if not path.is_dir():
-        raise StoreError(path, "no such store (not a folder)")
-    meta_file = path / META
-    if not meta_file.is_file():
-        if (path / BASES).exists() or (path / LAYERS_V1).exists():
-            raise StoreError(path, "incomplete store (no meta.json): its job has not finished; rerun "
-                                   "the same `nextdetail decompose-dataset` command to complete it")
-        raise StoreError(path, f"not a decomposition store (no meta.json, no {BASES})")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, ValueError) as e:
-        raise StoreError(meta_file, f"cannot read it as JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise StoreError(path, f"meta.json does not describe a {FORMAT}")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise StoreError(path, format_refusal(path, version, meta))
-    check_keys(meta, meta_file, _META_KEYS, StoreError)
-    check_keys(meta["counts"], meta_file, dict.fromkeys(_COUNT_KEYS, int), StoreError, prefix="counts.")
-    for key in ("order", "size", "shard_images"):
-        if meta[key] < 1:
-            raise StoreError(meta_file, f"'{key}' is {meta[key]}, must be >= 1")
-    return meta
+# The manifest columns the reader needs. Read whole at open: index (checked to be 0..N-1), status
+# (which rows are ok images) and label (`labels`), three one-value columns, about 24 bytes per
+# image while read and 16 per ok image kept. The rest of a row is read with its row group when
+# an image is asked for: a whole manifest in pandas is about 1 GB at ImageNet size, in every
+# process that opens the store (each loader and export worker).
+_REQUIRED = ("index", "id", "label", "class_name", "status", "shard_bytes")
+_OPEN_COLUMNS = ("index", "status", "label")
+_ROW_COLUMNS = ("id", "class_name", "shard_bytes")
 
 
 @dataclass
@@ -249,28 +100,28 @@ class DecompositionStore:
     """Read a finished store: `len(store)` ok images, `store[i]` -> StoreItem.
 
     Only images with status ok are indexed (i = 0 .. len - 1, in store order); the
-    manifest (all rows, errors included) is `store.manifest`, a pandas DataFrame.
-    Picklable (the Zarr array is reopened lazily), so DataLoader workers can share it.
+    manifest (all rows, errors included) is `store.manifest`, a pandas DataFrame read on first
+    use. The reader itself holds the ok images' rows and labels and reads the rest of the
+    manifest a row group at a time (the last one kept), as images are asked for.
+    Picklable (the Zarr array and the manifest are reopened lazily), so DataLoader workers can share it.
     Whole shards (`n_shards`, `read_shard(k)`) are the fast path for loaders that stream.
     """
 
     def __init__(self, path):
-        import pyarrow.parquet as pq
+        import pyarrow.compute as pc
 
         self.path = Path(path)
         self.meta = read_meta(self.path)
-        try:
-            table = pq.read_table(self.path / MANIFEST)
-        except Exception as e:  # missing, truncated or unreadable Parquet
-            raise StoreError(self.path / MANIFEST, f"cannot read the manifest ({_first_line(e)})") from None
-        missing = [c for c in ("index", "id", "label", "class_name", "status", "shard_bytes")
-                   if c not in table.column_names]
+        self._rows, self._pid, self._manifest = None, None, None
+        rows = self._manifest_rows()
+        missing = [c for c in _REQUIRED if c not in rows.file.schema_arrow.names]
         if missing:
             raise StoreError(self.path / MANIFEST, f"lacks the column(s) {', '.join(missing)}")
-        self.manifest = table.to_pandas()
+        table = self._manifest_read(lambda: rows.file.read(columns=list(_OPEN_COLUMNS)))
+        index = table.column("index").to_numpy()
         n = self.meta["counts"]["images"]
-        if len(self.manifest) != n or not (self.manifest["index"].to_numpy() == np.arange(n)).all():
-            raise StoreError(self.path / MANIFEST, f"has {len(self.manifest)} rows, not rows 0..{n - 1} "
+        if len(index) != n or not (index == np.arange(n)).all():
+            raise StoreError(self.path / MANIFEST, f"has {len(index)} rows, not rows 0..{n - 1} "
                                                    f"of meta.json's {n} images")
         self.order = self.meta["order"]
         self.method = self.meta["method"]
@@ -284,14 +135,11 @@ class DecompositionStore:
         self.size = self.meta["size"]
         self.shard_images = self.meta["shard_images"]
         self.n_shards = shard_count(n, self.shard_images)
-        ok = (self.manifest["status"] == STATUS_OK).to_numpy()
-        self.ok_indices = self.manifest["index"].to_numpy()[ok]
-        self._ids = self.manifest["id"].tolist()
-        self._labels = self.manifest["label"].to_numpy()
-        self.labels = self._labels[self.ok_indices]     # label of store[i] (-1: none)
-        self._classes = self.manifest["class_name"].tolist()
-        # Per shard: its file's size as written (0: no ok image, no file) and its ok items.
-        self._shard_bytes = self.manifest["shard_bytes"].fillna(0).to_numpy()[::self.shard_images].astype(np.int64)
+        ok = pc.equal(table.column("status"), STATUS_OK).fill_null(False).to_numpy()
+        self.ok_indices = index[ok]
+        self.labels = table.column("label").to_numpy()[self.ok_indices]     # label of store[i] (-1: none)
+        del table, index
+        # Per shard: where its ok items start.
         self._shard_starts = np.searchsorted(self.ok_indices, np.arange(self.n_shards + 1) * self.shard_images)
         self._array = None
         self._checked: set = set()
@@ -309,10 +157,54 @@ class DecompositionStore:
                 raise StoreError(self.path, f"cannot open {BASES} ({e})") from None
         return self._array
 
+    def _manifest_read(self, read):
+        """read(), a read of the manifest; StoreError naming it when its bytes cannot be read."""
+        try:
+            return read()
+        except Exception as e:  # missing, truncated or unreadable Parquet
+            raise StoreError(self.path / MANIFEST, f"cannot read the manifest ({_first_line(e)})") from None
+
+    def _manifest_rows(self) -> ManifestRows:
+        # Opened again in each process: a forked DataLoader worker gets its own file handle and
+        # row-group cache, an unpickled reader none until it reads.
+        if self._rows is None or self._pid != os.getpid():
+            import pyarrow.parquet as pq
+
+            self._rows = ManifestRows(self._manifest_read(lambda: pq.ParquetFile(self.path / MANIFEST)))
+            self._pid = os.getpid()
+        return self._rows
+
+    def _value(self, row: int, column: str):
+        """Manifest column `column` (one of _ROW_COLUMNS) of row `row`, read with its row group."""
+        rows = self._manifest_rows()
+        return self._manifest_read(lambda: rows.rows_in(row, row + 1, _ROW_COLUMNS)).column(column)[0].as_py()
+
+    @property
+    def manifest(self):
+        """The whole manifest (all rows, errors included), a pandas DataFrame, read on first use:
+        for inspection. The reader itself never reads it (about 1 GB at ImageNet size)."""
+        if self._manifest is None:
+            import pyarrow.parquet as pq
+
+            self._manifest = self._manifest_read(lambda: pq.read_table(self.path / MANIFEST)).to_pandas()
+        return self._manifest
+
+    def ok_column(self, name: str) -> list:
+        """Manifest column `name` of the ok images, in store order (entry i is store[i]'s), read
+        one row group at a time."""
+        rows, out = self._manifest_rows(), []
+        for g in range(len(rows.starts) - 1):
+            lo, hi = np.searchsorted(self.ok_indices, rows.starts[g:g + 2])
+            if hi > lo:
+                group = self._manifest_read(lambda: rows.group(g, [name]))
+                out += group.column(0).take(self.ok_indices[lo:hi] - rows.starts[g]).to_pylist()
+        return out
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_array"] = None        # zarr handles are reopened in the receiving process
         state["_checked"] = set()
+        state["_rows"] = state["_pid"] = state["_manifest"] = None     # and so is the manifest
         return state
 
     def __len__(self) -> int:
@@ -326,7 +218,7 @@ class DecompositionStore:
 
     def id(self, i: int) -> str:
         """The id (path relative to SRC, or as listed) of ok image i."""
-        return str(self._ids[self._row(i)])
+        return str(self._value(self._row(i), "id"))
 
     def quantized(self, i: int) -> np.ndarray:
         """The stored uint8 bases (n+1, 3, H, W) of ok image i, [q_0, ..., q_n]."""
@@ -339,16 +231,16 @@ class DecompositionStore:
 
     def _check_shard(self, k: int) -> None:
         """A shard file that is gone or not the size it was written with is refused by name:
-        Zarr would read a missing shard as zeros. Checked once per shard per process (a stat)."""
+        Zarr would read a missing shard as zeros. Checked once per shard per process (a stat, and
+        the row group holding the shard's first row)."""
         if k in self._checked:
             return
-        path = shard_file(self.path, k)
-        want = int(self._shard_bytes[k])
-        have = path.stat().st_size if path.is_file() else None
-        if have != want:
-            what = "missing shard file" if have is None else f"{have} bytes, written with {want}"
-            raise StoreError(path, f"shard {k} is damaged ({what}); rerun the `nextdetail decompose-dataset` "
-                                   f"command that made the store to redo it")
+        # Its file's size as written, from the shard's first row (null: no ok image, no file).
+        what = shard_damage(self.path, k, self._value(k * self.shard_images, "shard_bytes") or 0)
+        if what is not None:
+            raise StoreError(shard_file(self.path, k), f"shard {k} is damaged ({what}); rerun the "
+                                                      f"`nextdetail decompose-dataset` command that made the "
+                                                      f"store to redo it")
         self._checked.add(k)
 
     def _read(self, row: int) -> np.ndarray:
@@ -362,7 +254,7 @@ class DecompositionStore:
         try:
             return np.asarray(self._bases()[first:last + 1])
         except Exception as e:  # zstd/crc32c/zarr raise ValueError, RuntimeError, ... for damaged bytes
-            what = f"image {first} ({self._ids[first]})" if first == last else f"images {first}..{last}"
+            what = f"image {first} ({self._value(first, 'id')})" if first == last else f"images {first}..{last}"
             raise StoreError(shard_file(self.path, k), f"{what}: damaged shard, cannot decode it "
                                                       f"({_first_line(e)})") from None
 
@@ -401,8 +293,8 @@ class DecompositionStore:
         layers = layers_from_bases(q, self.space)
         bases = [np.moveaxis(b, 0, -1) / np.float32(255.0) for b in q]
         details = [np.moveaxis(layers[self.levels + 1 - k], 0, -1) for k in range(1, self.levels + 1)]
-        return StoreItem(index=row, id=self._ids[row], label=int(self._labels[row]),
-                         class_name=self._classes[row], image=bases[0], bases=bases, details=details,
+        return StoreItem(index=row, id=self._value(row, "id"), label=int(self.labels[i]),
+                         class_name=self._value(row, "class_name"), image=bases[0], bases=bases, details=details,
                          layers=layers)
 
     def torch_dataset(self):

@@ -26,7 +26,7 @@ images; this layout never shares one.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -121,6 +121,18 @@ def shard_file(store, k: int) -> Path:
     return Path(store) / BASES / shard_key(k)
 
 
+def shard_damage(store, k: int, written: int) -> Optional[str]:
+    """Why shard k's file is not the one written with `written` bytes (its manifest rows'
+    shard_bytes), or None when it is. Absent counts as 0 bytes: a shard whose images are all 0
+    has no file. The one check of a shard file for both the writer (a rerun redoes such a shard)
+    and the reader (which refuses it: Zarr would read a missing shard as zeros); a stat, no read."""
+    path = shard_file(store, k)
+    have = path.stat().st_size if path.is_file() else None
+    if (have or 0) == written:
+        return None
+    return "missing shard file" if have is None else f"{have} bytes, written with {written}"
+
+
 def encode_shard(q: np.ndarray, shard_images: int) -> bytes:
     """The file bytes of a shard holding q (m <= shard_images images, uint8 (m, n+1, 3, S, S));
     images m.. (past the end of the store) are absent. b"" when every image is 0 (nothing to
@@ -142,7 +154,7 @@ def encode_shard(q: np.ndarray, shard_images: int) -> bytes:
 def write_shard(path, q: np.ndarray, shard_images: int) -> int:
     """Encode a shard and write it to `path` atomically; returns its size in bytes (0: all of it
     is the fill value, no file). The job's workers write to a staging path (the run's journal
-    folder); only the driver moves a staged shard into bases.zarr (decomposition_writer)."""
+    folder); only the driver moves a staged shard into bases.zarr (shard_journal.commit_shards)."""
     data = encode_shard(q, shard_images)
     path = Path(path)
     if data:

@@ -5,8 +5,9 @@
     idx = tok.encode(image, bases)     # M int64 token maps (B, h_k, w_k)
     img = tok.decode(idx)              # (B, 3, H, W) in [0, 1]
 
-config.py (typed configs, schedules), model.py (encoder/decoder), quant.py (codebook and the
-three quantizers), tokenizer.py (the API), losses.py (LPIPS, PatchGAN), train.py (training).
+config.py (typed configs), schedule.py (each quantizer's map schedule), model.py
+(encoder/decoder), quant.py (codebook and the three quantizers), bases.py (stored bases as
+inputs), tokenizer.py (the API), losses.py (LPIPS, PatchGAN), train.py (training).
 PyTorch is imported by this package; the rest of nextdetail does not need it.
 """
 from ..errors import ConfigError

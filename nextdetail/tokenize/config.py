@@ -2,7 +2,8 @@
 (`QuantConfig`), together a `TokenizerConfig`. Plain dataclasses, saved in every checkpoint as a
 dict, so a checkpoint rebuilds its own model and a mismatch is named field by field.
 
-Schedules (token maps in generation order; L = latent side = image side / downsample):
+Schedules (token maps in generation order; L = latent side = image side / downsample; the
+arithmetic is schedule.py's):
 
 - vanilla     : `depth` maps, all L x L (residual quantization, RQ-VAE).
 - multiscale  : one map per entry of `patch_sizes` (VAR next-scale), the last must be L.
@@ -22,8 +23,9 @@ from typing import List, Optional, Tuple
 from ..errors import ConfigError
 from ..options import check_int, derived, differences, nested, opt
 from ..stores.tokens import MAX_VOCAB
+from .schedule import KIND_SCHEDULES, MapSchedule, map_schedule
 
-KINDS = ("vanilla", "multiscale", "basedetail")
+KINDS = tuple(KIND_SCHEDULES)
 
 # VAR's and CART-256's schedules on a 16x16 latent (256 px, x16).
 VAR_PATCH_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -133,26 +135,11 @@ class QuantConfig:
 
     def num_maps(self) -> int:
         """M; with default schedules (base_detail's), at the reference 16 x 16 latent."""
-        q = self.schedule(16)
-        if self.kind == "vanilla":
-            return self.depth
-        if self.kind == "multiscale":
-            return len(q.patch_sizes)
-        return len(q.base_patch_sizes) + q.order * q.detail_depth
+        return len(map_schedule(self.schedule(16), 16, check=False).sizes)
 
     def map_sizes(self, latent: int) -> List[int]:
         """Side of each token map, in generation order, for a latent of side `latent`."""
-        if self.kind == "vanilla":
-            return [latent] * self.depth
-        q = self.schedule(latent)
-        sizes = q.patch_sizes if self.kind == "multiscale" else q.base_patch_sizes
-        name = "patch_sizes" if self.kind == "multiscale" else "base_patch_sizes"
-        if sizes[-1] != latent:
-            raise ConfigError(f"{name} {sizes} must end at the latent side {latent} "
-                              "(image side / downsample); see scale_patch_sizes")
-        if self.kind == "multiscale":
-            return list(sizes)
-        return list(sizes) + [latent] * (q.order * q.detail_depth)
+        return list(map_schedule(self.schedule(latent), latent).sizes)
 
 
 @dataclass(frozen=True)
@@ -180,9 +167,13 @@ class TokenizerConfig:
                               f"{self.model.downsample}")
         return self.image_size // self.model.downsample
 
+    def map_schedule(self) -> MapSchedule:
+        """The quantizer's schedule (schedule.py) on this latent, from the config alone."""
+        return map_schedule(self.quant, self.latent())
+
     def needs_bases(self) -> int:
         """How many bases B_1..B_n the quantizer uses: n for base-detail, else 0."""
-        return self.quant.order if self.quant.kind == "basedetail" else 0
+        return map_schedule(self.quant, self.latent(), check=False).order
 
     def validate(self) -> "TokenizerConfig":
         self.model.mults()

@@ -33,8 +33,9 @@ from ..limits import check_max_memory, check_memory, memory_opt
 from ..options import check_int, opt
 from ..runs import TrainError, latest_checkpoint
 from ..stores.decomposition import DecompositionStore, StoreError
-from ..stores.layers import centre_crop, split_layers
+from ..stores.layers import centre_crop
 from ..weights import offline_opt
+from .bases import inputs_from_bases
 from .losses import build_lpips
 from .tokenizer import Tokenizer, read_checkpoint, to_model
 from .loader import check_store_fits
@@ -96,9 +97,8 @@ def centre_crops(store, size: int, n_bases: int, limit: int, batch: int):
     """(image, bases) batches of the first `limit` ok images, centre-cropped to size."""
     n = min(len(store), limit)
     for lo in range(0, n, batch):
-        layers = torch.stack([torch.from_numpy(centre_crop(store.layers(i), size).astype("float32"))
-                              for i in range(lo, min(n, lo + batch))])
-        yield split_layers(layers, n_bases)
+        q = np.stack([centre_crop(store.quantized(i), size) for i in range(lo, min(n, lo + batch))])
+        yield inputs_from_bases(torch.from_numpy(q), n_bases, store.space)
 
 
 def ssim(a_HW3: np.ndarray, b_HW3: np.ndarray) -> float:

@@ -18,7 +18,8 @@ with 2 lanes sees (how DDP is tested), and a run can resume on another number of
 Why blocks: a worker produces whole blocks (block t of a process's sequence goes to worker
 t mod W, and torch's DataLoader hands items back in that round-robin order), so the batches are
 the same for any number of workers, 0 included; the block is the shuffle buffer. Workers return
-uint8 bases (4x less to move than float32); `bases_inputs` makes the float inputs on the device.
+uint8 bases (4x less to move than float32); `bases.inputs_from_bases` makes the float inputs on the
+device.
 
 State: the lanes' common position s (images taken from each lane). Resuming recomputes epoch,
 block and offset from s, so a resumed run draws exactly the batches an uninterrupted one would.
@@ -35,8 +36,6 @@ import numpy as np
 import torch
 
 from ..stores.decomposition import DecompositionStore, StoreError
-from ..stores.layers import split_layers
-from ..stores.shards import unit_log_table
 
 log = logging.getLogger(__name__)
 
@@ -237,25 +236,6 @@ class StoreLoader:
             if int(state[key]) != have:
                 raise ValueError(f"the checkpoint's data stream has {key} {state[key]}, this run {have}")
         self.position, self._it = int(state["position"]), None
-
-
-def bases_inputs(q: torch.Tensor, n: int, space: str = "linear") -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """uint8 bases (B, N+1, 3, H, W), [q_0 .. q_N], on any device -> the tokenizer's inputs
-    (I, [B_1, ..., B_n]) float32 in [0, 1], n <= N. The same arithmetic as the store's reader
-    (layers_from_bases, then split_layers: B_k as running sums of [B_N, D_N, ..., D_1] with
-    D_k = (q_(k-1) - q_k) / 255, or in a log-space store t(q_(k-1)) - t(q_k) from the same
-    table), so training sees what evaluation and export see."""
-    N = q.shape[1] - 1
-    if space == "log":
-        qf = torch.from_numpy(unit_log_table().copy()).to(q.device)[q.long()]
-    else:
-        qf = q.float()
-    layers = torch.empty_like(qf)
-    layers[:, 0] = qf[:, N]
-    layers[:, 1:] = (qf[:, :N] - qf[:, 1:]).flip(1)
-    if space != "log":
-        layers /= 255.0
-    return split_layers(layers, n)
 
 
 def check_store_fits(store: DecompositionStore, tokenizer, error, what: str = "the tokenizer") -> None:

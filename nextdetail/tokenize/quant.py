@@ -31,6 +31,7 @@ from torch import nn
 
 from ..distributed import all_gather_cat, all_reduce_sum
 from .config import QuantConfig
+from .schedule import map_schedule
 
 log = logging.getLogger(__name__)
 
@@ -125,18 +126,47 @@ class Phi(nn.Module):
 
 
 class Quantizer(nn.Module):
-    """The shared machinery: codebook, M phi convs, the schedule of map sizes."""
+    """The shared machinery: codebook, M phi convs, the schedule of map sizes.
+
+    What the rest of the package reads of a quantizer (a new quantizer provides the same):
+    `sizes` (side of each map), `num_base`, `order`, `stage_ends` (its schedule, schedule.py),
+    `dim` (Cvae), `latent`; `quantize_base`, `quantize_map`, `map_contribution`,
+    `contributions`, `lookup`; for training, `end_step` and `perplexity`.
+    """
 
     def __init__(self, cfg: QuantConfig, dim: int, latent: int):
         super().__init__()
-        self.cfg, self.latent = cfg, latent
-        self.sizes = cfg.map_sizes(latent)
+        self.cfg, self.latent, self.dim = cfg, latent, dim
+        self.schedule = map_schedule(cfg.schedule(latent), latent)
+        self.sizes = list(self.schedule.sizes)
         self.codebook = Codebook(cfg.vocab, dim, cfg.usage_decay, cfg.dead_after)
         self.phi = nn.ModuleList(Phi(dim, cfg.phi_ratio) for _ in self.sizes)
         # Codes picked by each token map since the trainer last read it (training only): the
         # per-map codebook health, VAR-style (coarse maps are where codebooks collapse).
         self.register_buffer("map_seen", torch.zeros(len(self.sizes), cfg.vocab, dtype=torch.bool),
                              persistent=False)
+
+    @property
+    def num_base(self) -> int:
+        """B: the maps of the first stage (the base maps; every map for a one-stage quantizer)."""
+        return self.schedule.num_base
+
+    @property
+    def order(self) -> int:
+        """n: the detail stages after the base, one per base B_1..B_n the quantizer takes."""
+        return self.schedule.order
+
+    @property
+    def stage_ends(self) -> List[int]:
+        """Maps after the base and after each detail factor: [B, B + d, ..., M]."""
+        return self.schedule.stage_ends
+
+    def end_step(self, gen: Optional[torch.Generator] = None, dist_=None) -> int:
+        """After a training step: the codebook's usage update and dead-code restarts (Codebook.end_step)."""
+        return self.codebook.end_step(gen, dist_)
+
+    def perplexity(self) -> float:
+        return self.codebook.perplexity()
 
     # -- one map: quantize the residual at size p, return (idx, phi contribution at L x L)
     def quantize_map(self, k: int, rest_BChw: torch.Tensor):
@@ -160,8 +190,26 @@ class Quantizer(nn.Module):
                              f"for {self.latent}x{self.latent} (image side {self.latent} x downsample)")
 
     def stages(self, f_BChw, bases):  # pragma: no cover - every schedule overrides it
-        """[(target, first map, last map + 1)]: which residual each run of maps quantizes."""
+        """[(target, first map, last map + 1)]: which residual each run of maps quantizes,
+        the runs being `self.schedule.stages`."""
         raise NotImplementedError
+
+    def code_stage(self, target_BChw: torch.Tensor, lo: int, hi: int):
+        """Maps lo..hi-1 quantizing `target` residually (Algorithm 1's inner loop): yields, map
+        by map, (k, the residual it quantized, idx, its contribution, the stage's sum so far)."""
+        part = torch.zeros_like(target_BChw)       # this stage's reconstruction so far
+        for k in range(lo, hi):
+            rest = target_BChw - part
+            i, c = self.quantize_map(k, rest)
+            part = part + c
+            yield k, rest, i, c, part
+
+    def quantize_base(self, f_BChw: torch.Tensor) -> List[torch.Tensor]:
+        """The base maps r_1..r_B of a base feature f (B, C, L, L), as `forward` codes its first
+        stage (f_Bn for base-detail): generation starts from them (a high-resolution window's
+        base, an upscaled input's)."""
+        lo, hi = self.schedule.stages[0]
+        return [i for _, _, i, _, _ in self.code_stage(f_BChw, lo, hi)]
 
     def forward(self, f_BChw: torch.Tensor, bases: Optional[Sequence[torch.Tensor]] = None) -> QuantOut:
         self._check(f_BChw)
@@ -169,16 +217,12 @@ class Quantizer(nn.Module):
         vq_loss = f_BChw.new_zeros(())
         f_hat = torch.zeros_like(f_BChw)
         for target, lo, hi in self.stages(f_BChw, bases):
-            part = torch.zeros_like(target)       # this stage's reconstruction so far
-            for k in range(lo, hi):
-                rest = target - part
+            for k, rest, i, c, part in self.code_stage(target, lo, hi):
                 inputs.append(rest)
-                i, c = self.quantize_map(k, rest)
                 if self.training:
                     self.map_seen[k, i.flatten()] = True
                 idx.append(i)
                 contribs.append(c)
-                part = part + c
                 f_hat = f_hat + c
                 # Every partial sum should approximate the factor being coded: the first term
                 # trains codebook and phi towards the (fixed) target, beta pulls the encoder's
@@ -212,21 +256,18 @@ class ResidualQuantizer(Quantizer):
     the two differ only in their schedule of map sizes."""
 
     def stages(self, f_BChw, bases):
-        return [(f_BChw, 0, len(self.sizes))]
+        return [(f_BChw, *self.schedule.stages[0])]
 
 
 class BaseDetailQuantizer(Quantizer):
     def stages(self, f_BChw, bases):
-        n = self.cfg.order
+        n = self.order
         if bases is None or len(bases) < n:
             got = 0 if bases is None else len(bases)
             raise ValueError(f"base-detail quantizer needs the {n} base features f_B1..f_B{n}, got {got}")
         f_B = [f_BChw] + list(bases[:n])                      # f_B0 = f_I, f_B1, ..., f_Bn
-        nb, d = len(self.cfg.base_patch_sizes), self.cfg.detail_depth
-        stages = [(f_B[n], 0, nb)]
-        for j, k in enumerate(range(n, 0, -1)):              # D_n first: generation order
-            stages.append((f_B[k - 1] - f_B[k], nb + j * d, nb + (j + 1) * d))
-        return stages
+        targets = [f_B[n]] + [f_B[k - 1] - f_B[k] for k in range(n, 0, -1)]     # D_n first: generation order
+        return [(t, lo, hi) for t, (lo, hi) in zip(targets, self.schedule.stages)]
 
 
 QUANTIZERS = {"vanilla": ResidualQuantizer, "multiscale": ResidualQuantizer,

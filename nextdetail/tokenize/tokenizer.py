@@ -76,8 +76,14 @@ class Tokenizer(nn.Module):
         size = self.config.image_size
         if tuple(x.shape[-2:]) != (size, size):
             raise ValueError(f"images of {tuple(x.shape[-2:])} pixels: this tokenizer takes {size}x{size}")
-        f = self.encoder(to_model(x)).chunk(n + 1) if n else (self.encoder(to_model(x)),)
+        f = self.encode_features(x).chunk(n + 1) if n else (self.encode_features(x),)
         return f[0], list(f[1:])
+
+    def encode_features(self, x_B3HW: torch.Tensor) -> torch.Tensor:
+        """Images in the tokenizer's space, float (B, 3, H, W) in [0, 1], -> encoder features
+        (B, Cvae, H/downsample, W/downsample), unquantized: how an image's f_I or a base's f_Bk is
+        made. Any size divisible by the downsample (the encoder is convolutional)."""
+        return self.encoder(to_model(x_B3HW))
 
     def forward(self, image, bases=None) -> TokenizerOut:
         f_I, f_B = self.features(image, bases)

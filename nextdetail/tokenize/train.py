@@ -34,7 +34,8 @@ from ..stores.lock import folder_lock
 from ..weights import offline_opt
 from .config import TokenizerConfig
 from .disc_stylegan import StyleGANDiscriminator, r1_penalty
-from .loader import StoreLoader, bases_inputs, check_store_fits, default_workers
+from .bases import inputs_from_bases
+from .loader import StoreLoader, check_store_fits, default_workers
 from .losses import PatchDiscriminator, build_lpips, hinge_d_loss, hinge_g_loss
 from .memory import training_needs
 from .tokenizer import Tokenizer, to_model
@@ -297,7 +298,7 @@ class TokenizerTrainer:
         (losses averaged over the ranks)."""
         cfg, tok, disc, d = self.cfg, self.tok, self.disc, self.dist
         q = self.batches.next().to(self.device, non_blocking=True)
-        image, bases = bases_inputs(q, self.n_bases, cfg.tokenizer.space())
+        image, bases = inputs_from_bases(q, self.n_bases, cfg.tokenizer.space())
         x = to_model(image)
         gan = self.step_ >= cfg.disc_start
         with self.amp:
@@ -324,7 +325,7 @@ class TokenizerTrainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        rec["restarted"] = tok.quantizer.codebook.end_step(self._restart_generator(), d)
+        rec["restarted"] = tok.quantizer.end_step(self._restart_generator(), d)
         self.restarted += rec["restarted"]
         if self.ema is not None:
             with torch.no_grad():
@@ -349,7 +350,7 @@ class TokenizerTrainer:
         rec["loss"] = loss.detach()
         self.step_ += 1
         rec = self._averaged(rec)
-        rec["perplexity"] = tok.quantizer.codebook.perplexity()
+        rec["perplexity"] = tok.quantizer.perplexity()
         if self.step_ % cfg.usage_every == 0:
             rec["map_usage"] = self._map_usage()
         return rec

@@ -1,8 +1,9 @@
 """Training on cached tokens (read by nextdetail.stores.tokens): the next-detail transformer
 (model.py), its continuous inputs from the tokenizer's quantizer (inputs.py), the trainer
-(trainer.py: `nextdetail train`), the epoch order (sampler.py) and sampling (sample.py:
-`nextdetail sample`). Only the reader and the epoch order are imported here; the others import
-torch and are imported by path, e.g. `from nextdetail.train.trainer import train`.
+(trainer.py: `nextdetail train`), the epoch order (sampler.py) and what a step needs in memory
+(memory.py). Drawing from a trained model is nextdetail.generate. Only the reader and the epoch
+order are imported here; the others import torch and are imported by path, e.g.
+`from nextdetail.train.trainer import train`.
 
     from nextdetail.train import TokenDataset, EpochSampler
     ds = TokenDataset("TOKENS")                   # exported by `nextdetail export-tokens`

@@ -184,7 +184,7 @@ class Trainer:
             raise TrainError(f"{cfg.tokens}: map shapes {self.ds.map_shapes} differ from the tokenizer's "
                              f"schedule {self.quantizer.sizes}")
         self.mcfg = TransformerConfig(vocab=self.ds.vocab, map_shapes=tuple(self.ds.map_shapes),
-                                      cvae=self.quantizer.codebook.embed.weight.shape[1],
+                                      cvae=self.quantizer.dim,
                                       num_classes=self.ds.num_classes, **asdict(cfg.model))
         check_memory(training_needs(self.mcfg, cfg.batch_size), device=str(self.device), max_memory=cfg.max_memory)
         torch.manual_seed(cfg.seed)

@@ -2,6 +2,7 @@
 
     report = sample_per_class(cfg)          # `nextdetail sample RUN --per-class 50 --npz s.npz`; torchrun-aware
     report = sample_batches(run, out, per_class=50, npz="s.npz", seed=0, batch_size=64, cfg=1.5)
+    report = sample_batches(run, out, cfg)  # cfg: a SampleConfig (sample.SampleSettings)
 
 The design, for 50,000 images spread over many processes and many hours:
 
@@ -36,8 +37,12 @@ import numpy as np
 import torch
 
 from ..distributed import Dist, all_reduce_sum
+from .images import decode
+from .loop import generate
 from .memory import check_draw
-from .sample import SampleConfig, SampleError, decode, generate, load_run
+from .options import SampleError, settings_of
+from .run import load_run
+from .sample import SampleConfig, SampleSettings
 
 log = logging.getLogger(__name__)
 
@@ -109,34 +114,32 @@ class BatchReport:
 
 
 @torch.no_grad()
-def sample_batches(run, out, *, per_class: int, npz=None, png: bool = True, cfg: float = 1.5, top_k: int = 0,
-                   top_p: float = 0.0, temperature: float = 1.0, seed: int = 0, batch_size: int = 16,
-                   highres: int = 1, max_memory: Optional[str] = None, d: Optional[Dist] = None, progress=None,
-                   **ignored) -> BatchReport:
+def sample_batches(run, out, settings: Optional[SampleSettings] = None, *, d: Optional[Dist] = None, progress=None,
+                   **fields) -> BatchReport:
     """This process's batches of the C x per_class samples of `run` into `out` (see the module
-    docstring), then, on rank 0, the ADM batch `npz` and samples.json. progress: an object with
-    start(todo, done) and update(count) (nextdetail.progress.JobProgress), for this rank's share.
-    `ignored`: the other keywords of SampleConfig.generation() (--n, --overlap, ...)."""
+    docstring), then, on rank 0, the ADM batch `npz` and samples.json. settings: a SampleSettings
+    (the command's SampleConfig is one); fields: SampleSettings fields by name, over it (per_class,
+    npz, png, cfg, top_k, top_p, temperature, seed, batch_size). progress: an object with
+    start(todo, done) and update(count) (nextdetail.progress.JobProgress), for this rank's share."""
     from PIL import Image
 
+    s = settings_of(SampleSettings, settings, fields)
+    per_class, batch_size, seed, png = s.per_class, s.batch_size, s.seed, s.png
     d = d or Dist()
     C = run.model.cfg.num_classes
     if C == 0:
         raise SampleError("--per-class: this model was trained without labels; use --n for unconditional samples")
-    if per_class < 1 or batch_size < 1:
-        raise SampleError(f"--per-class {per_class}, --batch-size {batch_size}: must be >= 1")
-    if highres != 1:
-        raise SampleError(f"--per-class with --highres {highres}: evaluation batches are drawn at the "
-                          "trained resolution; leave --highres out")
-    check_draw(run, batch_size, guidance=cfg != 1, option=f"--batch-size {batch_size}",
-               device=str(next(run.model.parameters()).device), max_memory=max_memory)
+    if per_class < 1:
+        raise SampleError(f"--per-class {per_class}: evaluation batches need K >= 1 images of every class")
+    check_draw(run, batch_size, guidance=s.cfg != 1, option=f"--batch-size {batch_size}",
+               device=str(next(run.model.parameters()).device), max_memory=s.max_memory)
     out = Path(out)
     for sub in ("parts", "images") if png else ("parts",):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    settings = {"checkpoint": str(Path(run.checkpoint).resolve()), "step": run.meta["step"], "classes": C,
-                "per_class": per_class, "cfg": cfg, "top_k": top_k, "top_p": top_p, "temperature": temperature,
-                "seed": seed, "batch_size": batch_size}
-    check_settings(out, settings)
+    recorded = {"checkpoint": str(Path(run.checkpoint).resolve()), "step": run.meta["step"], "classes": C,
+                "per_class": per_class, "cfg": s.cfg, "top_k": s.top_k, "top_p": s.top_p,
+                "temperature": s.temperature, "seed": seed, "batch_size": batch_size}
+    check_settings(out, recorded)
 
     n = C * per_class
     labels_N = np.repeat(np.arange(C, dtype=np.int64), per_class)        # sample j is class j // K
@@ -167,8 +170,9 @@ def sample_batches(run, out, *, per_class: int, npz=None, png: bool = True, cfg:
         labels_b = labels_N[js.start:js.stop]
         gens = [torch.Generator(device=dev).manual_seed(sample_seed(seed, int(c), j % per_class))
                 for j, c in zip(js, labels_b)]
-        g = generate(run.model, run.tokenizer.quantizer, torch.from_numpy(labels_b).to(dev), cfg=cfg, top_k=top_k,
-                     top_p=top_p, temperature=temperature, generator=gens, num_base=run.num_base, order=run.order)
+        q = run.tokenizer.quantizer
+        g = generate(run.model, q, torch.from_numpy(labels_b).to(dev), cfg=s.cfg, generator=gens,
+                     num_base=q.num_base, order=q.order, **s.draw())
         images_bHW3 = decode(run.tokenizer, g.f_hat)
         if png:                 # all of them: a run killed mid-batch may have left a cut-short one
             save_pngs(b, images_bHW3)
@@ -185,14 +189,14 @@ def sample_batches(run, out, *, per_class: int, npz=None, png: bool = True, cfg:
         if missing:
             raise SampleError(f"{out}: {len(missing)} of {num_batches} batches have no part file "
                               f"(first {part_path(out, missing[0])}); rerun to draw them")
-        if npz is not None:
-            assemble_npz(out, num_batches, n, Path(npz))
-        meta = {**settings, "n": n, "class_names": run.meta.get("class_names", []), "batches": num_batches,
-                "images": str(out / "images") if png else None, "npz": None if npz is None else str(npz),
+        if s.npz is not None:
+            assemble_npz(out, num_batches, n, Path(s.npz))
+        meta = {**recorded, "n": n, "class_names": run.meta.get("class_names", []), "batches": num_batches,
+                "images": str(out / "images") if png else None, "npz": None if s.npz is None else str(s.npz),
                 "tokenizer": run.meta.get("tokenizer")}
         (out / "samples.json").write_text(json.dumps(meta, indent=1))
     return BatchReport(out, n, C, per_class, int(counts[0]), int(counts[1]), time.perf_counter() - t0,
-                       None if npz is None else Path(npz), png)
+                       None if s.npz is None else Path(s.npz), png)
 
 
 def assemble_npz(out: Path, num_batches: int, n: int, path: Path) -> Path:
@@ -215,8 +219,7 @@ def sample_per_class(cfg: SampleConfig, progress=None) -> BatchReport:
 
     def body(d: Dist) -> BatchReport:
         run = load_run(cfg.run, tokenizer=cfg.tokenizer, device=d.device(cfg.device))
-        return sample_batches(run, cfg.out, per_class=cfg.per_class, npz=cfg.npz, png=cfg.png, d=d,
-                              progress=progress if d.main else None, **cfg.generation())
+        return sample_batches(run, cfg.out, cfg, d=d, progress=progress if d.main else None)
 
     return run_distributed(cfg.device, body)
 

@@ -12,7 +12,7 @@ low-resolution image can stand in for the first maps:
                     its KV cache), unconditionally; decode
        O = m T    : above the training resolution, the sampler's high-resolution strategy: the
                     prefix's base features are upsampled m x (as an image: decode, bicubic,
-                    encode) and the details drawn patchwise on L x L windows (sample.py)
+                    encode) and the details drawn patchwise on L x L windows (highres.py)
 
 Beside each result: the bicubic upscale of x and a sheet (input, bicubic, result[, reference]);
 with a reference (`--reference`, or `--downscale-first`, which takes each IMAGE as the reference
@@ -34,9 +34,13 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..options import check_int, opt
-from .inputs import prefix_features
+from ..train.inputs import prefix_features
+from .highres import patchwise_details, upsample_base
+from .images import decode, tile
+from .loop import generate
 from .memory import check_draw
-from .sample import DrawOptions, SampleError, decode, generate, load_run, patchwise_details, tile, upsample_base
+from .options import DrawOptions, SampleError
+from .run import load_run
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +104,15 @@ def bicubic(x_B3HW: torch.Tensor, side: int) -> torch.Tensor:
 def store_inputs(image_B3HW: torch.Tensor, order: int, at: dict) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """(I, [B_1, ..., B_n]) of images as the tokenizer saw them in training: AT-decomposed with the
     token store's parameters, the bases 8-bit as a decomposition store holds them, then the
-    store reader's arithmetic (layers_from_bases, split_layers)."""
+    store reader's arithmetic (tokenize.bases.inputs_from_bases)."""
     from ..decomp import decompose
-    from ..stores.layers import split_layers
-    from ..stores.shards import layers_from_bases, quantize_bases
+    from ..stores.shards import quantize_bases
+    from ..tokenize.bases import inputs_from_bases
 
     x = image_B3HW.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
     dec = decompose(x, order, method="base_detail", backend="auto", **at)
-    layers = torch.from_numpy(layers_from_bases(quantize_bases(dec.bases))).to(image_B3HW.device)
-    return split_layers(layers, order)
+    q = torch.from_numpy(quantize_bases(dec.bases)).to(image_B3HW.device)
+    return inputs_from_bases(q, order, "linear")
 
 
 def decomposition_params(run) -> Tuple[int, dict]:
@@ -136,30 +140,30 @@ def upscale_tensor(run, low_B3HW: torch.Tensor, scale: int, *, prefix: Optional[
     tok, model, q = run.tokenizer, run.model, run.tokenizer.quantizer
     T, N = tok.config.image_size, low_B3HW.shape[-1]
     out_side = scale * N
-    if tok.config.decomposition != "base_detail" or tok.config.quant.kind != "basedetail":
+    if tok.config.decomposition != "base_detail" or not q.order:
         raise SampleError(f"upscale needs a base-detail model; {run.checkpoint}'s tokenizer is "
                           f"{tok.config.quant.kind} for {tok.config.decomposition} layers")
     if out_side % T:
         raise SampleError(f"--input-size {N} x --scale {scale} = {out_side} px: the output must be a multiple of "
                           f"the tokenizer's {T} px (input {T // scale} for {T} px out)")
-    K = run.num_base if prefix is None else int(prefix)
+    K = q.num_base if prefix is None else int(prefix)
     M = len(model.cfg.map_shapes)
     m = out_side // T
     if not 1 <= K < M:
         raise SampleError(f"--prefix {K}: must be in 1..{M - 1} (the model has {M} maps)")
-    if m > 1 and K != run.num_base:
+    if m > 1 and K != q.num_base:
         raise SampleError(f"--prefix {K} above the training resolution: the upsampled base is the "
-                          f"{run.num_base} base maps; leave --prefix out")
+                          f"{q.num_base} base maps; leave --prefix out")
     order, at = decomposition_params(run) if at is None else (tok.needs_bases, at)
     image, bases = store_inputs(bicubic(low_B3HW, T), order, at)
     maps = tok.encode(image, bases)[:K]
     labels = torch.full((low_B3HW.shape[0],), -1, dtype=torch.int64, device=low_B3HW.device)
     kw = dict(kw, cfg=1.0, generator=generator)                 # unconditional: no guidance
     if m == 1:
-        return generate(model, q, labels, prefix=maps, num_base=run.num_base, order=run.order, **kw).f_hat, maps
+        return generate(model, q, labels, prefix=maps, num_base=q.num_base, order=q.order, **kw).f_hat, maps
     f_base = prefix_features(q, maps)
     f_up = upsample_base(f_base, m, tok)
-    return patchwise_details(model, q, f_up, labels, num_base=run.num_base, overlap=overlap, **kw), maps
+    return patchwise_details(model, q, f_up, labels, num_base=q.num_base, overlap=overlap, **kw), maps
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -174,7 +178,7 @@ def upscale_files(cfg: UpscaleConfig, progress=None) -> UpscaleReport:
 
     from ..imageio import ImageError, load_image, to_uint8
     from ..tokenize.evaluate import ssim
-    from .sample_batches import sample_seed
+    from .batches import sample_seed
 
     t0 = time.perf_counter()
     run = load_run(cfg.run, tokenizer=cfg.tokenizer, device=cfg.device)

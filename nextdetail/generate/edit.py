@@ -28,37 +28,49 @@ import torch
 
 from ..errors import ConfigError
 from ..options import check_int, opt
-from .inputs import prefix_features
+from ..train.inputs import prefix_features
+from .images import decode, tile
+from .loop import generate
 from .memory import check_draw
-from .sample import DrawOptions, SampleError, class_label, decode, generate, load_run, tile
+from .options import DrawOptions, SampleError, settings_of
+from .run import class_label, load_run
 
 EDITS = {"recolor": "intrinsic", "relight": "specular"}      # edit -> the decomposition it needs
 
 
 @dataclass(frozen=True, kw_only=True)
-class EditConfig(DrawOptions):
-    """Settings of `nextdetail edit`."""
+class EditSettings(DrawOptions):
+    """How `edit` draws and edits (what edit_samples takes)."""
 
-    run: Path = opt(help="`nextdetail train` run (or a checkpoint) of an intrinsic or specular model",
-                    positional=True, metavar="RUN2")
     edit: str = opt(help="recolor (intrinsic runs: new albedo, same shading) or relight (specular runs: "
                          "scaled, dropped or redrawn specular terms, same diffuse base)", choices=tuple(EDITS))
-    out: Path = opt(Path("out/edit"), "output folder", metavar="DIR")
-    label: str = opt("-1", "class of the samples (label or class name)", flag="--class", metavar="C",
-                     default_help="none: unconditional")
-    to_class: Optional[str] = opt(None, "recolor: draw the new albedo under this class", metavar="C")
     n: int = opt(4, "samples", ge=1)
     variants: int = opt(2, "redrawn variants per sample (new seeds)", ge=1)
     gains: Tuple[float, ...] = opt((0.0, 0.5, 2.0), "relight: gains of the specular part (0: none)",
                                    type=lambda t: tuple(float(v) for v in t.split(",")), metavar="G,G,...")
     seed: int = opt(0, "seed", ge=0)
-    cfg: float = opt(1.5, "guidance scale on the last map; 1: off", ge=0)
+    guidance: float = opt(1.5, "guidance scale on the last map; 1: off", flag="--cfg", ge=0)
 
     def __post_init__(self):
         super().__post_init__()
         check_int("n", self.n)
         check_int("variants", self.variants, 0)
         object.__setattr__(self, "gains", tuple(float(g) for g in self.gains))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EditConfig(EditSettings):
+    """Settings of `nextdetail edit`: the run, the folder and the classes, and the edit."""
+
+    run: Path = opt(help="`nextdetail train` run (or a checkpoint) of an intrinsic or specular model",
+                    positional=True, metavar="RUN2")
+    out: Path = opt(Path("out/edit"), "output folder", metavar="DIR")
+    label: str = opt("-1", "class of the samples (label or class name)", flag="--class", metavar="C",
+                     default_help="none: unconditional")
+    to_class: Optional[str] = opt(None, "recolor: draw the new albedo under this class", metavar="C")
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.to_class is not None and self.edit != "recolor":
             raise ConfigError(f"--to-class with --edit {self.edit}: only recolor draws under another class")
 
@@ -87,27 +99,30 @@ def check_edit(edit: str, decomposition: str, run) -> None:
 
 
 def _generators(seed: int, stream: int, n: int, dev) -> List[torch.Generator]:
-    from .sample_batches import sample_seed
+    from .batches import sample_seed
     return [torch.Generator(device=dev).manual_seed(sample_seed(seed, stream, i)) for i in range(n)]
 
 
 @torch.no_grad()
-def edit_samples(run, out, *, edit: str, label: int = -1, to_label: Optional[int] = None, n: int = 4,
-                 variants: int = 2, gains=(0.0, 0.5, 2.0), seed: int = 0, max_memory: Optional[str] = None,
-                 **kw) -> EditResult:
-    """Draw n samples and their edits (module docstring); kw: cfg, top_k, top_p, temperature."""
+def edit_samples(run, out, settings: Optional[EditSettings] = None, *, label: int = -1,
+                 to_label: Optional[int] = None, **fields) -> EditResult:
+    """Draw settings.n samples and their edits (module docstring). settings: an EditSettings (the
+    command's EditConfig is one); fields: EditSettings fields by name, over it (`settings_of`)."""
     from PIL import Image
 
+    s = settings_of(EditSettings, settings, fields)
+    edit, n, seed = s.edit, s.n, s.seed
     t0 = time.perf_counter()
     dev = next(run.model.parameters()).device
-    check_draw(run, n, guidance=kw.get("cfg", 1.0) != 1, option=f"--n {n}", device=str(dev), max_memory=max_memory)
+    check_draw(run, n, guidance=s.guidance != 1, option=f"--n {n}", device=str(dev), max_memory=s.max_memory)
     check_edit(edit, run.tokenizer.config.decomposition, run.checkpoint)
-    q, B = run.tokenizer.quantizer, run.num_base
+    q = run.tokenizer.quantizer
+    B = q.num_base
     if B >= len(run.model.cfg.map_shapes):
         raise SampleError(f"{run.checkpoint}: a model without detail maps has no factors to edit")
     labels = torch.full((n,), label, dtype=torch.int64, device=dev)
     gen = lambda stream: _generators(seed, stream, n, dev)          # noqa: E731 - one stream per draw
-    draw = dict(kw, num_base=B, order=run.order)
+    draw = dict(cfg=s.guidance, **s.draw(), num_base=B, order=q.order)
     orig = generate(run.model, q, labels, generator=gen(0), **draw)
     f_base = prefix_features(q, orig.maps[:B])
     images = {"original": orig.f_hat}
@@ -120,11 +135,11 @@ def edit_samples(run, out, *, edit: str, label: int = -1, to_label: Optional[int
         redraw_labels = labels if to_label is None else torch.full_like(labels, to_label)
     else:
         f_spec = orig.f_hat - f_base
-        for g in gains:
+        for g in s.gains:
             images[f"specular x{g:g}"] = f_base + g * f_spec
         redraw_labels = labels
     what = "albedo" if edit == "recolor" else "specular"
-    for v in range(1, variants + 1):
+    for v in range(1, s.variants + 1):
         g = generate(run.model, q, redraw_labels, generator=gen(v), prefix=orig.maps[:B], **draw)
         edited[f"new {what} {v}"] = g.maps
         images[f"new {what} {v}"] = g.f_hat
@@ -138,8 +153,8 @@ def edit_samples(run, out, *, edit: str, label: int = -1, to_label: Optional[int
         Image.fromarray(tile([d[i] for d in decoded], cols=len(decoded))).save(path)
         files.append(path)
     meta = {"checkpoint": str(run.checkpoint), "edit": edit, "decomposition": run.tokenizer.config.decomposition,
-            "class": label, "to_class": to_label, "n": n, "variants": variants, "gains": list(gains), "seed": seed,
-            **kw, "strip": names}
+            "class": label, "to_class": to_label, "n": n, "variants": s.variants, "gains": list(s.gains), "seed": seed,
+            "cfg": s.guidance, **s.draw(), "strip": names}
     (out / "edit.json").write_text(json.dumps(meta, indent=1))
     return EditResult(names, orig.maps, edited, files, time.perf_counter() - t0, out)
 
@@ -155,5 +170,4 @@ def edit_to_folder(cfg: EditConfig) -> EditResult:
         if lab is not None and lab != -1 and not 0 <= lab < nc:
             raise SampleError(f"{flag} {lab}: this model knows classes 0..{nc - 1}" if nc else
                               f"{flag} {lab}: this model was trained without labels")
-    return edit_samples(run, cfg.out, edit=cfg.edit, label=label, to_label=to_label, n=cfg.n, variants=cfg.variants,
-                        gains=cfg.gains, seed=cfg.seed, cfg=cfg.cfg, max_memory=cfg.max_memory, **cfg.draw())
+    return edit_samples(run, cfg.out, cfg, label=label, to_label=to_label)
