@@ -78,10 +78,10 @@ def tokenizer_ceiling(run_path: Path, images, side: int = 64) -> tuple:
     import torch
 
     from nextdetail.imageio import load_image
-    from nextdetail.tokenize.evaluate import ssim
+    from nextdetail.evaluation.metrics import psnr, ssim
     from nextdetail.generate.images import decode
     from nextdetail.generate.run import load_run
-    from nextdetail.generate.upscale import decomposition_params, psnr, store_inputs
+    from nextdetail.generate.upscale import decomposition_params, store_inputs
 
     run = load_run(run_path)
     order, at = decomposition_params(run)

@@ -35,13 +35,13 @@ sys.path.insert(0, sys.argv[4])
 def hwm():
     return next(int(l.split()[1]) / 1024 for l in Path("/proc/self/status").read_text().splitlines()
                 if l.startswith("VmHWM:"))
-from nextdetail.pipelines import JobConfig, job
+from nextdetail.pipelines import DecomposeDatasetConfig, decompose_job
 from nextdetail.pipelines.sources import scan_source
-from nextdetail.pipelines.worker import shard_items
+from nextdetail.pipelines.decompose_worker import shard_items
 from nextdetail.stores.store_check import check_store
 from nextdetail.stores.store_plan import plan_store
 src, store, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-params = JobConfig(src=src, out=store, size=64, order=3).store_params("numba")
+params = DecomposeDatasetConfig(src=src, out=store, size=64, order=3).store_params("numba")
 before, t = hwm(), {}
 t0 = time.perf_counter()
 if mode == "list":
@@ -54,7 +54,7 @@ else:
     plan = plan_store(store, params, check, overwrite=True)
     t["create"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rows = sum(len(shard_items(plan, w)) for w in job._windows(plan, workers=2))
+    rows = sum(len(shard_items(plan, w)) for w in decompose_job._windows(plan, workers=2))
     t["rows"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     n = check_store(store, params, scan_source(src), overwrite=False).n_images

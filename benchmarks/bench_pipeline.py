@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from nextdetail.decomp import ATParams, decompose  # noqa: E402
 from nextdetail.imageio import list_images, load_image  # noqa: E402
-from nextdetail.pipelines import JobConfig, StoreParams, run_job  # noqa: E402
+from nextdetail.pipelines import DecomposeDatasetConfig, StoreParams, run_job  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 FOLDERS = ("kodak24", "bsd100", "set14", "set5", "cifar10_subset")
@@ -66,8 +66,8 @@ def plain_loop(paths, params: StoreParams, batch: int, threads: int, out: Path) 
 
     numba.set_num_threads(threads)
     m = params.shard_images
-    create_bases_array(out, len(paths), params.order, params.size, m, {})
-    at = params.params.to_dict()
+    create_bases_array(out, len(paths), params.levels, params.size, m, {})
+    at = params.at.to_dict()
     t0 = time.perf_counter()
     for k in range(params.shards(len(paths))):
         shard = paths[k * m:(k + 1) * m]
@@ -104,7 +104,7 @@ def main(argv=None) -> None:
         lst = tmp / "list.txt"
         lst.write_text("".join(f"{p}\n" for p in paths))
         at = ATParams(n_iter=a.n_iter)
-        params = StoreParams(order=a.order, size=a.size, params=at, backend=a.backend)
+        params = StoreParams(order=a.order, size=a.size, at=at, backend=a.backend)
         print(f"images: {len(paths)} from {origin}; {a.size}x{a.size}, order {a.order}, n_iter {a.n_iter}, "
               f"backend {a.backend}, batch {a.batch_size}; machine: {os.cpu_count()} CPUs")
         # Neither side may pay for a cold disk cache that the other then finds warm.
@@ -118,8 +118,8 @@ def main(argv=None) -> None:
         for w in [int(x) for x in a.workers.split(",")]:
             (tmp / f"loop{w}").mkdir()
             loop_s = plain_loop(paths, params, a.batch_size, w, tmp / f"loop{w}" / "bases.zarr")
-            cfg = JobConfig(src=lst, out=tmp / f"store{w}", size=a.size, order=a.order, params=at,
-                            backend=a.backend, workers=w, batch_size=a.batch_size)
+            cfg = DecomposeDatasetConfig(src=lst, out=tmp / f"store{w}", size=a.size, order=a.order, params=at,
+                                         backend=a.backend, workers=w, batch_size=a.batch_size)
             report = run_job(cfg)
             assert report.ok == len(paths), report.summary()
             loop_rate = len(paths) / loop_s
@@ -155,8 +155,8 @@ def source_rows(a, paths, at, tmp: Path, workers: int) -> None:
     for kind, src in (("folder", tmp / "list.txt"), ("parquet", tmp / "hf"), ("webdataset", tmp / "wds")):
         if kind not in a.sources.split(","):
             continue
-        cfg = JobConfig(src=src, out=tmp / f"store-{kind}", size=a.size, order=a.order, params=at,
-                        backend=a.backend, workers=workers, batch_size=a.batch_size)
+        cfg = DecomposeDatasetConfig(src=src, out=tmp / f"store-{kind}", size=a.size, order=a.order, params=at,
+                                     backend=a.backend, workers=workers, batch_size=a.batch_size)
         report = run_job(cfg)
         assert report.ok == len(paths), report.summary()
         results.append((kind, report.rate))

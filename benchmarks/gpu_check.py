@@ -148,16 +148,17 @@ def part_at_solver(dry: bool) -> dict:
         r = ambrosio_tortorelli(f, backend=backend, **p.to_dict())
         sync()
         dt = time.perf_counter() - t0
-        moved = AT_BYTES_PER_PIXEL_SWEEP * size * size * B * p.n_iter
+        sweeps = float(np.mean(r.iterations))       # each image stops when it has converged (p.tol)
+        moved = AT_BYTES_PER_PIXEL_SWEEP * size * size * B * sweeps
         u0 = np.asarray(r.u[0].get() if backend == "cupy" else r.u[0])
         first = u0 if first is None else first
-        rows.append({"batch": B, "solves_per_s": B / dt, "ms_per_sweep": 1e3 * dt / p.n_iter,
+        rows.append({"batch": B, "solves_per_s": B / dt, "mean_sweeps": sweeps, "ms_per_sweep": 1e3 * dt / sweeps,
                      "GB_per_s": moved / dt / 1e9, "roofline_fraction": moved / dt / copy_bw,
                      "first_image_max_diff_to_first_batch": float(np.abs(u0 - first).max())})
     cpu = ambrosio_tortorelli(crops[:4], backend="numba", **p.to_dict())
     dev = ambrosio_tortorelli(xp.asarray(crops[:4]), backend=backend, **p.to_dict())
     gap = (np.asarray(dev.energy) - np.asarray(cpu.energy)) / np.asarray(cpu.energy)
-    return {"device": device_name, "backend": backend, "size": size, "n_iter": p.n_iter,
+    return {"device": device_name, "backend": backend, "size": size, "n_iter": p.n_iter, "tol": p.tol,
             "copy_GB_per_s": copy_bw / 1e9, "batches": rows, "energy_gap_to_cpu_max": float(np.abs(gap).max())}
 
 
@@ -233,7 +234,8 @@ def part_transformer_train(dry: bool) -> dict:
     from bench_tokens import write_random_store
     from bench_train import model_flops_per_token
     from nextdetail.runs import checkpoint_name, save_checkpoint
-    from nextdetail.stores.tokens import META, file_sha256
+    from nextdetail.checksum import file_sha256
+    from nextdetail.stores.tokens import META
     from nextdetail.tokenize import Tokenizer
     from nextdetail.train.model import TransformerShape
     from nextdetail.train.trainer import Trainer, TransformerTrainConfig

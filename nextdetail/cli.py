@@ -1,6 +1,6 @@
-"""The `nextdetail` command. Each subcommand is a typed config (its options are derived from
-the config's fields by nextdetail.options) and a `cmd_<command>(cfg, args)` that runs it;
-errors are reported once, in `main`, as one line and the error's exit status.
+"""The `nextdetail` command. Each subcommand is a typed config (nextdetail.commands: its options
+are derived from the config's fields by nextdetail.options) and a `cmd_<command>(cfg, args)`
+here that runs it; errors are reported once, in `main`, as one line and the error's exit status.
 
     nextdetail decompose INPUT... --out DIR [--order 3 --alpha 10 ... --backend auto --size N]
     nextdetail decompose-dataset SRC --out STORE [--size 256 --order 3 ... --workers N]
@@ -14,17 +14,12 @@ errors are reported once, in `main`, as one line and the error's exit status.
     nextdetail edit RUN2 --out DIR --edit recolor|relight [--n 4 --variants 2 --gains 0,0.5,2]
     nextdetail eval-samples SAMPLES [--ref REF --inception-weights FILE --save-stats FILE --offline]
 
-Exit status: 0 done; 1 some inputs failed and the rest is done (error rows in a store, images
-that `decompose` could not read, token blocks given up on); 2 usage or input error (an option,
-a file, a store, a checkpoint); 3 the job did not finish (Ray, I/O, a diverged loss): rerunning
-the same command resumes; 130 interrupted, 143 stopped by SIGTERM (preempted; rerunning resumes).
+Exit statuses: nextdetail.errors.EXIT_STATUS, shown by every command's --help.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
-import os
 import re
 import sys
 from typing import Optional, Sequence
@@ -33,113 +28,12 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import __version__
-from .errors import NextDetailError
-from .faults import PREEMPTED_STATUS, Preempted, cause_line, terminable
+from .commands import COMMANDS
+from .errors import INTERRUPTED, JOB_FAILED, PARTIAL, PREEMPTED, NextDetailError
+from .faults import Preempted, cause_line, terminable
 from .options import add_options, build
 
 PROG = "nextdetail"
-
-# name: (help, description, "module:Config"); the options come from the config's fields.
-COMMANDS = {
-    "decompose": (
-        "split images into base/detail/edge layers (CART base-detail)",
-        "Decompose each image I into I = B_n + D_n + ... + D_1 by repeated Ambrosio-Tortorelli "
-        "smoothing and write the layers as .npy and .png plus a contact sheet, one folder per "
-        "image under --out. Exit status: 0 done, 1 some images failed, 2 usage.",
-        "nextdetail.decomp.files:DecomposeConfig"),
-    "decompose-dataset": (
-        "decompose a whole dataset with Ray into a Zarr + Parquet store",
-        "Decompose every image of SRC into STORE/bases.zarr (8-bit bases B_0..B_n in shards of many "
-        "images; details are derived on read), "
-        "STORE/manifest.parquet (one row per image) and STORE/meta.json, with a local Ray or a Ray "
-        "cluster. Rerunning the same command resumes. Exit status: 0 every image ok, 1 some images "
-        "failed (the store is complete, see the manifest), 2 usage, parameter or store mismatch, "
-        "3 the job did not finish (rerun to resume), 130 interrupted (rerun to resume).",
-        "nextdetail.pipelines.config:JobConfig"),
-    "train-tokenizer": (
-        "train a VQ-VAE tokenizer (base-detail, multi-scale or vanilla) on a store",
-        "Train the tokenizer on a decomposition store with L2 + VQ/commitment + LPIPS + hinge "
-        "PatchGAN (from --disc-start). RUN gets ckpt-<step>.pt every --ckpt-every steps and at the "
-        "end, log.jsonl and loss.png. --resume continues from RUN's latest checkpoint exactly as an "
-        "uninterrupted run. Exit status: 0 trained, 2 usage, parameter, store or run-folder error, "
-        "3 training failed.",
-        "nextdetail.tokenize.train:TokenizerTrainConfig"),
-    "eval-tokenizer": (
-        "reconstruction quality: MSE/PSNR/LPIPS after each depth (CART Figure 11); PSNR, SSIM, LPIPS, rFID",
-        "For each RUN (its latest checkpoint, or a checkpoint file), encode the first --images "
-        "images of STORE (centre crops of the run's image size; use a held-out store) and decode the "
-        "running sum of the first m token maps, m = 1..M. Writes OUT/eval.csv (run, quantizer, depth, "
-        "map_side, mse, psnr, lpips), OUT/final.csv (the final depth: psnr, ssim, lpips, rfid) and "
-        "OUT/eval.png (MSE against depth, one line per run), prints both tables. LPIPS and rFID need "
-        "pretrained weights (cached, downloaded unless --offline, or --no-lpips / --no-rfid). Exit "
-        "status: 0 done, 2 usage, store, checkpoint or missing weights.",
-        "nextdetail.tokenize.evaluate:EvalConfig"),
-    "export-tokens": (
-        "encode every ok image of a store into a token store (Ray)",
-        "Encode every ok image of STORE (centre crop of the tokenizer's image size) with the "
-        "tokenizer of RUN (its latest checkpoint, or a checkpoint file) into TOKENS/tokens.bin "
-        "(uint16 (N, L), maps in generation order), TOKENS/index.parquet and TOKENS/meta.json "
-        "(written last), with a local Ray or a Ray cluster. Rerunning the same command resumes from "
-        "the finished blocks. Exit status: 0 done, 1 some blocks were given up on after "
-        "--max-attempts worker deaths (the rest is kept, the token store is not finished; rerun), "
-        "2 usage, store or checkpoint error, 3 the export did not finish (rerun to resume), 130 "
-        "interrupted (rerun to resume).",
-        "nextdetail.pipelines.export:ExportConfig"),
-    "train": (
-        "train the next-detail transformer on a token store",
-        "Train the next-detail (CART) transformer on TOKENS (from export-tokens) with the quantizer "
-        "of the tokenizer RUN they were exported with. RUN2 gets ckpt-<step>.pt, log.jsonl (per-map "
-        "loss and accuracy) and loss.png; --resume continues exactly. Multi-GPU / multi-node: "
-        "launch with torchrun. Exit status: 0 trained, 2 usage, parameter, token store or "
-        "run-folder error, 3 training failed.",
-        "nextdetail.train.trainer:TransformerTrainConfig"),
-    "sample": (
-        "generate images with a trained next-detail transformer",
-        "Generate --n images of --class with RUN2's latest checkpoint (KV-cached, map by map: base "
-        "maps, then detail maps; classifier-free guidance ramped linearly over the maps) and decode "
-        "them with its tokenizer. Writes DIR/grid.png, DIR/sample_XXX.png (the base-only image, "
-        "then after each detail factor; the last is the final image) and DIR/samples.json. "
-        "--highres S generates at S times the trained resolution without retraining: upsampled "
-        "base, detail maps patchwise. --per-class K draws K images of every class instead (each seeded "
-        "on its own, in fixed batches split over torchrun's processes) into DIR/images/NNNNNN.png and "
-        "resumable DIR/parts/, and with --npz FILE an ADM .npz batch for FID. Exit status: 0 done, "
-        "2 usage, run or tokenizer error.",
-        "nextdetail.generate.sample:SampleConfig"),
-    "upscale": (
-        "super-resolution by token prefix: the input's base maps, the details drawn by the model",
-        "Each IMAGE (a centre crop of --input-size, default the tokenizer's size / --scale) is "
-        "bicubic-resized to the tokenizer's size, decomposed and encoded; its first --prefix maps "
-        "(default: the base maps) are kept and the base-detail model draws the rest, unconditionally; "
-        "above the training resolution the base is upsampled and the details drawn patchwise. Writes "
-        "the result, the bicubic upscale and a sheet per image, DIR/upscale.json, and PSNR/SSIM "
-        "against --reference (or, with --downscale-first, against each IMAGE itself). Exit status: 0 "
-        "done, 2 usage, run, image or model error.",
-        "nextdetail.generate.upscale:UpscaleConfig"),
-    "edit": (
-        "recolor (intrinsic runs) or relight (specular runs) generated samples through their factors",
-        "Draws --n samples and edits them without retraining: recolor keeps the shading maps and "
-        "swaps or redraws the albedo maps (--to-class: under another class); relight keeps the diffuse "
-        "base maps and scales (--gains), drops (gain 0) or redraws the specular terms. A strip per "
-        "sample, DIR/edit_XXX.png (original, then each edit), and DIR/edit.json. Exit status: 0 done, "
-        "2 usage, or a run whose decomposition has no such factors.",
-        "nextdetail.generate.edit:EditConfig"),
-    "eval-samples": (
-        "FID, IS, KID and precision/recall of generated images against a reference",
-        "Inception-v3 features (torch-fidelity's port of the TF graph ADM's evaluator uses) of SAMPLES "
-        "and REF, each a folder of images, an ADM .npz batch (arr_0) or a decomposition store; REF may "
-        "also be statistics (an .npz with mu and sigma: an ADM reference batch, or --save-stats output). "
-        "Prints the metrics and writes them as JSON with the image counts and the weights' sha256. The "
-        "weights: --inception-weights FILE, else the torch hub cache, else downloaded there unless "
-        "--offline. Exit status: 0 done, 2 usage, input or missing weights.",
-        "nextdetail.evaluation.fidelity:EvalSamplesConfig"),
-}
-RESUMABLE = ("train-tokenizer", "train")          # these take --resume besides their config
-
-
-def config_class(command: str):
-    module, name = COMMANDS[command][2].split(":")
-    return getattr(importlib.import_module(module), name)
-
 
 # --------------------------------------------------------------------------- the commands
 
@@ -148,7 +42,7 @@ def cmd_decompose(cfg, args) -> int:
 
     report = decompose_files(cfg, on_failure=lambda msg: tqdm.write(msg, file=sys.stderr))
     print(report.summary(cfg.out))
-    return 1 if report.failures else 0
+    return PARTIAL if report.failures else 0
 
 
 def cmd_decompose_dataset(cfg, args) -> int:
@@ -159,7 +53,7 @@ def cmd_decompose_dataset(cfg, args) -> int:
     for line in report.failed_shards:          # shards that could not be opened: their images are not counted
         print(f"{line} (shard not read)", file=sys.stderr)
     print(report.summary())
-    return 0 if report.error == 0 and not report.failed_shards else 1
+    return 0 if report.error == 0 and not report.failed_shards else PARTIAL
 
 
 def cmd_export_tokens(cfg, args) -> int:
@@ -168,7 +62,7 @@ def cmd_export_tokens(cfg, args) -> int:
 
     report = run_ray_command(args, lambda: run_export(cfg, JobProgress("export-tokens", "already exported")))
     print(report.summary())
-    return 1 if report.failed else 0
+    return PARTIAL if report.failed else 0
 
 
 def run_ray_command(args, run):
@@ -182,13 +76,14 @@ def run_ray_command(args, run):
 
 def _training(name: str, train, cfg, args, postfix) -> int:
     """Both trainers' commands: a step bar and the summary line, from rank 0 alone under torchrun."""
+    from .distributed import main_process
     from .progress import step_bar
 
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    rank0 = main_process()
     bar, progress = step_bar(name, cfg.steps, postfix, rank0)
     try:
         with logging_redirect_tqdm():
-            report = train(cfg, resume=args.resume, progress=progress)
+            report = train(cfg, progress=progress)
     finally:
         bar.close()
     if rank0:
@@ -241,10 +136,11 @@ def cmd_sample(cfg, args) -> int:
 def _sample_per_class(cfg) -> int:
     """`sample --per-class K`: the evaluation batch, split over torchrun's processes; rank 0 shows
     the bar (its own share of the batches) and prints the summary."""
-    from .progress import JobProgress
+    from .distributed import main_process
     from .generate.batches import sample_per_class
+    from .progress import JobProgress
 
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    rank0 = main_process()
     progress = JobProgress("sample", "already sampled") if rank0 else None
     try:
         with logging_redirect_tqdm():
@@ -313,12 +209,10 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (help_text, description, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=description)
+    for name, c in COMMANDS.items():
+        p = sub.add_parser(name, help=c.help, description=c.description, epilog=c.exit_statuses())
         if name == command:
-            add_options(p, config_class(name))
-            if name in RESUMABLE:
-                p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+            add_options(p, c.config_class())
     return parser
 
 
@@ -333,23 +227,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args = build_parser(command).parse_args(argv)
             logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                                 format="%(name)s: %(levelname)s: %(message)s")
-            cfg = build(config_class(args.command), args)
+            cfg = build(COMMANDS[args.command].config_class(), args)
             return globals()[f"cmd_{args.command.replace('-', '_')}"](cfg, args)
         except NextDetailError as e:
             print(f"{name}: error: {e}", file=sys.stderr)
             return e.exit_status
         except OSError as e:                # I/O on the driver's side: the run did not finish
             print(f"{name}: error: {cause_line(e)}", file=sys.stderr)
-            return 3
+            return JOB_FAILED
         except FloatingPointError as e:     # a diverged loss
             print(f"{name}: error: {e}", file=sys.stderr)
-            return 3
+            return JOB_FAILED
         except Preempted:
             print(f"{name}: stopped by SIGTERM; rerun the same command to resume", file=sys.stderr)
-            return PREEMPTED_STATUS
+            return PREEMPTED
         except KeyboardInterrupt:
             print(f"{name}: interrupted; rerun the same command to resume", file=sys.stderr)
-            return 130
+            return INTERRUPTED
 
 
 if __name__ == "__main__":

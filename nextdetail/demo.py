@@ -37,6 +37,7 @@ from .decomp.files import output_names
 from .imageio import list_images, save_png
 from .options import add_options, build, opt
 from .runs import LOG, PLOT, checkpoints
+from .stores.atomic import atomic_write
 from .viz import contact_sheet
 
 # skimage.data loaders whose files are inside the wheel (skimage/data/*.png), unlike the
@@ -152,8 +153,7 @@ def run_dataset_job(inputs: Sequence[str], store: Path, *, size: int, backend: s
     from .pipelines import DecompositionStore, StoreError
 
     store.parent.mkdir(parents=True, exist_ok=True)
-    listing = store.parent / f"{STORE_NAME}-inputs.txt"
-    listing.write_text("".join(f"{p.resolve()}\n" for p in list_images(inputs)))
+    listing = write_listing(store.parent / f"{STORE_NAME}-inputs.txt", inputs)
     # --overwrite: the demo's store always follows the demo's current inputs and size.
     status = cli.main(["decompose-dataset", str(listing), "--out", str(store), "--size", str(size),
                        "--backend", backend, "--overwrite"])
@@ -172,9 +172,18 @@ def run_dataset_job(inputs: Sequence[str], store: Path, *, size: int, backend: s
                             params=dict(reader.meta["at"]))
         sheet = store.parent / f"{STORE_NAME}-contact.png"
         # The store keeps no edge fields: the sheet has no third row.
-        contact_sheet(dec, title=f"{Path(item.id).name} (read back from the store, 8-bit bases)").save(sheet)
+        with atomic_write(sheet) as tmp:
+            contact_sheet(dec, title=f"{Path(item.id).name} (read back from the store, 8-bit bases)").save(
+                tmp, format="PNG")
         print(f"contact sheet of {Path(item.id).name} from the store (bases B_k, details D_k): {sheet}")
     return status
+
+
+def write_listing(listing: Path, inputs: Sequence[str]) -> Path:
+    """The image files of `inputs` as a listing (one absolute path a line), written atomically."""
+    with atomic_write(listing) as tmp:
+        tmp.write_text("".join(f"{p.resolve()}\n" for p in list_images(inputs)))
+    return listing
 
 
 def clear_run(folder: Path) -> None:
@@ -196,8 +205,7 @@ def run_chain(inputs: Sequence[str], out: Path, *, size: int, backend: str, toke
     store, tokenizer, tokens = out / "store", out / "tokenizer", out / "tokens"
     transformer, samples = out / "transformer", out / "samples"
     out.mkdir(parents=True, exist_ok=True)
-    listing = out / "inputs.txt"
-    listing.write_text("".join(f"{p.resolve()}\n" for p in list_images(inputs)))
+    listing = write_listing(out / "inputs.txt", inputs)
     clear_run(tokenizer)
     clear_run(transformer)
     steps = [

@@ -34,6 +34,12 @@ class Dist:
         return torch.device(name)
 
 
+def main_process() -> bool:
+    """Whether this process is rank 0 of torchrun's world (or alone), known before any set-up:
+    the one that shows progress and prints summaries."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def setup_distributed(device: str) -> Dist:
     """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); world 1 without it."""
     import torch.distributed as dist
@@ -62,6 +68,13 @@ def run(device: str, body: Callable[[Dist], T]) -> T:
         raise
     leave(d)
     return out
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator seeded with 1,000,003 seed + step, so that a step's draws (label dropout,
+    dead-code restarts) depend on (seed, step) alone: the same on every rank and after a resume.
+    Pairs with step < 1,000,003 get distinct seeds."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:

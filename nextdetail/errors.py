@@ -9,11 +9,27 @@ Every error's str is one line naming the thing at fault (an option, a file, a st
 
 The subclasses each module raises (StoreError, TokenStoreError, CheckpointError, ...) say which
 thing failed and inherit their exit status from here. `cli.main` gives the rest theirs: an
-OSError or a diverged loss 3, Ctrl-C 130, SIGTERM 143 (nextdetail.faults).
+OSError or a diverged loss JOB_FAILED, Ctrl-C INTERRUPTED, SIGTERM PREEMPTED (nextdetail.faults).
+EXIT_STATUS says what each status means, once: every command's --help shows it.
 """
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+
+PARTIAL, USAGE, JOB_FAILED = 1, 2, 3
+INTERRUPTED = 128 + signal.SIGINT        # the shell's convention for a signal's death: 130
+PREEMPTED = 128 + signal.SIGTERM         # 143
+
+EXIT_STATUS = {
+    0: "done",
+    PARTIAL: "some inputs failed and the rest is done",
+    USAGE: "usage or input error (an option, a file, a folder of the wrong kind, options that cannot fit), "
+           "reported in one line before any work",
+    JOB_FAILED: "the job did not finish (Ray, I/O, a diverged loss): rerunning the same command resumes",
+    INTERRUPTED: "interrupted: rerunning the same command resumes",
+    PREEMPTED: "stopped by SIGTERM (preempted): rerunning the same command resumes",
+}
 
 
 def first_line(e: BaseException, typed: bool = False) -> str:
@@ -29,7 +45,7 @@ def first_line(e: BaseException, typed: bool = False) -> str:
 class NextDetailError(Exception):
     """Base of every error a command reports in one line."""
 
-    exit_status = 2
+    exit_status = USAGE
 
 
 class ConfigError(NextDetailError, ValueError):
@@ -50,4 +66,4 @@ class PathError(NextDetailError, ValueError):
 class JobError(NextDetailError, RuntimeError):
     """The job could not run or finish (Ray, cluster, I/O, a diverged loss); rerunning resumes."""
 
-    exit_status = 3
+    exit_status = JOB_FAILED

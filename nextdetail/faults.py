@@ -20,7 +20,6 @@ import time
 from contextlib import contextmanager
 from typing import Optional
 
-PREEMPTED_STATUS = 128 + signal.SIGTERM
 
 
 class Preempted(KeyboardInterrupt):

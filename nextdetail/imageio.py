@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import NextDetailError, PathError
+from .stores.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +280,8 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
 
 
 def save_png(array: np.ndarray, path: PathLike) -> Path:
-    """Write a float image in [0, 1] (or uint8) as an 8-bit PNG; parent folders are created.
+    """Write a float image in [0, 1] (or uint8) as an 8-bit PNG, atomically (stores.atomic);
+    parent folders are created.
 
     array: (H, W) or (H, W, 1) grey, (H, W, 3) RGB or (H, W, 4) RGBA.
     """
@@ -289,6 +291,6 @@ def save_png(array: np.ndarray, path: PathLike) -> Path:
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
         raise ValueError(f"save_png: expected (H,W), (H,W,1), (H,W,3) or (H,W,4), got {a.shape}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(a).save(path, format="PNG")
+    with atomic_write(path) as tmp:                 # creates the parent folders
+        Image.fromarray(a).save(tmp, format="PNG")
     return path

@@ -73,9 +73,11 @@ def _read_int(path: str) -> Optional[int]:
     return int(text) if text.isdigit() else None
 
 
-def _meminfo(key: str) -> Optional[int]:
+def _proc_kb(path: str, key: str) -> Optional[int]:
+    """Bytes of the "key:  N kB" line of a /proc file (/proc/meminfo, /proc/self/status); None
+    where the file or the line is missing or unreadable."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path(path).read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
@@ -86,7 +88,7 @@ def _meminfo(key: str) -> Optional[int]:
 def host_available() -> Tuple[int, str]:
     """(bytes, where the number comes from) this process can still allocate on the host."""
     found = []
-    avail = _meminfo("MemAvailable")
+    avail = _proc_kb("/proc/meminfo", "MemAvailable")
     if avail is not None:
         found.append((avail, "MemAvailable"))
     for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
@@ -96,21 +98,11 @@ def host_available() -> Tuple[int, str]:
             found.append((max(0, lim - used), "the cgroup's memory limit less its usage"))
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
-        vm = (_meminfo_self("VmSize") or 0)
+        vm = _proc_kb("/proc/self/status", "VmSize") or 0
         found.append((max(0, soft - vm), "ulimit -v less the address space in use"))
     if not found:
         return (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory")
     return min(found)
-
-
-def _meminfo_self(key: str) -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def available(device: str = "cpu") -> Tuple[int, str]:

@@ -5,14 +5,14 @@ the help text (and, where needed, the flag, metavar, choices or argparse action)
 field's metadata; its type and default come from the field itself:
 
     @dataclass(frozen=True)
-    class JobConfig:
+    class DecomposeDatasetConfig:
         size: int = opt(256, "shorter side resized to N (Lanczos), centre-cropped N x N", metavar="N")
 
-`add_options(parser, JobConfig)` adds `--size N` with type int, default 256 and the help
-"... (default 256)"; `build(JobConfig, args)` makes the config from the parsed arguments. The
-config's __post_init__ validates and raises ConfigError naming the option. A field declared
-with `nested()` holds another config whose options are added and built in place (the AT
-parameters inside the dataset job's config).
+`add_options(parser, DecomposeDatasetConfig)` adds `--size N` with type int, default 256 and the
+help "... (default 256)"; `build(DecomposeDatasetConfig, args)` makes the config from the parsed
+arguments. The config's __post_init__ validates and raises ConfigError naming the option. A
+field declared with `nested()` holds another config whose options are added and built in place
+(the AT parameters inside the dataset job's config).
 """
 from __future__ import annotations
 
@@ -193,25 +193,6 @@ def build(cls, args: argparse.Namespace, **given):
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
-
-def differences(a, b, *, ignore: tuple = (), labels=("checkpoint", "asked"), flatten: bool = False,
-                value: Callable[[Any], str] = str, prefix: str = "") -> list:
-    """'name A (labels[0]) != B (labels[1])' for each field of two configs of one class that
-    differs, in declaration order; nested configs field by field, as 'part.field' (or, with
-    flatten, by their own names spelt as options: 'n-iter'). `ignore` names fields to skip."""
-    out = []
-    for f in dataclasses.fields(a):
-        if f.name in ignore:
-            continue
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        if dataclasses.is_dataclass(x) and dataclasses.is_dataclass(y):
-            out += differences(x, y, ignore=ignore, labels=labels, flatten=flatten, value=value,
-                               prefix="" if flatten else f"{prefix}{f.name}.")
-        elif x != y:
-            name = f.name.replace("_", "-") if flatten else prefix + f.name
-            out.append(f"{name} {value(x)} ({labels[0]}) != {value(y)} ({labels[1]})")
-    return out
 
 
 def check_int(name: str, value, low: int = 1, *, optional: bool = False) -> None:

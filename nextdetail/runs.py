@@ -25,16 +25,20 @@ import shutil
 import pickle
 import re
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import TYPE_CHECKING, Callable, List, Optional, TypeVar
 
 from .errors import ConfigError, NextDetailError, first_line
 from .faults import Preempted, deferred_term, term_requested, terminable
 from .limits import check_max_memory, memory_opt
 from .options import check_int, opt
 from .stores import atomic_write, write_bytes_atomic
+from .stores.journal import OutputFolder, differences
+
+if TYPE_CHECKING:
+    from .distributed import Dist
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,10 @@ class TrainError(RunError):
     """Training cannot start as asked (data, run folder, config); one line. Both trainers."""
 
 
+# A run folder as a resumable output (nextdetail.stores.journal): one trainer writes it at a time.
+RUN = OutputFolder("run", ("ckpt-*.pt", LOG, PLOT), TrainError)
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """What both trainers take besides their data, model and optimizer: how long, how often to
@@ -66,9 +74,11 @@ class RunConfig:
                                   "takes less than this many seconds, then stop; 0: stop at once", ge=0,
                             metavar="S")
     max_memory: Optional[str] = memory_opt()
+    resume: bool = opt(False, "continue from the run's latest checkpoint (the result equals an uninterrupted run)")
 
-    # Fields any resumed run may change (each trainer adds its own): how it reacts to faults.
-    FAULT_FIELDS = ("term_grace", "max_memory")
+    # Fields any resumed run may change (each trainer adds its own): that it resumes, and how it
+    # reacts to faults.
+    CONTROL_FIELDS = ("resume", "term_grace", "max_memory")
 
     def __post_init__(self):
         check_int("steps", self.steps)
@@ -196,6 +206,27 @@ class RunReport:
         rate = done / self.seconds if self.seconds > 0 else float("nan")
         return (f"trained steps {self.start_step}..{self.steps} ({done} steps, {self.seconds:.1f} s, "
                 f"{rate:.2f} steps/s{extra})")
+
+
+T = TypeVar("T")
+
+
+def run_training(cfg: RunConfig, body: Callable[["Dist"], T]) -> T:
+    """Both trainers' entry point: body(d) in this process's place of torchrun's world (or alone),
+    rank 0 holding the run folder's lock (RUN.lock) for the whole run."""
+    from .distributed import run
+
+    def locked(d):
+        with RUN.lock(cfg.out) if d.main else nullcontext():
+            return body(d)
+
+    return run(cfg.device, locked)
+
+
+def checkpoint_differences(saved, asked, *, ignore: tuple = ()) -> List[str]:
+    """'name A (checkpoint) != B (asked)' for each field of two configs of one class that differs
+    (nested configs as 'part.field'); `ignore` names the fields a resumed run may change."""
+    return differences(saved, asked, ignore=ignore, labels=("checkpoint", "asked"), value=str)
 
 
 def resume_from(out, resume: bool) -> Optional[Path]:

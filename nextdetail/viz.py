@@ -136,7 +136,7 @@ def _header(decomposition, title: Optional[str], i: int, n: Optional[int]) -> Li
     if n is not None:
         first += f"  [image {i} of batch {n}]"
     p = decomposition.params or {}
-    params = " ".join(f"{k}={p[k]:g}" for k in ("alpha", "lam", "eps", "n_iter") if k in p)
+    params = " ".join(f"{k}={p[k]:g}" for k in ("alpha", "lam", "eps", "n_iter", "tol") if k in p)
     energies = [float(e if i < 0 else np.asarray(e)[i]) for e in decomposition.energies]
     line2 = f"{decomposition.method} order={decomposition.order} {params}"
     if energies:

@@ -102,7 +102,7 @@ def plan_sources(plan, k: int):
 
 def shard_rows(plan):
     """The one-row batches Ray Data hands a DecomposeWorker: one per shard the plan writes."""
-    from nextdetail.pipelines.worker import shard_items
+    from nextdetail.pipelines.decompose_worker import shard_items
 
     return [{"shard": np.array([item["shard"]]), "sources": np.array([item["sources"]], object)}
             for item in shard_items(plan)]
@@ -127,10 +127,10 @@ def make_store(path: Path, n: int = 4, size: int = 32, order: int = 3, n_iter: i
     the job's own writer and worker, called the way Ray would call them."""
     from nextdetail.decomp import ATParams
     from nextdetail.pipelines import StoreParams, list_sources
-    from nextdetail.pipelines.worker import DecomposeWorker
+    from nextdetail.pipelines.decompose_worker import DecomposeWorker
     from nextdetail.stores.store_plan import finish_store
 
-    params = StoreParams(order=order, size=size, params=ATParams(n_iter=n_iter), backend="numba",
+    params = StoreParams(order=order, size=size, at=ATParams(n_iter=n_iter), backend="numba",
                          shard_images=shard_images, method=method)
     src = list_sources(listing(photo_paths(n, path.parent), path.parent / f"{path.name}.txt"))
     plan = prepare_store(path, params, src, overwrite=False)

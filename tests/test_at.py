@@ -18,6 +18,7 @@ import pytest
 
 from nextdetail.decomp import ambrosio_tortorelli, at_energy
 from nextdetail.decomp.at import cupy_usable
+from nextdetail.decomp.energy import CHECK_EVERY, converged
 
 GPU = cupy_usable()
 needs_gpu = pytest.mark.skipif(not GPU, reason="cupy with a CUDA device not available")
@@ -25,6 +26,7 @@ BACKENDS = ["numpy", "numba", pytest.param("cupy", marks=needs_gpu)]
 
 U_TOL, S_TOL, E_RTOL = 1e-4, 1e-3, 1e-6      # numpy vs numba (and cupy vs numba), see above
 ALPHA, LAM, EPS = 10.0, 0.01, 0.01
+TOL = 1e-3                                   # a convergence tolerance the test images reach
 
 
 def rand(*shape, seed=0):
@@ -116,7 +118,7 @@ def test_reported_energy_is_the_contract_energy(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_energy_never_increases_from_sweep_to_sweep(backend):
     f = np.stack([noisy_step(48, 40, seed=1), rand(48, 40, 3)])
-    r = ambrosio_tortorelli(f, backend=backend, n_iter=60, track_energy=True)
+    r = ambrosio_tortorelli(f, backend=backend, n_iter=60, tol=0, track_energy=True)
     h = r.energy_history
     assert h.shape == (61, 2)
     # Each half-sweep is an exact block minimization in s and an SOR step in u (0 < omega < 2),
@@ -132,6 +134,69 @@ def test_energy_never_increases_from_sweep_to_sweep(backend):
     single = ambrosio_tortorelli(f[0], backend=backend, n_iter=5, track_energy=True)
     assert single.energy_history.shape == (6,)
     assert ambrosio_tortorelli(f[0], backend=backend, n_iter=5).energy_history is None
+    # With the convergence test on, the history ends with the last image to stop and an image
+    # that stopped keeps its energy; until then each image runs the sweeps of the run above.
+    c = ambrosio_tortorelli(f, backend=backend, n_iter=60, tol=TOL, track_energy=True)
+    T = c.iterations.max()
+    assert c.energy_history.shape == (T + 1, 2) and T < 60
+    for n, t in enumerate(c.iterations):
+        assert (c.energy_history[t:, n] == c.energy_history[t, n]).all()
+        np.testing.assert_allclose(c.energy_history[:t + 1, n], h[:t + 1, n], rtol=1e-12)
+
+
+# ---------------------------------------------------------------- convergence
+
+def stop_by_rule(h, tol):
+    """The sweeps after which the rule of energy.py stops an image whose energy after each
+    sweep is h (from a run without the test): the first t = k, 2k, ... with E_(t-k) - E_t <= tol E_t."""
+    for t in range(CHECK_EVERY, len(h), CHECK_EVERY):
+        if converged(h[t - CHECK_EVERY], h[t], tol):
+            return t
+    return len(h) - 1
+
+
+def converging_batch():
+    """Images that converge after different sweep counts: noisy steps, noise, a flat image."""
+    return np.stack([noisy_step(24, 32, seed=3), rand(24, 32, 3, seed=4), noisy_step(24, 32, seed=5)[:, ::-1] * 0.5,
+                     np.full((24, 32, 3), 0.3, np.float32)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_image_stops_by_the_rule_on_its_own_energy(backend):
+    f = converging_batch()
+    h = ambrosio_tortorelli(f, backend=backend, n_iter=120, tol=0, track_energy=True).energy_history
+    r = ambrosio_tortorelli(f, backend=backend, n_iter=120, tol=TOL)
+    expected = [stop_by_rule(h[:, n], TOL) for n in range(len(f))]
+    assert list(r.iterations) == expected and len(set(expected)) >= 3
+    assert r.iterations[3] == CHECK_EVERY                       # flat: E_0 = E_5 = 0
+    assert (ambrosio_tortorelli(f, backend=backend, n_iter=120, tol=0).iterations == 120).all()
+    capped = ambrosio_tortorelli(f, backend=backend, n_iter=12, tol=TOL)
+    assert list(capped.iterations) == [min(12, e) for e in expected]
+
+
+def pick(r, k):
+    """(sweeps, u bytes, s bytes, energy) of image k of a batch result."""
+    return r.iterations[k], r.u[k].tobytes(), r.s[k].tobytes(), r.energy[k]
+
+
+def test_the_stop_depends_on_the_image_alone_bitwise():
+    """numba: an image's sweeps, u, s and energy are the same bits alone or in any batch (with
+    images that stop earlier or later, in any order), with 1 thread or 2 (the row-banded
+    schedule: test_numba_row_banded_schedule_matches_per_image_and_numpy)."""
+    f = converging_batch()
+    batch = ambrosio_tortorelli(f, backend="numba", n_iter=120, tol=TOL)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one_thread = ambrosio_tortorelli(f[::-1], backend="numba", n_iter=120, tol=TOL)
+    finally:
+        numba.set_num_threads(threads)
+    last = len(f) - 1
+    for n in range(len(f)):
+        alone = ambrosio_tortorelli(f[n], backend="numba", n_iter=120, tol=TOL)
+        pair = ambrosio_tortorelli(f[[n, 0]], backend="numba", n_iter=120, tol=TOL)
+        assert (alone.iterations, alone.u.tobytes(), alone.s.tobytes(), alone.energy) == pick(batch, n)
+        assert pick(one_thread, last - n) == pick(batch, n) == pick(pair, 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -164,6 +229,7 @@ def test_batch_gives_each_image_its_single_call_result(backend):
     batch = ambrosio_tortorelli(f, backend=backend, n_iter=40)
     for n in range(3):
         one = ambrosio_tortorelli(f[n], backend=backend, n_iter=40)
+        assert batch.iterations[n] == one.iterations             # each stops on its own
         # same operations on the same numbers: equal up to at most a last-bit difference
         np.testing.assert_allclose(batch.u[n], one.u, atol=1e-6, rtol=0)
         np.testing.assert_allclose(batch.s[n], one.s, atol=1e-6, rtol=0)
@@ -182,8 +248,8 @@ def test_numba_row_banded_schedule_matches_per_image_and_numpy():
     banded = ambrosio_tortorelli(f, backend="numba", n_iter=30)
     n = max(2, numba.get_num_threads())                  # enough images for one per thread
     per_image = ambrosio_tortorelli(np.stack([f] + [f[::-1]] * (n - 1)), backend="numba", n_iter=30)
-    np.testing.assert_allclose(banded.u, per_image.u[0], atol=1e-6, rtol=0)
-    np.testing.assert_allclose(banded.s, per_image.s[0], atol=1e-6, rtol=0)
+    assert banded.iterations == per_image.iterations[0]         # the check's sums: the same bits
+    assert banded.u.tobytes() == per_image.u[0].tobytes() and banded.s.tobytes() == per_image.s[0].tobytes()
     assert_agree(banded, ambrosio_tortorelli(f, backend="numpy", n_iter=30))
 
 
@@ -196,7 +262,7 @@ def test_output_shapes_types_and_input_untouched(backend, shape, s_shape):
     r = ambrosio_tortorelli(f64, backend=backend, n_iter=3)
     assert r.u.shape == shape and r.s.shape == s_shape
     assert r.u.dtype == np.float32 and r.s.dtype == np.float32
-    assert r.iterations == 3 and r.backend == backend
+    assert np.all(r.iterations == 3) and r.backend == backend
     assert np.array_equal(f64, keep)
     if len(shape) == 4:
         assert isinstance(r.energy, np.ndarray) and r.energy.shape == (shape[0],)
@@ -243,6 +309,7 @@ def test_bad_shapes_are_value_errors(shape):
     (dict(omega=0.0), "omega"), (dict(omega=2.0), "omega"), (dict(omega=-1.0), "omega"),
     (dict(omega=2.5), "omega"), (dict(lam=0.0), "lam"), (dict(alpha=-1.0), "alpha"),
     (dict(alpha=float("inf")), "alpha"), (dict(n_iter=-1), "n_iter"), (dict(n_iter=2.5), "n_iter"),
+    (dict(tol=-1e-3), "tol"), (dict(tol=1.0), "tol"), (dict(tol=float("nan")), "tol"),
     (dict(backend="torch"), "backend"), (dict(backend="NUMBA"), "backend"),
 ])
 def test_bad_parameters_are_value_errors(kwargs, match):

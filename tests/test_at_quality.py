@@ -1,7 +1,8 @@
 """Quality bar: the SOR solvers reach the energy of the exact alternating minimization.
 
 For each real 256x256 RGB crop (tests/crops.py: QUALITY_CROPS) at the default parameters
-(alpha = 10, lam = 0.01, eps = 0.01, n_iter = 50 sweeps), the solver's final u is scored by
+(alpha = 10, lam = 0.01, eps = 0.01, tol = 2.5e-3: each crop stops when it has converged,
+within n_iter = 50 sweeps), the solver's final u is scored by
 
     E(u) = E(u, s*(u)) = min_s E(u, s)          (s*(u) by a direct sparse solve)
 
@@ -10,13 +11,15 @@ from u = f (tests/exact_at.py). The gap (E - E_floor) / E_floor must be <= 0.5 %
 median and <= 2 % on the worst crop; it may be negative (E is not jointly convex, the
 solver can settle in a lower local minimum than the alternation).
 
-Measured (2-core machine, numba and numpy identical to 4 digits):
-    crop     floor      n_iter=50   75        100       150
-    kodim01  1833.985   +0.225 %   +0.097 %  +0.083 %  +0.043 %
-    kodim15   767.584   +0.276 %   +0.250 %  +0.229 %  +0.226 %
-    kodim23   730.426   +0.236 %   +0.038 %  -0.060 %  -0.068 %
+Measured (2-core machine, numba and numpy identical to 4 digits), fixed sweep counts (tol = 0)
+and the default tol (its sweeps in brackets):
+    crop     floor      n_iter=50   75        100       150       tol=2.5e-3
+    kodim01  1833.985   +0.225 %   +0.097 %  +0.083 %  +0.043 %  +0.357 % (35)
+    kodim15   767.584   +0.276 %   +0.250 %  +0.229 %  +0.226 %  +0.446 % (25)
+    kodim23   730.426   +0.236 %   +0.038 %  -0.060 %  -0.068 %  +0.868 % (25)
     (kodim05 2587.009   +0.071 %   -0.011 %  -0.042 %  -0.070 %, not in the test set)
-so the bar holds from 50 sweeps on.
+so the bar holds at the default (median +0.446 %: the thinnest margin of the photos the tol was
+measured on, docs/decomposition.md) and from 50 fixed sweeps on.
 
 The floors cost ~15-50 s per crop (~140 SuperLU factorizations each); they are computed in
 two processes and kept in pytest's cache (.pytest_cache), keyed by the crop's bytes, the
@@ -37,6 +40,7 @@ from crops import QUALITY_CROPS, center_crop
 import nextdetail.decomp.energy as energy_contract
 from nextdetail.decomp import ATParams, ambrosio_tortorelli, at_energy
 from nextdetail.decomp.at import cupy_usable
+from nextdetail.decomp.energy import CHECK_EVERY
 
 ALPHA, LAM, EPS = 10.0, 0.01, 0.01
 MEDIAN_GAP, WORST_GAP = 0.005, 0.02
@@ -95,7 +99,9 @@ def solved(crops):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_solver_energy_is_within_the_bar_of_the_exact_floor(backend, crops, floors, solved):
     r = solved(backend)
-    assert r.iterations == ATParams().n_iter                     # the default n_iter
+    # the defaults: each crop stops when it has converged (tol), within n_iter sweeps
+    assert (r.iterations <= ATParams().n_iter).all() and (r.iterations % CHECK_EVERY == 0).all()
+    print(f"{backend}: sweeps {[int(t) for t in r.iterations]}")
     gaps = {}
     for n, (name, f) in enumerate(crops.items()):
         u = np.asarray(r.u[n], np.float64)

@@ -24,7 +24,8 @@ from conftest import own_lines
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FAST = ["--order", "2", "--n-iter", "5", "--backend", "numpy"]
 SUMMARY = re.compile(r"^(\d+) images ok, (\d+) failed, [\d.]+ s, [\d.]+ images/s, "
-                     r"mean AT energy (\S+); output in (.+)$")
+                     r"mean AT energy (\S+), mean AT sweeps per level (?:[\d.]+(?: / [\d.]+)*|n/a); "
+                     r"output in (.+)$")
 
 
 def compiled_or_numpy() -> str:
@@ -109,6 +110,7 @@ def test_all_good_exits_zero_and_writes_the_layout(tmp_path, capsys):
     meta = json.loads((out / "pic" / "meta.json").read_text())
     assert meta["source"] == str(img) and meta["shape"] == [10, 14, 3]
     assert meta["params"]["n_iter"] == 5 and len(meta["energies"]) == 2
+    assert meta["sweeps"] == [5, 5] and "mean AT sweeps per level 5.0 / 5.0;" in stdout      # the cap
     assert float(m[3]) == pytest.approx(np.mean(meta["energies"]), rel=1e-4)
     # detail_k.png is the viz mapping of detail_k.npy with the scale recorded in meta.json
     d1 = np.load(out / "pic" / "detail_1.npy")
@@ -120,7 +122,8 @@ def test_all_good_exits_zero_and_writes_the_layout(tmp_path, capsys):
 @pytest.mark.parametrize("args,word", [
     (["--eps", "0"], "eps"), (["--order", "0"], "order"), (["--n-iter", "-1"], "--n-iter"),
     (["--size", "0"], "size"), (["--alpha", "nan"], "alpha"), (["--omega", "2"], "omega"),
-    (["--lam", "-1"], "lam"), (["--batch-size", "0"], "batch-size")])
+    (["--lam", "-1"], "lam"), (["--batch-size", "0"], "batch-size"), (["--tol", "1"], "--tol"),
+    (["--tol", "-0.1"], "--tol")])
 def test_bad_parameters_give_one_line_and_exit_2(tmp_path, capsys, args, word):
     img = write_rgb(tmp_path / "pic.png", 4, 4)
     rc, stdout, stderr = run(capsys, "decompose", img, "--out", tmp_path / "out", *args)

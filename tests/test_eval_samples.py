@@ -15,12 +15,12 @@ from inception_standin import write_standin_inception
 from pipeline_data import make_store, photo_paths
 
 from nextdetail import cli
+from nextdetail.checksum import file_sha256
 from nextdetail.evaluation.fidelity import EvalSamplesConfig, evaluate_samples, fidelity_metrics
 from nextdetail.evaluation.image_sets import ImageSetError, open_image_set
 from nextdetail.evaluation.inception import INCEPTION, inception_features, load_inception
 from nextdetail.imageio import load_image, to_uint8
 from nextdetail.npz import NpzWriter, image_count, iter_images, read_labels, write_npz
-from nextdetail.stores.tokens import file_sha256
 from nextdetail.weights import WeightsError, weights_file
 
 N, SIZE = 16, 64

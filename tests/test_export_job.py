@@ -215,7 +215,7 @@ def test_meta_json_is_o1_in_n_and_reads_a_0_1_plan(inputs, tmp_path):
     meta.json does not grow with N; a plan written by 0.1, which listed them, still matches."""
     import json
 
-    from nextdetail.pipelines.export import indices_digest
+    from nextdetail.pipelines.export_plan import indices_digest
     from nextdetail.stores.decomposition import DecompositionStore
 
     store, ckpt, reference = inputs

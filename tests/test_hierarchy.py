@@ -63,10 +63,11 @@ def test_grayscale_and_batch_decompositions():
     batch = np.stack([image(seed=k) for k in range(3)])
     db = decompose(batch, 2, backend="numba", n_iter=N_ITER)
     assert db.base.shape == batch.shape and db.edges[0].shape == batch.shape[:3]
-    assert db.energies[0].shape == (3,)
+    assert db.energies[0].shape == (3,) and db.iterations[0].shape == (3,)
     assert np.abs(db.reconstruct() - batch).max() < 1e-6
     for n in range(3):                                           # each image as if alone
         one = decompose(batch[n], 2, backend="numba", n_iter=N_ITER)
+        assert [int(t[n]) for t in db.iterations] == one.iterations
         for k in range(2):
             np.testing.assert_allclose(db.details[k][n], one.details[k], atol=1e-6)
         np.testing.assert_allclose(db.base[n], one.base, atol=1e-6)

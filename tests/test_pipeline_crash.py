@@ -16,7 +16,7 @@ import pytest
 
 from nextdetail import cli
 from nextdetail.decomp import ATParams
-from nextdetail.pipelines import DecompositionStore, JobConfig, run_job
+from nextdetail.pipelines import DecomposeDatasetConfig, DecompositionStore, run_job
 from nextdetail.stores.decomposition_format import META, PARTS, RUN_DEPENDENT_COLUMNS, manifest_schema
 from nextdetail.stores.shards import BASES
 from conftest import kill_cli_when
@@ -130,8 +130,8 @@ def test_driver_killed_mid_way_on_parquet_shards(ray_session, dataset, tmp_path_
 
 def test_killed_worker_is_restarted_and_its_shard_retried(reference, dataset, tmp_path):
     store = tmp_path / "store"
-    cfg = JobConfig(src=dataset, out=store, size=SIZE, order=ORDER, params=ATParams(n_iter=N_ITER),
-                    backend="numba", workers=2, batch_size=BATCH, shard_images=SHARD)
+    cfg = DecomposeDatasetConfig(src=dataset, out=store, size=SIZE, order=ORDER, params=ATParams(n_iter=N_ITER),
+                                 backend="numba", workers=2, batch_size=BATCH, shard_images=SHARD)
     result = {}
     job = threading.Thread(target=lambda: result.update(report=run_job(cfg)), daemon=True)
     job.start()

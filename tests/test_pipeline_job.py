@@ -13,7 +13,7 @@ import pytest
 
 from nextdetail import cli
 from nextdetail.imageio import load_image
-from nextdetail.pipelines import DecompositionStore, JobConfig, list_sources, run_job
+from nextdetail.pipelines import DecomposeDatasetConfig, DecompositionStore, list_sources, run_job
 from nextdetail.stores.decomposition_format import MANIFEST, META, RUN_DEPENDENT_COLUMNS
 from nextdetail.stores.shards import BASES
 from pipeline_data import broken_files, class_folder, listing, photo_paths
@@ -21,7 +21,8 @@ from conftest import own_lines
 
 SUMMARY = re.compile(r"^(\d+) images: (\d+) ok, (\d+) error(?: \((\d+) already done\))?; processed (\d+) "
                      r"in [\d.]+ s = [\d.]+ images/s on (\d+) (\w+) workers; Ray start-up [\d.]+ s, "
-                     r"total [\d.]+ s; read an? (?:folder|listing) of image files; store (.+)$")
+                     r"total [\d.]+ s; mean AT sweeps per level (?:[\d.]+(?: / [\d.]+)*|n/a); "
+                     r"read an? (?:folder|listing) of image files; store (.+)$")
 FAST = ["--order", "2", "--n-iter", "10", "--backend", "numba"]
 
 
@@ -166,8 +167,9 @@ def test_run_dependent_columns_are_the_only_unstable_ones(ray_session, tmp_path)
     from nextdetail.decomp import ATParams
     stores = []
     for k, (workers, batch) in enumerate([(1, 6), (3, 1)]):
-        cfg = JobConfig(src=lst, out=tmp_path / f"s{k}", size=32, order=2, params=ATParams(n_iter=10),
-                        backend="numba", workers=workers, batch_size=batch, shard_images=2)
+        cfg = DecomposeDatasetConfig(src=lst, out=tmp_path / f"s{k}", size=32, order=2,
+                                     params=ATParams(n_iter=10), backend="numba", workers=workers,
+                                     batch_size=batch, shard_images=2)
         report = run_job(cfg)
         assert (report.ok, report.workers) == (6, workers)
         stores.append(cfg.out)

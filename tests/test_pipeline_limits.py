@@ -138,7 +138,7 @@ def test_an_image_over_the_pixel_limit_is_refused_undecoded(tmp_path, capsys):
     with pytest.raises(ImageError, match="10,000,000,000 pixels is over the limit of 89,478,485"):
         load_image(bomb, 32)
     # In a job, the image is an error row naming the limit.
-    from nextdetail.pipelines.worker import read_batch
+    from nextdetail.pipelines.decompose_worker import read_batch
 
     batch = read_batch({"index": np.array([0, 1]), "path": np.array([str(big), str(bomb)], object)}, 32,
                        max_pixels=50_000)
@@ -165,11 +165,11 @@ def test_a_journal_left_by_a_killed_worker_is_not_read_as_a_part(tmp_path):
     from nextdetail.decomp import ATParams
     from nextdetail.pipelines import StoreParams
     from nextdetail.pipelines.attempts import ATTEMPTS
-    from nextdetail.pipelines.worker import DecomposeWorker
+    from nextdetail.pipelines.decompose_worker import DecomposeWorker
     from nextdetail.stores.store_plan import finish_store
     from pipeline_data import merged_manifest, plan_sources, prepare_store, shard_rows, solve_shards
 
-    params = StoreParams(order=2, size=16, params=ATParams(n_iter=2), backend="numpy", shard_images=2)
+    params = StoreParams(order=2, size=16, at=ATParams(n_iter=2), backend="numpy", shard_images=2)
     src = list_sources(listing(photo_paths(3, tmp_path), tmp_path / "l.txt"))
     plan = prepare_store(tmp_path / "store", params, src, overwrite=False)
     solve_shards(plan, DecomposeWorker(str(tmp_path / "store"), params.to_dict(), run=plan.run, batch_size=2,

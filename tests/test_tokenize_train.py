@@ -67,7 +67,7 @@ def test_resume_equals_an_uninterrupted_run(store, tmp_path, kind, ema):
     kw = dict(ema=ema, loader_workers=1, usage_every=2)
     full = train(cfg(store, tmp_path / "full", kind, **kw))               # 6 steps, D on from step 3
     train(cfg(store, tmp_path / "half", kind, steps=3, **kw))             # stop at 3 ...
-    train(cfg(store, tmp_path / "half", kind, **kw), resume=True)         # ... and resume to 6
+    train(cfg(store, tmp_path / "half", kind, **kw, resume=True))         # ... and resume to 6
     a = torch.load(checkpoints(tmp_path / "full")[-1], weights_only=True)
     b = torch.load(checkpoints(tmp_path / "half")[-1], weights_only=True)
     assert a["step"] == b["step"] == full.steps == 6
@@ -114,12 +114,12 @@ def test_checkpoint_reloads_as_a_tokenizer_and_refuses_another_config(store, tmp
     with pytest.raises(CheckpointError, match=r"another config: quant.vocab 64 \(checkpoint\) != 128"):
         Tokenizer.from_checkpoint(path, expect=other)
     with pytest.raises(TrainError, match="another config: quant.vocab 64"):
-        train(replace(c, tokenizer=other, steps=4), resume=True)
+        train(replace(c, tokenizer=other, steps=4, resume=True))
     with pytest.raises(TrainError, match="already holds checkpoints"):
         train(c)
     (tmp_path / "run" / "ckpt-0000009.pt").write_bytes(b"cut short")
     with pytest.raises(TrainError, match="ckpt-0000009.pt: cannot read checkpoint"):
-        train(replace(c, steps=10), resume=True)
+        train(replace(c, steps=10, resume=True))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pt: cannot read checkpoint"):
         Tokenizer.from_checkpoint(tmp_path / "junk.pt")
@@ -165,7 +165,8 @@ def test_eval_tokenizer_reports_error_after_each_depth(store, tmp_path, capsys, 
     from inception_standin import write_standin_inception
 
     from nextdetail.pipelines import DecompositionStore
-    from nextdetail.tokenize.evaluate import centre_crops, ssim
+    from nextdetail.evaluation.metrics import ssim
+    from nextdetail.tokenize.evaluate import centre_crops
     from nextdetail.tokenize.losses import backbone_path
 
     for kind in ("basedetail", "multiscale"):

@@ -76,7 +76,7 @@ def test_resume_is_bitwise_an_uninterrupted_run(tokens, tmp_path):
     train(cfg(tokens, tmp_path / "full", steps=6, ckpt_every=3))
     part = train(cfg(tokens, tmp_path / "part", steps=3, ckpt_every=3))
     assert part.steps == 3
-    resumed = train(cfg(tokens, tmp_path / "part", steps=6, ckpt_every=3), resume=True)
+    resumed = train(cfg(tokens, tmp_path / "part", steps=6, ckpt_every=3, resume=True))
     assert resumed.start_step == 3
     a = torch.load(checkpoints(tmp_path / "full")[-1], weights_only=True)
     b = torch.load(checkpoints(tmp_path / "part")[-1], weights_only=True)
@@ -115,7 +115,7 @@ def test_refusals_name_the_problem(tokens, tmp_path):
     with pytest.raises(TrainError, match="already holds checkpoints"):
         train(cfg(tokens, tmp_path / "run", steps=2))
     with pytest.raises(TrainError, match="width 32 \\(checkpoint\\) != 64"):
-        train(cfg(tokens, tmp_path / "run", steps=3, width=64), resume=True)
+        train(cfg(tokens, tmp_path / "run", steps=3, width=64, resume=True))
     other = tmp_path / "other.pt"
     other.write_bytes(b"not a checkpoint")
     with pytest.raises(TrainError, match="not the one these tokens were exported with"):
@@ -153,7 +153,8 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_doubled_batch(tokens, 
 
 
 def test_a_config_saved_before_0_2_reads_back(tokens, tmp_path):
-    """Checkpoints of nextdetail 0.1 kept the model's shape as top-level config keys."""
+    """Checkpoints of nextdetail 0.1.0 and early 0.2.0 builds kept the model's shape as
+    top-level config keys."""
     c = cfg(tokens, tmp_path / "run", depth=3)
     flat = {k: v for k, v in c.to_dict().items() if k != "model"}
     flat.update(c.to_dict()["model"])

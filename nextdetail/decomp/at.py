@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from .params import ATParams
+from .params import TOL, ATParams
 
 log = logging.getLogger(__name__)
 
@@ -22,16 +22,18 @@ class ATResult:
     u : smoothed image, the shape of f.
     s : edge field, f's shape without the channel axis (near 1 on edges).
     energy : E(u, s), a float for one image, an array (N,) for a batch.
-    iterations : sweeps run.
-    energy_history : (iterations + 1,) or (iterations + 1, N) energies from u = f on,
-        when asked for with track_energy=True, else None.
+    iterations : sweeps run, an int for one image, an int array (N,) for a batch (each image
+        stops on its own when it has converged, see `tol`).
+    energy_history : (T + 1,) or (T + 1, N) energies from u = f on, T the most sweeps any
+        image ran (an image that stopped keeps its energy), when asked for with
+        track_energy=True, else None.
     backend : the backend that ran.
     """
 
     u: np.ndarray
     s: np.ndarray
     energy: "float | np.ndarray"
-    iterations: int
+    iterations: "int | np.ndarray"
     energy_history: Optional[np.ndarray]
     backend: str
 
@@ -103,7 +105,7 @@ def as_batch(f) -> tuple[np.ndarray, tuple, bool]:
 
 def ambrosio_tortorelli(f, alpha: float = 10.0, lam: float = 0.01, eps: float = 0.01, *,
                         backend: str = "auto", omega: float = 1.6, n_iter: int = 50,
-                        track_energy: bool = False) -> ATResult:
+                        tol: float = TOL, track_energy: bool = False) -> ATResult:
     """Mumford-Shah smoothing by Ambrosio-Tortorelli alternating minimization.
 
     Minimizes, from u = f (see `nextdetail.decomp.energy` for the discretization),
@@ -111,8 +113,11 @@ def ambrosio_tortorelli(f, alpha: float = 10.0, lam: float = 0.01, eps: float = 
         E(u, s) = sum (u - f)^2 + alpha sum (1 - s)^2 |grad u|^2
                 + lam sum [eps |grad s|^2 + s^2 / (4 eps)]
 
-    by `n_iter` red-black sweeps, each updating s exactly and u by SOR at every pixel;
-    E never increases from one sweep to the next.
+    by red-black sweeps, each updating s exactly and u by SOR at every pixel; E never
+    increases from one sweep to the next. Each image stops when its E fell by at most
+    tol * E over the last CHECK_EVERY (5) sweeps, or after n_iter sweeps (rule and its
+    checks: `nextdetail.decomp.energy`); the decision depends on that image alone, never on
+    its batch, the threads or the backend's schedule.
 
     Parameters
     ----------
@@ -122,14 +127,17 @@ def ambrosio_tortorelli(f, alpha: float = 10.0, lam: float = 0.01, eps: float = 
         Smoothness weight, edge-length weight, edge width (pixels). Defaults are CART's.
     backend : 'auto' (cupy with a GPU, else numba), 'numba', 'numpy' or 'cupy'.
     omega : SOR relaxation in (0, 2).
-    n_iter : sweeps.
+    n_iter : the most sweeps.
+    tol : relative energy decrease over CHECK_EVERY sweeps below which an image stops, in
+        [0, 1); 0 runs n_iter sweeps always.
     track_energy : also return E after every sweep (slower; for diagnostics).
 
     Returns
     -------
-    ATResult with u (f's shape, float32), s (f's shape without channels), energy, iterations.
+    ATResult with u (f's shape, float32), s (f's shape without channels), energy, iterations
+    (sweeps per image).
     """
-    p = ATParams(alpha=alpha, lam=lam, eps=eps, omega=omega, n_iter=n_iter)
+    p = ATParams(alpha=alpha, lam=lam, eps=eps, omega=omega, n_iter=n_iter, tol=tol)
     f_NHWC, shape, has_channels = as_batch(f)
     name = resolve_backend(backend)
     if name == "numpy":
@@ -138,14 +146,16 @@ def ambrosio_tortorelli(f, alpha: float = 10.0, lam: float = 0.01, eps: float = 
         from . import backend_numba as impl
     else:
         from . import backend_cupy as impl
-    u_NHWC, s_NHW, energy_N, history = impl.solve(f_NHWC, p, track_energy=track_energy)
+    u_NHWC, s_NHW, energy_N, history, sweeps_N = impl.solve(f_NHWC, p, track_energy=track_energy)
     batched = len(shape) == 4
     u = u_NHWC.reshape(shape)
     s = s_NHW if batched else s_NHW[0]
     energy = np.asarray(energy_N, dtype=np.float64)
+    iterations = np.asarray(sweeps_N, dtype=np.int64)
     if history is not None:
         history = np.asarray(history, dtype=np.float64)
     if not batched:
         energy = float(energy[0])
+        iterations = int(iterations[0])
         history = history[:, 0] if history is not None else None
-    return ATResult(u=u, s=s, energy=energy, iterations=p.n_iter, energy_history=history, backend=name)
+    return ATResult(u=u, s=s, energy=energy, iterations=iterations, energy_history=history, backend=name)

@@ -20,6 +20,13 @@ no thread ever waits for another. Only for large images with fewer images than t
 each half-sweep split into bands of rows across threads. Both run the same row kernel, and
 rows of one colour are independent, so results are bitwise the same either way and do not
 depend on the batch an image came in.
+
+Convergence. The thread that sweeps an image also decides when it stops: every CHECK_EVERY
+sweeps it computes the image's energy (`_image_energy`: float32 terms per pixel, added in
+float64 column by column over the rows, then across the columns, a fixed order whatever the
+schedule) and applies `energy.converged`; a check costs about half a sweep (measured by
+benchmarks/bench_decomp.py). The banded schedule computes the same terms in parallel and
+adds them in the same order, so an image stops after the same sweep, with the same bits.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from .energy import CHECK_EVERY, converged
 from .params import ATParams
 
 # Fast-math without reassociation, contraction (FMA), approximate reciprocals or functions:
@@ -81,6 +89,8 @@ def _masks(W: int, Wh: int) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------- kernels
 
+_converged = njit(**_JIT)(converged)      # the stopping rule, one source for every backend
+
 # Index arithmetic inside the loops is uint64 on purpose: numba wraps negative int64 indices
 # (a compare and select per access), which LLVM cannot vectorize. Offsets are computed in
 # int64, cast once, and only ever increased inside a loop. Constants are float32 so nothing
@@ -105,6 +115,67 @@ def _grad2_row(U, n, r, h, count, C, H, L, mE, mS, g):
             dE = U[uE + t] - x
             dS = U[uS + t] - x
             g[t] += mE[me + t] * dE * dE + mS * dS * dS
+
+
+@njit(**_JIT)
+def _energy_terms(U, S, F, mE, g, e, eo, n, i, C, H, L, count0, count1, a, b, c):
+    """The float32 terms of E(u, s) at the pixels of row i of image n,
+
+        e_p = sum_c (u_c - f_c)^2 + a (1 - s_p)^2 G_p + b (Dx s^2 + Dy s^2)_p + c s_p^2,
+
+    a = alpha, b = lam eps, c = lam / (4 eps), into e[eo + h L + t] for pixel (i, 2 (t - 1) + h)
+    (its ghosts are left alone: keep them 0). g: a scratch row (L,)."""
+    r = i + 1
+    mS = _ONE if i < H - 1 else np.float32(0.0)
+    for h in range(2):
+        q = 1 - h
+        count = count0 if h == 0 else count1
+        _grad2_row(U, n, r, h, count, C, H, L, mE, mS, g)
+        end = _u64(count) + _u64(1)
+        ep = _u64(eo + h * L)
+        for t in range(_u64(1), end):
+            e[ep + t] = 0.0
+        for ch in range(C):
+            up = _u64((((n * C + ch) * (H + 2) + r) * 2 + h) * L)
+            for t in range(_u64(1), end):
+                d = U[up + t] - F[up + t]
+                e[ep + t] += d * d
+        me = _u64(h * L)
+        srow = ((n * (H + 2) + r) * 2) * L
+        sp, sE, sS = _u64(srow + h * L), _u64(srow + q * L + h), _u64(srow + h * L + 2 * L)
+        for t in range(_u64(1), end):
+            s_p = S[sp + t]
+            dE = mE[me + t] * (S[sE + t] - s_p)
+            dS = mS * (S[sS + t] - s_p)
+            e[ep + t] += a * (_ONE - s_p) * (_ONE - s_p) * g[t] + b * (dE * dE + dS * dS) + c * s_p * s_p
+
+
+@njit(**_JIT)
+def _accumulate(acc, e, eo):
+    """acc[k] += e[eo + k] in float64, k < len(acc): a row of terms added column by column."""
+    for k in range(_u64(0), _u64(len(acc))):
+        acc[k] += e[_u64(eo) + k]
+
+
+@njit(**_JIT)
+def _total(acc):
+    """The sum of acc in index order."""
+    total = 0.0
+    for k in range(len(acc)):
+        total += acc[k]
+    return total
+
+
+@njit(**_JIT)
+def _image_energy(U, S, F, mE, g, e, acc, n, C, H, L, count0, count1, a, b, c):
+    """E(u, s) of image n: its terms (`_energy_terms`) added row after row into the per-column
+    float64 sums acc (2 L,), then those in order: a fixed order (the same bits in any schedule),
+    and the adds vectorize. e: scratch (2 L,) with zero ghosts."""
+    acc[:] = 0.0
+    for i in range(H):
+        _energy_terms(U, S, F, mE, g, e, 0, n, i, C, H, L, count0, count1, a, b, c)
+        _accumulate(acc, e, 0)
+    return _total(acc)
 
 
 @njit(**_JIT)
@@ -173,8 +244,12 @@ def _init_edges_image(U, S, mE, mW, g, n, C, H, L, count0, count1, a, b, c):
 
 
 @njit(**_JIT)
-def _solve_image(U, S, F, mE, mW, n, chans, H, L, count0, count1, n_iter, seed, a, b, c, omega):
-    """All sweeps of image n, one thread.
+def _solve_image(U, S, F, mE, mW, n, chans, H, L, count0, count1, n_iter, budget, seed, a, b, c, omega,
+                 tol, sweeps, E_prev, done):
+    """Up to `budget` more sweeps of image n, one thread, stopping when it has converged
+    (`energy.converged` every CHECK_EVERY sweeps when tol > 0) or has run n_iter; its state
+    between calls is sweeps[n], E_prev[n] (E at the last check) and done[n]. `seed` first
+    sets s from u (and E_0).
 
     `chans` is a tuple of C zeros: its length is part of the type, so each channel count
     gets its own compiled (and cached) kernel with C a constant, which LLVM unrolls; with C a
@@ -182,12 +257,24 @@ def _solve_image(U, S, F, mE, mW, n, chans, H, L, count0, count1, n_iter, seed, 
     """
     C = len(chans)
     g = np.empty(L, np.float32)
+    e = np.zeros(2 * L, np.float32)
+    acc = np.empty(2 * L, np.float64)
     if seed:
         _init_edges_image(U, S, mE, mW, g, n, C, H, L, count0, count1, a, b, c)
-    for _ in range(n_iter):
+        if tol > 0:
+            E_prev[n] = _image_energy(U, S, F, mE, g, e, acc, n, C, H, L, count0, count1, a, b, c)
+    t = sweeps[n]
+    stop = min(n_iter, t + budget)
+    while t < stop and not done[n]:
         for colour in range(2):
             for i in range(H):
                 _relax_row(U, S, F, mE, mW, g, n, i, colour, C, H, L, count0, count1, a, b, c, omega)
+        t += 1
+        if tol > 0 and t % CHECK_EVERY == 0:
+            E = _image_energy(U, S, F, mE, g, e, acc, n, C, H, L, count0, count1, a, b, c)
+            done[n] = _converged(E_prev[n], E, tol)
+            E_prev[n] = E
+    sweeps[n] = t
 
 
 @njit(**_JIT)
@@ -200,70 +287,80 @@ def _relax_band(U, S, F, mE, mW, n, i0, i1, colour, chans, H, L, count0, count1,
 
 
 @njit(parallel=True, **_JIT)
-def _solve_per_image(U, S, F, mE, mW, N, chans, H, L, count0, count1, n_iter, seed, a, b, c, omega):
-    """Schedule for N >= threads: each thread runs all sweeps of whole images.
-    `seed` first sets s from u (done once, before the first sweep)."""
+def _solve_per_image(U, S, F, mE, mW, N, chans, H, L, count0, count1, n_iter, budget, seed, a, b, c, omega,
+                     tol, sweeps, E_prev, done, terms, band):
+    """Schedule for N >= threads: each thread runs all sweeps of whole images, and decides
+    when each of them stops (terms, band: unused, the banded schedule's signature)."""
     for n in prange(N):
-        _solve_image(U, S, F, mE, mW, n, chans, H, L, count0, count1, n_iter, seed, a, b, c, omega)
+        _solve_image(U, S, F, mE, mW, n, chans, H, L, count0, count1, n_iter, budget, seed, a, b, c, omega,
+                     tol, sweeps, E_prev, done)
 
 
 @njit(parallel=True, **_JIT)
-def _solve_banded(U, S, F, mE, mW, N, chans, H, L, count0, count1, n_iter, seed, a, b, c, omega, band):
+def _solve_banded(U, S, F, mE, mW, N, chans, H, L, count0, count1, n_iter, budget, seed, a, b, c, omega,
+                  tol, sweeps, E_prev, done, terms, band):
     """Schedule for N < threads: every half-sweep split into bands of rows across threads
-    (rows of one colour are independent, so any split gives the same result)."""
+    (rows of one colour are independent, so any split gives the same result). An energy
+    check computes the terms of all rows in parallel into `terms` (N H 2 L, zeros at the
+    ghosts), then adds each image's rows in order: the bits `_image_energy` gives. Converged
+    images leave the launch."""
+    C = len(chans)
     if seed:
         for n in prange(N):
-            _solve_image(U, S, F, mE, mW, n, chans, H, L, count0, count1, 0, True, a, b, c, omega)
+            _solve_image(U, S, F, mE, mW, n, chans, H, L, count0, count1, n_iter, 0, True, a, b, c, omega,
+                         tol, sweeps, E_prev, done)
     n_band = (H + band - 1) // band
-    for _ in range(n_iter):
+    act = np.empty(N, np.int64)
+    for _ in range(budget):
+        na = 0
+        for n in range(N):
+            if not done[n] and sweeps[n] < n_iter:
+                act[na] = n
+                na += 1
+        if na == 0:
+            break
         for colour in range(2):
-            for job in prange(N * n_band):
-                n = job // n_band
+            for job in prange(na * n_band):
+                n = act[job // n_band]
                 i0 = (job % n_band) * band
                 _relax_band(U, S, F, mE, mW, n, i0, min(H, i0 + band), colour, chans, H, L, count0, count1,
                             a, b, c, omega)
+        for j in range(na):
+            sweeps[act[j]] += 1
+        if tol > 0 and sweeps[act[0]] % CHECK_EVERY == 0:       # the active images are in step
+            for job in prange(na * H):
+                n, i = act[job // H], job % H
+                g = np.empty(L, np.float32)
+                _energy_terms(U, S, F, mE, g, terms, (n * H + i) * 2 * L, n, i, C, H, L, count0, count1, a, b, c)
+            for j in prange(na):
+                n = act[j]
+                acc = np.zeros(2 * L, np.float64)
+                for i in range(H):
+                    _accumulate(acc, terms, (n * H + i) * 2 * L)
+                E = _total(acc)
+                done[n] = _converged(E_prev[n], E, tol)
+                E_prev[n] = E
 
 
 @njit(parallel=True, **_JIT)
-def _energy(U, S, F, mE, H, count0, count1, alpha, lam, eps):
-    """E(u, s) per image (float64 accumulation), straight from the split layout."""
-    N, C = U.shape[0], U.shape[1]
+def _energies(U, S, F, mE, N, chans, H, L, count0, count1, a, b, c):
+    """E(u, s) per image (`_image_energy`), one thread per image."""
     out = np.zeros(N, np.float64)
     for n in prange(N):
-        data = 0.0
-        smooth = 0.0
-        edge = 0.0
-        for i in range(H):
-            r = i + 1
-            mS = 1.0 if i < H - 1 else 0.0
-            for h in range(2):
-                q = 1 - h
-                count = count0 if h == 0 else count1
-                for t in range(1, count + 1):
-                    me = mE[h, t]
-                    g = 0.0
-                    for ch in range(C):
-                        up = np.float64(U[n, ch, r, h, t])
-                        d = up - F[n, ch, r, h, t]
-                        data += d * d
-                        dE = me * (U[n, ch, r, q, t + h] - up)
-                        dS = mS * (U[n, ch, r + 1, h, t] - up)
-                        g += dE * dE + dS * dS
-                    sp = np.float64(S[n, r, h, t])
-                    smooth += (1.0 - sp) * (1.0 - sp) * g
-                    dsE = me * (S[n, r, q, t + h] - sp)
-                    dsS = mS * (S[n, r + 1, h, t] - sp)
-                    edge += eps * (dsE * dsE + dsS * dsS) + sp * sp / (4.0 * eps)
-        out[n] = data + alpha * smooth + lam * edge
+        g = np.empty(L, np.float32)
+        e = np.zeros(2 * L, np.float32)
+        acc = np.empty(2 * L, np.float64)
+        out[n] = _image_energy(U, S, F, mE, g, e, acc, n, len(chans), H, L, count0, count1, a, b, c)
     return out
 
 
 # ----------------------------------------------------------------------------- driver
 
 def solve(f_NHWC: np.ndarray, p: ATParams, track_energy: bool = False):
-    """Run p.n_iter sweeps from u = f on a float32 (N, H, W, C) batch.
+    """Sweeps from u = f on a float32 (N, H, W, C) batch until each image has converged or
+    has run p.n_iter (the rule in `energy`, decided per image by the thread that sweeps it).
 
-    Returns (u_NHWC, s_NHW, energy_N, history); history (iterations + 1, N) when track_energy.
+    Returns (u_NHWC, s_NHW, energy_N, history, sweeps_N); history (T + 1, N) when track_energy.
     """
     N, H, W, C = f_NHWC.shape
     Wh = (W + 1) // 2
@@ -275,22 +372,22 @@ def solve(f_NHWC: np.ndarray, p: ATParams, track_energy: bool = False):
     mE, mW = _masks(W, Wh)
     a, b, c = np.float32(p.alpha), np.float32(p.lam * p.eps), np.float32(p.lam / (4 * p.eps))
     omega = np.float32(p.omega)
-    energy = lambda: _energy(U, S, F, mE, H, count0, count1, float(p.alpha), float(p.lam), float(p.eps))
-
     flat = (U.reshape(-1), S.reshape(-1), F.reshape(-1), mE.reshape(-1), mW.reshape(-1), N, (0,) * C, H, Wh + 2,
             count0, count1)
+    energy = lambda: _energies(*flat[:4], *flat[5:], a, b, c)  # noqa: E731
+    sweeps, E_prev, done = np.zeros(N, np.int64), np.zeros(N, np.float64), np.zeros(N, np.uint8)
+    banded = N < numba.get_num_threads() and H * W >= _BANDED_MIN_PIXELS
+    terms = np.zeros(N * H * 2 * (Wh + 2) if banded and p.tol > 0 else 1, np.float32)
 
-    def run(n_iter: int, seed: bool):
-        if N >= numba.get_num_threads() or H * W < _BANDED_MIN_PIXELS:
-            _solve_per_image(*flat, n_iter, seed, a, b, c, omega)
-        else:
-            _solve_banded(*flat, n_iter, seed, a, b, c, omega, _ROW_BAND)
+    def run(budget: int, seed: bool):
+        schedule = _solve_banded if banded else _solve_per_image
+        schedule(*flat, p.n_iter, budget, seed, a, b, c, omega, float(p.tol), sweeps, E_prev, done, terms, _ROW_BAND)
 
     history = None
     if track_energy:  # one sweep per call, so E can be read in between
         run(0, True)
         history = [energy()]
-        for _ in range(p.n_iter):
+        while ((sweeps < p.n_iter) & (done == 0)).any():
             run(1, False)
             history.append(energy())
     else:
@@ -300,4 +397,4 @@ def solve(f_NHWC: np.ndarray, p: ATParams, track_energy: bool = False):
     _unpack(U, u)
     s = np.empty((N, H, W, 1), np.float32)
     _unpack(S[:, None], s)
-    return u, s[..., 0], energy(), history
+    return u, s[..., 0], energy(), history, sweeps

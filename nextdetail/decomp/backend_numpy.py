@@ -14,12 +14,15 @@ half-sweep of one colour, every pixel p of that colour takes, in this order:
 Pixels of one colour share no term of E with each other, so each half-sweep is a block
 coordinate step; each step lowers E, hence E never increases from sweep to sweep, and the
 order inside a colour does not matter (backends agree up to float32 rounding).
+
+Each image stops on its own when it has converged (the rule in `energy`): every CHECK_EVERY
+sweeps its energy is compared with that of CHECK_EVERY sweeps before.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .energy import batch_energy
+from .energy import CHECK_EVERY, batch_energy, converged
 from .params import ATParams
 
 
@@ -72,23 +75,43 @@ def _u_update(u_NHWC, s_NHW, f_NHWC, p: ATParams) -> np.ndarray:
     return u_NHWC + omega * (u_star - u_NHWC)
 
 
-def solve(f_NHWC: np.ndarray, p: ATParams, track_energy: bool = False):
-    """Run p.n_iter sweeps from u = f on a float32 (N, H, W, C) batch.
+def _sweep(u, s, f, colour, p: ATParams):
+    """One sweep (colour 0, then colour 1) of the images of u, s, f; returns the new u, s."""
+    for col in (0, 1):
+        m = colour == col
+        s = np.where(m, edge_update(u, s, p), s)
+        u = np.where(m[..., None], _u_update(u, s, f, p), u)
+    return u, s
 
-    Returns (u_NHWC, s_NHW, energy_N, history); history lists the per-image energies
-    from u = f and after each sweep when track_energy, else None."""
-    energy_fn = (lambda u, s: batch_energy(u, f_NHWC, s, p)) if track_energy else None
+
+def solve(f_NHWC: np.ndarray, p: ATParams, track_energy: bool = False):
+    """Sweeps from u = f on a float32 (N, H, W, C) batch until each image has converged
+    (`energy.converged`, checked every CHECK_EVERY sweeps; never when p.tol = 0) or has run
+    p.n_iter sweeps. A stopped image is left as it is while the others go on.
+
+    Returns (u_NHWC, s_NHW, energy_N, history, sweeps_N); history lists the per-image energies
+    from u = f and after each sweep when track_energy (a stopped image's repeated), else None;
+    sweeps_N the sweeps each image ran."""
     N, H, W, C = f_NHWC.shape
     ii, jj = np.indices((H, W))
     colour = (ii + jj) % 2
     u = f_NHWC.copy()
     s = edge_update(u, np.zeros((N, H, W), np.float32), p)   # start from s*(f) without coupling
-    history = [energy_fn(u, s)] if energy_fn else None
-    for _ in range(p.n_iter):
-        for col in (0, 1):
-            m = colour == col
-            s = np.where(m, edge_update(u, s, p), s)
-            u = np.where(m[..., None], _u_update(u, s, f_NHWC, p), u)
-        if energy_fn:
-            history.append(energy_fn(u, s))
-    return u, s, batch_energy(u, f_NHWC, s, p), history
+    history = [batch_energy(u, f_NHWC, s, p)] if track_energy else None
+    check = p.tol > 0
+    E_prev = batch_energy(u, f_NHWC, s, p) if check else None
+    sweeps = np.zeros(N, np.int64)
+    act = np.arange(N)                                       # the images still sweeping
+    for t in range(1, p.n_iter + 1):
+        u[act], s[act] = _sweep(u[act], s[act], f_NHWC[act], colour, p)
+        sweeps[act] = t
+        if track_energy:
+            history.append(batch_energy(u, f_NHWC, s, p))
+        if check and t % CHECK_EVERY == 0:
+            E = batch_energy(u[act], f_NHWC[act], s[act], p)
+            done = np.array([converged(E_prev[n], e, p.tol) for n, e in zip(act, E)], bool)
+            E_prev[act] = E
+            act = act[~done]
+        if act.size == 0:
+            break
+    return u, s, batch_energy(u, f_NHWC, s, p), history, sweeps

@@ -24,6 +24,7 @@ from ..errors import ConfigError, NextDetailError
 from ..imageio import ImageError, list_images, load_image, save_png, to_uint8
 from ..limits import Need, check_max_memory, check_memory, memory_opt
 from ..options import check_int, nested, opt
+from ..stores.atomic import atomic_write, write_bytes_atomic
 from ..viz import contact_sheet, detail_scale, detail_to_uint8
 from .at import BACKENDS, resolve_backend, to_host
 from .hierarchy import Decomposition, available_decompositions, decompose, decomposition_bytes, method_info
@@ -82,13 +83,27 @@ class DecomposeReport:
     failures: List[str] = field(default_factory=list)
     seconds: float = 0.0
     energies: List[float] = field(default_factory=list)   # per image: mean over levels
+    sweeps: List[List[int]] = field(default_factory=list)  # per image: AT sweeps of each level
 
     def summary(self, out: Path) -> str:
         ok, bad = len(self.written), len(self.failures)
         rate = ok / self.seconds if self.seconds > 0 else 0.0
         energy = f"{np.mean(self.energies):.6g}" if self.energies else "n/a"
         return (f"{ok} images ok, {bad} failed, {self.seconds:.1f} s, {rate:.2f} images/s, "
-                f"mean AT energy {energy}; output in {out}")
+                f"mean AT energy {energy}, {mean_sweeps_text(self.sweeps)}; output in {out}")
+
+
+def mean_sweeps_text(sweeps: Sequence[Sequence[float]]) -> str:
+    """'mean AT sweeps per level 31.2 / 24.0 / 18.5' over images' [T_1, ..., T_n] (a ragged list
+    is averaged level by level over the images that have it)."""
+    levels = max((len(s) for s in sweeps), default=0)
+    return sweeps_text([np.mean([s[k] for s in sweeps if len(s) > k]) for k in range(levels)])
+
+
+def sweeps_text(means: Sequence[float]) -> str:
+    """'mean AT sweeps per level 31.2 / 24.0 / 18.5' ('... n/a' for no level), for the
+    summaries of `decompose` and `decompose-dataset`."""
+    return "mean AT sweeps per level " + (" / ".join(f"{m:.1f}" for m in means) if len(means) else "n/a")
 
 
 def output_names(paths: Sequence[Path]) -> List[str]:
@@ -113,9 +128,11 @@ def select_image(dec: Decomposition, i: Optional[int]) -> Decomposition:
     """Image i of a batch decomposition as a single-image one (i=None: dec itself, on the host)."""
     pick = to_host if i is None else (lambda a: to_host(a)[i])
     energy = (lambda e: float(e)) if i is None else (lambda e: float(np.asarray(e)[i]))
+    sweeps = (lambda t: int(t)) if i is None else (lambda t: int(np.asarray(t)[i]))
     return Decomposition(bases=[pick(b) for b in dec.bases], details=[pick(d) for d in dec.details],
                          edges=[pick(s) for s in dec.edges], energies=[energy(e) for e in dec.energies],
-                         method=dec.method, params=dict(dec.params), names=dec.names, space=dec.space)
+                         method=dec.method, params=dict(dec.params), names=dec.names, space=dec.space,
+                         iterations=[sweeps(t) for t in dec.iterations])
 
 
 def write_decomposition(dec: Decomposition, folder: Path, *, source: Path, backend: str) -> None:
@@ -123,9 +140,10 @@ def write_decomposition(dec: Decomposition, folder: Path, *, source: Path, backe
 
     base_k.npy / detail_k.npy : float32 (H, W, 3), k = 1..n;  edges_k.npy : float32 (H, W)
     base_k.png, detail_k.png (mid-grey = 0, see nextdetail.viz), edges_k.png, input.png,
-    contact.png, meta.json (source, shape, method, layer names, parameters, energies, detail
-    display scales). Intrinsic (log space): the .npy files hold log S and log A; base_1.png is
-    the shading S and detail_1.png the albedo A / (its 99.5th percentile, in meta.json).
+    contact.png, meta.json (source, shape, method, layer names, parameters, energies, AT
+    sweeps per level, detail display scales). Intrinsic (log space): the .npy files hold log S
+    and log A; base_1.png is the shading S and detail_1.png the albedo A / (its 99.5th
+    percentile, in meta.json).
     Methods without edge fields (specular) write no edges_k files.
     """
     folder.mkdir(parents=True, exist_ok=True)
@@ -134,8 +152,8 @@ def write_decomposition(dec: Decomposition, folder: Path, *, source: Path, backe
     scales = []
     for k in range(1, dec.order + 1):
         base, detail = dec.bases[k], dec.details[k - 1]
-        np.save(folder / f"base_{k}.npy", base.astype(np.float32, copy=False))
-        np.save(folder / f"detail_{k}.npy", detail.astype(np.float32, copy=False))
+        _save_npy(folder / f"base_{k}.npy", base)
+        _save_npy(folder / f"detail_{k}.npy", detail)
         if log_space:
             save_png(from_log(base), folder / f"base_{k}.png")
             albedo = np.exp(detail)
@@ -146,16 +164,23 @@ def write_decomposition(dec: Decomposition, folder: Path, *, source: Path, backe
             scales.append(detail_scale(detail))
             save_png(detail_to_uint8(detail, scales[-1]), folder / f"detail_{k}.png")
         if k <= len(dec.edges):
-            np.save(folder / f"edges_{k}.npy", dec.edges[k - 1].astype(np.float32, copy=False))
+            _save_npy(folder / f"edges_{k}.npy", dec.edges[k - 1])
             save_png(to_uint8(dec.edges[k - 1]), folder / f"edges_{k}.png")
-    contact_sheet(dec, title=source.name).save(folder / "contact.png")
+    with atomic_write(folder / "contact.png") as tmp:
+        contact_sheet(dec, title=source.name).save(tmp, format="PNG")
     meta = {"source": str(source), "shape": list(dec.bases[0].shape), "method": dec.method,
             "order": dec.order, "space": dec.space, "layer_names": dec.layer_names,
             "params": dec.params, "backend": backend,
-            "energies": [float(e) for e in dec.energies],
+            "energies": [float(e) for e in dec.energies], "sweeps": [int(t) for t in dec.iterations],
             # detail_k.png shows clip(D / scale, -1, 1) * 127.5 + 127.5 (log space: exp(D) / scale)
             "detail_png_scales": scales}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_bytes_atomic(folder / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """A float32 .npy, atomically (np.save on an open file: the same bytes as on the path)."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array.astype(np.float32, copy=False))
 
 
 def run_decompose(paths: Sequence[Path], cfg: DecomposeConfig, backend: str,
@@ -203,6 +228,8 @@ def run_decompose(paths: Sequence[Path], cfg: DecomposeConfig, backend: str,
                     report.written.append(cfg.out / name)
                     if one.energies:
                         report.energies.append(float(np.mean(one.energies)))
+                    if one.iterations:
+                        report.sweeps.append(list(one.iterations))
                 bar.update(1)
     report.seconds = time.perf_counter() - start_time
     return report

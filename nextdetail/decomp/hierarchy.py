@@ -31,6 +31,8 @@ class Decomposition:
     details : [D_1, ..., D_n], D_1 finest
     edges   : [s_1, ..., s_n], the AT edge field of each level (no channel axis)
     energies: [E_1, ..., E_n], the AT energy of each level (float, or (N,) for a batch)
+    iterations: [T_1, ..., T_n], the AT sweeps of each level (int, or (N,) for a batch);
+              empty, as energies, for a method without AT
     """
 
     bases: List[np.ndarray]
@@ -41,6 +43,7 @@ class Decomposition:
     params: dict = field(default_factory=dict)
     names: Tuple[str, str] = ("B", "D")     # what bases and details are called (specular: A, E)
     space: str = "linear"                   # "log": the layers add up to log I (intrinsic)
+    iterations: list = field(default_factory=list)
 
     @property
     def order(self) -> int:
@@ -142,15 +145,16 @@ def method_info(method: str) -> MethodInfo:
 @register_decomposition("base_detail", summary="Mumford-Shah bases and details")
 def base_detail(image: np.ndarray, order: int, params: ATParams, backend: str) -> Decomposition:
     """CART's base-detail decomposition by repeated AT smoothing (whole batch per level)."""
-    bases, details, edges, energies = [image], [], [], []
+    bases, details, edges, energies, sweeps = [image], [], [], [], []
     for _ in range(order):
         r = ambrosio_tortorelli(bases[-1], params.alpha, params.lam, params.eps, backend=backend,
-                                omega=params.omega, n_iter=params.n_iter)
+                                omega=params.omega, n_iter=params.n_iter, tol=params.tol)
         details.append(bases[-1] - r.u)
         bases.append(r.u)
         edges.append(r.s)
         energies.append(r.energy)
-    return Decomposition(bases, details, edges, energies, "base_detail", params.to_dict())
+        sweeps.append(r.iterations)
+    return Decomposition(bases, details, edges, energies, "base_detail", params.to_dict(), iterations=sweeps)
 
 
 def decomposition_bytes(side: int, order: int, batch: int = 1, channels: int = 3) -> int:
@@ -168,7 +172,7 @@ def decompose(image, order: int = 3, *, method: str = "base_detail", backend: st
               **at_params) -> Decomposition:
     """Decompose an image (H,W), (H,W,C) or batch (N,H,W,C), float in [0,1], into `order` levels.
 
-    `at_params` are ATParams fields (alpha, lam, eps, omega, n_iter).
+    `at_params` are ATParams fields (alpha, lam, eps, omega, n_iter, tol).
     """
     method_info(method)
     if int(order) != order or order < 1:

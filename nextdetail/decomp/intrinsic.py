@@ -50,17 +50,18 @@ def intrinsic(image: np.ndarray, order: int, params: ATParams, backend: str) -> 
         raise ValueError(f"the intrinsic decomposition needs RGB images (..., H, W, 3), got shape {f.shape}")
     L_I = to_log(f)
     u = to_log(f @ REC709)[..., None]                             # natural-log units, one channel
-    edges, energies = [], []
+    edges, energies, sweeps = [], [], []
     for _ in range(order):
         r = ambrosio_tortorelli(u, params.alpha, params.lam, params.eps, backend=backend,
-                                omega=params.omega, n_iter=params.n_iter)
+                                omega=params.omega, n_iter=params.n_iter, tol=params.tol)
         u = to_host(r.u).reshape(u.shape)
         edges.append(to_host(r.s))
         energies.append(r.energy)
+        sweeps.append(r.iterations)
     # Grey: the same value in the three channels, so every layer has the image's shape.
     L_S = np.repeat(u, 3, axis=-1)
     L_A = (L_I - L_S).astype(np.float32)
-    # One level of the hierarchy: the edges and energy of the shading's last AT level.
+    # One level of the hierarchy: the edges, energy and sweeps of the shading's last AT level.
     return Decomposition([L_I, L_S], [L_A], edges[-1:], energies[-1:], method="intrinsic",
                          params={**params.to_dict(), "levels": order, "log_eps": LOG_EPS},
-                         names=("S", "A"), space="log")
+                         names=("S", "A"), space="log", iterations=sweeps[-1:])

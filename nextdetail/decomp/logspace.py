@@ -1,7 +1,7 @@
 """The log space of the intrinsic decomposition, and its unit-log mapping onto [0, 1].
 
-    L = log(x + eps_I),  eps_I = 1/255 (one 8-bit step keeps black finite)
-    t(x) = (L - ln eps_I) / (ln(1 + eps_I) - ln eps_I):  t(0) = 0, t(1) = 1
+    y = log(x + eps_I),  eps_I = 1/255 (one 8-bit step keeps black finite)
+    t(x) = (y - ln eps_I) / (ln(1 + eps_I) - ln eps_I):  t(0) = 0, t(1) = 1
 
 Stores hold images; readers and tokenizers of a log-space decomposition work in t (stores/shards.py).
 """
@@ -21,9 +21,9 @@ def to_log(x: np.ndarray) -> np.ndarray:
     return np.log(np.asarray(x, np.float32) + np.float32(LOG_EPS))
 
 
-def from_log(L: np.ndarray) -> np.ndarray:
-    """exp(L) - eps_I, float32: the inverse of to_log."""
-    return np.exp(np.asarray(L, np.float32)) - np.float32(LOG_EPS)
+def from_log(y: np.ndarray) -> np.ndarray:
+    """exp(y) - eps_I, float32: the inverse of to_log."""
+    return np.exp(np.asarray(y, np.float32)) - np.float32(LOG_EPS)
 
 
 def to_unit_log(x: np.ndarray) -> np.ndarray:

@@ -144,7 +144,7 @@ def fidelity_metrics(pool_s: np.ndarray, logits_s: np.ndarray, ref_pool: Optiona
 
 def evaluate_samples(cfg: EvalSamplesConfig, progress=None) -> EvalReport:
     """Read both sets, extract their features, compute the metrics, write the JSON."""
-    from ..stores.tokens import file_sha256
+    from ..checksum import file_sha256
 
     t0 = time.perf_counter()
     samples = open_image_set(cfg.samples, cfg.size)

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 
 from ..distributed import Dist, all_reduce_sum
+from ..stores.atomic import atomic_write, write_bytes_atomic
+from ..stores.journal import differences, recorded
 from .images import decode
 from .loop import generate
 from .memory import check_draw
@@ -63,8 +65,6 @@ def png_path(out: Path, j: int) -> Path:
 
 def write_part(path: Path, images_bHW3: np.ndarray, labels_b: np.ndarray) -> None:
     """A batch's part file, whole or not at all (stores.atomic: temp file, fsync, rename)."""
-    from ..stores.atomic import atomic_write
-
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, images=images_bHW3, labels=labels_b.astype(np.int64))
 
@@ -77,16 +77,9 @@ def read_part(path: Path):
 def check_settings(out: Path, settings: dict) -> None:
     """Refuse to mix parts drawn with other settings into this folder; record them if new.
     Every rank may write the same file: the rename makes the last whole copy win."""
-    path = out / "parts" / "settings.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = [f"{k} {old.get(k)!r} != {v!r}" for k, v in settings.items() if old.get(k) != v]
-        if diff:
-            raise SampleError(f"{out}: holds samples drawn with other settings ({', '.join(diff)}); "
-                              "use another --out")
-        return
-    from ..stores.atomic import write_bytes_atomic
-    write_bytes_atomic(path, json.dumps(settings, indent=1).encode())
+    diff = differences(recorded(out / "parts" / "settings.json", settings) or settings, settings)
+    if diff:
+        raise SampleError(f"{out}: holds samples drawn with other settings ({', '.join(diff)}); use another --out")
 
 
 @dataclass
@@ -194,7 +187,7 @@ def sample_batches(run, out, settings: Optional[SampleSettings] = None, *, d: Op
         meta = {**recorded, "n": n, "class_names": run.meta.get("class_names", []), "batches": num_batches,
                 "images": str(out / "images") if png else None, "npz": None if s.npz is None else str(s.npz),
                 "tokenizer": run.meta.get("tokenizer")}
-        (out / "samples.json").write_text(json.dumps(meta, indent=1))
+        write_bytes_atomic(out / "samples.json", json.dumps(meta, indent=1).encode())
     return BatchReport(out, n, C, per_class, int(counts[0]), int(counts[1]), time.perf_counter() - t0,
                        None if s.npz is None else Path(s.npz), png)
 

@@ -108,7 +108,8 @@ def edit_samples(run, out, settings: Optional[EditSettings] = None, *, label: in
                  to_label: Optional[int] = None, **fields) -> EditResult:
     """Draw settings.n samples and their edits (module docstring). settings: an EditSettings (the
     command's EditConfig is one); fields: EditSettings fields by name, over it (`settings_of`)."""
-    from PIL import Image
+    from ..imageio import save_png
+    from ..stores.atomic import write_bytes_atomic
 
     s = settings_of(EditSettings, settings, fields)
     edit, n, seed = s.edit, s.n, s.seed
@@ -150,12 +151,12 @@ def edit_samples(run, out, settings: Optional[EditSettings] = None, *, label: in
     files = []
     for i in range(n):
         path = out / f"edit_{i:03d}.png"
-        Image.fromarray(tile([d[i] for d in decoded], cols=len(decoded))).save(path)
+        save_png(tile([d[i] for d in decoded], cols=len(decoded)), path)
         files.append(path)
     meta = {"checkpoint": str(run.checkpoint), "edit": edit, "decomposition": run.tokenizer.config.decomposition,
             "class": label, "to_class": to_label, "n": n, "variants": s.variants, "gains": list(s.gains), "seed": seed,
             "cfg": s.guidance, **s.draw(), "strip": names}
-    (out / "edit.json").write_text(json.dumps(meta, indent=1))
+    write_bytes_atomic(out / "edit.json", json.dumps(meta, indent=1).encode())
     return EditResult(names, orig.maps, edited, files, time.perf_counter() - t0, out)
 
 

@@ -4,7 +4,7 @@ by map, with classifier-free guidance.
     run = load_run("RUN2")                                  # generate.run: model + tokenizer
     out = generate(run.model, run.tokenizer.quantizer, labels_B, cfg=1.5, top_k=0, top_p=0.0,
                    generator=torch.Generator().manual_seed(0))
-    out.maps, out.f_hat                                     # M int64 (B, h_k, w_k); (B, Cvae, L, L)
+    out.maps, out.f_hat                                     # M int64 (B, h_k, w_k); (B, Cvae, s, s)
     images = run.tokenizer.decode(out.maps)
 
 Map k is drawn from the logits of one `model.step` over its h_k w_k tokens, all at once, given the
@@ -18,12 +18,12 @@ unconditional half).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
 
+from ..precision import bf16_autocast
 from ..tokenize.schedule import stage_ends
 from ..train.inputs import next_input
 from ..train.model import NextDetailTransformer
@@ -33,7 +33,7 @@ from .draw import draw_per_row, filter_logits, guidance_scale
 @dataclass
 class Generated:
     maps: List[torch.Tensor]        # M int64 (B, h_k, w_k)
-    f_hat: torch.Tensor             # (B, Cvae, L, L): sum of every map's contribution
+    f_hat: torch.Tensor             # (B, Cvae, s, s), s the latent side: sum of every map's contribution
     f_stages: List[torch.Tensor]    # f_hat after the base maps, then after each detail factor
 
 
@@ -57,8 +57,7 @@ def generate(model: NextDetailTransformer, quantizer, labels_B: torch.Tensor, *,
     null = torch.full_like(labels_B, mc.num_classes)
     labels_2 = torch.cat([labels_B, null]) if guided else labels_B
     cache = model.new_cache()
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if labels_B.device.type == "cuda"
-           else contextlib.nullcontext())
+    amp = bf16_autocast(labels_B.device)
     maps: List[torch.Tensor] = []
     f_hat, f_in = None, None
     ends = stage_ends(M, num_base if num_base is not None else M, order)

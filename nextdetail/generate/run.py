@@ -13,8 +13,45 @@ from .options import SampleError
 
 @dataclass
 class Run:
-    """A run's latest checkpoint, loaded: `model` (eval mode) and `tokenizer`, on one device.
-    meta: step, tokenizer (its checkpoint path), tokens (the token store), class_names."""
+    """A trained `nextdetail train` run, loaded for generation (`load_run`): the transformer of
+    its latest checkpoint and the tokenizer its tokens came from, on one device.
+
+    The tokenizer's quantizer is the run's schedule: the token maps the model draws, M of
+    sides p_1..p_M, are its maps (`num_base` base maps, then `order` detail factors), and it
+    turns drawn maps into features and images.
+
+    Parameters
+    ----------
+    model : NextDetailTransformer
+        In eval mode; model.cfg.map_shapes are the quantizer's (p_k, p_k).
+    tokenizer : Tokenizer
+        The tokenizer checkpoint the run records, or the one passed as --tokenizer, checked
+        by its sha256.
+    checkpoint : Path
+        The transformer checkpoint loaded (ckpt-<step>.pt).
+    meta : dict
+        "step" (int), "tokenizer" (its checkpoint path, str), "tokens" (the token store the
+        run trained on, str or None), "class_names" (list, a label's folder name or None).
+
+    Attributes
+    ----------
+    num_base : int
+        B, the base maps the draw starts with.
+    order : int
+        n, the detail factors after the base (0: a one-stage tokenizer).
+
+    Examples
+    --------
+    ::
+
+        run = load_run("RUN2", device="cuda")         # a run folder or a checkpoint file
+        q = run.tokenizer.quantizer
+        g = generate(run.model, q, torch.tensor([207, 207]), cfg=1.5, num_base=run.num_base,
+                     order=run.order, generator=torch.Generator("cuda").manual_seed(0))
+        images = decode(run.tokenizer, g.f_hat)        # uint8 (2, S, S, 3) (generate.images)
+        strips = [decode(run.tokenizer, f) for f in g.f_stages]   # base, +D_n, ..., +D_1
+        strip_names(run)                               # ['B_3', '+D_3', '+D_2', '+D_1']
+    """
 
     model: NextDetailTransformer
     tokenizer: Tokenizer
@@ -36,7 +73,7 @@ def load_run(run, tokenizer=None, device="cpu") -> Run:
     """The latest checkpoint of a training run folder (or a checkpoint file) and its tokenizer
     (the recorded checkpoint, or `tokenizer`: a run folder or checkpoint with the same sha256)."""
     from ..runs import RunError, checkpoint_kind, latest_checkpoint, load_checkpoint
-    from ..stores.tokens import file_sha256
+    from ..checksum import file_sha256
 
     try:
         path = latest_checkpoint(run)

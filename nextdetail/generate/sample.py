@@ -97,7 +97,8 @@ def sample_to_folder(run: Run, out, settings: Optional[SampleSettings] = None, *
     per sample (base only, then + each detail factor, the last is the final image), samples.json.
     settings: a SampleSettings (the command's SampleConfig is one); fields: SampleSettings fields
     by name, over it (`settings_of`)."""
-    from PIL import Image
+    from ..imageio import save_png
+    from ..stores.atomic import write_bytes_atomic
 
     s = settings_of(SampleSettings, settings, fields)
     nc = run.model.cfg.num_classes
@@ -129,17 +130,17 @@ def sample_to_folder(run: Run, out, settings: Optional[SampleSettings] = None, *
         imgs = [decode(run.tokenizer, f) for f in stages]            # each (b, H, W, 3)
         for j in range(labels.shape[0]):
             path = out / f"sample_{lo + j:03d}.png"
-            Image.fromarray(tile([im[j] for im in imgs], cols=len(imgs))).save(path)
+            save_png(tile([im[j] for im in imgs], cols=len(imgs)), path)
             files.append(path)
             finals.append(imgs[-1][j])
         if progress is not None:
             progress(labels.shape[0])
     grid = out / "grid.png"
-    Image.fromarray(tile(finals, cols=math.ceil(math.sqrt(len(finals))))).save(grid)
+    save_png(tile(finals, cols=math.ceil(math.sqrt(len(finals)))), grid)
     strip = (", ".join(strip_names(run)) if s.highres == 1 and len(stages) > 1 else
              ("upsampled base, final" if s.highres > 1 else "final"))
     meta = {"checkpoint": str(run.checkpoint), "step": run.meta["step"], "class": label, "n": s.n, "cfg": s.cfg,
             "top_k": s.top_k, "top_p": s.top_p, "temperature": s.temperature, "seed": s.seed, "highres": s.highres,
             "overlap": s.overlap, "highres_base": s.highres_base, "strip": strip}
-    (out / "samples.json").write_text(json.dumps(meta, indent=1))
+    write_bytes_atomic(out / "samples.json", json.dumps(meta, indent=1).encode())
     return SampleReport(out, s.n, time.perf_counter() - t0, [grid] + files)

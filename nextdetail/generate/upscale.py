@@ -12,7 +12,7 @@ low-resolution image can stand in for the first maps:
                     its KV cache), unconditionally; decode
        O = m T    : above the training resolution, the sampler's high-resolution strategy: the
                     prefix's base features are upsampled m x (as an image: decode, bicubic,
-                    encode) and the details drawn patchwise on L x L windows (highres.py)
+                    encode) and the details drawn patchwise on latent-sized windows (highres.py)
 
 Beside each result: the bicubic upscale of x and a sheet (input, bicubic, result[, reference]);
 with a reference (`--reference`, or `--downscale-first`, which takes each IMAGE as the reference
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,14 +117,15 @@ def store_inputs(image_B3HW: torch.Tensor, order: int, at: dict) -> Tuple[torch.
 def decomposition_params(run) -> Tuple[int, dict]:
     """(order, AT parameters) of the store the run's tokens came from (its token store's
     meta.json); the tokenizer's order and the default parameters, with a warning, when that
-    meta.json cannot be read."""
+    token store cannot be read."""
     from ..decomp import ATParams
+    from ..stores.tokens import read_token_meta
 
     order = run.tokenizer.needs_bases
     tokens = run.meta.get("tokens")
     try:
-        meta = json.loads((Path(tokens) / "meta.json").read_text())
-        return order, dict(meta["decomposition"]["at"])
+        # a store written before `tol` ran n_iter sweeps always: its missing tol is 0
+        return order, ATParams.from_dict(read_token_meta(tokens)["decomposition"]["at"]).to_dict()
     except (TypeError, OSError, ValueError, KeyError) as e:
         log.warning("the run's token store (%s) is not readable (%s): decomposing with the default AT "
                     "parameters", tokens, e)
@@ -166,18 +166,11 @@ def upscale_tensor(run, low_B3HW: torch.Tensor, scale: int, *, prefix: Optional[
     return patchwise_details(model, q, f_up, labels, num_base=q.num_base, overlap=overlap, **kw), maps
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """10 log10(1 / MSE) of two float images in [0, 1]."""
-    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
-    return 10 * math.log10(1 / mse) if mse > 0 else float("inf")
-
-
 def upscale_files(cfg: UpscaleConfig, progress=None) -> UpscaleReport:
     """`nextdetail upscale`: each IMAGE alone (its own generator), results written as it goes."""
-    from PIL import Image
-
-    from ..imageio import ImageError, load_image, to_uint8
-    from ..tokenize.evaluate import ssim
+    from ..imageio import ImageError, load_image, save_png, to_uint8
+    from ..stores.atomic import write_bytes_atomic
+    from ..evaluation.metrics import psnr, ssim
     from .batches import sample_seed
 
     t0 = time.perf_counter()
@@ -210,11 +203,11 @@ def upscale_files(cfg: UpscaleConfig, progress=None) -> UpscaleReport:
         result = decode(run.tokenizer, f)[0]
         bic = to_uint8(bicubic(x, O)[0].permute(1, 2, 0).cpu().numpy())
         stem = f"{i:03d}_{Path(path).stem}"
-        Image.fromarray(result).save(out / f"{stem}_x{cfg.scale}.png")
-        Image.fromarray(bic).save(out / f"{stem}_bicubic.png")
+        save_png(result, out / f"{stem}_x{cfg.scale}.png")
+        save_png(bic, out / f"{stem}_bicubic.png")
         nearest = np.repeat(np.repeat(to_uint8(low), cfg.scale, 0), cfg.scale, 1)
         panels = [nearest, bic, result] + ([to_uint8(ref)] if ref is not None else [])
-        Image.fromarray(tile(panels, cols=len(panels))).save(out / f"{stem}_sheet.png")
+        save_png(tile(panels, cols=len(panels)), out / f"{stem}_sheet.png")
         row = {"image": str(path), "input": N, "output": O, "result": str(out / f"{stem}_x{cfg.scale}.png")}
         if ref is not None:
             r = to_uint8(ref).astype(np.float32) / 255
@@ -227,5 +220,5 @@ def upscale_files(cfg: UpscaleConfig, progress=None) -> UpscaleReport:
             "prefix": cfg.prefix or run.num_base, "overlap": cfg.overlap, "seed": cfg.seed, "order": order, "at": at,
             "sheet": "input (nearest), bicubic, result" + (", reference" if rows and "psnr" in rows[0] else ""),
             "images": rows}
-    (out / "upscale.json").write_text(json.dumps(meta, indent=1))
+    write_bytes_atomic(out / "upscale.json", json.dumps(meta, indent=1).encode())
     return UpscaleReport(out, rows, time.perf_counter() - t0)

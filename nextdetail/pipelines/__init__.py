@@ -1,7 +1,7 @@
 """Dataset pipelines: the Ray Data decomposition job and the Zarr + Parquet store it writes.
 
-    from nextdetail.pipelines import DecompositionStore, JobConfig, run_job
-    report = run_job(JobConfig(src="photos/", out="store/", size=256))
+    from nextdetail.pipelines import DecomposeDatasetConfig, DecompositionStore, run_job
+    report = run_job(DecomposeDatasetConfig(src="photos/", out="store/", size=256))
     store = DecompositionStore("store/")     # len(store), store[i].image / .bases / .details
 
 Ray, Zarr and pyarrow are imported only by the functions that need them, so importing this
@@ -10,11 +10,11 @@ package stays cheap.
 from ..errors import ConfigError, JobError
 from ..stores.decomposition import DecompositionStore, StoreItem
 from ..stores.decomposition_format import Source, StoreError, StoreParams
-from .config import JobConfig
-from .job import JobReport, run_job
-from .shard_sources import ShardOptions
+from .config import DecomposeDatasetConfig
+from .decompose_job import DecomposeDatasetReport, run_job
+from .source_files import SourceFileOptions
 from .sources import SourceError, SourceListing, list_sources, scan_source
 
-__all__ = ["ConfigError", "DecompositionStore", "JobConfig", "JobError", "JobReport", "Source",
-           "ShardOptions", "SourceError", "SourceListing", "StoreError", "StoreItem", "StoreParams", "list_sources",
-           "run_job", "scan_source"]
+__all__ = ["ConfigError", "DecomposeDatasetConfig", "DecomposeDatasetReport", "DecompositionStore", "JobError",
+           "Source", "SourceError", "SourceFileOptions", "SourceListing", "StoreError", "StoreItem", "StoreParams",
+           "list_sources", "run_job", "scan_source"]

@@ -17,7 +17,7 @@ from ..options import check_int, nested, opt
 from ..stores.decomposition_format import StoreParams
 from ..stores.shards import SHARD_IMAGES
 from .attempts import DEFAULT_MAX_ATTEMPTS
-from .shard_sources import ShardOptions
+from .source_files import SourceFileOptions
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +65,7 @@ class RayJobConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class JobConfig(RayJobConfig):
+class DecomposeDatasetConfig(RayJobConfig):
     """Settings of `nextdetail decompose-dataset` (and the RayJobConfig ones).
 
     backend 'auto' is cupy when the workers get GPUs, else numba; gpus_per_worker None is 1
@@ -85,11 +85,11 @@ class JobConfig(RayJobConfig):
                                           "shard); 64 is ~25 MB at 256 px, order 3", metavar="M", ge=1)
     max_pixels: int = opt(DEFAULT_MAX_PIXELS, "an image whose header declares more pixels is an error row, "
                                               "never decoded (decompression bombs)", metavar="P", ge=1)
-    image_column: str = opt("image", "Parquet shards: the column holding the encoded images (a "
+    image_column: str = opt("image", "Parquet files: the column holding the encoded images (a "
                                      "{bytes, path} struct as Hugging Face writes it, or binary)", metavar="NAME")
-    label_column: str = opt("label", "Parquet shards: the integer label column (absent: no labels)", metavar="NAME")
+    label_column: str = opt("label", "Parquet files: the integer label column (absent: no labels)", metavar="NAME")
     class_names: Optional[Path] = opt(None, "a file with one class name per line, in label order (default: "
-                                            "the Parquet shards' ClassLabel names, if any)", metavar="FILE")
+                                            "the Parquet files' ClassLabel names, if any)", metavar="FILE")
     label_key: str = opt("cls", "WebDataset tars: the member extension holding the integer label as text",
                          metavar="EXT")
     method: str = method_opt()
@@ -113,8 +113,8 @@ class JobConfig(RayJobConfig):
                      decomposition_bytes(S, n, int(self.batch_size))),
                 Need(f"--size {S}", f"a shard of {self.shard_images} images", self.shard_images * 3 * S * S * (n + 2))]
 
-    def shard_options(self) -> ShardOptions:
-        """How to read Parquet and tar shards; ConfigError naming --class-names if unreadable."""
+    def source_file_options(self) -> SourceFileOptions:
+        """How to read Parquet and tar source files; ConfigError naming --class-names if unreadable."""
         names = None
         if self.class_names is not None:
             try:
@@ -122,10 +122,10 @@ class JobConfig(RayJobConfig):
             except (OSError, UnicodeDecodeError) as e:
                 raise ConfigError(f"--class-names {self.class_names}: cannot read it ({e})") from None
             names = tuple(line.strip() for line in lines if line.strip())
-        return ShardOptions(image_column=self.image_column, label_column=self.label_column, class_names=names,
+        return SourceFileOptions(image_column=self.image_column, label_column=self.label_column, class_names=names,
                             label_key=self.label_key.lstrip("."))
 
     def store_params(self, backend: str) -> StoreParams:
         """The store parameters of this job once `backend` is resolved (not auto)."""
-        return StoreParams(order=int(self.order), size=int(self.size), params=self.params,
+        return StoreParams(order=int(self.order), size=int(self.size), at=self.params,
                            backend=backend, method=self.method, shard_images=int(self.shard_images))

@@ -1,8 +1,8 @@
 """What a dataset job decomposes: SRC as an ordered list of images.
 
-SRC is loose image files (a folder, or a .txt/.parquet listing of paths) or shards that hold
-the images (Hugging Face Parquet files, WebDataset tars: see shard_sources.py), told apart by
-`scan_source`:
+SRC is loose image files (a folder, or a .txt/.parquet listing of paths) or source files that
+hold many images each (Hugging Face Parquet files, WebDataset tars: see source_files.py), told
+apart by `scan_source`:
 
 - A folder: every image file under it, found by `nextdetail.imageio.list_images` (sorted by
   relative path). Its non-hidden immediate sub-folders are classes, labelled 0, 1, ... in
@@ -28,7 +28,7 @@ from typing import Iterator, List, Optional, Sequence
 from ..errors import PathError
 from ..imageio import FolderError, walk_image_files
 from ..stores.decomposition_format import NO_LABEL, Source
-from .shard_sources import ShardOptions, find_shards, is_glob, iter_shard_sources, shard_kind
+from .source_files import SourceFileOptions, find_source_files, is_glob, iter_file_sources, source_file_kind
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +43,17 @@ class SourceListing:
     """SRC as found: its kind (folder, listing, parquet, webdataset) and, iterated, its images in
     store order (Sources numbered 0, 1, ...).
 
-    Loose files are listed when SRC is scanned (sorting a folder walk needs every name). Shards
-    are listed as the iteration reaches them, one at a time, so the driver never holds the
-    Sources of a million images in shards; `failed` ("<shard>: <reason>", shards that could not
-    be opened) is filled as they are met, and an iteration that finds no image at all raises
-    SourceError. `shards` counts the shard files."""
+    Loose files are listed when SRC is scanned (sorting a folder walk needs every name). Source
+    files (Parquet, tar) are listed as the iteration reaches them, one at a time, so the driver
+    never holds the Sources of a million images in them; `failed` ("<file>: <reason>", files that
+    could not be opened) is filled as they are met, and an iteration that finds no image at all
+    raises SourceError. `n_files` counts the source files."""
 
-    def __init__(self, kind: str, src, sources: Optional[List[Source]] = None, *, shards: Sequence[Path] = (),
-                 root: Optional[Path] = None, options: Optional[ShardOptions] = None):
+    def __init__(self, kind: str, src, sources: Optional[List[Source]] = None, *, files: Sequence[Path] = (),
+                 root: Optional[Path] = None, options: Optional[SourceFileOptions] = None):
         self.kind, self.src, self._sources = kind, src, sources
-        self._paths, self._root, self._options = list(shards), root, options
-        self.shards = len(self._paths)
+        self._paths, self._root, self._options = list(files), root, options
+        self.n_files = len(self._paths)
         self.failed: List[str] = []
 
     def __iter__(self) -> Iterator[Source]:
@@ -62,20 +62,21 @@ class SourceListing:
             return
         self.failed = []
         found = 0
-        for source in iter_shard_sources(self._root, self._paths, self.kind, self._options, self.failed):
+        for source in iter_file_sources(self._root, self._paths, self.kind, self._options, self.failed):
             found += 1
             yield source
         if not found:
             raise _no_images(self.src, self.failed)
 
     def describe(self) -> str:
-        """What was read, for the summary line (after iterating, for shards)."""
+        """What was read, for the summary line (after iterating, for source files). The words
+        are the Hub's: a Parquet or tar file of a dataset is one of its shards."""
         if self.kind == FOLDER:
             return "read a folder of image files"
         if self.kind == LISTING:
             return "read a listing of image files"
         failed = f" ({len(self.failed)} could not be opened)" if self.failed else ""
-        return f"read {self.shards} {self.kind} shards{failed}"
+        return f"read {self.n_files} {self.kind} shards{failed}"
 
 
 def _no_images(src, failed: List[str]) -> SourceError:
@@ -83,29 +84,29 @@ def _no_images(src, failed: List[str]) -> SourceError:
     return SourceError(src, f"no images found{more}")
 
 
-def list_sources(src, options: Optional[ShardOptions] = None) -> List[Source]:
+def list_sources(src, options: Optional[SourceFileOptions] = None) -> List[Source]:
     """SRC -> all its images in store order, in a list. Raises SourceError."""
     return list(scan_source(src, options))
 
 
-def scan_source(src, options: Optional[ShardOptions] = None) -> SourceListing:
-    """Tell what SRC is; list it when it is loose files (shards are listed when iterated).
+def scan_source(src, options: Optional[SourceFileOptions] = None) -> SourceListing:
+    """Tell what SRC is; list it when it is loose files (source files are listed when iterated).
     Raises SourceError when it cannot be listed or holds no image."""
-    options = options or ShardOptions()
+    options = options or SourceFileOptions()
     if is_glob(src):
-        return _shards(src, options)
+        return _source_files(src, options)
     src = Path(src)
     if src.is_dir():
         items = _from_folder(src)
-        return SourceListing(FOLDER, src, _numbered(items)) if items else _shards(src, options)
+        return SourceListing(FOLDER, src, _numbered(items)) if items else _source_files(src, options)
     if src.is_file():
         suffix = src.suffix.lower()
         if suffix == ".txt":
             return _listed(LISTING, src, _numbered(_from_text(src)))
         if suffix == ".parquet" and _is_path_listing(src, options):
             return _listed(LISTING, src, _numbered(_from_parquet(src)))
-        if shard_kind(src):
-            return _shards(src, options)
+        if source_file_kind(src):
+            return _source_files(src, options)
         raise SourceError(src, f"expected a folder, a .txt/.parquet listing, a Parquet shard or a .tar, "
                                f"got a {suffix or 'suffix-less'} file")
     if src.exists():
@@ -123,7 +124,7 @@ def _numbered(items) -> List[Source]:
     return [Source(i, *item) for i, item in enumerate(items)]
 
 
-def _is_path_listing(src: Path, options: ShardOptions) -> bool:
+def _is_path_listing(src: Path, options: SourceFileOptions) -> bool:
     """A .parquet SRC is a listing when it has a `path` column and no image column."""
     import pyarrow.parquet as pq
 
@@ -139,22 +140,22 @@ def _is_path_listing(src: Path, options: ShardOptions) -> bool:
                            f"(a listing); it has {', '.join(names) or 'none'}")
 
 
-def _shards(src, options: ShardOptions) -> SourceListing:
-    root, paths = find_shards(src)
+def _source_files(src, options: SourceFileOptions) -> SourceListing:
+    root, paths = find_source_files(src)
     if not paths:
         raise _no_images(src, [])
-    kinds = {shard_kind(p) for p in paths}
+    kinds = {source_file_kind(p) for p in paths}
     if len(kinds) > 1:
-        raise SourceError(src, "holds both Parquet shards and tars; point SRC at one kind")
-    listing = SourceListing(kinds.pop(), src, shards=paths, root=root, options=options)
+        raise SourceError(src, "holds both Parquet files and tars; point SRC at one kind")
+    listing = SourceListing(kinds.pop(), src, files=paths, root=root, options=options)
     if not is_glob(src) and Path(src).is_file():
-        # One shard named as SRC: list it now (it is one shard), and a problem with it is a
-        # problem with SRC.
+        # One source file named as SRC: list it now (it is one file), and a problem with it is
+        # a problem with SRC.
         failed: List[str] = []
-        sources = list(iter_shard_sources(root, paths, listing.kind, options, failed))
+        sources = list(iter_file_sources(root, paths, listing.kind, options, failed))
         if failed:
             raise SourceError(src, failed[0][len(f"{src}: "):])
-        listing = SourceListing(listing.kind, src, sources, shards=paths)
+        listing = SourceListing(listing.kind, src, sources, files=paths)
     return listing
 
 
@@ -163,7 +164,7 @@ def _from_folder(src: Path) -> list:
     label_of = {name: k for k, name in enumerate(classes)}
     items = []
     try:
-        files = walk_image_files(os.path.abspath(src))   # not list_images: a folder of shards holds no images
+        files = walk_image_files(os.path.abspath(src))   # not list_images: a folder of source files holds no images
     except FolderError as e:
         raise SourceError(src, str(e)) from None
     for rel, path in files:

@@ -20,9 +20,9 @@ meta.json's "method" names the decomposition (base_detail, specular: bases B_k /
 intrinsic: two bases, I and its shading S, as images) and "layer_order" its factors. A log-space
 method's bases are stored as images too (exp of its log bases); its layers are read in the
 unit-log space t(x) = ln((x + eps) / eps) / ln((1 + eps) / eps): [t(S), t(I) - t(S)], summing
-to t(I) in [0, 1] (shards.layers_from_bases). The reader (`DecompositionStore`) refuses incomplete stores, stores of another
-format version (format 1: float16 layers, nextdetail <= 0.2) and damaged shards with a one-line
-`StoreError`.
+to t(I) in [0, 1] (shards.layers_from_bases). The reader (`DecompositionStore`) refuses
+incomplete stores, stores of another format version (format 1: float16 layers, written by
+nextdetail 0.1.0 and early 0.2.0 builds) and damaged shards with a one-line `StoreError`.
 
 The names and types both sides share (StoreParams, Source, manifest_schema, read_meta) are in
 decomposition_format.py; the writer is store_check.py, manifest.py, shard_journal.py (its

@@ -14,8 +14,8 @@ from typing import List, Optional, Union
 
 from ..decomp import ATParams, method_info
 from ..errors import PathError
-from ..options import differences
 from .atomic import PARTS
+from .journal import differences
 from .meta import check_keys
 from .shards import BASES, DTYPE, SHARD_IMAGES, shard_count
 
@@ -52,7 +52,7 @@ NO_LABEL = -1
 @dataclass(frozen=True, slots=True)      # slots: a million of them in the driver
 class Source:
     """One image of the job. index is its row in the store, path what workers open: the image
-    file, or the shard (Parquet file, tar) that holds it as `member` (row number or key).
+    file, or the source file (Parquet, tar) that holds it as `member` (row number or key).
     problem: why it cannot be used, when listing already knows (an error row, never read)."""
 
     index: int
@@ -74,7 +74,7 @@ class StoreParams:
 
     order: int
     size: int
-    params: ATParams
+    at: ATParams                # the solver's parameters (meta.json's "at")
     backend: str
     method: str = "base_detail"
     shard_images: int = SHARD_IMAGES
@@ -83,11 +83,11 @@ class StoreParams:
     def to_dict(self) -> dict:
         return {"method": self.method, "order": self.order, "size": self.size,
                 "backend": self.backend, "dtype": self.dtype, "shard_images": self.shard_images,
-                "at": self.params.to_dict()}
+                "at": self.at.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "StoreParams":
-        return cls(order=int(d["order"]), size=int(d["size"]), params=ATParams(**d["at"]),
+        return cls(order=int(d["order"]), size=int(d["size"]), at=ATParams.from_dict(d["at"]),
                    backend=str(d["backend"]), method=str(d["method"]), dtype=str(d["dtype"]),
                    shard_images=int(d["shard_images"]))
 
@@ -112,7 +112,7 @@ class StoreParams:
 
 
 def source_name(row: dict) -> str:
-    """Where a manifest row's image came from: its file, or "<shard>#<row or key>"."""
+    """Where a manifest row's image came from: its file, or "<source file>#<row or key>"."""
     return row["path"] if not row.get("member") else f"{row['path']}#{row['member']}"
 
 

@@ -89,21 +89,21 @@ def unit_log_table() -> np.ndarray:
     return _UNIT_LOG
 
 
-def create_bases_array(path, n_images: int, order: int, size: int, shard_images: int, attributes: dict):
-    """The empty array (zarr.json only; no shard is written). Returns the zarr.Array."""
+def create_bases_array(path, n_images: int, levels: int, size: int, shard_images: int, attributes: dict):
+    """The empty array of n_images x (levels + 1) bases (zarr.json only; no shard is written).
+    Returns the zarr.Array."""
     import zarr
 
-    L = order + 1
-    return zarr.create_array(store=str(path), **_layout(n_images, L, size, shard_images),
+    return zarr.create_array(store=str(path), **_layout(n_images, levels + 1, size, shard_images),
                              attributes=attributes, dimension_names=DIMENSIONS, zarr_format=3, overwrite=True)
 
 
-def _layout(n_images: int, L: int, size: int, shard_images: int) -> dict:
+def _layout(n_images: int, n_bases: int, size: int, shard_images: int) -> dict:
     from zarr.codecs import ZstdCodec
 
-    return dict(shape=(n_images, L, 3, size, size), chunks=(1, L, 3, size, size),
+    return dict(shape=(n_images, n_bases, 3, size, size), chunks=(1, n_bases, 3, size, size),
                 chunk_key_encoding={"name": "default", "separator": "."},
-                shards=(shard_images, L, 3, size, size), dtype=DTYPE, fill_value=0,
+                shards=(shard_images, n_bases, 3, size, size), dtype=DTYPE, fill_value=0,
                 compressors=ZstdCodec(level=ZSTD_LEVEL, checksum=True))
 
 
@@ -140,11 +140,11 @@ def encode_shard(q: np.ndarray, shard_images: int) -> bytes:
     import zarr
     from zarr.storage import MemoryStore
 
-    m, L, _, S, _ = q.shape
+    m, n_bases, _, S, _ = q.shape
     if m > shard_images:
         raise ValueError(f"{m} images do not fit a shard of {shard_images}")
     chunks: dict = {}
-    arr = zarr.create_array(store=MemoryStore(chunks), **_layout(shard_images, L, S, shard_images),
+    arr = zarr.create_array(store=MemoryStore(chunks), **_layout(shard_images, n_bases, S, shard_images),
                             zarr_format=3)
     arr[:m] = q
     data = chunks.get(shard_key(0))

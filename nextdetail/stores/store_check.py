@@ -4,28 +4,27 @@ A rerun continues a store only when it asks for the store's parameters (recorded
 attributes at creation) and lists the same images (compared with the manifest shard by shard,
 streamed); anything else is refused in one line that names the difference, because continuing
 would mix two datasets in one store. `--overwrite` replaces a store, never a folder that is not
-one: it removes exactly STORE_ENTRIES.
+one: it removes exactly the store's entries (STORE, an OutputFolder: nextdetail.stores.journal).
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
 from .decomposition_format import (FORMAT, FORMAT_VERSION, LAYERS_V1, MANIFEST, META, PARTS, Source, StoreError,
                                    StoreParams, format_refusal)
+from .journal import OutputFolder
 from .manifest import ManifestShards, in_shards, stage_listing
 from .shards import BASES
 
-STORE_ENTRIES = (BASES, LAYERS_V1, MANIFEST, META, PARTS)     # the only names --overwrite removes
+STORE = OutputFolder("decomposition store", (BASES, LAYERS_V1, MANIFEST, META, PARTS), StoreError, mark=BASES)
 
 
 @dataclass
 class StoreCheck:
-    """What check_store found: the store's state ('new', or 'store' when one is there), how
+    """What check_store found: the store's state ('new', or 'ours' when one is there), how
     many images SRC lists, and, when the store is to be created (or replaced), the manifest of
     the listing staged beside it (all rows pending; plan_store puts it in place)."""
 
@@ -58,27 +57,6 @@ def _stored_params(path: Path) -> StoreParams:
     except (KeyError, TypeError, ValueError) as e:
         raise StoreError(path, f"{BASES} records incomplete parameters ({type(e).__name__}: {e}); pass "
                                f"--overwrite to start the store over") from None
-
-
-def store_state(path: Path) -> str:
-    """'new' (absent or empty folder), 'store' (holds store entries), or 'foreign'."""
-    if not path.exists():
-        return "new"
-    if not path.is_dir():
-        raise StoreError(path, "exists and is not a folder; choose another --out")
-    names = {n for n in os.listdir(path) if not n.startswith(".")}     # temp files, LISTED
-    if not names:
-        return "new"
-    return "store" if names & set(STORE_ENTRIES) else "foreign"
-
-
-def remove_store(path: Path) -> None:
-    for name in STORE_ENTRIES:
-        p = path / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
 
 
 def _format_1_meta(path: Path) -> dict:
@@ -132,10 +110,9 @@ def check_store(path, wanted: StoreParams, sources: Iterable[Source], *, overwri
     ignore: parameter names not to compare yet (backend, before a cluster resolves auto).
     """
     path = Path(path)
-    state = store_state(path)
+    state = STORE.state(path)
     if state == "foreign":
-        raise StoreError(path, f"exists and is not a decomposition store (no {BASES}); choose another "
-                               f"--out (--overwrite only ever replaces a store)")
+        raise StoreError(path, STORE.foreign_reason())
     if state == "new" or overwrite:
         return StoreCheck(state, *stage_listing(path, wanted, sources))
     if (path / LAYERS_V1).exists() and not (path / BASES).exists():

@@ -23,7 +23,7 @@ from .decomposition_format import (FORMAT, FORMAT_VERSION, MANIFEST, META, PARTS
 from .manifest import GroupedWriter
 from .shard_journal import runs, shard_tables
 from .shards import BASES, DIMENSIONS, ZSTD_LEVEL, create_bases_array, shard_damage, shard_file
-from .store_check import StoreCheck, check_params, remove_store, zarr_attributes
+from .store_check import STORE, StoreCheck, check_params, zarr_attributes
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,10 @@ def plan_store(path, params: StoreParams, check: StoreCheck, *, overwrite: bool)
     path = Path(path)
     n = check.n_images
     if check.staged is not None:
-        if check.state == "store":
+        if check.state == "ours":
             log.info("%s: %s: removing the existing store", path,
                      "--overwrite" if overwrite else "a creation that died")
-            remove_store(path)
+            STORE.remove(path)
         create_store(path, params, n, check.staged)
         return StorePlan(path, params, n, list(range(params.shards(n))), todo=n, done=0, run=1, created=True)
     check_params(path, params)
@@ -111,16 +111,16 @@ def finish_store(plan: StorePlan, src: str) -> dict:
                 raise StoreError(path, f"{pending} images are still pending (e.g. {example}); rerun to "
                                        f"complete the store")
     counts["error"] = counts["images"] - counts["ok"]
-    s, L, m = params.size, params.levels + 1, params.shard_images
+    s, n_bases, m = params.size, params.levels + 1, params.shard_images
     info = method_info(params.method)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "nextdetail_version": __version__,
             "method": params.method, "order": params.order, "size": params.size,
-            "backend": params.backend, "at": params.params.to_dict(), "dtype": params.dtype,
+            "backend": params.backend, "at": params.at.to_dict(), "dtype": params.dtype,
             "array": BASES, "layout": list(DIMENSIONS), "levels": params.levels, "space": info.space,
             "base_order": info.base_names(params.levels),
             "quantization": "q = round(255 * clip(B, 0, 1))" + (
                 " of the bases as images, B = exp(L) - eps_I" if info.space == "log" else ""), "shard_images": m,
-            "shards": [m, L, 3, s, s], "chunks": [1, L, 3, s, s], "codec": f"zstd {ZSTD_LEVEL} (checksum)",
+            "shards": [m, n_bases, 3, s, s], "chunks": [1, n_bases, 3, s, s], "codec": f"zstd {ZSTD_LEVEL} (checksum)",
             "layer_order": params.layer_names(), "fill_value": "0 (images whose status is error)",
             "counts": counts, "src": str(src)}
     # Last: its presence is what marks the store complete.

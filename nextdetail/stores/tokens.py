@@ -19,7 +19,6 @@ decoding, no per-sample Python, no copies beyond the batch itself.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..checksum import file_sha256
 from ..errors import PathError
 from .atomic import PARTS
 from .meta import check_keys
@@ -44,14 +44,6 @@ MAX_VOCAB = int(np.iinfo(DTYPE).max) + 1
 
 class TokenStoreError(PathError):
     """A token store that cannot be used as asked; str is one line "<TOKENS or its file>: <reason>"."""
-
-
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def map_offsets(map_shapes: Sequence[Sequence[int]]) -> np.ndarray:

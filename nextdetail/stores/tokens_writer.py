@@ -20,9 +20,13 @@ import numpy as np
 
 from .. import __version__
 from .atomic import PARTS, atomic_write, write_bytes_atomic, write_table_atomic
+from .decomposition_format import StoreError
+from .journal import OutputFolder
 from .tokens import FORMAT, FORMAT_VERSION, INDEX, META, SHARDS, TOKENS, map_offsets, shard_name
 
 log = logging.getLogger(__name__)
+
+TOKEN_STORE = OutputFolder("token store", (TOKENS, INDEX, META, PARTS, SHARDS), StoreError)
 
 
 def _assemble(out: Path, blocks: Sequence[Tuple[int, int, Path]], sharded: bool) -> None:

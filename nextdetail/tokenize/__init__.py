@@ -7,7 +7,9 @@
 
 config.py (typed configs), schedule.py (each quantizer's map schedule), model.py
 (encoder/decoder), quant.py (codebook and the three quantizers), bases.py (stored bases as
-inputs), tokenizer.py (the API), losses.py (LPIPS, PatchGAN), train.py (training).
+inputs), tokenizer.py (the API), losses.py (LPIPS, the PatchGAN discriminator),
+disc_stylegan.py (the StyleGAN2-style discriminator), loader.py (training batches from a
+store), train.py (training), evaluate.py (eval-tokenizer), memory.py (memory estimates).
 PyTorch is imported by this package; the rest of nextdetail does not need it.
 """
 from ..errors import ConfigError

@@ -2,13 +2,13 @@
 (`QuantConfig`), together a `TokenizerConfig`. Plain dataclasses, saved in every checkpoint as a
 dict, so a checkpoint rebuilds its own model and a mismatch is named field by field.
 
-Schedules (token maps in generation order; L = latent side = image side / downsample; the
+Schedules (token maps in generation order; s = latent side = image side / downsample; the
 arithmetic is schedule.py's):
 
-- vanilla     : `depth` maps, all L x L (residual quantization, RQ-VAE).
-- multiscale  : one map per entry of `patch_sizes` (VAR next-scale), the last must be L.
-- basedetail  : `base_patch_sizes` (multi-scale maps of f_Bn, the last must be L), then for
-                each detail factor D_n, ..., D_1, `detail_depth` maps at L x L (CART Algorithm 1):
+- vanilla     : `depth` maps, all s x s (residual quantization, RQ-VAE).
+- multiscale  : one map per entry of `patch_sizes` (VAR next-scale), the last must be s.
+- basedetail  : `base_patch_sizes` (multi-scale maps of f_Bn, the last must be s), then for
+                each detail factor D_n, ..., D_1, `detail_depth` maps at s x s (CART Algorithm 1):
                 M = len(base_patch_sizes) + order * detail_depth.
 
 The tokenizer records the decomposition it is for (`TokenizerConfig.decomposition`, taken from
@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import List, Optional, Tuple
 
 from ..errors import ConfigError
-from ..options import check_int, derived, differences, nested, opt
+from ..options import check_int, derived, nested, opt
 from ..stores.tokens import MAX_VOCAB
 from .schedule import KIND_SCHEDULES, MapSchedule, map_schedule
 
@@ -88,6 +88,49 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
+    """The quantizer: its kind, the codebook, and the schedule of token maps (the module
+    docstring lists the three schedules; schedule.py does their arithmetic).
+
+    The schedule fields left at None are filled in by `schedule(latent, decomposition)`: the
+    decomposition's order and detail_depth (SCHEDULES) and the reference sizes scaled to the
+    latent side. A `TokenizerConfig` holds the filled-in config, so checkpoints record it.
+    The fields' meanings are their option help (`opt`), shown by `nextdetail train-tokenizer
+    --help`.
+
+    Parameters
+    ----------
+    kind : {"vanilla", "multiscale", "basedetail"}
+        The quantizer class and its schedule (quant.py, schedule.py).
+    vocab : int
+        V, the codebook size, one codebook for every map; at most MAX_VOCAB (uint16 tokens).
+    beta : float
+        The commitment weight of the VQ loss.
+    depth : int
+        vanilla: M, every map s x s (s: the latent side).
+    patch_sizes : tuple of int or None
+        multiscale: p_1..p_M, strictly increasing, the last = s.
+    base_patch_sizes : tuple of int or None
+        basedetail: the sides of the B base maps, strictly increasing, the last = s.
+    order : int or None
+        basedetail: n, the detail factors (the bases B_1..B_n the quantizer takes).
+    detail_depth : int or None
+        basedetail: d = (M - B) / n, maps per detail factor, all s x s.
+    phi_ratio : float
+        r of phi_m(z) = (1 - r) z + r conv3x3(z).
+    dead_after, usage_decay : int, float
+        A code whose usage (an EMA with this decay) falls below 1 / dead_after is restarted.
+
+    Examples
+    --------
+    >>> q = QuantConfig(kind="basedetail").schedule(16)      # CART-256 on a 16 x 16 latent
+    >>> q.order, q.detail_depth, q.base_patch_sizes
+    (3, 2, (1, 2, 3, 4, 6, 9, 13, 16))
+    >>> q.map_sizes(16)                                      # M = 8 + 3 x 2
+    [1, 2, 3, 4, 6, 9, 13, 16, 16, 16, 16, 16, 16, 16]
+    >>> QuantConfig(kind="basedetail").schedule(8, "intrinsic").map_sizes(8)   # 7 + 1 x 7
+    [1, 2, 3, 4, 5, 6, 8, 8, 8, 8, 8, 8, 8, 8]
+    """
+
     kind: str = opt("basedetail", "token-map schedule", flag="--quantizer", choices=KINDS)
     vocab: int = opt(4096, "codebook size V, one codebook shared by every token map", ge=2, le=MAX_VOCAB)
     beta: float = opt(0.25, "commitment weight", ge=0)
@@ -144,6 +187,41 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
+    """Everything that builds a `Tokenizer`: the autoencoder, the quantizer, the image side and
+    the decomposition. Saved in every checkpoint (`to_dict`), read back with `from_dict`.
+
+    On construction the quantizer's schedule is filled in for this latent side and this
+    decomposition (`QuantConfig.schedule`), so `quant` always holds explicit sizes.
+
+    Parameters
+    ----------
+    model : ModelConfig
+        The convolutional encoder and decoder: downsample, widths, z_channels (Cvae).
+    quant : QuantConfig
+        The quantizer; its None fields are filled in here.
+    image_size : int
+        S, the side of the square images (training crops) it takes; divisible by
+        model.downsample.
+    decomposition : str
+        The decomposition of the training store (a method of nextdetail.decomp): the default
+        basedetail schedule (SCHEDULES) and the space of its images (`space`).
+
+    Attributes
+    ----------
+    quant : QuantConfig
+        With the schedule filled in.
+
+    Examples
+    --------
+    >>> cfg = TokenizerConfig(model=ModelConfig(downsample=8), image_size=64)
+    >>> cfg.latent(), cfg.quant.base_patch_sizes       # s = S / downsample; CART's sizes scaled
+    (8, (1, 2, 3, 4, 5, 6, 7, 8))
+    >>> cfg.map_schedule().stage_ends, cfg.needs_bases()
+    ([8, 10, 12, 14], 3)
+    >>> TokenizerConfig.from_dict(cfg.to_dict()) == cfg     # as a checkpoint stores it
+    True
+    """
+
     model: ModelConfig = nested(ModelConfig)
     quant: QuantConfig = nested(QuantConfig)
     image_size: int = opt(256, "training crop side (random crops of the store's images)", metavar="S", ge=1)
@@ -197,7 +275,9 @@ class TokenizerConfig:
 
     def differences(self, other: "TokenizerConfig") -> List[str]:
         """'quant.kind basedetail (checkpoint) != vanilla (asked)' for each field that differs."""
-        return differences(self, other)
+        from ..runs import checkpoint_differences
+
+        return checkpoint_differences(self, other)
 
 
 def config_for(kind: str = "basedetail", image_size: int = 256, downsample: int = 16, *, ch: int = 128,

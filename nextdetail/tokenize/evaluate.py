@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..evaluation.metrics import psnr_from_mse, ssim
 from ..limits import check_max_memory, check_memory, memory_opt
 from ..options import check_int, opt
 from ..runs import TrainError, latest_checkpoint
@@ -101,13 +102,6 @@ def centre_crops(store, size: int, n_bases: int, limit: int, batch: int):
         yield inputs_from_bases(torch.from_numpy(q), n_bases, store.space)
 
 
-def ssim(a_HW3: np.ndarray, b_HW3: np.ndarray) -> float:
-    """SSIM of two float images in [0, 1] (Wang et al. 2004: Gaussian window, sigma 1.5)."""
-    from skimage.metrics import structural_similarity
-    return float(structural_similarity(a_HW3, b_HW3, channel_axis=-1, data_range=1.0, gaussian_weights=True,
-                                       sigma=1.5, use_sample_covariance=False))
-
-
 @torch.no_grad()
 def evaluate_run(run, store, *, limit: int = 64, batch: int = 16, lpips=None,
                  inception=None) -> Tuple[List[DepthRow], FinalRow]:
@@ -135,7 +129,7 @@ def evaluate_run(run, store, *, limit: int = 64, batch: int = 16, lpips=None,
             if lpips is not None:
                 lp[m] += float(lpips(to_model(rec), to_model(image)).sum())
         # rec is now the final depth's, the full reconstruction.
-        psnrs += [10 * math.log10(1 / e) if e > 0 else float("inf") for e in err_B.tolist()]
+        psnrs += [psnr_from_mse(e) for e in err_B.tolist()]
         rec_BHW3, image_BHW3 = (x.permute(0, 2, 3, 1).numpy() for x in (rec, image))
         ssims += [ssim(a, b) for a, b in zip(rec_BHW3, image_BHW3)]
         if inception is not None:
@@ -148,8 +142,7 @@ def evaluate_run(run, store, *, limit: int = 64, batch: int = 16, lpips=None,
     rows = []
     for m in range(M):
         mse = sq[m] / count
-        rows.append(DepthRow(name, cfg.quant.kind, m + 1, sides[m], mse,
-                             10 * math.log10(1 / mse) if mse > 0 else float("inf"), count,
+        rows.append(DepthRow(name, cfg.quant.kind, m + 1, sides[m], mse, psnr_from_mse(mse), count,
                              lp[m] / count if lpips is not None else float("nan")))
     final = FinalRow(name, cfg.quant.kind, count, float(np.mean(psnrs)), float(np.mean(ssims)), rows[-1].lpips)
     if inception is not None:
@@ -187,15 +180,16 @@ def evaluate(cfg: "EvalConfig") -> Tuple[List[DepthRow], List[FinalRow]]:
 def write_results(rows: Sequence[DepthRow], finals: Sequence[FinalRow], out: Path) -> Dict[str, Path]:
     """OUT/eval.csv (per depth), OUT/final.csv (final depth), OUT/eval.png (MSE against depth)."""
     from ..plots import line_plot
+    from ..stores.atomic import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "final.csv", "w", newline="") as f:
+    with atomic_write(out / "final.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "quantizer", "images", "psnr", "ssim", "lpips", "rfid"])
         for r in finals:
             w.writerow([r.run, r.quantizer, r.images, f"{r.psnr:.4f}", f"{r.ssim:.5f}",
                         "" if math.isnan(r.lpips) else f"{r.lpips:.6g}", "" if math.isnan(r.rfid) else f"{r.rfid:.4f}"])
-    with open(out / "eval.csv", "w", newline="") as f:
+    with atomic_write(out / "eval.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "quantizer", "depth", "map_side", "mse", "psnr", "lpips"])
         for r in rows:

@@ -64,7 +64,7 @@ def inference_needs(tcfg: TokenizerConfig, batch: int, option: str) -> List[Need
 
 def decode_needs(tcfg: TokenizerConfig, batch: int, latent: int) -> int:
     """Bytes of the largest step of decoding `batch` latents of side `latent` (the high-resolution
-    strategy decodes (S L)^2 latents)."""
+    strategy decodes latents of scale x the trained side)."""
     def probe():
         tok = Tokenizer(tcfg).eval()
         f = torch.zeros(batch, tcfg.model.z_channels, latent, latent)

@@ -5,7 +5,7 @@ Every quantizer maps encoder features to M integer token maps and back:
     out = q(f_BChw, bases=[f_B1_BChw, ..., f_Bn_BChw])   # -> QuantOut; out.idx: M (B, h_k, w_k) int64
     f_hat_BChw = q.lookup(out.idx)                        # Algorithm 2: sum_k phi_k(up(z_k))
 
-f is (B, C, L, L) with C = Cvae. `QuantOut.f_hat` is the straight-through reconstruction
+f is (B, C, s, s) with C = Cvae and s the latent side. `QuantOut.f_hat` is the straight-through reconstruction
 (value = sum of the phi contributions, gradient = identity to f_I); `QuantOut.contribs[k]`
 is phi_k(up(z_k)) and `QuantOut.inputs[k]` the residual map k quantized (before
 down-sampling), so the bookkeeping of Algorithm 1 can be checked from outside.
@@ -38,10 +38,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class QuantOut:
-    f_hat: torch.Tensor                 # (B, C, L, L), straight-through
+    f_hat: torch.Tensor                 # (B, C, s, s), straight-through
     idx: List[torch.Tensor]             # M maps (B, h_k, w_k) int64
     vq_loss: torch.Tensor               # codebook + beta * commitment, mean over maps
-    contribs: List[torch.Tensor] = field(default_factory=list)   # phi_k(up(z_k)), (B, C, L, L)
+    contribs: List[torch.Tensor] = field(default_factory=list)   # phi_k(up(z_k)), (B, C, s, s)
     inputs: List[torch.Tensor] = field(default_factory=list)     # residual quantized at map k
 
 
@@ -168,20 +168,20 @@ class Quantizer(nn.Module):
     def perplexity(self) -> float:
         return self.codebook.perplexity()
 
-    # -- one map: quantize the residual at size p, return (idx, phi contribution at L x L)
+    # -- one map: quantize the residual at size p, return (idx, phi contribution at s x s)
     def quantize_map(self, k: int, rest_BChw: torch.Tensor):
-        """Map k of the residual rest (B, C, L, L): area-down to p_k, nearest codes ->
-        (idx (B, p_k, p_k), phi_k(up(z_k)) (B, C, L, L)). The sampler calls it map by map."""
-        p, L = self.sizes[k], rest_BChw.shape[-1]
-        small = rest_BChw if p == L else F.interpolate(rest_BChw, size=(p, p), mode="area")
+        """Map k of the residual rest (B, C, s, s): area-down to p_k, nearest codes ->
+        (idx (B, p_k, p_k), phi_k(up(z_k)) (B, C, s, s)). The sampler calls it map by map."""
+        p, side = self.sizes[k], rest_BChw.shape[-1]
+        small = rest_BChw if p == side else F.interpolate(rest_BChw, size=(p, p), mode="area")
         idx = self.codebook.quantize(small)
-        return idx, self.map_contribution(k, idx, L)
+        return idx, self.map_contribution(k, idx, side)
 
-    def map_contribution(self, k: int, idx_Bhw: torch.Tensor, L: int) -> torch.Tensor:
-        """phi_k(up(lookup(idx))): token map k as features (B, C, L, L)."""
+    def map_contribution(self, k: int, idx_Bhw: torch.Tensor, side: int) -> torch.Tensor:
+        """phi_k(up(lookup(idx))): token map k as features (B, C, side, side)."""
         z = self.codebook.lookup(idx_Bhw)
-        if z.shape[-1] != L:
-            z = F.interpolate(z, size=(L, L), mode="bicubic")
+        if z.shape[-1] != side:
+            z = F.interpolate(z, size=(side, side), mode="bicubic")
         return self.phi[k](z)
 
     def _check(self, f_BChw: torch.Tensor) -> None:
@@ -205,7 +205,7 @@ class Quantizer(nn.Module):
             yield k, rest, i, c, part
 
     def quantize_base(self, f_BChw: torch.Tensor) -> List[torch.Tensor]:
-        """The base maps r_1..r_B of a base feature f (B, C, L, L), as `forward` codes its first
+        """The base maps r_1..r_B of a base feature f (B, C, s, s), as `forward` codes its first
         stage (f_Bn for base-detail): generation starts from them (a high-resolution window's
         base, an upscaled input's)."""
         lo, hi = self.schedule.stages[0]
@@ -241,7 +241,7 @@ class Quantizer(nn.Module):
         return torch.stack(self.contributions(idx)).sum(0)
 
     def contributions(self, idx: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """phi_k(up(lookup(r_k))) of each map given, (B, C, L, L); a prefix r_1..r_m is allowed
+        """phi_k(up(lookup(r_k))) of each map given, (B, C, s, s); a prefix r_1..r_m is allowed
         (its running sum is the reconstruction at quantization depth m)."""
         if len(idx) > len(self.sizes):
             raise ValueError(f"{len(idx)} token maps: this tokenizer uses {len(self.sizes)}")
@@ -252,7 +252,7 @@ class Quantizer(nn.Module):
 
 
 class ResidualQuantizer(Quantizer):
-    """vanilla (every map L x L) and multiscale (growing maps): one residual chain on f_I;
+    """vanilla (every map s x s) and multiscale (growing maps): one residual chain on f_I;
     the two differ only in their schedule of map sizes."""
 
     def stages(self, f_BChw, bases):
@@ -260,6 +260,70 @@ class ResidualQuantizer(Quantizer):
 
 
 class BaseDetailQuantizer(Quantizer):
+    """CART's base-detail quantizer: Algorithm 1 of the CART papers (encoding) and Algorithm 2
+    (`lookup`, reconstruction), on one codebook shared by all M token maps.
+
+    The image's features f_I = E(I) and its bases' f_Bk = E(B_k), k = 1..n (B_n the coarsest;
+    f_B0 = f_I), give n + 1 targets, coded in generation order (coarse to fine): the base f_Bn,
+    then the detail factors D_n, ..., D_1,
+
+        T_0 = f_Bn,        T_j = f_Dk = f_B(k-1) - f_Bk,  k = n + 1 - j,  j = 1..n,
+
+    so that T_0 + T_1 + ... + T_n = f_I (telescoping). Stage j codes T_j residually with its run
+    of maps m (`schedule.stages[j]`): the B base maps of sides `base_patch_sizes` (VAR's
+    next-scale, the last = s), then d = (M - B) / n maps per detail factor, all s x s. With the
+    stage's partial sum P = 0 at its start, each map m does
+
+        r_m = Q(down_{p_m}(T_j - P))             nearest code (squared L2) of each position
+        z_m = phi_m(up_s(Z[r_m]))                Z: the codebook (V x C), phi_m: `Phi`
+        P   = P + z_m
+
+    down_p is area resizing to p x p, up_s bicubic to s x s (both the identity at s). The
+    reconstruction is Algorithm 2, f_hat = sum_{m=1..M} z_m, which the decoder turns into the
+    image. Training averages over the maps, P_m being the partial sum after map m and sg the
+    stop-gradient,
+
+        vq_loss = mean_m ||P_m - sg(T_j)||^2 + beta ||sg(P_m) - T_j||^2
+
+    and passes f_I's gradient straight through f_hat (`QuantOut.f_hat`). The paper's
+    pseudo-code subtracts each phi_m(z_m) from the running target, which is the same residual
+    T_j - P.
+
+    Parameters
+    ----------
+    cfg : QuantConfig
+        kind "basedetail", its schedule filled in (`QuantConfig.schedule`): base_patch_sizes,
+        order n, detail_depth d, vocab V, beta, phi_ratio, the codebook's restart settings.
+    dim : int
+        C = Cvae, the channels of the encoder's features.
+    latent : int
+        s, the side of the features (image side / downsample); base_patch_sizes ends at it.
+
+    Attributes
+    ----------
+    sizes : list of int, (M,)
+        p_m, the side of each token map, generation order: base_patch_sizes, then n d times s.
+    num_base, order, stage_ends : int, int, list of int
+        B, n and [B, B + d, ..., M] (the schedule, schedule.py).
+    codebook : Codebook
+        Z, V x C, shared by every map.
+    phi : nn.ModuleList of M `Phi`
+        phi_m(z) = (1 - r) z + r conv3x3(z), r = cfg.phi_ratio.
+
+    Examples
+    --------
+    CART-256's schedule (8 base maps + 3 detail factors x 2) on a 16 x 16 latent of C = 32:
+
+    >>> q = build_quantizer(QuantConfig().schedule(16), dim=32, latent=16).eval()
+    >>> q.sizes, q.stage_ends
+    ([1, 2, 3, 4, 6, 9, 13, 16, 16, 16, 16, 16, 16, 16], [8, 10, 12, 14])
+    >>> f_I = torch.randn(2, 32, 16, 16)
+    >>> f_B = [torch.randn(2, 32, 16, 16) for _ in range(3)]      # f_B1, f_B2, f_B3
+    >>> out = q(f_I, f_B)           # out.idx: 14 int64 maps (2, p_m, p_m); out.f_hat (2, 32, 16, 16)
+    >>> torch.equal(q.lookup(out.idx), out.f_hat)                # Algorithm 2 gives f_hat back
+    True
+    """
+
     def stages(self, f_BChw, bases):
         n = self.order
         if bases is None or len(bases) < n:

@@ -54,6 +54,52 @@ def to_image(x):
 
 
 class Tokenizer(nn.Module):
+    """The VQ-VAE tokenizer: encoder E, quantizer Q and decoder D; images to M token maps
+    (`encode`) and back (`decode`).
+
+    An image I (and, for the base-detail quantizer, its bases B_1..B_n) is encoded to features
+    f = E(I) of side s = S / downsample; the quantizer (`config.quant.kind`: vanilla, multiscale
+    or basedetail, quant.py) codes them as token maps r_1..r_M of sides p_1..p_M (its schedule,
+    generation order) with one shared codebook of V codes; `decode` sums the maps'
+    contributions to f_hat and returns D(f_hat) as an image.
+
+    Parameters
+    ----------
+    config : TokenizerConfig
+        The autoencoder, the quantizer with its schedule, the image side S and the
+        decomposition it is for; validated here.
+
+    Attributes
+    ----------
+    config : TokenizerConfig
+    encoder : Encoder
+        Images in model space [-1, 1], (B, 3, S, S) -> features (B, Cvae, s, s).
+    quantizer : Quantizer
+        The schedule (`sizes`, `num_base`, `order`, `stage_ends`, `dim` = Cvae, `latent` = s),
+        the codebook and the phi convolutions.
+    decoder : Decoder
+        Features (B, Cvae, s, s) -> images in model space (B, 3, S, S).
+    needs_bases : int
+        n, the bases `encode` and `forward` need (base-detail), else 0.
+
+    Examples
+    --------
+    An untrained base-detail tokenizer on 64 px images (x8: an 8 x 8 latent, 8 base maps of
+    sides 1..8, then 3 detail factors x 2 maps of 8 x 8):
+
+    >>> from nextdetail.tokenize.config import config_for
+    >>> tok = Tokenizer(config_for("basedetail", image_size=64, downsample=8, ch=32)).eval()
+    >>> image = torch.rand(2, 3, 64, 64)                        # float in [0, 1]
+    >>> bases = [torch.rand(2, 3, 64, 64) for _ in range(tok.needs_bases)]   # B_1, B_2, B_3
+    >>> idx = tok.encode(image, bases)            # 14 int64 maps (2, p_k, p_k), values in [0, V)
+    >>> [m.shape[-1] for m in idx]
+    [1, 2, 3, 4, 5, 6, 7, 8, 8, 8, 8, 8, 8, 8]
+    >>> tok.decode(idx).shape                     # float32 in [0, 1]
+    torch.Size([2, 3, 64, 64])
+
+    A trained one: ``Tokenizer.from_checkpoint("RUN/ckpt-0002000.pt")``.
+    """
+
     def __init__(self, config: TokenizerConfig):
         super().__init__()
         self.config = config.validate()

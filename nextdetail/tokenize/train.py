@@ -6,7 +6,7 @@ the StyleGAN2-style discriminator, optionally with the R1 penalty).
 
 RUN/ holds `ckpt-<step>.pt` (every `ckpt_every` steps and at the end: model, discriminator,
 both AdamW states, step, both configs, RNG states), `log.jsonl` (one record per step) and
-`loss.png`. `resume=True` continues from the latest checkpoint and gives bitwise the same
+`loss.png`. `--resume` (cfg.resume) continues from the latest checkpoint and gives bitwise the same
 weights on the CPU as an uninterrupted run: all randomness (batch choice, crop offsets,
 dead-code restarts) comes from RNG states stored in the checkpoint.
 """
@@ -15,115 +15,29 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..distributed import Dist, all_reduce_sum, run
-from ..errors import ConfigError
+from ..distributed import Dist, all_reduce_sum, step_generator
 from ..limits import check_memory
-from ..options import check_int, differences, nested, opt
-from ..runs import (PLOT, RunConfig, RunLog, RunReport, TrainError, checkpoint_name, load_resumed, read_log,
-                    preemptible, resume_from, running_mean, save_checkpoint)
+from ..precision import bf16_autocast
+from ..runs import (PLOT, RunLog, RunReport, TrainError, checkpoint_name, load_resumed, preemptible, read_log,
+                    resume_from, run_training, running_mean, save_checkpoint)
 from ..stores.decomposition import DecompositionStore, StoreError
-from ..stores.lock import folder_lock
-from ..weights import offline_opt
+from .bases import inputs_from_bases
 from .config import TokenizerConfig
 from .disc_stylegan import StyleGANDiscriminator, r1_penalty
-from .bases import inputs_from_bases
 from .loader import StoreLoader, check_store_fits, default_workers
 from .losses import PatchDiscriminator, build_lpips, hinge_d_loss, hinge_g_loss
 from .memory import training_needs
+from .train_config import TokenizerTrainConfig
 from .tokenizer import Tokenizer, to_model
 
 log = logging.getLogger(__name__)
-
-
-
-@dataclass(frozen=True, kw_only=True)
-class TokenizerTrainConfig(RunConfig):
-    """Settings of `nextdetail train-tokenizer`: the tokenizer (nested) and its training."""
-
-    data: str = opt(help="decomposition store", metavar="STORE")
-    out: str = opt(help="run folder", metavar="RUN")
-    tokenizer: TokenizerConfig = nested(TokenizerConfig)
-    batch_size: int = opt(8, "images per step", ge=1)
-    lr: float = opt(1e-4, "AdamW learning rate (generator and discriminator)", gt=0)
-    betas: tuple = (0.5, 0.9)
-    weight_decay: float = opt(1e-4, "AdamW weight decay", ge=0)
-    lpips_weight: float = opt(1.0, "LPIPS weight; 0 switches LPIPS off", ge=0)
-    lpips_net: str = opt("alex", "LPIPS backbone", choices=("alex", "vgg", "squeeze"))
-    lpips_backbone: str = opt("pretrained", "random LPIPS backbone instead of the pretrained weights from "
-                                            "the torch hub cache (offline tests; warns)",
-                              flag="--lpips-random-backbone", action="store_const", const="random")
-    offline: bool = offline_opt()
-    disc: str = opt("patchgan", "discriminator: PatchGAN (a logit per patch) or the StyleGAN2-style residual "
-                                "one the CART paper names (a logit per image, minibatch std)",
-                    choices=("patchgan", "stylegan"))
-    disc_weight: float = opt(0.1, "GAN loss weight", ge=0)
-    disc_start: int = opt(2000, "step from which the discriminator trains, and its loss counts", ge=0)
-    disc_ch: int = opt(64, "discriminator width (channels of its first layer)", ge=1)
-    disc_mbstd_group: int = opt(4, "stylegan: images per minibatch-std group (within a process's batch)", ge=1)
-    r1_gamma: float = opt(0.0, "R1 penalty: D loss + gamma/2 E|grad_x D(x)|^2 over real images (StyleGAN's "
-                               "regulariser); 0: off", metavar="GAMMA", ge=0)
-    adaptive_gan: bool = opt(False, "scale the GAN loss by |grad rec| / |grad G| at the decoder's last layer "
-                                    "(VQGAN)", flag="--adaptive-gan-weight")
-    ema: float = opt(0.0, "keep an EMA of the weights with this decay (e.g. 0.999); 0: off", metavar="DECAY", ge=0, lt=1)
-    loader_workers: int = opt(-1, "loader worker processes per training process; -1: from the CPU count "
-                                  "(CPUs per process - 1, at most 8)", ge=-1)
-    loader_lanes: int = opt(0, "lanes of the data stream, a multiple of the number of processes; the batches "
-                               "depend on it, not on the process count; 0: the number of processes", ge=0)
-    shuffle_buffer: int = opt(256, "images read, shuffled and cropped together (one loader work item)", ge=1)
-    compile: bool = opt(False, "torch.compile the encoder, decoder and discriminator (first steps slower: "
-                               "compilation)")
-    usage_every: int = opt(100, "steps over which each token map's codebook usage is counted (logged as "
-                                "map_usage; a warning when a map uses < 1%% of the codes after two windows)", ge=1)
-
-    def __post_init__(self):
-        super().__post_init__()
-        # Paths as str: the config is saved in checkpoints, which hold plain data only.
-        for name in ("data", "out"):
-            object.__setattr__(self, name, str(getattr(self, name)))
-        object.__setattr__(self, "betas", tuple(self.betas))
-        check_int("batch_size", self.batch_size)
-        if self.r1_gamma < 0:
-            raise ConfigError(f"--r1-gamma {self.r1_gamma}: must be >= 0")
-        if not 0.0 <= self.ema < 1.0:
-            raise ConfigError(f"--ema {self.ema}: must be in [0, 1)")
-        if self.loader_workers < -1:
-            raise ConfigError(f"--loader-workers {self.loader_workers}: must be >= 0, or -1 (from the CPU count)")
-        if self.loader_lanes < 0:
-            raise ConfigError(f"--loader-lanes {self.loader_lanes}: must be >= 0 (0: the number of processes)")
-        check_int("shuffle_buffer", self.shuffle_buffer)
-        check_int("usage_every", self.usage_every)
-        check_int("disc_mbstd_group", self.disc_mbstd_group)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["tokenizer"] = self.tokenizer.to_dict()
-        return d
-
-    @classmethod
-    def derive(cls, args) -> None:
-        """On the command line the tokenizer is for the decomposition of the store it trains on
-        (options.derived). A store that cannot be read is refused later, with its reason."""
-        from ..stores.decomposition import read_meta
-        try:
-            args.decomposition = read_meta(args.data)["method"]
-        except StoreError:
-            pass
-
-    # Fields a resumed run may change: where it writes and how long it goes on.
-    RESUMABLE_CHANGES = ("steps", "out", "ckpt_every", "loader_workers", "compile", "offline") + RunConfig.FAULT_FIELDS
-
-    def differences(self, other: "TokenizerTrainConfig") -> List[str]:
-        """The tokenizer's differences first, named as in its own config ('quant.vocab ...')."""
-        return (self.tokenizer.differences(other.tokenizer)
-                + differences(self, other, ignore=self.RESUMABLE_CHANGES + ("tokenizer",)))
 
 
 @dataclass
@@ -199,14 +113,14 @@ class TokenizerTrainer:
     restarted from the features of all ranks with one seeded draw, so every rank sets the same
     codes. The ranks stay identical, and equal one process with the ranks' batches together."""
 
-    def __init__(self, cfg: TokenizerTrainConfig, *, resume: bool = False, batches=None,
+    def __init__(self, cfg: TokenizerTrainConfig, *, batches=None,
                  dist_: Optional[Dist] = None):
         """batches: where the batches come from; default the store's stream (loader.StoreLoader).
         Anything with next() -> uint8 bases (B, n+1, 3, s, s), [q_0 .. q_n], and state_dict() /
         load_state_dict() will do (the GPU check trains on synthetic batches)."""
         self.cfg, self.out = cfg, Path(cfg.out)
         self.dist = d = dist_ or Dist()
-        found = resume_from(self.out, resume)
+        found = resume_from(self.out, cfg.resume)
         self.device = d.device(cfg.device)
         cfg.tokenizer.validate()
         self.n_bases = cfg.tokenizer.needs_bases()
@@ -238,7 +152,7 @@ class TokenizerTrainer:
         self._warned_usage = False
         if found is not None:
             self._load(found)
-        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        self.amp = bf16_autocast(self.device)
         self.tok.train()
         self.net, self.net_d = self.tok, self.disc
         if d.world > 1:
@@ -275,8 +189,8 @@ class TokenizerTrainer:
 
         ckpt = load_resumed(path, self.device, "train-tokenizer checkpoint", saved_config, self.cfg)
         if "data" not in ckpt:
-            raise TrainError(f"{path}: a checkpoint of nextdetail <= 0.3 (no data stream state); it loads as a "
-                             f"tokenizer, but cannot be resumed: start a new run")
+            raise TrainError(f"{path}: a checkpoint without data stream state (nextdetail 0.1.0 or an early 0.2.0 "
+                             f"build); it loads as a tokenizer, but cannot be resumed: start a new run")
         self.tok.load_state_dict(ckpt["model"])
         if self.ema is not None:
             self.ema = {k: v.to(self.device) for k, v in ckpt["model_ema"].items()}
@@ -375,7 +289,7 @@ class TokenizerTrainer:
 
     def _restart_generator(self) -> torch.Generator:
         """Dead-code restarts draw from (seed, step): the same on every rank and after a resume."""
-        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step_)
+        return step_generator(self.cfg.seed, self.step_)
 
     def _averaged(self, rec: dict) -> dict:
         """The record's tensors as floats, averaged over the ranks (one all-reduce)."""
@@ -387,20 +301,14 @@ class TokenizerTrainer:
         return rec
 
 
-def train(cfg: TokenizerTrainConfig, *, resume: bool = False,
-          progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainReport:
-    """Train (or resume) into cfg.out; `progress(step, steps, record)` after every step (rank 0).
-    Under torchrun, every rank runs this."""
-    return run(cfg.device, lambda d: _train(cfg, d, resume, progress))
+def train(cfg: TokenizerTrainConfig, *, progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainReport:
+    """Train (or, with cfg.resume, resume) into cfg.out; `progress(step, steps, record)` after
+    every step (rank 0). Under torchrun, every rank runs this."""
+    return run_training(cfg, lambda d: _train(cfg, d, progress))
 
 
-def _train(cfg: TokenizerTrainConfig, d: Dist, resume: bool, progress) -> TrainReport:
-    with folder_lock(cfg.out, "run") if d.main else nullcontext():
-        return _train_locked(cfg, d, resume, progress)
-
-
-def _train_locked(cfg: TokenizerTrainConfig, d: Dist, resume: bool, progress) -> TrainReport:
-    tr = TokenizerTrainer(cfg, resume=resume, dist_=d)
+def _train(cfg: TokenizerTrainConfig, d: Dist, progress) -> TrainReport:
+    tr = TokenizerTrainer(cfg, dist_=d)
     start, t0, rec = tr.step_, time.perf_counter(), {}
     run_log = RunLog(tr.out, start, main=d.main)
     try:

@@ -1,10 +1,10 @@
 """The transformer's continuous inputs, from token maps and the tokenizer's quantizer only.
 
 Step k > 1 of the next-detail transformer sees the VAR/CART input: the cumulative
-reconstruction after maps < k, f_hat_(<k) = sum_(j<k) phi_j(up(lookup(r_j))) (B, Cvae, L, L),
-area-resized to map k's size (identity for the L x L detail maps). Only the codebook and the phi
-convs are needed, so `load_quantizer` builds just the quantizer from a tokenizer checkpoint
-(EMA weights when the run kept them, as `Tokenizer.from_checkpoint`).
+reconstruction after maps < k, f_hat_(<k) = sum_(j<k) phi_j(up(lookup(r_j))) (B, Cvae, s, s)
+with s the latent side, area-resized to map k's size (identity for the s x s detail maps). Only
+the codebook and the phi convs are needed, so `load_quantizer` builds just the quantizer from a
+tokenizer checkpoint (EMA weights when the run kept them, as `Tokenizer.from_checkpoint`).
 
     q = load_quantizer("RUN/ckpt-0002000.pt")
     f_BLc = teacher_inputs(q, maps)          # training: (B, L - h_1 w_1, Cvae), maps 2..M
@@ -61,21 +61,21 @@ def teacher_inputs(quantizer: Quantizer, maps: Sequence[torch.Tensor],
 
 @torch.no_grad()
 def contribution(quantizer: Quantizer, k: int, idx_Bhw: torch.Tensor) -> torch.Tensor:
-    """phi_k(up(lookup(r_k))) at the latent size (B, Cvae, L, L)."""
+    """phi_k(up(lookup(r_k))) at the latent size (B, Cvae, s, s)."""
     return quantizer.map_contribution(k, idx_Bhw, quantizer.latent)
 
 
 def prefix_features(quantizer: Quantizer, maps: Sequence[torch.Tensor]) -> torch.Tensor:
     """sum_k phi_k(up(lookup(r_k))) over the given first maps r_1 .. r_K: the features they
-    contribute (B, Cvae, L, L); all M maps give f_hat."""
+    contribute (B, Cvae, s, s); all M maps give f_hat."""
     return sum(contribution(quantizer, k, idx) for k, idx in enumerate(maps))
 
 
 @torch.no_grad()
-def next_input(quantizer: Quantizer, k: int, idx_Bhw: torch.Tensor, f_hat_BCLL: Optional[torch.Tensor],
+def next_input(quantizer: Quantizer, k: int, idx_Bhw: torch.Tensor, f_hat_BChw: Optional[torch.Tensor],
                next_shape: Optional[Tuple[int, int]]):
     """After map k is drawn: f_hat += its contribution; returns (f_hat, input of map k + 1 as
     (B, h w, Cvae), or None when k was the last map)."""
     c = contribution(quantizer, k, idx_Bhw)
-    f_hat_BCLL = c if f_hat_BCLL is None else f_hat_BCLL + c
-    return f_hat_BCLL, (tokens_of(resize(f_hat_BCLL, next_shape)) if next_shape is not None else None)
+    f_hat_BChw = c if f_hat_BChw is None else f_hat_BChw + c
+    return f_hat_BChw, (tokens_of(resize(f_hat_BChw, next_shape)) if next_shape is not None else None)

@@ -173,6 +173,55 @@ class Block(nn.Module):
 
 
 class NextDetailTransformer(nn.Module):
+    """The next-detail transformer: logits of every token of map k from the class and the
+    maps before it (the module docstring has the inputs, the mask and the positions).
+
+    A sequence is the M token maps flattened, L = sum_k h_k w_k tokens; position t of map k
+    predicts token t, all h_k w_k of a map at once. `forward` runs the whole sequence (teacher
+    forcing, training); `new_cache` and `step` run it map by map with a key/value cache
+    (generation, nextdetail.generate.loop).
+
+    Parameters
+    ----------
+    cfg : TransformerConfig
+        The shape (depth, width, heads, positions, AdaLN) and what the data fixes: vocab V,
+        map_shapes ((h_k, w_k), generation order), cvae (channels of the continuous inputs)
+        and num_classes C.
+
+    Attributes
+    ----------
+    cfg : TransformerConfig
+    class_emb : nn.Embedding, (C + 1, width)
+        The start token of each class; row C is the null class (no label, guidance).
+    input_proj : nn.Linear, cvae -> width
+        Projects map k's continuous input (k > 1).
+    level_emb : nn.Embedding, (M, width)
+        Which map a token belongs to.
+    blocks : nn.ModuleList of `Block`, depth of them
+    head : nn.Linear, width -> V
+    offsets : list of int, (M + 1,)
+        Where each map starts in the sequence; offsets[-1] = L.
+    mask_LL : bool tensor (L, L)
+        The block-causal mask (`block_causal_mask`).
+
+    Examples
+    --------
+    Three maps (1 x 1, 2 x 2, 4 x 4: L = 21), 10 classes:
+
+    >>> cfg = TransformerConfig(vocab=16, map_shapes=((1, 1), (2, 2), (4, 4)), cvae=8,
+    ...                         depth=2, width=64, heads=2, num_classes=10)
+    >>> model = NextDetailTransformer(cfg).eval()
+    >>> labels = torch.tensor([3, -1])             # -1: the null class (unconditional)
+    >>> f = torch.randn(2, 4 + 16, 8)              # the inputs of maps 2..M (train.inputs)
+    >>> model(labels, f).shape                     # logits (B, L, V)
+    torch.Size([2, 21, 16])
+    >>> cache = model.new_cache()
+    >>> model.step(0, labels, None, cache).shape   # map 1, from the start token
+    torch.Size([2, 1, 16])
+    >>> model.step(1, labels, f[:, :4], cache).shape   # map 2, from its input and the cache
+    torch.Size([2, 4, 16])
+    """
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg

@@ -12,7 +12,7 @@ evaluated every `val_every` steps and at the end.
 RUN2/ holds `ckpt-<step>.pt` (every `ckpt_every` steps and at the end; written atomically:
 model, optimizer, step, sampler state, RNG state, configs, the tokenizer checkpoint's path and
 sha256), `log.jsonl` (train records every step: lr, loss, acc, grad_norm, per-map loss and
-accuracy, tokens/s; val records with "split": "val") and `loss.png`. `resume=True` continues
+accuracy, tokens/s; val records with "split": "val") and `loss.png`. `--resume` continues
 from the latest checkpoint, bitwise equal to an uninterrupted run on the CPU: the batch order is
 the sampler's state, the learning rate a function of the step, and the label dropout is drawn
 from a generator seeded by (seed, step), so nothing depends on the process's history.
@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
@@ -36,11 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from ..limits import check_memory
-from ..options import differences, nested, opt
-from ..runs import (PLOT, RunConfig, RunError, RunLog, RunReport, TrainError, checkpoint_name, latest_checkpoint,
-                    load_resumed, preemptible, read_log, resume_from, running_mean, save_checkpoint)
-from ..distributed import Dist, all_reduce_sum, run
-from ..stores.lock import folder_lock
+from ..options import nested, opt
+from ..precision import bf16_autocast
+from ..runs import (PLOT, RunConfig, RunError, RunLog, RunReport, TrainError, checkpoint_differences, checkpoint_name,
+                    latest_checkpoint, load_resumed, preemptible, read_log, resume_from, run_training, running_mean,
+                    save_checkpoint)
+from ..distributed import Dist, all_reduce_sum, step_generator
 from .inputs import load_quantizer, teacher_inputs
 from .memory import training_needs
 from .model import NextDetailTransformer, TransformerConfig, TransformerShape
@@ -72,7 +72,7 @@ class TransformerTrainConfig(RunConfig):
 
     # Fields a resumed run may change: where and how long it runs, how often it reports.
     RESUMABLE_CHANGES = ("out", "steps", "ckpt_every", "val_every", "val_batches", "device", "compile",
-                         "tokens", "tokenizer") + RunConfig.FAULT_FIELDS
+                         "tokens", "tokenizer") + RunConfig.CONTROL_FIELDS
 
     def __post_init__(self):
         super().__post_init__()
@@ -96,14 +96,15 @@ class TransformerTrainConfig(RunConfig):
 
     @classmethod
     def from_dict(cls, d: dict) -> "TransformerTrainConfig":
-        """From a checkpoint's config; before 0.2 the shape's fields were top-level keys."""
+        """From a checkpoint's config; checkpoints of 0.1.0 and early 0.2.0 builds kept the shape's fields as
+        top-level keys."""
         shape = {f.name for f in fields(TransformerShape)}
         model = dict(d.get("model") or {k: v for k, v in d.items() if k in shape})
         known = {f.name for f in fields(cls)} - {"model"}
         return cls(**{k: v for k, v in d.items() if k in known}, model=TransformerShape(**model))
 
     def differences(self, other: "TransformerTrainConfig") -> List[str]:
-        return differences(self, other, ignore=self.RESUMABLE_CHANGES)
+        return checkpoint_differences(self, other, ignore=self.RESUMABLE_CHANGES)
 
 
 def lr_at(cfg: TransformerTrainConfig, step: int) -> float:
@@ -128,7 +129,7 @@ def label_dropout(labels_B: torch.Tensor, null: int, p: float, seed: int, step: 
     if p <= 0:
         return labels_B
     B = labels_B.shape[0]
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    g = step_generator(seed, step)
     drop = torch.rand(B * (rank + 1), generator=g)[rank * B:]
     return torch.where(drop.to(labels_B.device) < p, torch.full_like(labels_B, null), labels_B)
 
@@ -160,15 +161,16 @@ class Trainer:
     """The state of one training process; `train()` drives it. Split into `next_batch` (data)
     and `step` (inputs, forward, backward, update) so the benchmark can time them apart."""
 
-    def __init__(self, cfg: TransformerTrainConfig, *, resume: bool = False, dist_: Optional[Dist] = None):
+    def __init__(self, cfg: TransformerTrainConfig, *, dist_: Optional[Dist] = None):
         from ..tokenize import CheckpointError
-        from ..stores.tokens import TokenDataset, TokenStoreError, file_sha256
+        from ..checksum import file_sha256
+        from ..stores.tokens import TokenDataset, TokenStoreError
         from .sampler import EpochSampler
 
         self.cfg = cfg
         self.dist = dist_ or Dist()
         self.out = Path(cfg.out)
-        found = resume_from(self.out, resume)
+        found = resume_from(self.out, cfg.resume)
         self.device = self.dist.device(cfg.device)
         try:
             self.ds = TokenDataset(cfg.tokens, tokenizer=cfg.tokenizer)
@@ -207,8 +209,7 @@ class Trainer:
                            broadcast_buffers=False)
         if cfg.compile:
             self.net = torch.compile(self.net)
-        self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                    else nullcontext())
+        self.amp = bf16_autocast(self.device)
         self.level_L = self.model.level_L
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -330,19 +331,14 @@ def plot_log(out: Path) -> Path:
 
 # ----------------------------------------------------------------------------- loop
 
-def train(cfg: TransformerTrainConfig, *, resume: bool = False,
-          progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainReport:
-    """Train (or resume) into cfg.out; `progress(step, steps, record)` after every step (rank 0)."""
-    return run(cfg.device, lambda d: _train(cfg, d, resume, progress))
+def train(cfg: TransformerTrainConfig, *, progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainReport:
+    """Train (or, with cfg.resume, resume) into cfg.out; `progress(step, steps, record)` after
+    every step (rank 0). Under torchrun, every rank runs this."""
+    return run_training(cfg, lambda d: _train(cfg, d, progress))
 
 
-def _train(cfg: TransformerTrainConfig, d: Dist, resume: bool, progress) -> TrainReport:
-    with folder_lock(cfg.out, "run") if d.main else nullcontext():
-        return _train_locked(cfg, d, resume, progress)
-
-
-def _train_locked(cfg: TransformerTrainConfig, d: Dist, resume: bool, progress) -> TrainReport:
-    tr = Trainer(cfg, resume=resume, dist_=d)
+def _train(cfg: TransformerTrainConfig, d: Dist, progress) -> TrainReport:
+    tr = Trainer(cfg, dist_=d)
     start, t0, tokens, rec, val = tr.step_, time.perf_counter(), 0, {}, None
     run_log = RunLog(tr.out, start, main=d.main)
     try:

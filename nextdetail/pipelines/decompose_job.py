@@ -1,13 +1,14 @@
-"""The Ray Data job: list sources -> read -> decompose in an actor pool -> write the store.
+"""The decompose-dataset job on Ray Data: list sources -> read -> decompose in an actor pool ->
+write the store.
 
-    listing = scan_source(SRC)                  shards of images: listed one at a time
+    listing = scan_source(SRC)                  source files (Parquet, tar): listed one at a time
     check_store: the listing, streamed, compared with the store's manifest or staged as the
                  manifest of a new store (before paying for Ray)
     connect to Ray (local, or a cluster with address)
     plan_store: create the store, or work out which shards a rerun still has to do
     for each window of WINDOW_SHARDS shards to write:
         from_items(one row per shard, its images read from the manifest)
-            -> [map_batches(read_shard), GPU only]
+            -> [map_batches(read_source_images), GPU only]
             -> map_batches(DecomposeWorker, ActorPoolStrategy)     one shard per call, written whole
         commit each shard as its rows come back
     finish the store (manifest.parquet, then meta.json)
@@ -15,7 +16,7 @@
 Only paths go out of the driver and only manifest rows come back; pixels are read, solved
 and written by the workers, so the job scales with the cluster. The driver holds one shard of
 the listing and one window of rows at a time, so its memory does not grow with the number of
-images in shard sources (a folder's walk is held whole: sorting it needs every name). A task owns whole shards,
+images in source files (a folder's walk is held whole: sorting it needs every name). A task owns whole shards,
 so no two processes ever write one shard file (Zarr would lose images). What both Ray jobs share
 (connecting, resources, failures, timing) is in ray_job.py.
 """
@@ -26,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
+from ..decomp.files import sweeps_text
 from ..errors import ConfigError
 from ..limits import human
 from ..stores.decomposition_format import STATUS_ERROR, run_parts, source_name
@@ -34,11 +36,11 @@ from ..stores.shard_journal import commit_shards
 from ..stores.store_check import check_store
 from ..stores.store_plan import StorePlan, finish_store, plan_store
 from .attempts import ATTEMPTS, crash_hook
-from .config import JobConfig
+from .config import DecomposeDatasetConfig
 from .ray_job import (Progress, RayJobReport, cluster_resources, job_failures, largest_node, quiet_data_context,
                       ray_session, resolve_workers)
 from .sources import scan_source
-from .worker import T_END, T_START, DecomposeWorker, read_shard, shard_items
+from .decompose_worker import T_END, T_START, DecomposeWorker, read_source_images, shard_items
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ WINDOW_SHARDS_PER_ACTOR = 64
 
 
 @dataclass
-class JobReport(RayJobReport):
+class DecomposeDatasetReport(RayJobReport):
     """What a decompose-dataset run did (device: the solver backend)."""
 
     store: str = ""
@@ -58,15 +60,26 @@ class JobReport(RayJobReport):
     error: int = 0
     errors: List[str] = field(default_factory=list)   # "id: reason" of this run's error rows
     source: str = ""               # what was read, e.g. "read 257 parquet shards"
-    failed_shards: List[str] = field(default_factory=list)   # "<shard>: <reason>": not opened
+    failed_shards: List[str] = field(default_factory=list)   # "<source file>: <reason>": not opened
+    sweeps: List[List[float]] = field(default_factory=list)  # per level: [sum, images] of this run's AT sweeps
+
+    def count_sweeps(self, rows: List[dict]) -> None:
+        """Add the manifest rows' iterations_k (the AT sweeps of level k) to the per-level sums."""
+        for r in rows:
+            for key, t in r.items():
+                if key.startswith("iterations_") and t is not None:
+                    k = int(key[len("iterations_"):])
+                    self.sweeps += [[0.0, 0] for _ in range(k - len(self.sweeps))]
+                    self.sweeps[k - 1][0] += t
+                    self.sweeps[k - 1][1] += 1
 
     def summary(self) -> str:
         skipped = f" ({self.skipped} already done)" if self.skipped else ""
         return (f"{self.images} images: {self.ok} ok, {self.error} error{skipped}; {self.timing()}; "
-                f"{self.source}; store {self.store}")
+                f"{sweeps_text([t / n for t, n in self.sweeps])}; {self.source}; store {self.store}")
 
 
-def resolve_resources(cfg: JobConfig) -> tuple:
+def resolve_resources(cfg: DecomposeDatasetConfig) -> tuple:
     """(backend, gpus_per_worker, workers) for the Ray we are connected to."""
     backend = cfg.backend
     if backend == "auto":
@@ -88,7 +101,7 @@ def _windows(plan: StorePlan, workers: int) -> Iterator[List[int]]:
         yield plan.shards[lo:lo + size]
 
 
-def _dataset(plan: StorePlan, shards: List[int], cfg: JobConfig, gpus: float, workers: int):
+def _dataset(plan: StorePlan, shards: List[int], cfg: DecomposeDatasetConfig, gpus: float, workers: int):
     import ray.data
 
     quiet_data_context()
@@ -99,7 +112,7 @@ def _dataset(plan: StorePlan, shards: List[int], cfg: JobConfig, gpus: float, wo
         # GPU actors should not spend their time decoding: CPU tasks read ahead of them.
         # max_retries=-1: a read task whose process died is retried until its journal (in
         # the store's _parts) says an image killed it --max-attempts times: an error row.
-        ds = ds.map_batches(read_shard, batch_size=1, batch_format="numpy", num_cpus=1, max_retries=-1,
+        ds = ds.map_batches(read_source_images, batch_size=1, batch_format="numpy", num_cpus=1, max_retries=-1,
                             fn_kwargs={"size": plan.params.size, "max_pixels": cfg.max_pixels,
                                        "journal": str((run_parts(plan.path, plan.run) / ATTEMPTS).resolve()),
                                        "max_attempts": cfg.max_attempts, "crash_on": crash_hook(),
@@ -124,7 +137,7 @@ def _dataset(plan: StorePlan, shards: List[int], cfg: JobConfig, gpus: float, wo
                                "image_column": cfg.image_column})
 
 
-def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
+def run_job(cfg: DecomposeDatasetConfig, progress: Optional[Progress] = None) -> DecomposeDatasetReport:
     """Decompose every image of cfg.src not yet in cfg.out. Raises SourceError, StoreError,
     ConfigError (bad input, refused store, options that cannot fit), FolderLocked (another job
     writes the store) or JobError (Ray or I/O failure; rerun resumes)."""
@@ -134,15 +147,15 @@ def run_job(cfg: JobConfig, progress: Optional[Progress] = None) -> JobReport:
         return _run_job(cfg, progress)
 
 
-def _run_job(cfg: JobConfig, progress: Optional[Progress]) -> JobReport:
+def _run_job(cfg: DecomposeDatasetConfig, progress: Optional[Progress]) -> DecomposeDatasetReport:
     t_begin = time.perf_counter()
-    listing = scan_source(cfg.src, cfg.shard_options())
+    listing = scan_source(cfg.src, cfg.source_file_options())
     # Refuse a mismatched store before paying for Ray; a cluster's 'auto' backend is only
     # known once connected, so it is compared then.
     early_backend = cfg.backend if cfg.backend != "auto" or cfg.address is not None else _local_auto(cfg)
     ignore = ("backend",) if early_backend == "auto" else ()
     check = check_store(cfg.out, cfg.store_params(early_backend), listing, overwrite=cfg.overwrite, ignore=ignore)
-    report = JobReport(store=str(cfg.out), images=check.n_images, source=listing.describe(),
+    report = DecomposeDatasetReport(store=str(cfg.out), images=check.n_images, source=listing.describe(),
                        failed_shards=listing.failed)
     with ray_session(cfg, "store", report) as t_connected:
         backend, gpus, workers = resolve_resources(cfg)
@@ -179,6 +192,7 @@ def _run_job(cfg: JobConfig, progress: Optional[Progress]) -> JobReport:
                     commit_shards(plan.path, plan.params, plan.run, done)
                     rows = done.to_pylist()
                     report.errors += [f"{source_name(r)}: {r['error']}" for r in rows if r["status"] == STATUS_ERROR]
+                    report.count_sweeps(rows)
                     if progress:
                         progress.update(rows)
         report.timed(t_connected, t_first, t_last)
@@ -188,7 +202,7 @@ def _run_job(cfg: JobConfig, progress: Optional[Progress]) -> JobReport:
     return report
 
 
-def _local_auto(cfg: JobConfig) -> str:
+def _local_auto(cfg: DecomposeDatasetConfig) -> str:
     """'auto' on this machine: cupy when it has a usable GPU and GPUs are not turned off."""
     from ..decomp.at import cupy_usable
     return "cupy" if cfg.gpus_per_worker != 0 and cupy_usable() else "numba"

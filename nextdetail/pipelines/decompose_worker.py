@@ -1,9 +1,11 @@
-"""The two map stages of the job: read (decode, resize, crop) and decompose-and-write a shard.
+"""The two map stages of the decompose-dataset job: read (decode, resize, crop) and
+decompose-and-write a shard.
 
 The unit of work is one shard of the store (shards.py): a row {"shard": k, "sources": JSON
-[[index, path], ...]} in, its manifest rows out. On CPU workers the actor reads its own shard,
-so pixels never leave the process that decodes them; GPU actors get their shards' pixels from
-CPU read tasks. Either way nothing but paths and manifest rows passes through the driver.
+[[index, path, member, problem], ...]} in, its manifest rows out. On CPU workers the actor
+reads its own shard, so pixels never leave the process that decodes them; GPU actors get their
+shards' pixels from CPU read tasks. Either way nothing but paths and manifest rows passes
+through the driver.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from ..stores.decomposition_format import STATUS_ERROR, STATUS_OK, StoreParams, 
 from ..stores.shard_journal import staged_shard_file
 from ..stores.shards import quantize_bases, write_shard
 from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
-from .shard_sources import PARQUET, read_parquet_rows, read_tar_keys, shard_kind
+from .source_files import PARQUET, read_parquet_rows, read_tar_keys, source_file_kind
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def read_batch(batch: Dict[str, np.ndarray], size: int, max_pixels: Optional[int
                image_column: str = "image") -> Dict[str, np.ndarray]:
     """{index, path[, member, problem]} -> the same plus image (B, size, size, 3) float32, error
     ('' when read), read_seconds, and the batch's wall-clock start. An image with a member is
-    read from its shard (each shard opened once per batch); one with a problem is not read.
+    read from its source file (each file opened once per batch); one with a problem is not read.
 
     journal: an AttemptJournal (or the path of one, in the GPU path's read tasks): an image
     whose reads killed the process max_attempts times becomes an error, not another attempt.
@@ -53,7 +55,7 @@ def read_batch(batch: Dict[str, np.ndarray], size: int, max_pixels: Optional[int
     own = journal is not None and not isinstance(journal, AttemptJournal)
     if own:
         journal = AttemptJournal(journal)
-    encoded = _shard_members(batch["path"], members, image_column)
+    encoded = _file_members(batch["path"], members, image_column)
     images = np.zeros((n, size, size, 3), np.float32)
     errors, seconds = [], np.zeros(n)
     for j, (i, path, member, problem) in enumerate(zip(batch["index"], batch["path"], members, problems)):
@@ -68,7 +70,7 @@ def read_batch(batch: Dict[str, np.ndarray], size: int, max_pixels: Optional[int
             continue
         name = str(path) if member is None else f"{path}#{member}"
         data = None if member is None else encoded[(str(path), member)]
-        if isinstance(data, str):               # the shard said why it has no image there
+        if isinstance(data, str):               # the source file said why it has no image there
             errors.append(data)
             continue
         try:
@@ -92,9 +94,9 @@ def read_batch(batch: Dict[str, np.ndarray], size: int, max_pixels: Optional[int
     return out
 
 
-def _shard_members(paths, members, image_column: str) -> dict:
-    """{(shard path, member): encoded bytes or an error string} for the images that live in
-    shards, each shard opened once."""
+def _file_members(paths, members, image_column: str) -> dict:
+    """{(source file path, member): encoded bytes or an error string} for the images that live in
+    source files (Parquet, tar), each file opened once."""
     wanted: Dict[str, list] = {}
     for path, member in zip(paths, members):
         if member is not None:
@@ -102,12 +104,12 @@ def _shard_members(paths, members, image_column: str) -> dict:
     out = {}
     for path, want in wanted.items():
         try:
-            if shard_kind(Path(path)) == PARQUET:
+            if source_file_kind(Path(path)) == PARQUET:
                 got = read_parquet_rows(path, want, image_column)
             else:
                 got = read_tar_keys(path, want)
-        except Exception as e:  # noqa: BLE001 - a shard gone or damaged since listing: error rows
-            got = {m: f"cannot read the shard ({type(e).__name__}: {e})" for m in want}
+        except Exception as e:  # noqa: BLE001 - a file gone or damaged since listing: error rows
+            got = {m: f"cannot read the source file ({type(e).__name__}: {e})" for m in want}
         out.update({(path, m): got[m] for m in want})
     return out
 
@@ -116,10 +118,10 @@ def shard_items(plan, shards: Optional[Sequence[int]] = None) -> List[dict]:
     """The job's rows for `shards` (default: every shard the plan writes): one per shard, its
     sources as JSON (a type Ray keeps as is), read from the store's manifest.
 
-    (Each task could read its shard's sources from the manifest itself instead, sparing the
-    driver even the window. An earlier version did, and was taken out because the solver's
-    output then differed in the last bit now and then; the cause was found later in the Numba
-    kernels' fast-math, not in the read (docs/dataset-store.md), so that design is open again.)"""
+    Each task could read its shard's sources from the manifest itself instead, sparing the
+    driver even the window; the driver builds the rows because a window's size is bounded
+    whatever N is (about 100 bytes per image, ~40 MB at 4,096 shards of 64 images).
+    docs/dataset-store.md ("How the job runs") has the measurements and the design notes."""
     from ..stores.manifest import ManifestShards, manifest_sources
 
     manifest = ManifestShards(plan.path, plan.params.shard_images)
@@ -138,11 +140,11 @@ def shard_sources(row: Dict[str, np.ndarray]) -> tuple:
                                      for j, c in enumerate(("path", "member", "problem"), 1)}}
 
 
-def read_shard(row: Dict[str, np.ndarray], size: int, max_pixels: Optional[int] = None,
-               journal=None, max_attempts: int = DEFAULT_MAX_ATTEMPTS, crash_on: Optional[str] = None,
-               image_column: str = "image") -> Dict[str, np.ndarray]:
-    """The GPU path's read task: a shard row -> the same row plus its images (1, m, S, S, 3) and,
-    as JSON, each image's read error and seconds (journal: the folder of the attempt journals)."""
+def read_source_images(row: Dict[str, np.ndarray], size: int, max_pixels: Optional[int] = None,
+                       journal=None, max_attempts: int = DEFAULT_MAX_ATTEMPTS, crash_on: Optional[str] = None,
+                       image_column: str = "image") -> Dict[str, np.ndarray]:
+    """The GPU path's read task: a shard row -> the same row plus its source images (1, m, S, S, 3)
+    and, as JSON, each image's read error and seconds (journal: the folder of the attempt journals)."""
     k, flat = shard_sources(row)
     got = read_batch(flat, size, max_pixels, Path(journal) / f"read-{k:07d}.log", max_attempts, crash_on,
                      image_column)
@@ -193,12 +195,12 @@ class DecomposeWorker:
             numba.set_num_threads(self.threads)
 
     def _decompose(self, images: np.ndarray, **override):
-        at = dict(self.params.params.to_dict(), **override)
+        at = dict(self.params.at.to_dict(), **override)
         return decompose(images, self.order, method=self.params.method, backend=self.params.backend, **at)
 
     def _solve(self, images: np.ndarray, index: np.ndarray, journal: AttemptJournal) -> tuple:
-        """Bases (B, n+1, 3, H, W) uint8 and energies (B, n) of one solver batch (n: the store's
-        levels); per image when
+        """Bases (B, n+1, 3, H, W) uint8 and energies and sweeps (B, n, 2) of one solver batch (n:
+        the store's levels); per image when
         the batch fails or when a process died solving it before (then per-image deaths are
         journaled too: a death of the batch solve counts as an attempt at each of its images)."""
         batch_item = f"batch:{int(index.min())}"
@@ -234,10 +236,11 @@ class DecomposeWorker:
 
     def _solve_batch(self, images: np.ndarray) -> tuple:
         dec = self._decompose(images)
-        # The AT energy of each level; NaN where the method has none (specular has no AT).
-        energies = np.full((len(images), self.levels), np.nan)
-        for j, e in enumerate(dec.energies):
-            energies[:, j] = np.asarray(to_host(e), np.float64).reshape(-1)
+        # The AT energy and sweeps of each level; NaN where the method has none (specular has no AT).
+        energies = np.full((len(images), self.levels, 2), np.nan)
+        for j, (e, t) in enumerate(zip(dec.energies, dec.iterations)):
+            energies[:, j, 0] = np.asarray(to_host(e), np.float64).reshape(-1)
+            energies[:, j, 1] = np.asarray(t, np.float64).reshape(-1)
         return quantize_bases(dec.linear_bases()), energies
 
     def __call__(self, row: Dict[str, np.ndarray]):
@@ -259,9 +262,9 @@ class DecomposeWorker:
             t_start = float(np.min(row[T_START]))
         errors: List[str] = list(batch["error"])
         seconds = np.asarray(batch["read_seconds"], np.float64).copy()
-        S, L = self.params.size, self.levels + 1
-        bases = np.zeros((n, L, 3, S, S), np.uint8)      # error rows stay 0, the array's fill value
-        energies = np.full((n, self.levels), np.nan)
+        S, n_bases = self.params.size, self.levels + 1
+        bases = np.zeros((n, n_bases, 3, S, S), np.uint8)      # error rows stay 0, the array's fill value
+        energies = np.full((n, self.levels, 2), np.nan)         # AT energy, sweeps
         images = np.asarray(batch["image"])
         good = [j for j, e in enumerate(errors) if not e]
         # The solver takes batch_size images at a time; the shard is written once, at the end.
@@ -294,9 +297,9 @@ class DecomposeWorker:
                 "seconds": seconds, "backend": [self.params.backend] * n,
                 "worker_host": [self.host] * n, "worker_pid": [self.pid] * n}
         for j in range(1, self.levels + 1):
-            solved = [ok[r] and not np.isnan(energies[r, j - 1]) for r in range(n)]
-            cols[f"energy_{j}"] = [float(energies[r, j - 1]) if solved[r] else None for r in range(n)]
-            cols[f"iterations_{j}"] = [self.params.params.n_iter if solved[r] else None for r in range(n)]
+            solved = [ok[r] and not np.isnan(energies[r, j - 1, 0]) for r in range(n)]
+            cols[f"energy_{j}"] = [float(energies[r, j - 1, 0]) if solved[r] else None for r in range(n)]
+            cols[f"iterations_{j}"] = [int(energies[r, j - 1, 1]) if solved[r] else None for r in range(n)]
         table = pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in self.schema},
                          schema=self.schema)
         journal.drop()

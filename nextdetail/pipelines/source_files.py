@@ -1,8 +1,8 @@
-"""Sources that come in shards: Hugging Face Parquet files and WebDataset tars.
+"""Source files that hold many images: Hugging Face Parquet files and WebDataset tars.
 
     SRC = one .parquet or .tar file, a folder holding them (at any depth), or a glob of them.
 
-The driver lists shards and what they hold without decoding a pixel, one shard at a time:
+The driver lists source files and what they hold without decoding a pixel, one file at a time:
 
     parquet     the footer's row count, and the label column alone (column projection);
                 class names from the file's `huggingface` schema metadata (a ClassLabel)
@@ -10,10 +10,10 @@ The driver lists shards and what they hold without decoding a pixel, one shard a
                 member's path up to the first "." of its file name); the small label
                 members (KEY.cls) are read, the images are not
 
-Each image becomes a Source whose `path` is its shard, `member` its row (Parquet) or key (tar),
-and id "<shard relative to SRC>#<row or key>". What listing already shows to be wrong (a key
-group without an image, a label that is not an integer) travels as the Source's `problem` and
-becomes an error row without a read. Workers read the images of a store shard with
+Each image becomes a Source whose `path` is its source file, `member` its row (Parquet) or key
+(tar), and id "<file relative to SRC>#<row or key>". What listing already shows to be wrong (a
+key group without an image, a label that is not an integer) travels as the Source's `problem`
+and becomes an error row without a read. Workers read the images of a store shard with
 `read_parquet_rows` / `read_tar_keys`: each source file opened once, its rows or keys read in order.
 """
 from __future__ import annotations
@@ -40,8 +40,8 @@ _IMAGE_EXTS = tuple(e.lstrip(".") for e in sorted(IMAGE_EXTENSIONS))
 
 
 @dataclass(frozen=True)
-class ShardOptions:
-    """How to find images and labels in shards (the decompose-dataset options of the same names)."""
+class SourceFileOptions:
+    """How to find images and labels in source files (the decompose-dataset options of the same names)."""
 
     image_column: str = "image"
     label_column: str = "label"
@@ -53,13 +53,13 @@ def is_glob(src) -> bool:
     return any(c in str(src) for c in GLOB_CHARS) and not Path(src).exists()
 
 
-def shard_kind(path: Path) -> Optional[str]:
+def source_file_kind(path: Path) -> Optional[str]:
     suffix = path.suffix.lower()
     return next((k for k, s in SUFFIX.items() if s == suffix), None)
 
 
-def find_shards(src) -> Tuple[Path, List[Path]]:
-    """(root the ids are relative to, shard files in sorted order) of a file, folder or glob."""
+def find_source_files(src) -> Tuple[Path, List[Path]]:
+    """(root the ids are relative to, source files in sorted order) of a file, folder or glob."""
     if is_glob(src):
         paths = sorted(Path(p) for p in glob.glob(str(src), recursive=True) if Path(p).is_file())
         base = str(src)[:min(str(src).find(c) for c in GLOB_CHARS if c in str(src))]
@@ -68,7 +68,7 @@ def find_shards(src) -> Tuple[Path, List[Path]]:
     src = Path(src)
     if src.is_file():
         return src.parent, [src]
-    paths = sorted(p for p in src.rglob("*") if p.is_file() and shard_kind(p) and not _hidden(p, src))
+    paths = sorted(p for p in src.rglob("*") if p.is_file() and source_file_kind(p) and not _hidden(p, src))
     return src, paths
 
 
@@ -76,17 +76,17 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def iter_shard_sources(root: Path, paths: Sequence[Path], kind: str, options: ShardOptions,
-                       failed: List[str]) -> Iterator[Source]:
-    """Every image of the shards, in (shard, row/key) order, numbered from 0, listed one shard at
-    a time (so a million images are never all in memory); a shard that cannot be opened is
-    appended to `failed` as "<shard>: <reason>" and skipped."""
+def iter_file_sources(root: Path, paths: Sequence[Path], kind: str, options: SourceFileOptions,
+                      failed: List[str]) -> Iterator[Source]:
+    """Every image of the source files, in (file, row/key) order, numbered from 0, listed one file
+    at a time (so a million images are never all in memory); a file that cannot be opened is
+    appended to `failed` as "<file>: <reason>" and skipped."""
     index = 0
     for path in paths:
         rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
         try:
             items = _parquet_items(path, options) if kind == PARQUET else _tar_items(path, options)
-        except ShardError as e:
+        except SourceFileError as e:
             failed.append(f"{path}: {e}")
             continue
         where = str(path.resolve())
@@ -95,7 +95,7 @@ def iter_shard_sources(root: Path, paths: Sequence[Path], kind: str, options: Sh
             index += 1
 
 
-class ShardError(NextDetailError):
+class SourceFileError(NextDetailError):
     """A source file (Parquet or tar) that cannot be opened or listed at all."""
 
 
@@ -116,16 +116,16 @@ def hf_class_names(schema, label_column: str) -> Optional[List[str]]:
     return None
 
 
-def _parquet_items(path: Path, options: ShardOptions) -> Iterator[tuple]:
+def _parquet_items(path: Path, options: SourceFileOptions) -> Iterator[tuple]:
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
-        raise ShardError(f"cannot open it as Parquet ({first_line(e, typed=True)})") from None
+        raise SourceFileError(f"cannot open it as Parquet ({first_line(e, typed=True)})") from None
     schema = pf.schema_arrow
     if options.image_column not in schema.names:
-        raise ShardError(f"no image column {options.image_column!r} (columns: {', '.join(schema.names)}); "
+        raise SourceFileError(f"no image column {options.image_column!r} (columns: {', '.join(schema.names)}); "
                          f"see --image-column")
     n = pf.metadata.num_rows
     labels: list = [None] * n
@@ -137,7 +137,7 @@ def _parquet_items(path: Path, options: ShardOptions) -> Iterator[tuple]:
 
 
 def _label(value, names: Optional[List[str]]) -> tuple:
-    """(label, class_name, problem) of a label value as found in a shard."""
+    """(label, class_name, problem) of a label value as found in a source file."""
     if value is None:
         return NO_LABEL, None, None
     if isinstance(value, bool) or not isinstance(value, int):
@@ -154,7 +154,7 @@ def _label(value, names: Optional[List[str]]) -> tuple:
 
 def read_parquet_rows(path: str, rows: Sequence, image_column: str) -> Dict[object, object]:
     """{row: image bytes, or an error string} for the given rows (int, or as the manifest's member
-    column writes them, text) of one shard; reads only the row groups that hold them, and only
+    column writes them, text) of one Parquet file; reads only the row groups that hold them, and only
     the image column."""
     import pyarrow.parquet as pq
 
@@ -179,7 +179,7 @@ def read_parquet_rows(path: str, rows: Sequence, image_column: str) -> Dict[obje
         for rr in wanted:
             if starts[g] <= rr < starts[g + 1]:
                 got[rr] = _image_bytes(column[rr - starts[g]])
-    return {asked[r]: got.get(r, f"row {r} is not in the shard ({at} rows)") for r in wanted}
+    return {asked[r]: got.get(r, f"row {r} is not in the file ({at} rows)") for r in wanted}
 
 
 def _image_bytes(value) -> object:
@@ -237,11 +237,11 @@ def _groups(tar: tarfile.TarFile) -> Iterator[Tuple[str, Dict[str, tarfile.TarIn
         yield key, members
 
 
-def _tar_items(path: Path, options: ShardOptions) -> list:
+def _tar_items(path: Path, options: SourceFileOptions) -> list:
     try:
         tar = tarfile.open(path, mode="r:")
     except (tarfile.TarError, OSError) as e:
-        raise ShardError(f"cannot open it as a tar ({first_line(e, typed=True)})") from None
+        raise SourceFileError(f"cannot open it as a tar ({first_line(e, typed=True)})") from None
     items = []
     names = list(options.class_names) if options.class_names is not None else None
     with tar:
@@ -257,7 +257,7 @@ def _tar_items(path: Path, options: ShardOptions) -> list:
                 items.append((key, label, class_name, problem))
         except (tarfile.TarError, OSError, EOFError) as e:
             if not items:
-                raise ShardError(f"cannot read it as a tar ({first_line(e, typed=True)})") from None
+                raise SourceFileError(f"cannot read it as a tar ({first_line(e, typed=True)})") from None
             log.warning("%s: the tar ends early (%s); %d key groups before that are used", path,
                         first_line(e, typed=True), len(items))
     return items
