@@ -1,3 +1,4 @@
 """nextdetail: data pipelines for next-detail (CART) autoregressive image generation."""
 
-__version__ = "0.2.0"
+# Which version wrote which on-disk format: README.md, "Versions and formats".
+__version__ = "0.3.0"

@@ -116,6 +116,13 @@ def cmd_train(cfg, args) -> int:
                                                             "tok_s": f"{rec['tokens_per_s']:,.0f}"})
 
 
+def cmd_export_model(cfg, args) -> int:
+    from .export_model import export_model
+
+    print(export_model(cfg).summary())
+    return 0
+
+
 def cmd_sample(cfg, args) -> int:
     from .generate.run import class_label, load_run
     from .generate.sample import sample_to_folder

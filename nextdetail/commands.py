@@ -37,7 +37,7 @@ class Command:
 
 COMMANDS = {
     "decompose": Command(
-        "split images into base/detail/edge layers (CART base-detail)",
+        "split images into layers: the base-detail decomposition (bases, details, edges) or --method's",
         "Decompose each image I into I = B_n + D_n + ... + D_1 by repeated Ambrosio-Tortorelli smoothing "
         "and write the layers as .npy and .png plus a contact sheet, one folder per image under --out.",
         "nextdetail.decomp.files:DecomposeConfig",
@@ -50,7 +50,7 @@ COMMANDS = {
         "nextdetail.pipelines.config:DecomposeDatasetConfig",
         partial="some images failed (the store is complete, the manifest has their error rows)"),
     "train-tokenizer": Command(
-        "train a VQ-VAE tokenizer (base-detail, multi-scale or vanilla) on a store",
+        "train a VQ-VAE tokenizer (BD, multi-scale or vanilla quantizer) on a store",
         "Train the tokenizer on a decomposition store with L2 + VQ/commitment + LPIPS + hinge GAN (from "
         "--disc-start; --disc patchgan or stylegan). RUN gets ckpt-<step>.pt every --ckpt-every steps and "
         "at the end, log.jsonl and loss.png. --resume continues from RUN's latest checkpoint exactly as "
@@ -81,13 +81,21 @@ COMMANDS = {
         "accuracy) and loss.png; --resume continues exactly. Multi-GPU / multi-node: launch with "
         "torchrun.",
         "nextdetail.train.trainer:TransformerTrainConfig"),
+    "export-model": Command(
+        "a trained tokenizer or transformer as a model folder (safetensors, config.json, model card)",
+        "Write RUN's latest checkpoint (a tokenizer run: its EMA weights when kept) as DIR/model.safetensors, "
+        "DIR/config.json (everything needed to rebuild it, and the checkpoint it came from) and DIR/README.md "
+        "(the model card: training data, steps, metrics), the layout huggingface_hub loads; a transformer's "
+        "tokenizer goes to DIR/tokenizer/. Every command that takes a run also takes such a folder.",
+        "nextdetail.export_model:ExportModelConfig"),
     "sample": Command(
         "generate images with a trained next-detail transformer",
         "Generate --n images of --class with RUN2's latest checkpoint (KV-cached, map by map: base maps, "
         "then detail maps; classifier-free guidance ramped linearly over the maps) and decode them with "
         "its tokenizer. Writes DIR/grid.png, DIR/sample_XXX.png (the base-only image, then after each "
         "detail factor; the last is the final image) and DIR/samples.json. --highres S generates at S "
-        "times the trained resolution without retraining: upsampled base, detail maps patchwise. "
+        "times the trained resolution without retraining: upsampled base, detail maps patchwise (runs of the "
+        "base-detail decomposition only). "
         "--per-class K draws K images of every class instead (each seeded on its own, in fixed batches "
         "split over torchrun's processes) into DIR/images/NNNNNN.png and resumable DIR/parts/, and with "
         "--npz FILE an ADM .npz batch for FID.",
@@ -96,7 +104,8 @@ COMMANDS = {
         "super-resolution by token prefix: the input's base maps, the details drawn by the model",
         "Each IMAGE (a centre crop of --input-size, default the tokenizer's size / --scale) is "
         "bicubic-resized to the tokenizer's size, decomposed and encoded; its first --prefix maps "
-        "(default: the base maps) are kept and the base-detail model draws the rest, unconditionally; "
+        "(default: the base maps) are kept and the model (the base-detail decomposition, the BD quantizer) "
+        "draws the rest, unconditionally; "
         "above the training resolution the base is upsampled and the details drawn patchwise. Writes the "
         "result, the bicubic upscale and a sheet per image, DIR/upscale.json, and PSNR/SSIM against "
         "--reference (or, with --downscale-first, against each IMAGE itself).",

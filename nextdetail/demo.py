@@ -234,7 +234,32 @@ def run_chain(inputs: Sequence[str], out: Path, *, size: int, backend: str, toke
             print(f"demo: the chain stopped at `nextdetail {argv[0]}` (exit status {status})", file=sys.stderr)
             return status
         print(where, flush=True)
+        if argv[0] == "train-tokenizer" and (note := usage_note(tokenizer)):
+            print(note, flush=True)
     return 0
+
+
+def usage_note(run: Path) -> Optional[str]:
+    """What the demo says after the tokenizer's collapsing-codebook warning, when its last
+    `map_usage` record has a map under 1% of the codes: a handful of photos give the coarsest
+    maps only a handful of distinct values, so the warning is expected here and says nothing of a
+    real run. None when no map is that low (or the run logged no usage)."""
+    import json
+
+    usage = None
+    try:
+        for line in (run / LOG).read_text().splitlines():
+            usage = json.loads(line).get("map_usage", usage)
+    except (OSError, ValueError):
+        return None
+    low = [k + 1 for k, u in enumerate(usage or []) if u < 0.01]
+    if not low:
+        return None
+    maps = f"token map{'s' if len(low) > 1 else ''} {', '.join(map(str, low))}"
+    return (f"note: the tokenizer's warning about {maps} (under 1% of the codes) is expected in this demo: "
+            f"a coarse map of a handful of photos has only a handful of distinct values to code, so it "
+            f"cannot use more codes. On a real dataset the coarse maps use many codes; where they do not, "
+            f"more steps, a smaller --vocab or a lower --dead-after help (docs/tokenizer.md, codebook health).")
 
 
 if __name__ == "__main__":

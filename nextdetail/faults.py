@@ -45,6 +45,18 @@ _ERRNO = {
 MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
+@contextmanager
+def writing(path):
+    """Around writes whose OSError may name no file (a write's or a flush's ENOSPC, a background
+    writer's): re-raise it naming `path`, so the one line a full disk gives says where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
 def machine_error(e: BaseException) -> bool:
     """True for a full disk, a read-only file system, no file handles or no memory."""
     return isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno in MACHINE_ERRNOS)

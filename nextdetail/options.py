@@ -128,6 +128,32 @@ def option_fields(cls) -> list:
     return out
 
 
+def _flag(f) -> str:
+    o = f.metadata["option"]
+    if o["positional"]:
+        return o.get("metavar") or f.name.upper()
+    return o["flag"] or "--" + f.name.replace("_", "-")
+
+
+def flag_of(cls, name: str) -> str:
+    """The option a field of cls (nested configs included) is set by: flag_of(TokenizerConfig,
+    "image_size") -> "--image-size", flag_of(QuantConfig, "kind") -> "--quantizer"; a positional's
+    metavar ("RUN"). Messages name options with it, never config fields. KeyError for a field
+    that is no option."""
+    for f, _ in option_fields(cls):
+        if f.name == name:
+            return _flag(f)
+    raise KeyError(f"{cls.__name__} has no option for the field {name!r}")
+
+
+def option_name(cls, name: str) -> Optional[str]:
+    """flag_of, or None for a field that is no option (a derived or fixed setting)."""
+    try:
+        return flag_of(cls, name)
+    except KeyError:
+        return None
+
+
 def add_options(parser, cls, *, skip: tuple = ()) -> None:
     """Add an argparse option (or positional) for every `opt` field of cls, nested included."""
     def first(item):        # what a command needs (positional, required) before what it may take
@@ -139,7 +165,8 @@ def add_options(parser, cls, *, skip: tuple = ()) -> None:
         if f.name in skip:
             continue
         o = dict(f.metadata["option"])
-        help_text, flag, positional = o.pop("help"), o.pop("flag"), o.pop("positional")
+        help_text, positional = o.pop("help"), o.pop("positional")
+        del o["flag"]                                   # _flag(f) names the option
         kind, optional = _base_type(hint)
         default = f.default if f.default is not _MISSING else (
             f.default_factory() if f.default_factory is not _MISSING else _MISSING)
@@ -159,7 +186,7 @@ def add_options(parser, cls, *, skip: tuple = ()) -> None:
         if positional:
             parser.add_argument(f.name, help=help_text, **o)
             continue
-        name = flag or "--" + f.name.replace("_", "-")
+        name = _flag(f)
         if default is _MISSING:
             parser.add_argument(name, dest=f.name, required=True, help=help_text, **o)
             continue

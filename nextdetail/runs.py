@@ -5,6 +5,8 @@
     RUN/log.jsonl         one JSON record per line, each with its "step"; on resume the records
                           past the resumed checkpoint are dropped, so the log reads as one run
     RUN/loss.png          the log's losses against step
+    RUN/tb/               the log's numbers as TensorBoard curves, one event file per run segment,
+                          cut to the resumed step like the log (nextdetail.tblog; --log)
 
 `latest_checkpoint(RUN)` is how every command turns "a run folder or a checkpoint file" into
 a file, and `load_checkpoint(path)` is how every command reads one.
@@ -31,11 +33,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional, TypeVar
 
 from .errors import ConfigError, NextDetailError, first_line
-from .faults import Preempted, deferred_term, term_requested, terminable
+from .faults import Preempted, deferred_term, term_requested, terminable, writing
 from .limits import check_max_memory, memory_opt
-from .options import check_int, opt
+from .options import check_int, opt, option_name
 from .stores import atomic_write, write_bytes_atomic
 from .stores.journal import OutputFolder, differences
+from .tblog import LOGGERS, TB, WANDB, Board, check_loggers
 
 if TYPE_CHECKING:
     from .distributed import Dist
@@ -58,7 +61,7 @@ class TrainError(RunError):
 
 
 # A run folder as a resumable output (nextdetail.stores.journal): one trainer writes it at a time.
-RUN = OutputFolder("run", ("ckpt-*.pt", LOG, PLOT), TrainError)
+RUN = OutputFolder("run", ("ckpt-*.pt", LOG, PLOT, TB, WANDB), TrainError)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,14 +78,20 @@ class RunConfig:
                             metavar="S")
     max_memory: Optional[str] = memory_opt()
     resume: bool = opt(False, "continue from the run's latest checkpoint (the result equals an uninterrupted run)")
+    log: str = opt("tensorboard", "training curves beside log.jsonl: tensorboard (event files in RUN/tb/), wandb "
+                                  "(those and Weights & Biases; WANDB_MODE=offline needs no network), none",
+                   choices=LOGGERS)
+    log_images: int = opt(4, "images added to the curves at each checkpoint: reconstructions (tokenizer), "
+                             "samples (transformer); 0: none", ge=0, metavar="N")
 
     # Fields any resumed run may change (each trainer adds its own): that it resumes, and how it
     # reacts to faults.
-    CONTROL_FIELDS = ("resume", "term_grace", "max_memory")
+    CONTROL_FIELDS = ("resume", "term_grace", "max_memory", "log", "log_images")
 
     def __post_init__(self):
         check_int("steps", self.steps)
         check_int("ckpt_every", self.ckpt_every)
+        check_int("log_images", self.log_images, 0)
         if not self.term_grace >= 0:
             raise ConfigError(f"--term-grace must be a finite number >= 0, got {self.term_grace}")
         check_max_memory(self.max_memory)
@@ -175,6 +184,8 @@ def folder_kind(path) -> str:
         return "a decomposition store"
     if names & {"tokens.bin", "index.parquet", "shards"}:
         return "a token store"
+    if {"config.json", "model.safetensors"} <= names:
+        return "a model folder (nextdetail export-model)"
     if any(n.startswith("ckpt-") and n.endswith(".pt") for n in names) or LOG in names:
         return "a training run"
     return "a folder"
@@ -216,6 +227,8 @@ def run_training(cfg: RunConfig, body: Callable[["Dist"], T]) -> T:
     rank 0 holding the run folder's lock (RUN.lock) for the whole run."""
     from .distributed import run
 
+    check_loggers(cfg.log)          # a missing wandb is refused before any work
+
     def locked(d):
         with RUN.lock(cfg.out) if d.main else nullcontext():
             return body(d)
@@ -224,9 +237,9 @@ def run_training(cfg: RunConfig, body: Callable[["Dist"], T]) -> T:
 
 
 def checkpoint_differences(saved, asked, *, ignore: tuple = ()) -> List[str]:
-    """'name A (checkpoint) != B (asked)' for each field of two configs of one class that differs
-    (nested configs as 'part.field'); `ignore` names the fields a resumed run may change."""
-    return differences(saved, asked, ignore=ignore, labels=("checkpoint", "asked"), value=str)
+    """'--flag A (checkpoint) != B (asked)' for each field of two configs of one class that differs
+    (a field that is no option as 'part.field'); `ignore` names the fields a resumed run may change."""
+    return differences(saved, asked, ignore=ignore, labels=("checkpoint", "asked"), value=str, spell=option_name)
 
 
 def resume_from(out, resume: bool) -> Optional[Path]:
@@ -258,40 +271,55 @@ class RunLog:
     """The tail of every training step, the same for both trainers: a record appended to
     RUN/log.jsonl; every `every` steps and at the last one, the log flushed, a checkpoint
     saved and RUN/loss.png redrawn. On a resume the records past the resumed step are dropped
-    first. Only the main process (rank 0) writes: `main=False` makes it a no-op."""
+    first. Only the main process (rank 0) writes: `main=False` makes it a no-op.
 
-    def __init__(self, out, start: int, *, main: bool = True):
+    Each record also goes to the curves (nextdetail.tblog.Board: RUN/tb/, W&B; `log` as --log),
+    with `perf` numbers that vary from run to run and so stay out of log.jsonl; at each
+    checkpoint `images()` is drawn into them."""
+
+    def __init__(self, out, start: int, *, main: bool = True, log: str = "none", config: Optional[dict] = None):
         self.out, self.main = Path(out), main
-        self._file = None
+        self._file = self.board = None
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             truncate_log(self.out / LOG, start)
             self._file = open(self.out / LOG, "a")
+            with writing(self.out / TB):
+                self.board = Board(self.out, start, log=log, config=config)
 
         self.save_seconds = 0.0          # how long the last checkpoint took to write
         self.saved_step = start          # the step of the newest checkpoint
 
-    def write(self, *records: dict) -> None:
+    def write(self, *records: dict, perf: Optional[dict] = None) -> None:
         if self._file is not None:
-            try:
+            with writing(self.out / LOG):
                 for rec in records:
                     self._file.write(json.dumps(rec) + "\n")
-            except OSError as e:        # a full disk's write names no file: say which one it was
-                raise OSError(e.errno, e.strerror, str(self.out / LOG)) from e
+            with writing(self.out / TB):
+                for i, rec in enumerate(records):
+                    self.board.scalars(rec, perf if i == 0 else None)
 
     def end_step(self, step: int, steps: int, every: int, save: Callable[[], object],
-                 plot: Callable[[Path], object]) -> None:
+                 plot: Callable[[Path], object], images: Optional[Callable[[], dict]] = None) -> None:
         if self._file is not None and (step % every == 0 or step == steps):
             self._checkpoint(step, save, plot)
+            if images is not None and self.board.wants_images:
+                try:
+                    drawn = images()
+                except Exception as e:      # the images are a view of training, never a reason to stop it
+                    log.warning("%s: no images in the curves at step %d: %s", self.out, step, first_line(e))
+                    drawn = {}
+                with writing(self.out / TB):
+                    self.board.images(step, drawn)
+            with writing(self.out / TB):
+                self.board.flush()
 
     def _checkpoint(self, step: int, save: Callable[[], object], plot: Callable[[Path], object]) -> None:
         import time
 
         t0 = time.perf_counter()
-        try:
+        with writing(self.out / LOG):
             self._file.flush()
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, str(self.out / LOG)) from e
         save()
         self.save_seconds = time.perf_counter() - t0
         self.saved_step = step
@@ -318,7 +346,11 @@ class RunLog:
         raise Preempted()
 
     def close(self, plot: Callable[[Path], object]) -> None:
-        """Close the log; draw the plot when this run wrote no checkpoint and there is none."""
+        """Close the log and the curves; draw the plot when this run wrote no checkpoint and there is none."""
+        board, self.board = self.board, None
+        if board is not None:
+            with writing(self.out / TB):
+                board.close()
         if self._file is None:
             return
         self._file.close()

@@ -6,7 +6,8 @@ backbone), found the way users of torch expect:
        put what they download, so a file fetched once by any of them is found);
     3. a download into that cache (torch.hub.download_url_to_file, checked against the sha256
        prefix in the file's name), unless offline: `--offline`, or NEXTDETAIL_OFFLINE=1;
-    4. else one line naming the file, where it comes from and where to put it (exit status 2).
+    4. else one line naming the file, where it comes from, where to put it and the option that
+       does without it (exit status 2).
 
 Files are read with torch.load(weights_only=True) (runs.load_checkpoint): a pickle that needs
 anything but tensors is refused, never executed.
@@ -57,8 +58,12 @@ def offline(flag: bool = False) -> bool:
     return flag or os.environ.get(OFFLINE_ENV, "").lower() in ("1", "true", "yes")
 
 
-def weights_file(w: Weights, given=None, *, no_download: bool = False, option: str = "") -> Path:
-    """The local file of `w` (module docstring for the order). WeightsError otherwise."""
+def weights_file(w: Weights, given=None, *, no_download: bool = False, option: str = "",
+                 without: str = "") -> Path:
+    """The local file of `w` (module docstring for the order). WeightsError otherwise.
+
+    option : the flag that names the file ("--inception-weights"), offered as "or pass FLAG FILE";
+    without: how to do without the weights, offered last ("--no-rfid leaves rFID out")."""
     if given is not None:
         path = Path(given)
         if not path.is_file():
@@ -68,15 +73,16 @@ def weights_file(w: Weights, given=None, *, no_download: bool = False, option: s
     if path.is_file():
         return path
     how = f"download {w.url} to {path}" + (f" or pass {option} FILE" if option else "")
+    instead = f"; {without}" if without else ""
     if offline(no_download):
-        raise WeightsError(f"{w.what} not found: {how} (downloads are off: --offline or {OFFLINE_ENV})")
+        raise WeightsError(f"{w.what} not found: {how} (downloads are off: --offline or {OFFLINE_ENV}){instead}")
     import torch
     path.parent.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s from %s to %s", w.what, w.url, path)
     try:
         torch.hub.download_url_to_file(w.url, str(path), hash_prefix=w.hash_prefix(), progress=True)
     except Exception as e:  # noqa: BLE001 - no network, refused, wrong bytes: the same advice
-        raise WeightsError(f"{w.what} not found and the download failed ({first_line(e)}): {how}") from None
+        raise WeightsError(f"{w.what} not found and the download failed ({first_line(e)}): {how}{instead}") from None
     return path
 
 

@@ -96,13 +96,19 @@ def test_upscale_refusals_are_one_line(runs, tmp_path, capsys):
     img = runs["photos"][0]
     assert cli.main(["upscale", img, "--run", str(runs["intrinsic"]), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "upscale needs a base-detail model" in err[0] and "intrinsic" in err[0]
+    assert len(err) == 1 and "upscale needs a run of the base-detail decomposition with the BD quantizer" in err[0]
+    assert "is a run of the intrinsic decomposition" in err[0]
     assert cli.main(["upscale", img, "--run", str(runs["base_detail"]), "--out", str(tmp_path),
                      "--input-size", "10"]) == 2
     assert "the output must be a multiple of the tokenizer's 32 px" in capsys.readouterr().err
     assert cli.main(["upscale", img, "--run", str(runs["base_detail"]), "--out", str(tmp_path),
                      "--input-size", "16", "--prefix", "2"]) == 2
     assert "above the training resolution" in capsys.readouterr().err
+    # --highres, the same strategy, refuses the same runs (intrinsic albedo is no local detail).
+    assert cli.main(["sample", str(runs["intrinsic"]), "--out", str(tmp_path / "hi"), "--n", "1", "--highres", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--highres 2 needs a run of the base-detail decomposition" in err[0]
+    assert "is a run of the intrinsic decomposition" in err[0]
 
 
 def test_recolor_keeps_the_shading_maps_and_changes_the_albedo(runs, tmp_path):
@@ -141,7 +147,7 @@ def test_edits_are_seeded_and_refused_for_runs_without_the_factors(runs, tmp_pat
     assert cli.main(["edit", str(runs["specular"]), "--edit", "recolor", "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--edit recolor needs a run of the intrinsic decomposition" in err[0]
-    assert "is a specular run" in err[0]
+    assert "is a run of the specular decomposition" in err[0]
     assert cli.main(["edit", str(runs["base_detail"]), "--edit", "relight", "--out", str(tmp_path / "e")]) == 2
     assert "--edit relight needs a run of the specular decomposition" in capsys.readouterr().err
     with pytest.raises(SampleError, match="needs a run of the specular"):

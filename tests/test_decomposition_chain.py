@@ -140,8 +140,8 @@ def test_a_tokenizer_for_another_decomposition_is_refused(stores, tmp_path):
     cfg = TokenizerTrainConfig(data=str(stores["intrinsic"]), out=str(tmp_path / "run"), steps=1,
                                tokenizer=config_for("basedetail", 32, 8, ch=8, num_res_blocks=1, vocab=64),
                                lpips_weight=0, loader_workers=0)
-    with pytest.raises(TrainError, match=r"intrinsic/?: a store of intrinsic layers \(S_1, A_1\); the tokenizer "
-                                         r"is for base_detail layers$"):
+    with pytest.raises(TrainError, match=r"intrinsic/?: a store of the intrinsic decomposition \(S_1, A_1\); "
+                                         r"the tokenizer is for the base-detail decomposition$"):
         train(cfg)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("ckpt-*"))
 

@@ -109,7 +109,7 @@ def test_rerun_resumes_refuses_other_parameters_and_overwrites(ray_session, tmp_
     rc, out, err = run_cli(capsys, lst, "--out", store, "--size", 48, "--alpha", 5, *FAST[2:], "--order", 2)
     assert (rc, out) == (2, "")
     assert own_lines(err) == [f"nextdetail decompose-dataset: error: {store}: store made with other parameters: "
-                              f"size 32 (store) != 48 (this run); alpha 10.0 (store) != 5.0 (this run); rerun "
+                              f"--size 32 (store) != 48 (this run); --alpha 10.0 (store) != 5.0 (this run); rerun "
                               f"with the store's parameters, or pass --overwrite to replace it"]
     assert tree_bytes(store / BASES) == before            # refused before touching anything
 

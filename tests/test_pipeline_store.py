@@ -57,8 +57,8 @@ def complete_store(tmp_path, src):
 
 def test_params_differences_are_named():
     other = StoreParams(order=3, size=SIZE, at=ATParams(n_iter=8, alpha=5.0), backend="numba", shard_images=8)
-    assert PARAMS.differences(other) == ["order 2 (store) != 3 (this run)", "alpha 10.0 (store) != 5.0 (this run)",
-                                         "shard-images 4 (store) != 8 (this run)"]
+    assert PARAMS.differences(other) == ["--order 2 (store) != 3 (this run)", "--alpha 10.0 (store) != 5.0 (this run)",
+                                         "--shard-images 4 (store) != 8 (this run)"]
     assert PARAMS.differences(PARAMS) == []
     assert StoreParams.from_dict(PARAMS.to_dict()) == PARAMS
     # tol is recorded; a store written before it existed ran n_iter sweeps always: tol 0, so a
@@ -67,7 +67,7 @@ def test_params_differences_are_named():
     old = PARAMS.to_dict()
     del old["at"]["tol"]
     assert StoreParams.from_dict(old).at.tol == 0
-    assert StoreParams.from_dict(old).differences(PARAMS) == [f"tol 0.0 (store) != {ATParams().tol!r} (this run)"]
+    assert StoreParams.from_dict(old).differences(PARAMS) == [f"--tol 0.0 (store) != {ATParams().tol!r} (this run)"]
     assert other.layer_names() == ["B_3", "D_3", "D_2", "D_1"] and other.levels == 3
     intrinsic = StoreParams(order=3, size=SIZE, at=ATParams(), backend="numba", method="intrinsic")
     assert intrinsic.levels == 1 and intrinsic.layer_names() == ["S_1", "A_1"]
@@ -285,7 +285,7 @@ def test_refusals_name_the_difference(tmp_path, src):
     bigger = StoreParams(order=2, size=SIZE + 8, at=PARAMS.at, backend="numba", shard_images=4)
     with pytest.raises(StoreError) as e:
         prepare_store(store, bigger, src, overwrite=False)
-    assert str(e.value) == (f"{store}: store made with other parameters: size {SIZE} (store) != {SIZE + 8} "
+    assert str(e.value) == (f"{store}: store made with other parameters: --size {SIZE} (store) != {SIZE + 8} "
                             f"(this run); rerun with the store's parameters, or pass --overwrite to replace it")
     with pytest.raises(StoreError, match=r"other images than SRC lists now: 1 images removed \(e\.g\. "):
         prepare_store(store, PARAMS, src[:-1], overwrite=False)

@@ -111,9 +111,9 @@ def test_checkpoint_reloads_as_a_tokenizer_and_refuses_another_config(store, tmp
     idx = tok.encode(image, bases)
     assert len(idx) == 4 + 3 * 2 and tok.decode(idx).shape == (2, 3, 32, 32)
     other = replace(c.tokenizer, quant=replace(c.tokenizer.quant, vocab=128))
-    with pytest.raises(CheckpointError, match=r"another config: quant.vocab 64 \(checkpoint\) != 128"):
+    with pytest.raises(CheckpointError, match=r"another config: --vocab 64 \(checkpoint\) != 128"):
         Tokenizer.from_checkpoint(path, expect=other)
-    with pytest.raises(TrainError, match="another config: quant.vocab 64"):
+    with pytest.raises(TrainError, match="another config: --vocab 64"):
         train(replace(c, tokenizer=other, steps=4, resume=True))
     with pytest.raises(TrainError, match="already holds checkpoints"):
         train(c)
@@ -127,14 +127,15 @@ def test_checkpoint_reloads_as_a_tokenizer_and_refuses_another_config(store, tmp
 
 def test_a_store_without_the_needed_bases_is_refused(tmp_path):
     low = make_store(tmp_path / "order2", n=2, size=32, order=2)
-    with pytest.raises(TrainError, match=r"store of order 2 has bases B_1..B_2; the tokenizer \(basedetail, "
-                                         r"order 3\) needs order >= 3 \(decompose-dataset --order 3\)"):
+    with pytest.raises(TrainError, match=r"store of order 2 has bases B_1..B_2; the tokenizer needs order >= 3: "
+                                         r"its BD quantizer \(--quantizer basedetail\) takes B_1..B_3 "
+                                         r"\(decompose-dataset --order 3\)"):
         train(cfg(low, tmp_path / "run"))
     # A quantizer that uses no bases trains on it.
     assert train(cfg(low, tmp_path / "run2", "multiscale", steps=1, ckpt_every=1)).steps == 1
 
 
-def test_cli_trains_resumes_and_reports(store, tmp_path, capsys):
+def test_cli_trains_resumes_and_reports(store, tmp_path, capsys, monkeypatch):
     def args(out, steps=2, *extra):
         return ["train-tokenizer", "--data", str(store), "--out", str(out), "--image-size", "32",
                 "--downsample", "8", "--ch", "8", "--num-res-blocks", "1", "--vocab", "64", "--steps",
@@ -149,13 +150,21 @@ def test_cli_trains_resumes_and_reports(store, tmp_path, capsys):
     assert main(args(run, 3, "--resume")) == 0
     assert "trained steps 2..3" in capsys.readouterr().out
     assert main(args(run, 4, "--resume", "--vocab", "32")) == 2
-    assert "quant.vocab 64 (checkpoint) != 32 (asked)" in capsys.readouterr().err
+    assert "--vocab 64 (checkpoint) != 32 (asked)" in capsys.readouterr().err
     assert main(["train-tokenizer", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2"),
                  "--lpips-random-backbone"]) == 2
     err = capsys.readouterr().err
     assert "no such store" in err and len(own_lines(err)) == 1
+    # The documented default --lpips-weight 1 offline, without the backbone: one line naming the
+    # file and the options that train without it.
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))
+    assert main(args(tmp_path / "r4")[:-1]) == 2
+    err = capsys.readouterr().err
+    assert len(own_lines(err)) == 1 and "alexnet-owt-7be5be79.pth" in err and str(tmp_path / "empty-hub") in err
+    assert "--lpips-weight 0 trains without LPIPS, --lpips-random-backbone with a random backbone" in err
+    assert not any((tmp_path / "r4").glob("ckpt-*"))
     assert main(args(tmp_path / "r3", 2, "--image-size", "36")) == 2
-    assert "not divisible by downsample 8" in capsys.readouterr().err
+    assert "--image-size 36 is not divisible by --downsample 8" in capsys.readouterr().err
 
 
 def test_eval_tokenizer_reports_error_after_each_depth(store, tmp_path, capsys, monkeypatch):
@@ -212,6 +221,16 @@ def test_eval_tokenizer_reports_error_after_each_depth(store, tmp_path, capsys, 
     assert float(finals["basedetail"]["psnr"]) == pytest.approx(np.mean(psnr), abs=1e-3)
     assert float(finals["basedetail"]["ssim"]) == pytest.approx(np.mean(ssims), abs=1e-4)
     # Without weights: one line naming the file, exit status 2, unless they are left out.
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))
+    assert main(["eval-tokenizer", str(tmp_path / "multiscale"), "--data", str(store), "--out", str(out)]) == 2
+    err = own_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "alexnet-owt-7be5be79.pth" in err[0] and "--no-lpips leaves LPIPS out" in err[0]
+    assert "or pass --inception-weights FILE" in err[0] and "--no-rfid leaves rFID out" in err[0]
+    assert main(["eval-tokenizer", str(tmp_path / "multiscale"), "--data", str(store), "--out", str(out),
+                 "--no-lpips"]) == 2
+    err = own_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "LPIPS" not in err[0] and "--no-rfid leaves rFID out" in err[0]
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     (tmp_path / "inception.pth").unlink()
     assert main(["eval-tokenizer", str(tmp_path / "multiscale"), "--data", str(store), "--out", str(out),
                  "--images", "2", "--inception-weights", str(tmp_path / "inception.pth")]) == 2

@@ -177,3 +177,34 @@ def test_another_tokenizer_checkpoint_is_refused(tokens, tmp_path):
     with pytest.raises(TokenStoreError, match="is not the one these tokens were exported with"):
         TokenDataset(out, tokenizer=other)
     assert TokenDataset(out, tokenizer=ckpt.parent).check_tokenizer(ckpt.parent) == ckpt   # run folder works
+
+
+# The columns and types docs/token-store.md and docs/dataset-store.md promise (issue 27, part 3).
+INDEX_COLUMNS = {"row": "int64", "id": "string", "label": "int64", "class_name": "string", "store_index": "int64"}
+MANIFEST_COLUMNS = {"index": "int64", "id": "string", "path": "string", "member": "string", "label": "int64",
+                    "class_name": "string", "problem": "string", "status": "string", "error": "string",
+                    **{f"energy_{k}": "double" for k in (1, 2, 3)}, **{f"iterations_{k}": "int64" for k in (1, 2, 3)},
+                    "shard_bytes": "int64", "seconds": "double", "backend": "string", "worker_host": "string",
+                    "worker_pid": "int64"}
+
+
+def test_index_and_manifest_open_without_nextdetail(tokens):
+    """pyarrow, pandas and DuckDB read both Parquet files as documented; DuckDB joins them."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+    duckdb = pytest.importorskip("duckdb")
+
+    out, _, store = tokens
+    for path, columns in ((out / INDEX, INDEX_COLUMNS), (store / "manifest.parquet", MANIFEST_COLUMNS)):
+        table = pq.read_table(path)
+        assert {f.name: str(f.type) for f in table.schema} == columns, path
+        df = pd.read_parquet(path)
+        assert list(df.columns) == list(columns) and len(df) == table.num_rows > 0
+        assert duckdb.sql(f"SELECT * FROM read_parquet('{path}')").fetchall() == [tuple(r.values())
+                                                                                  for r in table.to_pylist()]
+        types = {r[0]: r[1] for r in duckdb.sql(f"DESCRIBE SELECT * FROM read_parquet('{path}')").fetchall()}
+        assert types == {k: {"int64": "BIGINT", "string": "VARCHAR", "double": "DOUBLE"}[v] for k, v in columns.items()}
+    # Each token row's image, found in the decomposition store's manifest by store_index.
+    joined = duckdb.sql(f"SELECT i.id = m.id AS same FROM '{out / INDEX}' i "
+                        f"JOIN '{store / 'manifest.parquet'}' m ON i.store_index = m.index").fetchall()
+    assert len(joined) == len(TokenDataset(out)) and all(same for (same,) in joined)

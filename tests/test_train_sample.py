@@ -192,6 +192,6 @@ def test_train_cli_reports_resumes_and_refuses(trained, tmp_path, capsys):
     assert main(args + ["--steps", "3"]) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
     assert main(args[:-6] + ["--width", "30", "--heads", "4", "--out", str(tmp_path / "q")]) == 2
-    assert "width 30 is not divisible by heads 4" in capsys.readouterr().err
+    assert "--width 30 is not divisible by --heads 4" in capsys.readouterr().err
     assert main(args[:2] + [str(tmp_path)] + args[3:] + ["--out", str(tmp_path / "z")]) == 2
     assert "meta.json" in capsys.readouterr().err

@@ -120,11 +120,11 @@ def test_refusals_name_the_problem(tokens, tmp_path):
     other.write_bytes(b"not a checkpoint")
     with pytest.raises(TrainError, match="not the one these tokens were exported with"):
         train(cfg((tokens[0], other), tmp_path / "run2"))
-    with pytest.raises(TrainError, match="batch_size 0"):
+    with pytest.raises(TrainError, match="--batch-size 0"):
         cfg(tokens, tmp_path / "run3", batch_size=0)
-    with pytest.raises(TrainError, match="cond_drop 1.0"):
+    with pytest.raises(TrainError, match="--cond-drop 1.0"):
         cfg(tokens, tmp_path / "run3", cond_drop=1.0)
-    with pytest.raises(TrainError, match="min_lr 1.5"):
+    with pytest.raises(TrainError, match="--min-lr 1.5"):
         cfg(tokens, tmp_path / "run3", min_lr=1.5)
 
 

@@ -142,6 +142,12 @@ def method_info(method: str) -> MethodInfo:
     return _INFO[method]
 
 
+def decomposition_name(method: str) -> str:
+    """How messages and docs name a decomposition: "the base-detail decomposition" (never bare
+    "base-detail", which would be confused with the BD quantizer, --quantizer basedetail)."""
+    return f"the {method.replace('_', '-')} decomposition"
+
+
 @register_decomposition("base_detail", summary="Mumford-Shah bases and details")
 def base_detail(image: np.ndarray, order: int, params: ATParams, backend: str) -> Decomposition:
     """CART's base-detail decomposition by repeated AT smoothing (whole batch per level)."""

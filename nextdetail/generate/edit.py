@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..decomp.hierarchy import decomposition_name
 from ..errors import ConfigError
 from ..options import check_int, opt
 from ..train.inputs import prefix_features
@@ -95,7 +96,8 @@ def check_edit(edit: str, decomposition: str, run) -> None:
     """One line when the run's decomposition has no factors for this edit."""
     need = EDITS[edit]
     if decomposition != need:
-        raise SampleError(f"--edit {edit} needs a run of the {need} decomposition; {run} is a {decomposition} run")
+        raise SampleError(f"--edit {edit} needs a run of {decomposition_name(need)}; {run} is a run of "
+                          f"{decomposition_name(decomposition)}")
 
 
 def _generators(seed: int, stream: int, n: int, dev) -> List[torch.Generator]:

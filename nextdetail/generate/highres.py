@@ -68,7 +68,8 @@ def generate_highres(model, quantizer, labels_B, *, scale: int = 2, overlap: boo
     the features. kw: cfg, top_k, top_p, temperature, generator as in `generate`."""
     M = len(model.cfg.map_shapes)
     if num_base >= M:
-        raise SampleError("high-resolution generation needs a base-detail model (detail maps after the base)")
+        raise SampleError("high-resolution generation needs detail maps after the base maps: a model of the "
+                          "BD (base-detail) quantizer")
     if scale < 1:
         raise SampleError(f"scale {scale}: must be >= 1")
     base = generate(model, quantizer, labels_B, stop=num_base, **kw)

@@ -70,13 +70,38 @@ class Run:
 
 
 def load_run(run, tokenizer=None, device="cpu") -> Run:
-    """The latest checkpoint of a training run folder (or a checkpoint file) and its tokenizer
-    (the recorded checkpoint, or `tokenizer`: a run folder or checkpoint with the same sha256)."""
-    from ..runs import RunError, checkpoint_kind, latest_checkpoint, load_checkpoint
-    from ..checksum import file_sha256
+    """A trained transformer and its tokenizer: the latest checkpoint of a training run folder
+    (or a checkpoint file) with the tokenizer it recorded, or a transformer model folder
+    (export-model) with its tokenizer/. `tokenizer` (a run folder, checkpoint or model folder)
+    replaces the recorded one; it must be the same tokenizer (sha256 of its checkpoint)."""
+    from ..pretrained import ModelFolderError, is_model_folder, read_model_config, resolve_model
+    from ..runs import RunError
 
     try:
-        path = latest_checkpoint(run)
+        path = resolve_model(run)
+    except (RunError, ModelFolderError) as e:
+        raise SampleError(f"{e} (a `nextdetail train` run)") from None
+    if is_model_folder(path):
+        model = NextDetailTransformer.from_pretrained(path, map_location=device)
+        config = read_model_config(path, "transformer")
+        wanted = config["tokenizer"]["sha256"]
+        recorded = path / config["tokenizer"]["folder"]
+        meta = {"step": config["source"].get("step", 0), "tokens": config.get("data", {}).get("tokens"),
+                "class_names": list(config.get("class_names") or [])}
+    else:
+        model, ck = _transformer_checkpoint(path, device)
+        wanted, recorded = ck["tokenizer"]["sha256"], Path(ck["tokenizer"]["checkpoint"])
+        meta = {"step": ck["step"], "tokens": ck["data"].get("tokens"),
+                "class_names": list(ck["data"].get("class_names") or [])}
+    tok_path, tok = _tokenizer(path, tokenizer, recorded, wanted, device)
+    return Run(model, tok, path, {"tokenizer": str(tok_path), **meta})
+
+
+def _transformer_checkpoint(path: Path, device):
+    """The transformer of a `nextdetail train` checkpoint file, and the checkpoint."""
+    from ..runs import RunError, checkpoint_kind, load_checkpoint
+
+    try:
         ck = load_checkpoint(path, device, what="`nextdetail train` checkpoint")
     except RunError as e:
         raise SampleError(f"{e} (a `nextdetail train` run)") from None
@@ -89,22 +114,27 @@ def load_run(run, tokenizer=None, device="cpu") -> Run:
         raise SampleError(f"{path}: not a `nextdetail train` checkpoint ({type(e).__name__}: {e})") from None
     model = NextDetailTransformer(mcfg).to(device)
     model.load_state_dict(ck["model"])
-    model.eval()
+    return model.eval(), ck
+
+
+def _tokenizer(path: Path, given, recorded: Path, wanted: str, device):
+    """(where it is, Tokenizer): `given` or the recorded one, refused unless its sha256 (of its
+    checkpoint, or of the one a model folder came from) is the one the transformer recorded."""
+    from ..pretrained import ModelFolderError, model_sha256, resolve_model
+    from ..runs import RunError
+
     try:
-        tok_path = latest_checkpoint(tokenizer) if tokenizer is not None else Path(ck["tokenizer"]["checkpoint"])
-    except RunError as e:
+        tok_path = resolve_model(given) if given is not None else recorded
+    except (RunError, ModelFolderError) as e:
         raise SampleError(str(e)) from None
-    if not tok_path.is_file():
+    if not tok_path.exists():
         raise SampleError(f"{path}: its tokenizer {tok_path} is not here; pass --tokenizer RUN")
-    if file_sha256(tok_path) != ck["tokenizer"]["sha256"]:
-        raise SampleError(f"tokenizer {tok_path} is not the one {path} was trained with "
-                          f"({ck['tokenizer']['checkpoint']})")
+    if model_sha256(tok_path) != wanted:
+        raise SampleError(f"tokenizer {tok_path} is not the one {path} was trained with ({recorded})")
     try:
-        tok = Tokenizer.from_checkpoint(tok_path, map_location=device).to(device)
-    except CheckpointError as e:
+        return tok_path, Tokenizer.from_pretrained(tok_path, map_location=device).to(device)
+    except (CheckpointError, ModelFolderError) as e:
         raise SampleError(str(e)) from None
-    return Run(model, tok, path, {"step": ck["step"], "tokenizer": str(tok_path), "tokens": ck["data"].get("tokens"),
-                                  "class_names": list(ck["data"].get("class_names") or [])})
 
 
 def strip_names(run: Run) -> List[str]:
@@ -125,4 +155,4 @@ def class_label(value: str, class_names: Sequence[Optional[str]]) -> int:
     if value in class_names:
         return list(class_names).index(value)
     known = ", ".join(f"{i}={c}" for i, c in enumerate(class_names) if c) or "none (integer labels only)"
-    raise SampleError(f"class {value!r}: not a class of this model's training data; its names: {known}")
+    raise SampleError(f"--class {value!r}: not a class of this model's training data; its names: {known}")

@@ -36,7 +36,8 @@ class SampleSettings(DrawOptions):
     cfg: float = opt(1.5, "guidance scale on the last map; 1: off", ge=0)
     seed: int = opt(0, "seed of the samples", ge=0)
     batch_size: int = opt(16, "images generated at once", ge=1)
-    highres: int = opt(1, "integer upscale of the trained resolution (base upsampled, details patchwise)",
+    highres: int = opt(1, "integer upscale of the trained resolution (base upsampled, details patchwise; runs "
+                          "of the base-detail decomposition only)",
                        metavar="S", ge=1)
     overlap: bool = opt(False, "--highres: 50%% overlapping detail patches")
     highres_base: str = opt("image", "--highres: upsample the base as an image and re-encode it, or its "
@@ -90,6 +91,23 @@ class SampleReport:
                 f"grid {self.files[0]}; per-sample strips in {self.out}")
 
 
+def check_highres(run: Run, option: str) -> None:
+    """One line unless the run can be drawn above its training size. CART's strategy upsamples
+    the base and draws the detail maps patchwise, which assumes a window of the base determines
+    what its details add: true of the base-detail decomposition's D_k (texture on a base holding
+    the colours), not of intrinsic albedo (the colours themselves, which a shading window does
+    not fix, so patches would disagree), and untested for specular terms; both are refused
+    (docs/transformer.md)."""
+    from ..decomp.hierarchy import decomposition_name
+    from ..tokenize.config import quantizer_name
+
+    dec, kind = run.tokenizer.config.decomposition, run.tokenizer.config.quant.kind
+    if dec != "base_detail" or run.num_base >= len(run.model.cfg.map_shapes):
+        raise SampleError(f"{option} needs a run of {decomposition_name('base_detail')} with detail maps (the "
+                          f"{quantizer_name('basedetail')}); {run.checkpoint} is a run of "
+                          f"{decomposition_name(dec)} with the {quantizer_name(kind)}")
+
+
 @torch.no_grad()
 def sample_to_folder(run: Run, out, settings: Optional[SampleSettings] = None, *, label: int = -1, progress=None,
                      **fields) -> SampleReport:
@@ -103,10 +121,10 @@ def sample_to_folder(run: Run, out, settings: Optional[SampleSettings] = None, *
     s = settings_of(SampleSettings, settings, fields)
     nc = run.model.cfg.num_classes
     if label >= nc or label < -1:
-        raise SampleError(f"class {label}: this model knows classes 0..{nc - 1}" if nc else
-                          f"class {label}: this model was trained without labels; leave --class out")
-    if s.highres > 1 and run.num_base >= len(run.model.cfg.map_shapes):
-        raise SampleError("--highres needs a base-detail model (its tokens have detail maps after the base)")
+        raise SampleError(f"--class {label}: this model knows classes 0..{nc - 1}" if nc else
+                          f"--class {label}: this model was trained without labels; leave --class out")
+    if s.highres > 1:
+        check_highres(run, f"--highres {s.highres}")
     check_draw(run, min(s.n, s.batch_size), guidance=s.cfg != 1, option=f"--batch-size {s.batch_size}",
                scale=s.highres, scale_option=f"--highres {s.highres}", device=str(next(run.model.parameters()).device),
                max_memory=s.max_memory)

@@ -31,8 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..decomp.hierarchy import decomposition_name
 from ..errors import ConfigError
 from ..options import check_int, opt
+from ..tokenize.config import quantizer_name
 from ..train.inputs import prefix_features
 from .highres import patchwise_details, upsample_base
 from .images import decode, tile
@@ -141,8 +143,9 @@ def upscale_tensor(run, low_B3HW: torch.Tensor, scale: int, *, prefix: Optional[
     T, N = tok.config.image_size, low_B3HW.shape[-1]
     out_side = scale * N
     if tok.config.decomposition != "base_detail" or not q.order:
-        raise SampleError(f"upscale needs a base-detail model; {run.checkpoint}'s tokenizer is "
-                          f"{tok.config.quant.kind} for {tok.config.decomposition} layers")
+        raise SampleError(f"upscale needs a run of {decomposition_name('base_detail')} with the "
+                          f"{quantizer_name('basedetail')}; {run.checkpoint} is a run of "
+                          f"{decomposition_name(tok.config.decomposition)} with the {quantizer_name(tok.config.quant.kind)}")
     if out_side % T:
         raise SampleError(f"--input-size {N} x --scale {scale} = {out_side} px: the output must be a multiple of "
                           f"the tokenizer's {T} px (input {T // scale} for {T} px out)")

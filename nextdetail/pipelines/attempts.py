@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+from ..faults import writing
+
 DEFAULT_MAX_ATTEMPTS = 3
 
 # The journals' folder inside a job's _parts folder. Named with "_" so that pyarrow.dataset,
@@ -77,16 +79,12 @@ class AttemptJournal:
             self._write(f"done {item}")
 
     def _write(self, line: str) -> None:
-        try:
+        with writing(self.path):        # a full disk's write names no file: say which one it was
             if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = open(self.path, "a", encoding="utf-8")
             self._file.write(line + "\n")
             self._file.flush()
-        except OSError as e:            # a full disk's write names no file: say which one it was
-            if e.filename is None:
-                raise OSError(e.errno, e.strerror, str(self.path)) from e
-            raise
 
     def drop(self) -> None:
         if self._file is not None:

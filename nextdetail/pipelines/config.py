@@ -28,7 +28,9 @@ class RayJobConfig:
 
     address: Optional[str] = opt(None, "join a Ray cluster ('auto' or ray://host:port); default: start a "
                                        "local Ray", metavar="ADDR")
-    workers: Optional[int] = opt(None, "Ray actors (default: one per CPU, or one per G GPUs)", metavar="N", ge=1)
+    workers: Optional[int] = opt(None, "Ray actors (default: one per CPU, or one per G GPUs); at most one per "
+                                       "unit of work (decompose-dataset: a store shard of --shard-images "
+                                       "images; export-tokens: a block of --block-rows images)", metavar="N", ge=1)
     gpus_per_worker: Optional[float] = opt(None, "GPUs per actor (default 1 when the cluster has GPUs, else 0)",
                                            metavar="G", ge=0)
     max_attempts: int = opt(DEFAULT_MAX_ATTEMPTS, "an input whose worker process died K times is given up "

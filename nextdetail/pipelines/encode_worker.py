@@ -126,7 +126,7 @@ class EncodeWorker:
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         pin_numerics(self.device)
-        self.tok = Tokenizer.from_checkpoint(checkpoint, map_location=self.device).to(self.device)
+        self.tok = Tokenizer.from_pretrained(checkpoint, map_location=self.device).to(self.device)
         self.store = DecompositionStore(store)
         self.out, self.batch_size = Path(out), int(batch_size)
         self.size, self.n_bases = self.tok.config.image_size, self.tok.needs_bases

@@ -19,7 +19,6 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..checksum import file_sha256
 from ..errors import ConfigError
 from ..limits import Need
 from ..options import check_int, opt
@@ -177,23 +176,23 @@ def _plan_of(old) -> dict:
 
 def make_plan(cfg: ExportConfig) -> ExportPlan:
     """Read the store's manifest and the tokenizer's config (not its weights); check they fit."""
-    from ..runs import RunError, latest_checkpoint
+    from ..pretrained import ModelFolderError, model_sha256
     from ..tokenize import CheckpointError
-    from ..tokenize.tokenizer import read_checkpoint
     from ..tokenize.loader import check_store_fits
+    from ..tokenize.tokenizer import config_of, resolved
 
     store = DecompositionStore(cfg.data)
     try:
-        ckpt = latest_checkpoint(cfg.tokenizer)
-        tcfg = read_checkpoint(ckpt)[1]
-    except (RunError, CheckpointError) as e:
+        ckpt = resolved(cfg.tokenizer)           # a model folder, or a run's latest checkpoint
+        tcfg = config_of(ckpt)
+    except (CheckpointError, ModelFolderError) as e:
         raise ConfigError(f"--tokenizer {e}") from None
     if tcfg.quant.vocab > MAX_VOCAB:
         raise ConfigError(f"--tokenizer {ckpt}: a vocabulary of {tcfg.quant.vocab} does not fit the "
                           f"token store's uint16 (at most {MAX_VOCAB})")
     check_store_fits(store, tcfg, ConfigError, what=f"--tokenizer {ckpt}")
     schedule = tcfg.map_schedule()          # the quantizer's, from its config alone
-    plan = ExportPlan(cfg=cfg, checkpoint=ckpt, sha256=file_sha256(ckpt), store=store,
+    plan = ExportPlan(cfg=cfg, checkpoint=ckpt, sha256=model_sha256(ckpt), store=store,
                       tokenizer_config=tcfg.to_dict(), map_shapes=[[p, p] for p in schedule.sizes],
                       vocab=tcfg.quant.vocab, num_base=schedule.num_base, order=schedule.order)
     R = cfg.rows_per_block

@@ -5,6 +5,8 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..faults import writing
+
 # The journal folder of an unfinished store or token store: work done, not yet assembled.
 PARTS = "_parts"
 
@@ -18,13 +20,9 @@ def atomic_write(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        yield tmp
-        commit_file(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.filename is None:          # a write's ENOSPC names no file: say which one it was
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
+        with writing(path):             # a write's ENOSPC names no file: say which one it was
+            yield tmp
+            commit_file(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

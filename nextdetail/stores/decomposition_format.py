@@ -106,9 +106,11 @@ class StoreParams:
         return shard_count(n_images, self.shard_images)
 
     def differences(self, other: "StoreParams", *, ignore: tuple = ()) -> List[str]:
-        """'name A (store) != B (this run)' for every setting that differs, named as the command
+        """'--name A (store) != B (this run)' for every setting that differs, named as the command
         line spells it, in a fixed order."""
-        return differences(self, other, ignore=ignore, labels=("store", "this run"), flatten=True, value=repr)
+        # Every field is decompose-dataset's option of the same name (dtype never differs).
+        return differences(self, other, ignore=ignore, labels=("store", "this run"), flatten=True, value=repr,
+                           spell=lambda cls, key: "--" + key.replace("_", "-"))
 
 
 def source_name(row: dict) -> str:

@@ -112,18 +112,22 @@ def recorded(path, settings: Mapping) -> Optional[dict]:
 
 def differences(old, new, *, ignore: tuple = (), labels: Optional[Tuple[str, str]] = None, flatten: bool = False,
                 value: Callable[[Any], str] = repr, names: Optional[Mapping[str, str]] = None,
-                prefix: str = "") -> List[str]:
+                prefix: str = "", spell: Optional[Callable[[type, str], Optional[str]]] = None) -> List[str]:
     """How `new` differs from `old`, one phrase per difference, in `new`'s order.
 
     old, new: two configs of one dataclass (nested configs are compared field by field, as
     'part.field', or with `flatten` by their own names spelt as options: 'n-iter'), or two
     mappings of recorded settings (a key missing on one side counts as None).
+    spell(config class, field) names a dataclass field (its option: options.option_name), or
+    None to keep the default name.
     The phrase is 'name OLD != NEW', with ' (label)' after each value when `labels` is given;
     with `names`, the phrase of a differing key is names[key] instead (keys it lacks are
     compared but not named; their phrase is the default one). `ignore` names fields or keys
     that may differ.
     """
+    cls = None
     if dataclasses.is_dataclass(old) and dataclasses.is_dataclass(new):
+        cls = type(old)
         pairs = [(f.name, getattr(old, f.name), getattr(new, f.name)) for f in dataclasses.fields(old)]
     else:
         old, new = dict(old or {}), dict(new or {})
@@ -134,13 +138,14 @@ def differences(old, new, *, ignore: tuple = (), labels: Optional[Tuple[str, str
             continue
         if dataclasses.is_dataclass(x) and dataclasses.is_dataclass(y):
             out += differences(x, y, ignore=ignore, labels=labels, flatten=flatten, value=value,
-                               prefix="" if flatten else f"{prefix}{key}.")
+                               prefix="" if flatten else f"{prefix}{key}.", spell=spell)
         elif x != y:
             if names is not None and key in names:
                 if names[key] not in out:
                     out.append(names[key])
                 continue
-            name = key.replace("_", "-") if flatten else prefix + key
+            name = (spell(cls, key) if spell is not None and cls is not None else None) or (
+                key.replace("_", "-") if flatten else prefix + key)
             a, b = (f" ({labels[0]})", f" ({labels[1]})") if labels else ("", "")
             out.append(f"{name} {value(x)}{a} != {value(y)}{b}")
     return out

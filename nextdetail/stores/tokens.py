@@ -26,7 +26,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..checksum import file_sha256
 from ..errors import PathError
 from .atomic import PARTS
 from .meta import check_keys
@@ -216,15 +215,17 @@ class TokenDataset:
 
     # -- provenance --------------------------------------------------------------------------
     def check_tokenizer(self, tokenizer) -> Path:
-        """Resolve a run folder / checkpoint and refuse it unless its sha256 is the recorded one."""
-        from ..runs import RunError, latest_checkpoint
+        """Resolve a run folder / checkpoint / model folder and refuse it unless its sha256 (of
+        its checkpoint, or of the one a model folder came from) is the recorded one."""
+        from ..pretrained import ModelFolderError, model_sha256, resolve_model
+        from ..runs import RunError
 
         try:
-            ckpt = latest_checkpoint(tokenizer)
-        except RunError as e:
+            ckpt = resolve_model(tokenizer)
+        except (RunError, ModelFolderError) as e:
             raise TokenStoreError(self.path, str(e)) from None
         recorded = self.meta.get("tokenizer", {}).get("sha256")
-        digest = file_sha256(ckpt)
+        digest = model_sha256(ckpt)
         if digest != recorded:
             raise TokenStoreError(self.path, f"tokenizer checkpoint {ckpt} (sha256 {digest[:12]}...) is not the "
                                              f"one these tokens were exported with (sha256 "

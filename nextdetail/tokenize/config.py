@@ -21,11 +21,20 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import List, Optional, Tuple
 
 from ..errors import ConfigError
-from ..options import check_int, derived, nested, opt
+from ..options import check_int, derived, flag_of, nested, opt
 from ..stores.tokens import MAX_VOCAB
 from .schedule import KIND_SCHEDULES, MapSchedule, map_schedule
 
 KINDS = tuple(KIND_SCHEDULES)
+_QUANTIZER_NAMES = {"basedetail": "BD quantizer", "multiscale": "multi-scale quantizer",
+                    "vanilla": "vanilla quantizer"}
+
+
+def quantizer_name(kind: str) -> str:
+    """How messages name a quantizer: "BD quantizer (--quantizer basedetail)" (after "the" or
+    "its"), apart from the base-detail decomposition (decomp.hierarchy.decomposition_name), which
+    every quantizer can be trained on."""
+    return f"{_QUANTIZER_NAMES.get(kind, kind + ' quantizer')} ({flag_of(QuantConfig, 'kind')} {kind})"
 
 # VAR's and CART-256's schedules on a 16x16 latent (256 px, x16).
 VAR_PATCH_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -75,7 +84,8 @@ class ModelConfig:
 
     def stages(self) -> int:
         if self.downsample not in (2, 4, 8, 16, 32):
-            raise ConfigError(f"downsample {self.downsample}: must be a power of two in 2..32")
+            raise ConfigError(f"{flag_of(ModelConfig, 'downsample')} {self.downsample}: must be a power of two "
+                              f"in 2..32")
         return self.downsample.bit_length() - 1
 
     def mults(self) -> Tuple[int, ...]:
@@ -151,10 +161,10 @@ class QuantConfig:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ConfigError(f"quantizer kind {self.kind!r}: one of {', '.join(KINDS)}")
+            raise ConfigError(f"{flag_of(QuantConfig, 'kind')} {self.kind!r}: one of {', '.join(KINDS)}")
         for name in ("vocab", "depth", "order", "detail_depth"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name} {getattr(self, name)}: must be >= 1")
+                raise ConfigError(f"{flag_of(QuantConfig, name)} {getattr(self, name)}: must be >= 1")
         if self.vocab > MAX_VOCAB:      # export-tokens stores token ids as uint16
             raise ConfigError(f"--vocab {self.vocab}: a token store holds uint16 ids, at most {MAX_VOCAB} codes")
         for name in ("patch_sizes", "base_patch_sizes"):
@@ -163,7 +173,8 @@ class QuantConfig:
             sizes = tuple(getattr(self, name))
             object.__setattr__(self, name, sizes)
             if not sizes or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] < 1:
-                raise ConfigError(f"{name} {sizes}: must be strictly increasing positive sizes")
+                raise ConfigError(f"{flag_of(QuantConfig, name)} {','.join(map(str, sizes))}: must be strictly "
+                                  f"increasing positive sizes")
 
     def schedule(self, latent: int, decomposition: str = "base_detail") -> "QuantConfig":
         """This config with what is left at None filled in: the decomposition's schedule
@@ -241,8 +252,8 @@ class TokenizerConfig:
 
     def latent(self) -> int:
         if self.image_size % self.model.downsample:
-            raise ConfigError(f"image_size {self.image_size} is not divisible by downsample "
-                              f"{self.model.downsample}")
+            raise ConfigError(f"{flag_of(TokenizerConfig, 'image_size')} {self.image_size} is not divisible by "
+                              f"{flag_of(ModelConfig, 'downsample')} {self.model.downsample}")
         return self.image_size // self.model.downsample
 
     def map_schedule(self) -> MapSchedule:
@@ -250,7 +261,7 @@ class TokenizerConfig:
         return map_schedule(self.quant, self.latent())
 
     def needs_bases(self) -> int:
-        """How many bases B_1..B_n the quantizer uses: n for base-detail, else 0."""
+        """How many bases B_1..B_n the quantizer uses: n for the BD quantizer, else 0."""
         return map_schedule(self.quant, self.latent(), check=False).order
 
     def validate(self) -> "TokenizerConfig":
@@ -274,7 +285,7 @@ class TokenizerConfig:
                    decomposition=str(d.get("decomposition", "base_detail")))     # older checkpoints: base_detail
 
     def differences(self, other: "TokenizerConfig") -> List[str]:
-        """'quant.kind basedetail (checkpoint) != vanilla (asked)' for each field that differs."""
+        """'--quantizer basedetail (checkpoint) != vanilla (asked)' for each field that differs."""
         from ..runs import checkpoint_differences
 
         return checkpoint_differences(self, other)

@@ -31,14 +31,14 @@ import torch
 
 from ..evaluation.metrics import psnr_from_mse, ssim
 from ..limits import check_max_memory, check_memory, memory_opt
-from ..options import check_int, opt
-from ..runs import TrainError, latest_checkpoint
+from ..options import check_int, flag_of, opt
+from ..runs import TrainError
 from ..stores.decomposition import DecompositionStore, StoreError
 from ..stores.layers import centre_crop
 from ..weights import offline_opt
 from .bases import inputs_from_bases
 from .losses import build_lpips
-from .tokenizer import Tokenizer, read_checkpoint, to_model
+from .tokenizer import Tokenizer, config_of, resolved, to_model
 from .loader import check_store_fits
 from .memory import inference_needs
 
@@ -110,8 +110,8 @@ def evaluate_run(run, store, *, limit: int = 64, batch: int = 16, lpips=None,
     from ..evaluation.inception import inception_features
     from ..imageio import to_uint8
 
-    path = latest_checkpoint(run)
-    tok = Tokenizer.from_checkpoint(path)
+    path = resolved(run)                   # a model folder, or a run's latest checkpoint
+    tok = Tokenizer.from_pretrained(path)
     cfg = tok.config
     check_store_fits(store, cfg, TrainError, what=str(path))
     M = len(cfg.quant.map_sizes(cfg.latent()))
@@ -153,21 +153,35 @@ def evaluate_run(run, store, *, limit: int = 64, batch: int = 16, lpips=None,
 def evaluate(cfg: "EvalConfig") -> Tuple[List[DepthRow], List[FinalRow]]:
     """Every run of cfg on its store: per-depth rows and one final row per run."""
     from ..evaluation.inception import INCEPTION, load_inception
-    from ..weights import weights_file
+    from ..weights import WeightsError, weights_file
 
     try:
         store = DecompositionStore(cfg.data)
     except StoreError as e:
         raise TrainError(str(e)) from None
     for run in cfg.runs:            # a bad RUN is named before any weights are looked for
-        _, tcfg = read_checkpoint(latest_checkpoint(run))
+        tcfg = config_of(run)
         check_memory(inference_needs(tcfg, cfg.batch_size, f"--batch-size {cfg.batch_size}"),
                      device=cfg.device, max_memory=cfg.max_memory)
-    lpips = build_lpips("alex", no_download=cfg.offline) if cfg.lpips else None
-    inception = None
+    # Both weights are looked for before either is refused, so that one line names every missing
+    # file and the option that does without it (not one failure per rerun).
+    missing, lpips, inception = [], None, None
+    if cfg.lpips:
+        try:
+            lpips = build_lpips("alex", no_download=cfg.offline,
+                                without=f"{flag_of(EvalConfig, 'lpips')} leaves LPIPS out")
+        except WeightsError as e:
+            missing.append(str(e))
     if cfg.rfid:
-        inception = load_inception(weights_file(INCEPTION, cfg.inception_weights, no_download=cfg.offline,
-                                                option="--inception-weights (or --no-rfid)"))
+        try:
+            inception = load_inception(weights_file(
+                INCEPTION, cfg.inception_weights, no_download=cfg.offline,
+                option=flag_of(EvalConfig, "inception_weights"),
+                without=f"{flag_of(EvalConfig, 'rfid')} leaves rFID out"))
+        except WeightsError as e:
+            missing.append(str(e))
+    if missing:
+        raise WeightsError("; and ".join(missing))
     rows: List[DepthRow] = []
     finals: List[FinalRow] = []
     for run in cfg.runs:

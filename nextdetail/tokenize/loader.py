@@ -35,7 +35,10 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..decomp.hierarchy import decomposition_name
+from ..options import flag_of
 from ..stores.decomposition import DecompositionStore, StoreError
+from .config import quantizer_name
 
 log = logging.getLogger(__name__)
 
@@ -242,12 +245,14 @@ def check_store_fits(store: DecompositionStore, tokenizer, error, what: str = "t
     """error(one line) when `store` cannot feed a tokenizer of this TokenizerConfig: another decomposition,
     fewer bases than its quantizer takes, images smaller than its input."""
     if store.method != tokenizer.decomposition:
-        raise error(f"{store.path}: a store of {store.method} layers ({', '.join(store.layer_names)}); {what} "
-                    f"is for {tokenizer.decomposition} layers")
+        raise error(f"{store.path}: a store of {decomposition_name(store.method)} ({', '.join(store.layer_names)}); "
+                    f"{what} is for {decomposition_name(tokenizer.decomposition)}")
     n = tokenizer.needs_bases()
     if store.levels < n:
         raise error(f"{store.path}: store of order {store.levels} has bases B_1..B_{store.levels}; {what} "
-                    f"(basedetail, order {n}) needs order >= {n} (decompose-dataset --order {n})")
+                    f"needs order >= {n}: its {quantizer_name(tokenizer.quant.kind)} takes B_1..B_{n} "
+                    f"(decompose-dataset --order {n})")
     if store.size < tokenizer.image_size:
         raise error(f"{store.path}: store images are {store.size} px, smaller than the "
-                    f"{tokenizer.image_size} px input of {what} (image_size)")
+                    f"{tokenizer.image_size} px input of {what} (train-tokenizer "
+                    f"{flag_of(type(tokenizer), 'image_size')})")

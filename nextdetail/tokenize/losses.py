@@ -35,11 +35,13 @@ def backbone_path(net: str) -> Path:
     return BACKBONES[net].cached()
 
 
-def build_lpips(net: str = "alex", backbone: str = "pretrained", *, no_download: bool = False) -> nn.Module:
+def build_lpips(net: str = "alex", backbone: str = "pretrained", *, no_download: bool = False,
+                without: str = "") -> nn.Module:
     """A frozen LPIPS module taking images in [-1, 1]; returns (B, 1, 1, 1) distances.
 
     backbone: "pretrained" loads torchvision's weights (the hub cache, else downloaded there
-    unless no_download / NEXTDETAIL_OFFLINE; WeightsError naming the file otherwise); "random"
+    unless no_download / NEXTDETAIL_OFFLINE; WeightsError naming the file and `without`, the
+    caller's option that does without them, otherwise); "random"
     keeps a randomly initialised backbone (seeded, so every run gets the same one) and warns:
     the loss is then only a fixed random-feature distance.
     """
@@ -50,7 +52,7 @@ def build_lpips(net: str = "alex", backbone: str = "pretrained", *, no_download:
     if backbone not in ("pretrained", "random"):
         raise ValueError(f"LPIPS backbone {backbone!r}: 'pretrained' or 'random'")
     if backbone == "pretrained":
-        path = weights_file(BACKBONES[net], no_download=no_download)
+        path = weights_file(BACKBONES[net], no_download=no_download, without=without)
     # A private RNG stream: building the random backbone must not shift the training RNG.
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # lpips calls torchvision with the deprecated `pretrained=False`: noise, not a problem.

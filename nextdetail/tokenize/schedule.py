@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import List, Tuple
 
 from ..errors import ConfigError
+from ..options import flag_of
 
 
 def stage_bounds(num_maps: int, num_base: int, order: int) -> Tuple[Tuple[int, int], ...]:
@@ -51,10 +52,12 @@ class MapSchedule:
         return [hi for _, hi in self.stages]
 
 
-def _ends_at_latent(name: str, sizes, latent: int) -> None:
+def _ends_at_latent(q, name: str, latent: int) -> None:
+    """q: the QuantConfig whose field `name` holds the sizes."""
+    sizes = getattr(q, name)
     if sizes[-1] != latent:
-        raise ConfigError(f"{name} {tuple(sizes)} must end at the latent side {latent} "
-                          "(image side / downsample); see scale_patch_sizes")
+        raise ConfigError(f"{flag_of(type(q), name)} {','.join(map(str, sizes))} must end at the latent side "
+                          f"{latent} (the image side / the downsampling); see scale_patch_sizes")
 
 
 def _vanilla(q, latent: int, check: bool) -> MapSchedule:
@@ -63,13 +66,13 @@ def _vanilla(q, latent: int, check: bool) -> MapSchedule:
 
 def _multiscale(q, latent: int, check: bool) -> MapSchedule:
     if check:
-        _ends_at_latent("patch_sizes", q.patch_sizes, latent)
+        _ends_at_latent(q, "patch_sizes", latent)
     return MapSchedule(tuple(q.patch_sizes), len(q.patch_sizes), 0)
 
 
 def _basedetail(q, latent: int, check: bool) -> MapSchedule:
     if check:
-        _ends_at_latent("base_patch_sizes", q.base_patch_sizes, latent)
+        _ends_at_latent(q, "base_patch_sizes", latent)
     base = tuple(q.base_patch_sizes)
     return MapSchedule(base + (latent,) * (q.order * q.detail_depth), len(base), q.order)
 

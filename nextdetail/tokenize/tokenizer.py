@@ -97,7 +97,9 @@ class Tokenizer(nn.Module):
     >>> tok.decode(idx).shape                     # float32 in [0, 1]
     torch.Size([2, 3, 64, 64])
 
-    A trained one: ``Tokenizer.from_checkpoint("RUN/ckpt-0002000.pt")``.
+    A trained one: ``Tokenizer.from_pretrained(path)``, where path is a model folder
+    (`nextdetail export-model`, or a Hugging Face repo id), a run folder (its latest
+    checkpoint) or a checkpoint file; ``save_pretrained(DIR)`` writes a model folder.
     """
 
     def __init__(self, config: TokenizerConfig):
@@ -189,11 +191,43 @@ class Tokenizer(nn.Module):
         return self.to_pixels(self.decode_features(self.quantizer.lookup(token_maps)))
 
     @classmethod
+    def from_pretrained(cls, path, map_location="cpu", ema: bool = True) -> "Tokenizer":
+        """A trained tokenizer, in eval mode: from a model folder (export-model; a Hugging Face
+        repo id with huggingface_hub installed), a run folder (its latest checkpoint) or a
+        checkpoint file. CheckpointError / ModelFolderError in one line naming what is wrong."""
+        from ..pretrained import hub_folder, is_model_folder, load_weights
+
+        path = resolved(hub_folder(path))
+        if not is_model_folder(path):
+            return cls.from_checkpoint(path, map_location=map_location, ema=ema)
+        tok = cls(config_of(path))
+        load_weights(path, tok, map_location)
+        return tok.eval()
+
+    def save_pretrained(self, out, *, source: Optional[dict] = None, card: Optional[str] = None, **extra) -> Path:
+        """This tokenizer as a model folder (nextdetail.pretrained): model.safetensors, config.json
+        (the config, its map schedule, `source`: the checkpoint it came from, and `extra`),
+        README.md when a `card` is given."""
+        from ..pretrained import write_model_folder
+
+        q = self.quantizer
+        config = {"config": self.config.to_dict(), "schedule": {"map_sizes": list(q.sizes), "num_base": q.num_base,
+                                                                "order": q.order},
+                  "source": source or {}, **extra}
+        return write_model_folder(out, "tokenizer", self.state_dict(), config, card)
+
+    @classmethod
     def from_checkpoint(cls, path, expect: Optional[TokenizerConfig] = None,
                         map_location="cpu", ema: bool = True) -> "Tokenizer":
-        """Rebuild from a training checkpoint (its own config); `expect` refuses another config.
-        With `ema` (default) the EMA weights are used when the run kept them (--ema)."""
-        path = Path(path)
+        """Rebuild from a training checkpoint, or a run folder's latest (its own config); `expect`
+        refuses another config. With `ema` (default) the EMA weights are used when the run kept
+        them (--ema)."""
+        from ..runs import RunError, latest_checkpoint
+
+        try:
+            path = latest_checkpoint(path)
+        except RunError as e:
+            raise CheckpointError(str(e)) from None
         ckpt, config = read_checkpoint(path, map_location)
         if expect is not None and config != expect:
             raise CheckpointError(f"{path}: checkpoint of another config: "
@@ -201,6 +235,32 @@ class Tokenizer(nn.Module):
         tok = cls(config)
         tok.load_state_dict(checkpoint_weights(ckpt, ema))
         return tok.eval()
+
+
+def resolved(path) -> Path:
+    """A tokenizer argument as a model folder or checkpoint file (pretrained.resolve_model),
+    CheckpointError when it is neither."""
+    from ..pretrained import resolve_model
+    from ..runs import RunError
+
+    try:
+        return resolve_model(path)
+    except RunError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def config_of(path) -> TokenizerConfig:
+    """The TokenizerConfig of a tokenizer argument (model folder, run folder or checkpoint),
+    without building the model; CheckpointError / ModelFolderError when it is not one."""
+    from ..pretrained import is_model_folder, read_model_config
+
+    path = resolved(path)
+    if not is_model_folder(path):
+        return read_checkpoint(path)[1]
+    try:
+        return TokenizerConfig.from_dict(read_model_config(path, "tokenizer")["config"]).validate()
+    except (ConfigError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: bad tokenizer config in its config.json ({e})") from None
 
 
 def read_checkpoint(path, map_location="cpu"):

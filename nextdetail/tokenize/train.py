@@ -5,8 +5,8 @@ the StyleGAN2-style discriminator, optionally with the R1 penalty).
     report = train(TokenizerTrainConfig(data="STORE", out="RUN", tokenizer=config_for("basedetail")))
 
 RUN/ holds `ckpt-<step>.pt` (every `ckpt_every` steps and at the end: model, discriminator,
-both AdamW states, step, both configs, RNG states), `log.jsonl` (one record per step) and
-`loss.png`. `--resume` (cfg.resume) continues from the latest checkpoint and gives bitwise the same
+both AdamW states, step, both configs, RNG states), `log.jsonl` (one record per step),
+`loss.png` and `tb/` (TensorBoard curves and reconstructions; nextdetail.tblog, previews.py). `--resume` (cfg.resume) continues from the latest checkpoint and gives bitwise the same
 weights on the CPU as an uninterrupted run: all randomness (batch choice, crop offsets,
 dead-code restarts) comes from RNG states stored in the checkpoint.
 """
@@ -34,7 +34,7 @@ from .disc_stylegan import StyleGANDiscriminator, r1_penalty
 from .loader import StoreLoader, check_store_fits, default_workers
 from .losses import PatchDiscriminator, build_lpips, hinge_d_loss, hinge_g_loss
 from .memory import training_needs
-from .train_config import TokenizerTrainConfig
+from .train_config import TokenizerTrainConfig, lpips_without
 from .tokenizer import Tokenizer, to_model
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,8 @@ class TokenizerTrainer:
         torch.manual_seed(cfg.seed)
         self.tok = Tokenizer(cfg.tokenizer).to(self.device)   # weights from the seeded RNG
         self.disc = discriminator(cfg).to(self.device)
-        self.lpips = (build_lpips(cfg.lpips_net, cfg.lpips_backbone, no_download=cfg.offline).to(self.device)
+        self.lpips = (build_lpips(cfg.lpips_net, cfg.lpips_backbone, no_download=cfg.offline,
+                                  without=lpips_without()).to(self.device)
                       if cfg.lpips_weight > 0 else None)
         self.opt = torch.optim.AdamW(self.tok.parameters(), lr=cfg.lr, betas=cfg.betas,
                                      weight_decay=cfg.weight_decay)
@@ -212,6 +213,7 @@ class TokenizerTrainer:
         (losses averaged over the ranks)."""
         cfg, tok, disc, d = self.cfg, self.tok, self.disc, self.dist
         q = self.batches.next().to(self.device, non_blocking=True)
+        self.last_batch = q              # the checkpoint's reconstructions in the curves (previews.py)
         image, bases = inputs_from_bases(q, self.n_bases, cfg.tokenizer.space())
         x = to_model(image)
         gan = self.step_ >= cfg.disc_start
@@ -238,6 +240,9 @@ class TokenizerTrainer:
             raise FloatingPointError(f"loss is {loss.item()} at step {self.step_ + 1}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        # Read only (no clipping): the curves' grad norm, the gradient of the whole global batch under DDP.
+        rec["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in tok.parameters() if p.grad is not None])
+        rec["lr"] = cfg.lr
         self.opt.step()
         rec["restarted"] = tok.quantizer.end_step(self._restart_generator(), d)
         self.restarted += rec["restarted"]
@@ -308,15 +313,20 @@ def train(cfg: TokenizerTrainConfig, *, progress: Optional[Callable[[int, int, d
 
 
 def _train(cfg: TokenizerTrainConfig, d: Dist, progress) -> TrainReport:
+    from ..previews import reconstructions
+    from ..tblog import perf_scalars
+
     tr = TokenizerTrainer(cfg, dist_=d)
     start, t0, rec = tr.step_, time.perf_counter(), {}
-    run_log = RunLog(tr.out, start, main=d.main)
+    run_log = RunLog(tr.out, start, main=d.main, log=cfg.log, config=cfg.to_dict())
     try:
         with preemptible(cfg.term_grace):
             while tr.step_ < cfg.steps:
+                ts = time.perf_counter()
                 rec = tr.step()
-                run_log.write(rec)
-                run_log.end_step(tr.step_, cfg.steps, cfg.ckpt_every, tr.save, plot_log)
+                run_log.write(rec, perf=perf_scalars(tr.device, time.perf_counter() - ts, cfg.batch_size * d.world))
+                run_log.end_step(tr.step_, cfg.steps, cfg.ckpt_every, tr.save, plot_log,
+                                 images=lambda: reconstructions(tr, cfg.log_images))
                 if progress is not None and d.main:
                     progress(tr.step_, cfg.steps, rec)
                 run_log.stop_if_terminated(tr.step_, tr.save, plot_log, d, tr.device)

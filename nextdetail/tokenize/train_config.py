@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import List
 
 from ..errors import ConfigError
-from ..options import check_int, nested, opt
+from ..options import check_int, flag_of, nested, opt
 from ..runs import RunConfig, checkpoint_differences
 from ..stores.decomposition import StoreError
 from ..weights import offline_opt
@@ -96,3 +96,9 @@ class TokenizerTrainConfig(RunConfig):
         """The tokenizer's differences first, named as in its own config ('quant.vocab ...')."""
         return (self.tokenizer.differences(other.tokenizer)
                 + checkpoint_differences(self, other, ignore=self.RESUMABLE_CHANGES + ("tokenizer",)))
+
+
+def lpips_without() -> str:
+    """What a missing LPIPS backbone's message offers instead: the options that train without it."""
+    return (f"{flag_of(TokenizerTrainConfig, 'lpips_weight')} 0 trains without LPIPS, "
+            f"{flag_of(TokenizerTrainConfig, 'lpips_backbone')} with a random backbone")

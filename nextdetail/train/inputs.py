@@ -18,11 +18,17 @@ import torch
 import torch.nn.functional as F
 
 from ..tokenize.quant import Quantizer, build_quantizer
-from ..tokenize.tokenizer import checkpoint_weights, read_checkpoint
+from ..tokenize.tokenizer import Tokenizer, checkpoint_weights, read_checkpoint
 
 
 def load_quantizer(path, map_location="cpu", ema: bool = True) -> Quantizer:
-    """The quantizer (codebook + phi convs) of a tokenizer checkpoint, in eval mode, frozen."""
+    """The quantizer (codebook + phi convs) of a tokenizer checkpoint or model folder, in eval
+    mode, frozen."""
+    from ..pretrained import is_model_folder
+
+    if is_model_folder(path):
+        q = Tokenizer.from_pretrained(path, map_location).quantizer
+        return q.eval().requires_grad_(False)
     ckpt, cfg = read_checkpoint(path, map_location)
     q = build_quantizer(cfg.quant, cfg.model.z_channels, cfg.latent())
     state = checkpoint_weights(ckpt, ema)

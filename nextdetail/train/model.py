@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..options import opt
+from ..options import flag_of, opt
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,17 @@ class TransformerShape:
     init_std: float = 0.02
 
     def __post_init__(self):
+        flag = lambda name: flag_of(TransformerShape, name)      # noqa: E731
         for name in ("depth", "width", "heads"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} {getattr(self, name)}: must be >= 1")
+                raise ConfigError(f"{flag(name)} {getattr(self, name)}: must be >= 1")
         if self.width % self.heads:
-            raise ConfigError(f"width {self.width} is not divisible by heads {self.heads}")
+            raise ConfigError(f"{flag('width')} {self.width} is not divisible by {flag('heads')} {self.heads}")
         if self.pos not in ("rope", "learned"):
-            raise ConfigError(f"pos {self.pos!r}: 'rope' or 'learned'")
+            raise ConfigError(f"{flag('pos')} {self.pos!r}: 'rope' or 'learned'")
         if self.pos == "rope" and (self.width // self.heads) % 4:
-            raise ConfigError(f"head dim {self.width // self.heads}: 2-D RoPE needs a multiple of 4")
+            raise ConfigError(f"{flag('width')} / {flag('heads')} = {self.width // self.heads}, the head dim: 2-D "
+                              f"RoPE needs a multiple of 4")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -261,6 +263,25 @@ class NextDetailTransformer(nn.Module):
             nn.init.zeros_(self.ada_f.weight)
 
     # ------------------------------------------------------------------ helpers
+
+    @classmethod
+    def from_pretrained(cls, path, map_location="cpu") -> "NextDetailTransformer":
+        """A transformer model folder (export-model; a Hugging Face repo id with huggingface_hub
+        installed), in eval mode, its weights verified against its config.json (ModelFolderError)."""
+        from ..pretrained import hub_folder, load_weights, read_model_config
+
+        path = hub_folder(path)
+        model = cls(TransformerConfig.from_dict(read_model_config(path, "transformer")["config"]))
+        load_weights(path, model, map_location)
+        return model.to(map_location).eval()
+
+    def save_pretrained(self, out, *, source: Optional[dict] = None, card: Optional[str] = None, **extra):
+        """This transformer as a model folder (nextdetail.pretrained): its weights, config.json (the
+        config, `source`: the checkpoint they came from, and `extra`: tokenizer, classes)."""
+        from ..pretrained import write_model_folder
+
+        return write_model_folder(out, "transformer", self.state_dict(),
+                                  {"config": self.cfg.to_dict(), "source": source or {}, **extra}, card)
 
     def null_class(self) -> int:
         return self.cfg.num_classes

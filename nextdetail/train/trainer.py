@@ -12,7 +12,8 @@ evaluated every `val_every` steps and at the end.
 RUN2/ holds `ckpt-<step>.pt` (every `ckpt_every` steps and at the end; written atomically:
 model, optimizer, step, sampler state, RNG state, configs, the tokenizer checkpoint's path and
 sha256), `log.jsonl` (train records every step: lr, loss, acc, grad_norm, per-map loss and
-accuracy, tokens/s; val records with "split": "val") and `loss.png`. `--resume` continues
+accuracy, tokens/s; val records with "split": "val"), `loss.png` and `tb/` (TensorBoard curves
+and samples; nextdetail.tblog, previews.py). `--resume` continues
 from the latest checkpoint, bitwise equal to an uninterrupted run on the CPU: the batch order is
 the sampler's state, the learning rate a function of the step, and the label dropout is drawn
 from a generator seeded by (seed, step), so nothing depends on the process's history.
@@ -35,10 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from ..limits import check_memory
-from ..options import nested, opt
+from ..options import nested, opt, option_name
 from ..precision import bf16_autocast
 from ..runs import (PLOT, RunConfig, RunError, RunLog, RunReport, TrainError, checkpoint_differences, checkpoint_name,
-                    latest_checkpoint, load_resumed, preemptible, read_log, resume_from, run_training, running_mean,
+                    load_resumed, preemptible, read_log, resume_from, run_training, running_mean,
                     save_checkpoint)
 from ..distributed import Dist, all_reduce_sum, step_generator
 from .inputs import load_quantizer, teacher_inputs
@@ -79,17 +80,18 @@ class TransformerTrainConfig(RunConfig):
         object.__setattr__(self, "betas", tuple(self.betas))
         for name in ("tokens", "tokenizer", "out"):      # plain str: checkpoints hold plain data only
             object.__setattr__(self, name, str(getattr(self, name)))
+        flag = lambda name: option_name(TransformerTrainConfig, name) or name     # noqa: E731
         for name in ("batch_size", "val_every", "val_batches"):
             if getattr(self, name) < 1:
-                raise TrainError(f"{name} {getattr(self, name)}: must be >= 1")
+                raise TrainError(f"{flag(name)} {getattr(self, name)}: must be >= 1")
         for name in ("cond_drop", "val_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise TrainError(f"{name} {getattr(self, name)}: must be in [0, 1)")
+                raise TrainError(f"{flag(name)} {getattr(self, name)}: must be in [0, 1)")
         if not 0.0 <= self.min_lr <= 1.0:
-            raise TrainError(f"min_lr {self.min_lr}: must be in [0, 1] (a fraction of lr)")
+            raise TrainError(f"{flag('min_lr')} {self.min_lr}: must be in [0, 1] (a fraction of --lr)")
         if self.lr <= 0 or self.warmup < 0 or self.grad_clip < 0:
-            raise TrainError(f"lr {self.lr}, warmup {self.warmup}, grad_clip {self.grad_clip}: "
-                             "need lr > 0, warmup >= 0, grad_clip >= 0")
+            raise TrainError(f"--lr {self.lr}, --warmup {self.warmup}, --grad-clip {self.grad_clip}: "
+                             "need --lr > 0, --warmup >= 0, --grad-clip >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,9 +164,9 @@ class Trainer:
     and `step` (inputs, forward, backward, update) so the benchmark can time them apart."""
 
     def __init__(self, cfg: TransformerTrainConfig, *, dist_: Optional[Dist] = None):
-        from ..tokenize import CheckpointError
-        from ..checksum import file_sha256
+        from ..pretrained import ModelFolderError, model_sha256, resolve_model
         from ..stores.tokens import TokenDataset, TokenStoreError
+        from ..tokenize import CheckpointError
         from .sampler import EpochSampler
 
         self.cfg = cfg
@@ -174,13 +176,13 @@ class Trainer:
         self.device = self.dist.device(cfg.device)
         try:
             self.ds = TokenDataset(cfg.tokens, tokenizer=cfg.tokenizer)
-            self.tok_ckpt = latest_checkpoint(cfg.tokenizer)
-        except (TokenStoreError, RunError) as e:
+            self.tok_ckpt = resolve_model(cfg.tokenizer)       # a model folder, or a run's latest checkpoint
+        except (TokenStoreError, RunError, ModelFolderError) as e:
             raise TrainError(str(e)) from None
-        self.tok_sha = file_sha256(self.tok_ckpt)
+        self.tok_sha = model_sha256(self.tok_ckpt)
         try:
             self.quantizer = load_quantizer(self.tok_ckpt).to(self.device)
-        except CheckpointError as e:
+        except (CheckpointError, ModelFolderError) as e:
             raise TrainError(str(e)) from None
         if self.quantizer.sizes and [tuple(s) for s in self.ds.map_shapes] != [(p, p) for p in self.quantizer.sizes]:
             raise TrainError(f"{cfg.tokens}: map shapes {self.ds.map_shapes} differ from the tokenizer's "
@@ -338,9 +340,13 @@ def train(cfg: TransformerTrainConfig, *, progress: Optional[Callable[[int, int,
 
 
 def _train(cfg: TransformerTrainConfig, d: Dist, progress) -> TrainReport:
+    from ..previews import Samples
+    from ..tblog import perf_scalars
+
     tr = Trainer(cfg, dist_=d)
     start, t0, tokens, rec, val = tr.step_, time.perf_counter(), 0, {}, None
-    run_log = RunLog(tr.out, start, main=d.main)
+    run_log = RunLog(tr.out, start, main=d.main, log=cfg.log, config=cfg.to_dict())
+    samples = Samples(tr, cfg.log_images)
     try:
         with preemptible(cfg.term_grace):
             while tr.step_ < cfg.steps:
@@ -350,11 +356,13 @@ def _train(cfg: TransformerTrainConfig, d: Dist, progress) -> TrainReport:
                 n_tok = batch[0].numel() * d.world
                 tokens += n_tok
                 rec["tokens_per_s"] = round(n_tok / max(time.perf_counter() - ts, 1e-9), 1)
+                # the curves' images/s and CUDA memory; tokens/s is the record's own
+                perf = perf_scalars(tr.device, time.perf_counter() - ts, batch[0].shape[0] * d.world)
                 step = tr.step_
                 if step % cfg.val_every == 0 or step == cfg.steps:
                     val = tr.validate()
-                run_log.write(rec, *([val] if val is not None and val["step"] == step else []))
-                run_log.end_step(step, cfg.steps, cfg.ckpt_every, tr.save, plot_log)
+                run_log.write(rec, *([val] if val is not None and val["step"] == step else []), perf=perf)
+                run_log.end_step(step, cfg.steps, cfg.ckpt_every, tr.save, plot_log, images=samples)
                 if progress is not None and d.main:
                     progress(step, cfg.steps, rec)
                 run_log.stop_if_terminated(step, tr.save, plot_log, d, tr.device)
