@@ -24,7 +24,7 @@ from typing import Optional
 from .checksum import file_sha256
 from .errors import ConfigError
 from .options import opt
-from .pretrained import CONFIG, TOKENIZER, ModelFolderError, is_model_folder
+from .pretrained import CONFIG, MODEL_FOLDER, TOKENIZER, ModelFolderError, is_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,13 @@ def export_model(cfg: ExportModelConfig) -> ExportModelReport:
     from .runs import RunError, checkpoint_kind, latest_checkpoint, load_checkpoint
 
     t0 = time.perf_counter()
-    if cfg.out.exists() and any(cfg.out.iterdir()) and not (cfg.overwrite and is_model_folder(cfg.out)):
-        what = "a model folder; pass --overwrite to replace it" if is_model_folder(cfg.out) else \
-            "not empty and not a model folder; choose another --out"
-        raise ModelFolderError(cfg.out, what)
     try:
         path = latest_checkpoint(cfg.run)
         ckpt = load_checkpoint(path)
     except RunError as e:
         raise ConfigError(f"RUN {e}") from None
+    if MODEL_FOLDER.claim(cfg.out, overwrite=cfg.overwrite) == "ours":
+        raise ModelFolderError(cfg.out, "is a model folder already; pass --overwrite to replace it")
     kind = checkpoint_kind(ckpt)
     source = {"checkpoint": str(path.resolve()), "sha256": file_sha256(path), "step": int(ckpt.get("step", 0))}
     if kind.startswith("tokenizer"):

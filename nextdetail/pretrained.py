@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Dict, Optional
 from . import __version__
 from .errors import PathError
 from .stores.atomic import atomic_write, write_bytes_atomic
+from .stores.journal import OutputFolder
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +51,10 @@ KINDS = {"tokenizer": "tokenizer (nextdetail train-tokenizer)", "transformer": "
 
 class ModelFolderError(PathError):
     """A model folder that cannot be used as asked; str is one line naming it."""
+
+
+# A model folder as an output (nextdetail.stores.journal): --overwrite replaces exactly these.
+MODEL_FOLDER = OutputFolder("model folder", (WEIGHTS, CONFIG, CARD, TOKENIZER), ModelFolderError, mark=CONFIG)
 
 
 def is_model_folder(path) -> bool:

@@ -70,9 +70,8 @@ class Samples:
         if self.n <= 0:
             return {}
         if self.tok is None:
-            src = tr.tok_ckpt          # a run's checkpoint file, or an exported model folder
-            load = Tokenizer.from_pretrained if src.is_dir() else Tokenizer.from_checkpoint
-            self.tok = load(src, map_location=tr.device).eval()
+            # a run's checkpoint file, or an exported model folder
+            self.tok = Tokenizer.from_pretrained(tr.tok_ckpt, map_location=tr.device)
         C = tr.mcfg.num_classes
         labels = (torch.arange(self.n) % C if C > 0 else torch.full((self.n,), -1)).to(tr.device)
         with untouched(tr.model, tr.device):
