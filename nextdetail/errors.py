@@ -56,7 +56,9 @@ class PathError(NextDetailError, ValueError):
     """Something wrong with a file or folder: str is "<path>: <reason>"."""
 
     def __init__(self, path, reason: str):
-        self.path, self.reason = Path(path), reason
+        # a URL (s3://...) stays as it is: Path() would fold its "//"
+        self.path = path if isinstance(path, Path) or "://" in str(path) else Path(path)
+        self.reason = reason
         super().__init__(f"{path}: {reason}")
 
     def __reduce__(self):   # pickles with its two arguments (Ray sends worker errors home)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .errors import ConfigError
+from .storage import as_path
 
 _MISSING = dataclasses.MISSING
 
@@ -179,7 +180,7 @@ def add_options(parser, cls, *, skip: tuple = ()) -> None:
                 if "choices" not in o:
                     o.setdefault("metavar", {int: "N", float: "X", str: f.name.upper()}[kind])
             elif kind is Path:
-                o["type"] = Path
+                o["type"] = as_path          # a local Path, or a URL (s3://...) as a UPath
             elif typing.get_origin(kind) is tuple:
                 o["type"] = int_tuple
                 o.setdefault("metavar", "N,N,...")

@@ -23,12 +23,11 @@ import fnmatch
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 from ..errors import PathError
+from ..storage import as_path, is_url, remove_tree
 from .atomic import write_bytes_atomic
 from .lock import folder_lock
 
@@ -55,12 +54,8 @@ class OutputFolder:
     def state(self, path) -> str:
         """'new' (absent, or holding dot names only), 'ours' (holds one of the kind's entries)
         or 'foreign'; the error when path is a file."""
-        path = Path(path)
-        if not path.exists():
-            return "new"
-        if not path.is_dir():
-            raise self.error(path, f"exists and is not a folder; choose another {self.option}")
-        names = {n for n in os.listdir(path) if not n.startswith(".")}
+        path = as_path(path)
+        names = {n for n in _names(path, self) if not n.startswith(".")}
         if not names:
             return "new"
         return "ours" if any(self.owns(n) for n in names) else "foreign"
@@ -87,10 +82,11 @@ class OutputFolder:
 
     def remove(self, path) -> None:
         """Remove the kind's entries from path, and nothing else."""
-        for name in sorted(n for n in os.listdir(path) if self.owns(n)):
-            p = Path(path) / name
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
+        path = as_path(path)
+        for name in sorted(n for n in _names(path, self) if self.owns(n)):
+            p = path / name
+            if is_url(p) or (p.is_dir() and not p.is_symlink()):
+                remove_tree(p)          # an object store's "folder" is a prefix: every object under it
             else:
                 p.unlink(missing_ok=True)
 
@@ -99,11 +95,30 @@ class OutputFolder:
         return folder_lock(path, self.noun, self.option)
 
 
+def _names(path, kind: OutputFolder) -> List[str]:
+    """The names directly in folder `path` ([] when absent: on object storage, no object under
+    the prefix); the kind's error when path is a file."""
+    if is_url(path):
+        fs = path.fs
+        try:
+            entries = fs.ls(path.path, detail=True)
+        except FileNotFoundError:
+            return []
+        if len(entries) == 1 and entries[0]["type"] == "file" and entries[0]["name"].rstrip("/") == path.path.rstrip("/"):
+            raise kind.error(path, f"exists and is not a folder; choose another {kind.option}")
+        return [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries]
+    if not path.exists():
+        return []
+    if not path.is_dir():
+        raise kind.error(path, f"exists and is not a folder; choose another {kind.option}")
+    return os.listdir(path)
+
+
 def recorded(path, settings: Mapping) -> Optional[dict]:
     """The settings recorded in the JSON file `path`, or None after recording `settings` there
     (a new folder). Several writers may record the same settings at once: the atomic rename makes
     the last whole copy win."""
-    path = Path(path)
+    path = as_path(path)
     if path.is_file():
         return json.loads(path.read_text())
     write_bytes_atomic(path, json.dumps(dict(settings), indent=1).encode())

@@ -16,6 +16,13 @@ flock can be taken was left by a dead job:
   - this host, pid dead or reused, or unreadable content -> take it over in place, with a warning;
   - this host, pid alive     -> refuse (a holder whose flock did not carry, e.g. on some NFS).
 Release unlinks the file only if the name is still our inode, then closes the fd.
+
+On object storage (a URL) there is no flock and no link, and the holder's host is usually
+another pod: the lock is an object created with an exclusive PUT (S3's If-None-Match: *), and a
+lease. Its holder rewrites it every LEASE_RENEW seconds from a daemon thread; a lock not renewed
+for LEASE seconds (its object's server-side modification time) belongs to a job that died
+(preempted, killed, its node lost) and is taken over with a warning, as is one of this host whose
+pid is gone. A live holder is refused, naming it. Release deletes the object if it is still ours.
 """
 from __future__ import annotations
 
@@ -27,12 +34,14 @@ import os
 import secrets
 import socket
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 from ..errors import PathError
+from ..storage import as_path, is_url, write_once
 
 LOCK = ".nextdetail.lock"
 _TRIES = 20          # a lock released or taken over between our steps: look again, boundedly
@@ -78,7 +87,7 @@ def _parse(data: bytes) -> Optional[dict]:
 def read_lock(folder) -> Optional[dict]:
     """The lock record of `folder`, or None if there is none or it is unreadable. Takes no lock."""
     try:
-        return _parse((Path(folder) / LOCK).read_bytes())
+        return _parse((as_path(folder) / LOCK).read_bytes())
     except OSError:
         return None
 
@@ -172,11 +181,97 @@ def _acquire(folder: Path, what: str, option: str) -> int:
                        f"wait for it to end, or choose another {option}")
 
 
+LEASE, LEASE_RENEW = 120.0, 30.0       # seconds; a renewal is one small PUT
+
+
+def _record(**extra) -> bytes:
+    return json.dumps({
+        "host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(" ".join(sys.argv).split())[:300], **extra}).encode()
+
+
+def _age(fs, path: str) -> Optional[float]:
+    """Seconds since the object was last written (the server's clock), None if unknown."""
+    info = fs.info(path)
+    modified = info.get("LastModified") or info.get("mtime") or info.get("updated")
+    if isinstance(modified, str):
+        modified = datetime.datetime.fromisoformat(modified.replace("Z", "+00:00"))
+    if isinstance(modified, (int, float)):
+        return time.time() - modified
+    if isinstance(modified, datetime.datetime):
+        return (datetime.datetime.now(datetime.timezone.utc) - modified).total_seconds()
+    return None
+
+
+@contextmanager
+def _url_lock(folder, what: str, option: str):
+    lockpath = folder / LOCK
+    fs, key = lockpath.fs, lockpath.path
+    token = secrets.token_hex(8)
+    content = _record(token=token)
+    info = None
+    for _ in range(_TRIES):
+        try:
+            write_once(lockpath, content, exclusive=True)
+            break
+        except FileExistsError:
+            pass
+        try:
+            info, age = _parse(fs.cat_file(key)), _age(fs, key)
+        except FileNotFoundError:            # released meanwhile: create it
+            continue
+        same_host = info is not None and info["host"] == socket.gethostname()
+        expired = age is not None and age > LEASE
+        if not (expired or info is None or (same_host and not _alive(info))):
+            raise FolderLocked(folder, f"another nextdetail job is writing this {what} (pid "
+                               f"{_show(info, 'pid')} on {_show(info, 'host')}, started {_show(info, 'started')}: "
+                               f"{_show(info, 'command')}; lease renewed {age or 0:.0f} s ago); wait for it to "
+                               f"end, or choose another {option}")
+        log.warning("%s: took over the lock of pid %s on %s (started %s), %s", folder, _show(info, "pid"),
+                    _show(info, "host"), _show(info, "started"),
+                    "whose lease ran out" if expired else "which is no longer running")
+        fs.rm_file(key)
+    else:
+        raise FolderLocked(folder, f"cannot take the lock {lockpath}: other jobs keep taking it; choose another "
+                                   f"{option}")
+    stop = threading.Event()
+
+    def renew():
+        while not stop.wait(LEASE_RENEW):
+            try:
+                held = _parse(fs.cat_file(key))
+                if held is None or held.get("token") != token:
+                    log.warning("%s: the lock was taken over by another job", folder)
+                    return
+                write_once(lockpath, content)
+            except Exception as e:  # noqa: BLE001 - a missed renewal is retried; the job goes on
+                log.info("%s: renewing the lock failed (%s)", folder, e)
+
+    thread = threading.Thread(target=renew, name="nextdetail-lock-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        try:
+            held = _parse(fs.cat_file(key))
+            if held is not None and held.get("token") == token:
+                fs.rm_file(key)
+        except Exception as e:  # noqa: BLE001 - the server gone: the lease runs out by itself
+            log.info("%s: releasing the lock failed (%s); it expires in %.0f s", folder, e, LEASE)
+
+
 @contextmanager
 def folder_lock(folder, what: str, option: str = "--out"):
     """Hold the exclusive lock on `folder` (created if missing) for the block; raise
     FolderLocked if another job holds it. `what` ("store", "token store", "run") and `option`
     (the option naming the folder) only word the message."""
+    if is_url(folder):
+        with _url_lock(as_path(folder), what, option):
+            yield
+        return
     folder = Path(folder)
     lockpath = folder / LOCK
     created = not folder.exists()

@@ -1,0 +1,217 @@
+"""Where files live: a local folder or any fsspec URL (s3://, gs://, az://, hf://, ...), one way.
+
+Every path the project takes (SRC, STORE, TOKENS, RUN, a model folder) goes through `as_path`: a
+local path stays a `pathlib.Path`, a URL becomes a `upath.UPath` (universal_pathlib, fsspec's
+pathlib), so the code that joins, lists, stats, reads and writes folders is the same for both.
+What differs, object stores having no rename, no append and no flock, is asked with `is_local`
+and handled where it matters (stores/atomic.py, stores/lock.py, stores/shard_journal.py).
+
+Credentials and endpoints are the back-end's own: for S3 the AWS environment variables
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION) and ~/.aws, exactly as
+boto3, s3fs and pyarrow read them; for GCS, GOOGLE_APPLICATION_CREDENTIALS. Anything else is
+fsspec's storage_options, given once as `--storage-options JSON` (or the NEXTDETAIL_STORAGE_OPTIONS
+environment variable, which the CLI sets so that child processes and Ray workers see the same).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path, PurePath
+from typing import Optional, Tuple
+
+STORAGE_OPTIONS_ENV = "NEXTDETAIL_STORAGE_OPTIONS"
+
+# The variables that point a client at its storage and sign its requests: the driver's are given
+# to Ray workers (ray_job.runtime_env), so a worker on another node reaches the same bucket.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+                 "GOOGLE_APPLICATION_CREDENTIALS", STORAGE_OPTIONS_ENV)
+
+# S3's client retries throttling (503 SlowDown), 500s and dropped connections with backoff
+# ("standard" mode: exponential with jitter); 10 attempts ride out a busy bucket for ~20 s.
+# AWS_MAX_ATTEMPTS and AWS_RETRY_MODE change them, as they do for boto3.
+S3_MAX_ATTEMPTS = 10
+
+
+def is_url(path) -> bool:
+    """True for 'scheme://...' other than file://, whatever the object (str, Path, UPath)."""
+    if isinstance(path, Path):
+        return False
+    text = str(path)
+    scheme, sep, _ = text.partition("://")
+    # "C://x" is a Windows drive, not a scheme; fsspec's chained URLs ("simplecache::s3://") count
+    return bool(sep) and len(scheme) > 1 and all(c.isalnum() or c in "+-.:" for c in scheme) \
+        and scheme.lower() not in ("file", "local")
+
+
+def is_local(path) -> bool:
+    return not is_url(path)
+
+
+def storage_options(protocol: Optional[str] = None) -> dict:
+    """fsspec storage_options for `protocol`: ours for S3 (retries), then --storage-options'."""
+    text = os.environ.get(STORAGE_OPTIONS_ENV)
+    user = {}
+    if text:
+        try:
+            user = json.loads(text)
+        except ValueError as e:
+            from .errors import ConfigError
+            raise ConfigError(f"--storage-options: not JSON ({e})") from None
+        if not isinstance(user, dict):
+            from .errors import ConfigError
+            raise ConfigError("--storage-options: must be a JSON object of fsspec storage options")
+    base = {}
+    if protocol in ("s3", "s3a"):
+        retries = {"max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", S3_MAX_ATTEMPTS)),
+                   "mode": os.environ.get("AWS_RETRY_MODE", "standard")}
+        base["config_kwargs"] = {"retries": retries, "connect_timeout": 10, "read_timeout": 60}
+        # The endpoint is also part of fsspec's cache key of file systems: a long-lived process
+        # (a Ray worker) told of another endpoint must not reuse a client of the old one.
+        url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if url:
+            base["endpoint_url"] = url
+    # Another process may write what we list (workers write shards the driver then lists):
+    # a listing is always asked of the server, never of fsspec's cache.
+    base["use_listings_cache"] = False
+    base.update(user)
+    return base
+
+
+def set_storage_options(text: Optional[str]) -> None:
+    """The CLI's --storage-options: checked, then put where child processes and Ray find it."""
+    if text:
+        os.environ[STORAGE_OPTIONS_ENV] = text
+        storage_options()          # refuse bad JSON now, naming the option
+
+
+def as_path(path):
+    """`path` as a Path (local) or a UPath (URL, with storage_options); a UPath stays as it is."""
+    if isinstance(path, PurePath) and not is_url(path):
+        return path
+    if not is_url(path):
+        return Path(path)
+    from upath import UPath
+
+    if isinstance(path, UPath):
+        return path
+    text = str(path)
+    protocol = text.partition("://")[0].lower()
+    return UPath(text, **storage_options(protocol))
+
+
+def filesystem(path) -> Tuple[object, str]:
+    """(fsspec file system, its path) of a URL or a local path."""
+    p = as_path(path)
+    if is_url(p):
+        return p.fs, p.path
+    from fsspec.implementations.local import LocalFileSystem
+    return LocalFileSystem(), str(p)
+
+
+def absolute(path) -> str:
+    """What a Ray worker on another node is told: a URL as it is, a local path resolved."""
+    return str(path) if is_url(path) else str(Path(path).resolve())
+
+
+def write_once(path, data: bytes, *, exclusive: bool = False) -> None:
+    """Write a whole object (or file) in one request: on object storage a PUT is atomic (a
+    reader sees the old object, none, or the new one whole). exclusive: fail with
+    FileExistsError when the name exists (S3's If-None-Match, GCS's generation match)."""
+    p = as_path(path)
+    fs, fpath = p.fs, p.path
+    if exclusive:
+        try:
+            fs.pipe_file(fpath, data, mode="create")
+        except TypeError:          # a back-end without an exclusive create: check, then write
+            if fs.exists(fpath):
+                raise FileExistsError(str(p)) from None
+            fs.pipe_file(fpath, data)
+        except OSError as e:
+            if _precondition_failed(e):
+                raise FileExistsError(str(p)) from None
+            raise
+    else:
+        fs.pipe_file(fpath, data)
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e}"
+    return "PreconditionFailed" in text or "412" in text or isinstance(e, FileExistsError)
+
+
+def size(path) -> Optional[int]:
+    """The size of a file or object in bytes, None when absent."""
+    p = as_path(path)
+    try:
+        if is_url(p):
+            info = p.fs.info(p.path)
+            return None if info.get("type") == "directory" else int(info["size"])
+        return p.stat().st_size if p.is_file() else None
+    except FileNotFoundError:
+        return None
+
+
+def sizes(folder) -> dict:
+    """{name: size} of the files directly in `folder` ({} when absent), in one listing (one
+    request per 1,000 objects on S3, instead of one per file)."""
+    p = as_path(folder)
+    if not is_url(p):
+        if not p.is_dir():
+            return {}
+        out = {}
+        with os.scandir(p) as it:
+            for e in it:
+                if e.is_file():
+                    out[e.name] = e.stat().st_size
+        return out
+    try:
+        entries = p.fs.ls(p.path, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+            for e in entries if e.get("type") == "file"}
+
+
+def remove_tree(path) -> None:
+    """Remove a folder (every object under a prefix), if there."""
+    p = as_path(path)
+    if is_url(p):
+        try:
+            p.fs.rm(p.path, recursive=True)
+        except FileNotFoundError:
+            pass
+    else:
+        import shutil
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def copy(src, dst) -> None:
+    """Copy a file within one file system; on object storage a server-side copy (no bytes pass
+    through this process)."""
+    s, d = as_path(src), as_path(dst)
+    if is_url(s):
+        s.fs.copy(s.path, d.path)
+    else:
+        import shutil
+        shutil.copyfile(s, d)
+
+
+def endpoint(path) -> str:
+    """The server a URL's requests go to, for messages: the S3 endpoint when one is set."""
+    p = as_path(path)
+    if is_url(p):
+        url = None
+        client_kwargs = (getattr(p.fs, "client_kwargs", None) or {})
+        url = client_kwargs.get("endpoint_url") or getattr(p.fs, "endpoint_url", None)
+        if not url and p.protocol in ("s3", "s3a"):
+            url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return url or f"{p.protocol}://"
+    return "local disk"
+
+
+def bucket(path) -> str:
+    """The bucket (or container) a URL names: 's3://b/x/y' -> 's3://b'."""
+    text = str(path)
+    scheme, _, rest = text.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
