@@ -13,6 +13,8 @@ here that runs it; errors are reported once, in `main`, as one line and the erro
     nextdetail upscale IMAGE... --run RUN2 --out DIR [--scale 4 --prefix K --overlap --reference REF...]
     nextdetail edit RUN2 --out DIR --edit recolor|relight [--n 4 --variants 2 --gains 0,0.5,2]
     nextdetail eval-samples SAMPLES [--ref REF --inception-weights FILE --save-stats FILE --offline]
+    nextdetail info PATH... [--json]
+    nextdetail view PATH... [--host 127.0.0.1 --port 0 --tokenizer RUN]
 
 Exit statuses: nextdetail.errors.EXIT_STATUS, shown by every command's --help.
 """
@@ -32,6 +34,7 @@ from .commands import COMMANDS
 from .errors import INTERRUPTED, JOB_FAILED, PARTIAL, PREEMPTED, NextDetailError
 from .faults import Preempted, cause_line, terminable
 from .options import add_options, build
+from .storage import is_url, set_storage_options, storage_error
 
 PROG = "nextdetail"
 
@@ -192,6 +195,23 @@ def cmd_eval_samples(cfg, args) -> int:
     return 0
 
 
+def cmd_info(cfg, args) -> int:
+    import json
+
+    from .info import inspect
+
+    infos = [inspect(p) for p in cfg.paths]         # every PATH is checked before anything is printed
+    for info in infos:
+        print(json.dumps(info.to_json()) if cfg.json else "\n".join(info.lines()))
+    return 0
+
+
+def cmd_view(cfg, args) -> int:
+    from .view.serve import serve
+
+    return serve(cfg)
+
+
 # --------------------------------------------------------------------------- entry point
 
 class UsageError(NextDetailError):
@@ -220,6 +240,10 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=c.help, description=c.description, epilog=c.exit_statuses())
         if name == command:
             add_options(p, c.config_class())
+            p.add_argument("--storage-options", metavar="JSON", default=None,
+                           help="fsspec storage options for paths that are URLs (s3://, gs://, ...), as a JSON "
+                                "object; credentials and endpoints come from the back-end's own environment "
+                                "variables and files (AWS_ENDPOINT_URL, ~/.aws, ...) without it")
     return parser
 
 
@@ -234,8 +258,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args = build_parser(command).parse_args(argv)
             logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                                 format="%(name)s: %(levelname)s: %(message)s")
+            set_storage_options(getattr(args, "storage_options", None))
             cfg = build(COMMANDS[args.command].config_class(), args)
-            return globals()[f"cmd_{args.command.replace('-', '_')}"](cfg, args)
+            try:
+                return globals()[f"cmd_{args.command.replace('-', '_')}"](cfg, args)
+            except Exception as e:        # object storage unreachable or refusing us: say which, once
+                failure = storage_error(e, [v for v in vars(cfg).values() if is_url(v)])
+                if failure is None:
+                    raise
+                raise failure from e
         except NextDetailError as e:
             print(f"{name}: error: {e}", file=sys.stderr)
             return e.exit_status

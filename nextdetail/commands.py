@@ -126,4 +126,21 @@ COMMANDS = {
         "weights: --inception-weights FILE, else the torch hub cache, else downloaded there unless "
         "--offline.",
         "nextdetail.evaluation.fidelity:EvalSamplesConfig"),
+    "info": Command(
+        "what a path is (store, token store, run, model folder, .npz) and its vital facts",
+        "Say in a few lines what each PATH is: a decomposition store (images ok and error, method, order, "
+        "size, AT parameters, shards, bytes per image, the first error rows), a token store (rows, tokens "
+        "per row, its tokenizer's sha256, codebook usage per map), a tokenizer or transformer run (steps "
+        "done, last losses, checkpoints), a model folder, an ADM .npz, or the output folder of sample, "
+        "upscale, edit or eval-tokenizer. Reads only; a store another job is writing is described as it "
+        "stands. --json prints one JSON object a line, for scripts.",
+        "nextdetail.info:InfoConfig"),
+    "view": Command(
+        "a local web page over stores, token stores, runs and their outputs",
+        "Serve a read-only web page (http://127.0.0.1 on a free port, printed) over each PATH: a decomposition "
+        "store's paged thumbnail grid (filter by status, class, label; sort by AT energy) and each image's "
+        "bases, details and manifest row; a token store's maps as pictures and codebook-usage histograms "
+        "(decoded per depth with --tokenizer); a run's loss curves, samples and strips. It serves only "
+        "what lies inside the PATHs, writes nothing and takes no lock. Stop it with Ctrl-C.",
+        "nextdetail.view.config:ViewConfig"),
 }

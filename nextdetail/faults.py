@@ -58,8 +58,12 @@ def writing(path):
 
 
 def machine_error(e: BaseException) -> bool:
-    """True for a full disk, a read-only file system, no file handles or no memory."""
-    return isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno in MACHINE_ERRNOS)
+    """True for a full disk, a read-only file system, no file handles or no memory, and for
+    object storage that cannot be reached or refuses our credentials (nextdetail.storage)."""
+    from .storage import storage_failure
+
+    return isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno in MACHINE_ERRNOS) or \
+        storage_failure(e) is not None
 
 
 def root_cause(e: BaseException) -> BaseException:

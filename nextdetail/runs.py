@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import shutil
 import pickle
 import re
@@ -36,6 +35,7 @@ from .errors import ConfigError, NextDetailError, first_line
 from .faults import Preempted, deferred_term, term_requested, terminable, writing
 from .limits import check_max_memory, memory_opt
 from .options import check_int, opt, option_name
+from .storage import as_path
 from .stores import atomic_write, write_bytes_atomic
 from .stores.journal import OutputFolder, differences
 from .tblog import LOGGERS, TB, WANDB, Board, check_loggers
@@ -172,12 +172,12 @@ def folder_kind(path) -> str:
     """What a path holds, from its names alone (nothing is read): 'a decomposition store', 'a
     token store', 'a training run', 'an empty folder', 'a folder', 'a file', 'nothing'; for
     messages that say what a command was given and what it needs."""
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         return "nothing (no such file or folder)"
     if path.is_file():
         return "a file"
-    names = {n for n in os.listdir(path) if not n.startswith(".")}
+    names = {p.name for p in path.iterdir() if not p.name.startswith(".")}
     if not names:
         return "an empty folder"
     if "bases.zarr" in names or "layers.zarr" in names:
@@ -224,13 +224,16 @@ T = TypeVar("T")
 
 def run_training(cfg: RunConfig, body: Callable[["Dist"], T]) -> T:
     """Both trainers' entry point: body(d) in this process's place of torchrun's world (or alone),
-    rank 0 holding the run folder's lock (RUN.lock) for the whole run."""
+    rank 0 holding the run folder's lock (RUN.lock, on the URL itself for a run on object
+    storage, which trains in a local mirror: nextdetail.run_mirror) for the whole run."""
     from .distributed import run
 
     check_loggers(cfg.log)          # a missing wandb is refused before any work
 
     def locked(d):
-        with RUN.lock(cfg.out) if d.main else nullcontext():
+        from .run_mirror import mirrored         # a run on a URL trains in a local mirror
+
+        with RUN.lock(cfg.out) if d.main else nullcontext(), mirrored(cfg.out, cfg.resume, d.rank):
             return body(d)
 
     return run(cfg.device, locked)
@@ -313,6 +316,8 @@ class RunLog:
                     self.board.images(step, drawn)
             with writing(self.out / TB):
                 self.board.flush()
+            from .run_mirror import sync
+            sync(self.out)              # a run on a URL: the checkpoint, then the rest, uploaded
 
     def _checkpoint(self, step: int, save: Callable[[], object], plot: Callable[[Path], object]) -> None:
         import time

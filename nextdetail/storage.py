@@ -215,3 +215,89 @@ def bucket(path) -> str:
     text = str(path)
     scheme, _, rest = text.partition("://")
     return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+def open_input(path, block_size: int = 8 << 20):
+    """A binary file object to read `path` (a local file, or an object read by ranges with a
+    read-ahead of block_size bytes: a Parquet footer, a tar's headers, an image, whole)."""
+    if not is_url(path):
+        return open(path, "rb")
+    p = as_path(path)
+    return p.fs.open(p.path, "rb", block_size=block_size)
+
+
+def read_bytes(path) -> bytes:
+    """A whole file or object, in one read (one GET)."""
+    if not is_url(path):
+        with open(path, "rb") as f:
+            return f.read()
+    p = as_path(path)
+    return p.fs.cat_file(p.path)
+
+
+def find_files(folder) -> list:
+    """Every file under `folder`, as (path relative to it with '/', full URL or path), sorted by
+    relative path. On object storage one paginated listing of the prefix (a request per 1,000
+    objects), never a request per folder."""
+    p = as_path(folder)
+    base = p.path.rstrip("/") + "/"
+    found = p.fs.find(p.path, withdirs=False)
+    protocol = p.protocol
+    out = []
+    for key in found:
+        if key.startswith(base):
+            rel = key[len(base):]
+            out.append((rel, f"{protocol}://{key}"))
+    out.sort()
+    return out
+
+
+# ----------------------------------------------------------------------------- failures
+
+_UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionClosedError",
+                "ServerDisconnectedError", "Could not connect to the endpoint URL")
+_DENIED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "ExpiredToken",
+           "InvalidToken", "NoCredentialsError", "Unable to locate credentials", "403")
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while isinstance(e, BaseException) and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__ or getattr(e, "cause", None)
+
+
+def storage_failure(e: BaseException):
+    """'unreachable' when object storage could not be reached (its endpoint down, the network
+    gone), 'denied' when it refused our credentials, else None. Read from the exception chain,
+    and from its text, since Ray hands a worker's error home as text."""
+    for x in _chain(e):
+        text = f"{type(x).__name__}: {x}"
+        if any(k in text for k in _UNREACHABLE):
+            return "unreachable"
+        if (isinstance(x, PermissionError) or "ClientError" in type(x).__name__ or "botocore" in text
+                or "s3fs" in text) and any(k in text for k in _DENIED):
+            return "denied"
+        if type(x).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+            return "denied"
+    return None
+
+
+def storage_error(e: BaseException, urls=()):
+    """The one-line error for a storage failure (see storage_failure), or None: a JobError (exit
+    3: rerun once the endpoint is back) naming the endpoint, or a NextDetailError (exit 2: fix the
+    credentials) naming the bucket. urls: the command's URLs, to name the right bucket."""
+    from .errors import JobError, NextDetailError
+
+    kind = storage_failure(e)
+    if kind is None:
+        return None
+    urls = [u for u in urls if is_url(u)]
+    if kind == "unreachable":
+        where = endpoint(urls[0]) if urls else (os.environ.get("AWS_ENDPOINT_URL") or "the storage endpoint")
+        return JobError(f"cannot reach the object storage at {where}; rerun the same command once it is back "
+                        f"(nothing done is lost)")
+    buckets = sorted({bucket(u) for u in urls}) or ["the bucket"]
+    return NextDetailError(f"{', '.join(buckets)}: access denied with these credentials (AWS_ACCESS_KEY_ID, "
+                           f"AWS_SECRET_ACCESS_KEY, ~/.aws, or --storage-options); check them and rerun")

@@ -88,3 +88,35 @@ def kill_cli_when(argv, ready, what: str, timeout: float = 240, sig=signal.SIGKI
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One S3-protocol server on 127.0.0.1 for the session (moto's, tests/s3_server.py)."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e .[test])")
+    pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e .[test])")
+    from s3_server import S3Server
+
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+_BUCKETS = iter(range(1, 1 << 30))
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A fresh bucket on the session's S3 server; the code under test finds the server only
+    through the standard AWS environment variables. Yields the server; `s3.bucket` is 's3://NAME'."""
+    from s3_server import make_bucket
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("NEXTDETAIL_STORAGE_OPTIONS", raising=False)
+    name = f"test-{os.getpid()}-{next(_BUCKETS)}"
+    make_bucket(name)
+    s3_server.bucket = f"s3://{name}"
+    s3_server.reset_counts()
+    s3_server.throttle = 0
+    yield s3_server

@@ -38,6 +38,22 @@ ATTEMPTS = "_attempts"
 CRASH_HOOK_ENV = "NEXTDETAIL_TEST_CRASH_ON"
 
 
+def journal_folder(run_folder) -> Path:
+    """Where the attempt journals of a job's run live: its run folder's ATTEMPTS, or, when the
+    output is on object storage (which has no append), a folder on the worker's own node keyed
+    by the run folder's URL. Ray restarts a dead actor on any node, so a death on another node
+    is not counted there: at most one more attempt per node, still a bounded number."""
+    from ..storage import is_url
+
+    if not is_url(run_folder):
+        return Path(run_folder) / ATTEMPTS
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(str(run_folder).encode()).hexdigest()[:20]
+    return Path(tempfile.gettempdir()) / "nextdetail-attempts" / key
+
+
 def crash_hook() -> Optional[str]:
     return os.environ.get(CRASH_HOOK_ENV) or None
 

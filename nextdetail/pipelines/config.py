@@ -14,6 +14,7 @@ from ..errors import ConfigError
 from ..imageio import DEFAULT_MAX_PIXELS
 from ..limits import Need, check_max_memory, check_memory, memory_opt
 from ..options import check_int, nested, opt
+from ..storage import as_path
 from ..stores.decomposition_format import StoreParams
 from ..stores.shards import SHARD_IMAGES
 from .attempts import DEFAULT_MAX_ATTEMPTS
@@ -98,8 +99,9 @@ class DecomposeDatasetConfig(RayJobConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        object.__setattr__(self, "src", Path(self.src))
-        object.__setattr__(self, "out", Path(self.out))
+        # a path, or a URL of object storage (nextdetail.storage)
+        object.__setattr__(self, "src", as_path(self.src))
+        object.__setattr__(self, "out", as_path(self.out))
         for name in ("size", "order", "batch_size", "shard_images", "max_pixels"):
             check_int(name, getattr(self, name))
         if self.backend not in BACKENDS:
@@ -120,7 +122,7 @@ class DecomposeDatasetConfig(RayJobConfig):
         names = None
         if self.class_names is not None:
             try:
-                lines = Path(self.class_names).read_text(encoding="utf-8").splitlines()
+                lines = as_path(self.class_names).read_text(encoding="utf-8").splitlines()
             except (OSError, UnicodeDecodeError) as e:
                 raise ConfigError(f"--class-names {self.class_names}: cannot read it ({e})") from None
             names = tuple(line.strip() for line in lines if line.strip())

@@ -35,7 +35,8 @@ from ..stores.lock import folder_lock
 from ..stores.shard_journal import commit_shards
 from ..stores.store_check import check_store
 from ..stores.store_plan import StorePlan, finish_store, plan_store
-from .attempts import ATTEMPTS, crash_hook
+from ..storage import absolute
+from .attempts import crash_hook, journal_folder
 from .config import DecomposeDatasetConfig
 from .ray_job import (Progress, RayJobReport, cluster_resources, job_failures, largest_node, quiet_data_context,
                       ray_session, resolve_workers)
@@ -114,7 +115,7 @@ def _dataset(plan: StorePlan, shards: List[int], cfg: DecomposeDatasetConfig, gp
         # the store's _parts) says an image killed it --max-attempts times: an error row.
         ds = ds.map_batches(read_source_images, batch_size=1, batch_format="numpy", num_cpus=1, max_retries=-1,
                             fn_kwargs={"size": plan.params.size, "max_pixels": cfg.max_pixels,
-                                       "journal": str((run_parts(plan.path, plan.run) / ATTEMPTS).resolve()),
+                                       "journal": str(journal_folder(run_parts(plan.path, plan.run)).resolve()),
                                        "max_attempts": cfg.max_attempts, "crash_on": crash_hook(),
                                        "image_column": cfg.image_column})
     # CPU actors read their own shards (read_size): the pixels stay in the process that
@@ -130,7 +131,7 @@ def _dataset(plan: StorePlan, shards: List[int], cfg: DecomposeDatasetConfig, gp
         # max_task_retries = -1); the worker's attempt journal makes an image that killed the
         # process --max-attempts times an error row, so the retries end (pipelines/attempts.py).
         num_cpus=1, num_gpus=gpus or None,
-        fn_constructor_kwargs={"store": str(plan.path.resolve()), "params": plan.params.to_dict(),
+        fn_constructor_kwargs={"store": absolute(plan.path), "params": plan.params.to_dict(),
                                "run": plan.run, "batch_size": cfg.batch_size, "threads": 1,
                                "read_size": None if gpus else plan.params.size, "max_pixels": cfg.max_pixels,
                                "max_attempts": cfg.max_attempts, "crash_on": crash_hook(),

@@ -24,10 +24,11 @@ from ..decomp import decompose
 from ..decomp.at import to_host
 from ..faults import machine_error
 from ..imageio import ImageError, load_image, load_image_bytes
+from ..storage import as_path, is_url, read_bytes
 from ..stores.decomposition_format import STATUS_ERROR, STATUS_OK, StoreParams, manifest_schema, run_parts
 from ..stores.shard_journal import staged_shard_file
 from ..stores.shards import quantize_bases, write_shard
-from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
+from .attempts import DEFAULT_MAX_ATTEMPTS, journal_folder, AttemptJournal, died_message, maybe_crash
 from .source_files import PARQUET, read_parquet_rows, read_tar_keys, source_file_kind
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ def read_batch(batch: Dict[str, np.ndarray], size: int, max_pixels: Optional[int
         try:
             with journal.attempt(item) if journal is not None else nullcontext():
                 maybe_crash(name, crash_on)
+                if data is None and is_url(name):      # an object: one GET of the whole file
+                    data = read_bytes(name)
                 images[j] = load_image(name, size, max_pixels=max_pixels) if data is None else \
                     load_image_bytes(data, name, size, max_pixels=max_pixels)
             errors.append("")
@@ -180,7 +183,7 @@ class DecomposeWorker:
             # One actor per CPU: more Numba threads than the actor's CPUs would oversubscribe.
             self.threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
             self._limit_threads()
-        self.store = Path(store)
+        self.store = as_path(store)
         self.parts, self.run = run_parts(store, run), int(run)
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.schema = manifest_schema(self.levels)
@@ -250,7 +253,7 @@ class DecomposeWorker:
         k, batch = shard_sources(row)
         index = batch["index"]
         n = len(index)
-        journal = AttemptJournal(self.parts / ATTEMPTS / f"shard-{k:07d}.log")
+        journal = AttemptJournal(journal_folder(self.parts) / f"shard-{k:07d}.log")
         if self.read_size is not None:
             batch = read_batch(batch, self.read_size, self.max_pixels, journal, self.max_attempts, self.crash_on,
                                self.image_column)

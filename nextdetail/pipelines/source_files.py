@@ -29,6 +29,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import NextDetailError, first_line
 from ..imageio import IMAGE_EXTENSIONS
+from ..storage import as_path, find_files, is_url, open_input
 from ..stores.decomposition_format import NO_LABEL, Source
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class SourceFileOptions:
 
 
 def is_glob(src) -> bool:
-    return any(c in str(src) for c in GLOB_CHARS) and not Path(src).exists()
+    return any(c in str(src) for c in GLOB_CHARS) and not as_path(src).exists()
 
 
 def source_file_kind(path: Path) -> Optional[str]:
@@ -60,6 +61,8 @@ def source_file_kind(path: Path) -> Optional[str]:
 
 def find_source_files(src) -> Tuple[Path, List[Path]]:
     """(root the ids are relative to, source files in sorted order) of a file, folder or glob."""
+    if is_url(src):
+        return _find_url_source_files(as_path(src))
     if is_glob(src):
         paths = sorted(Path(p) for p in glob.glob(str(src), recursive=True) if Path(p).is_file())
         base = str(src)[:min(str(src).find(c) for c in GLOB_CHARS if c in str(src))]
@@ -70,6 +73,29 @@ def find_source_files(src) -> Tuple[Path, List[Path]]:
         return src.parent, [src]
     paths = sorted(p for p in src.rglob("*") if p.is_file() and source_file_kind(p) and not _hidden(p, src))
     return src, paths
+
+
+def _find_url_source_files(src):
+    """The same for a URL: a glob (fsspec's, one listing), one object, or every source file under
+    a prefix (one paginated listing, not one request per folder)."""
+    text = str(src)
+    if any(c in text for c in GLOB_CHARS) and not src.exists():
+        base = text[:min(text.find(c) for c in GLOB_CHARS if c in text)]
+        root = as_path(base if base.endswith("/") else base.rsplit("/", 1)[0])
+        return root, sorted((as_path(f"{src.protocol}://{k}") for k in src.fs.glob(src.path)
+                             if src.fs.isfile(k)), key=str)
+    if src.is_file():
+        return src.parent, [src]
+    paths = [as_path(url) for rel, url in find_files(src)
+             if source_file_kind(Path(rel)) and not any(part.startswith(".") for part in rel.split("/"))]
+    return src, paths
+
+
+def _relative(path, root) -> str:
+    if is_url(path):
+        p, r = str(path), str(root).rstrip("/") + "/"
+        return p[len(r):] if p.startswith(r) else p
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -83,13 +109,13 @@ def iter_file_sources(root: Path, paths: Sequence[Path], kind: str, options: Sou
     appended to `failed` as "<file>: <reason>" and skipped."""
     index = 0
     for path in paths:
-        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+        rel = _relative(path, root)
         try:
             items = _parquet_items(path, options) if kind == PARQUET else _tar_items(path, options)
         except SourceFileError as e:
             failed.append(f"{path}: {e}")
             continue
-        where = str(path.resolve())
+        where = str(path) if is_url(path) else str(path.resolve())
         for member, label, class_name, problem in items:
             yield Source(index, f"{rel}#{member}", where, label, class_name, member=member, problem=problem)
             index += 1
@@ -117,10 +143,19 @@ def hf_class_names(schema, label_column: str) -> Optional[List[str]]:
 
 
 def _parquet_items(path: Path, options: SourceFileOptions) -> Iterator[tuple]:
+    try:
+        f = open_input(path)
+    except OSError as e:
+        raise SourceFileError(f"cannot open it ({first_line(e, typed=True)})") from None
+    with f:
+        return _parquet_file_items(f, options)
+
+
+def _parquet_file_items(f, options: SourceFileOptions) -> list:
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(f)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
         raise SourceFileError(f"cannot open it as Parquet ({first_line(e, typed=True)})") from None
     schema = pf.schema_arrow
@@ -156,9 +191,14 @@ def read_parquet_rows(path: str, rows: Sequence, image_column: str) -> Dict[obje
     """{row: image bytes, or an error string} for the given rows (int, or as the manifest's member
     column writes them, text) of one Parquet file; reads only the row groups that hold them, and only
     the image column."""
+    with open_input(path) as f:
+        return _parquet_rows(f, rows, image_column)
+
+
+def _parquet_rows(f, rows: Sequence, image_column: str) -> Dict[object, object]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(f)
     starts, at = [], 0
     for g in range(pf.num_row_groups):
         starts.append(at)
@@ -239,7 +279,16 @@ def _groups(tar: tarfile.TarFile) -> Iterator[Tuple[str, Dict[str, tarfile.TarIn
 
 def _tar_items(path: Path, options: SourceFileOptions) -> list:
     try:
-        tar = tarfile.open(path, mode="r:")
+        f = open_input(path)
+    except OSError as e:
+        raise SourceFileError(f"cannot open it as a tar ({first_line(e, typed=True)})") from None
+    with f:
+        return _tar_file_items(f, path, options)
+
+
+def _tar_file_items(f, path, options: SourceFileOptions) -> list:
+    try:
+        tar = tarfile.open(fileobj=f, mode="r:")
     except (tarfile.TarError, OSError) as e:
         raise SourceFileError(f"cannot open it as a tar ({first_line(e, typed=True)})") from None
     items = []
@@ -267,7 +316,7 @@ def read_tar_keys(path: str, keys: Sequence[str]) -> Dict[str, object]:
     """{key: image bytes, or an error string} for the given keys of one tar."""
     wanted = set(keys)
     out: Dict[str, object] = {}
-    with tarfile.open(path, mode="r:") as tar:
+    with open_input(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         try:
             for key, members in _groups(tar):
                 if key not in wanted:

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
 from ..errors import PathError
-from ..imageio import FolderError, walk_image_files
+from ..imageio import IMAGE_EXTENSIONS, FolderError, walk_image_files
+from ..storage import as_path, find_files, is_url, open_input
 from ..stores.decomposition_format import NO_LABEL, Source
 from .source_files import SourceFileOptions, find_source_files, is_glob, iter_file_sources, source_file_kind
 
@@ -95,9 +96,11 @@ def scan_source(src, options: Optional[SourceFileOptions] = None) -> SourceListi
     options = options or SourceFileOptions()
     if is_glob(src):
         return _source_files(src, options)
-    src = Path(src)
+    src = as_path(src)
+    if is_url(src):
+        _check_reachable(src)
     if src.is_dir():
-        items = _from_folder(src)
+        items = _from_url_folder(src) if is_url(src) else _from_folder(src)
         return SourceListing(FOLDER, src, _numbered(items)) if items else _source_files(src, options)
     if src.is_file():
         suffix = src.suffix.lower()
@@ -129,7 +132,8 @@ def _is_path_listing(src: Path, options: SourceFileOptions) -> bool:
     import pyarrow.parquet as pq
 
     try:
-        names = pq.read_schema(src).names
+        with open_input(src) as f:
+            names = pq.read_schema(f).names
     except Exception as e:  # not Parquet at all
         raise SourceError(src, f"cannot read it as Parquet ({e})") from None
     if options.image_column in names:
@@ -148,7 +152,7 @@ def _source_files(src, options: SourceFileOptions) -> SourceListing:
     if len(kinds) > 1:
         raise SourceError(src, "holds both Parquet files and tars; point SRC at one kind")
     listing = SourceListing(kinds.pop(), src, files=paths, root=root, options=options)
-    if not is_glob(src) and Path(src).is_file():
+    if not is_glob(src) and as_path(src).is_file():
         # One source file named as SRC: list it now (it is one file), and a problem with it is
         # a problem with SRC.
         failed: List[str] = []
@@ -179,14 +183,42 @@ def _from_folder(src: Path) -> list:
     return items
 
 
-def _resolve(listing: Path, written: str) -> str:
+def _check_reachable(src) -> None:
+    """A URL's bucket must exist: otherwise a prefix just looks empty ('no such file or folder')."""
+    from ..storage import bucket
+    try:
+        src.fs.info(bucket(src).partition("://")[2])
+    except FileNotFoundError:
+        raise SourceError(src, f"no such bucket {bucket(src)}") from None
+
+
+def _from_url_folder(src) -> list:
+    """_from_folder for a URL prefix: one paginated listing of every object under it (class
+    folders are the first level of the keys: object stores have no empty folders)."""
+    items = []
+    for rel, url in find_files(src):
+        parts = rel.split("/")
+        if any(p.startswith(".") for p in parts) or os.path.splitext(rel)[1].lower() not in IMAGE_EXTENSIONS:
+            continue
+        cls = parts[0] if len(parts) > 1 else None
+        items.append((rel, url, cls))
+    label_of = {name: k for k, name in enumerate(sorted({c for *_, c in items if c is not None}))}
+    return [(rel, url, label_of.get(cls, NO_LABEL), cls) for rel, url, cls in items]
+
+
+def _resolve(listing, written: str) -> str:
+    if is_url(written):
+        return written
+    if is_url(listing):
+        # relative to the listing's own prefix; an absolute path stays a path on the workers
+        return written if written.startswith("/") else f"{str(listing).rsplit('/', 1)[0]}/{written}"
     p = Path(written).expanduser()
     return os.path.abspath(p if p.is_absolute() else listing.parent / p)
 
 
 def _from_text(src: Path) -> list:
     try:
-        lines = src.read_text(encoding="utf-8").splitlines()
+        lines = as_path(src).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise SourceError(src, f"cannot read the listing ({e})") from None
     items, seen = [], {}
@@ -202,7 +234,7 @@ def _from_text(src: Path) -> list:
             path, label = parts[0], int(parts[1])
             if label < 0:
                 raise SourceError(src, f"line {lineno}: label must be an integer >= 0, got {label}")
-        key = Path(path).as_posix()
+        key = path if is_url(path) else Path(path).as_posix()
         if key in seen:
             raise SourceError(src, f"line {lineno}: {path} is listed twice (first on line {seen[key]})")
         seen[key] = lineno
@@ -214,7 +246,8 @@ def _from_parquet(src: Path) -> list:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(src)
+        with open_input(src) as f:
+            table = pq.read_table(f)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a bad file
         raise SourceError(src, f"cannot read the listing as Parquet ({e})") from None
     cols = table.column_names          # has `path`: scan_source sends only such files here
@@ -232,7 +265,7 @@ def _from_parquet(src: Path) -> list:
             label = NO_LABEL
         elif int(label) != label or label < 0:
             raise SourceError(src, f"row {row}: label must be an integer >= 0, got {label!r}")
-        key = Path(path).as_posix()
+        key = path if is_url(path) else Path(path).as_posix()
         if key in seen:
             raise SourceError(src, f"row {row}: {path} is listed twice (first in row {seen[key]})")
         seen[key] = row

@@ -14,6 +14,7 @@ from typing import List, Optional, Union
 
 from ..decomp import ATParams, method_info
 from ..errors import PathError
+from ..storage import as_path
 from .atomic import PARTS
 from .journal import differences
 from .meta import check_keys
@@ -120,7 +121,7 @@ def source_name(row: dict) -> str:
 
 def run_parts(store, run: int) -> Path:
     """The journal folder of run `run` of a store being written (see shard_journal.py)."""
-    return Path(store) / PARTS / f"run-{run:04d}"
+    return as_path(store) / PARTS / f"run-{run:04d}"
 
 
 # Row group g of manifest.parquet holds the rows of shards g*G .. g*G+G-1 (G = this), whole
@@ -158,7 +159,7 @@ def format_refusal(path, version, meta: dict) -> str:
 
 def read_meta(path) -> dict:
     """meta.json of a store, checked: StoreError if missing (incomplete) or of another format."""
-    path = Path(path)
+    path = as_path(path)
     if not path.is_dir():
         raise StoreError(path, "no such store (not a folder)")
     meta_file = path / META

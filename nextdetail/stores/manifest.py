@@ -9,9 +9,12 @@ driver, loader worker or export worker should hold.
 from __future__ import annotations
 
 import bisect
+import os
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, List, Tuple
 
+from ..storage import as_path, is_url, open_input
 from .decomposition_format import (MANIFEST, MANIFEST_GROUP_SHARDS, STATUS_PENDING, Source, StoreError, StoreParams,
                                    manifest_schema)
 
@@ -55,7 +58,7 @@ class ManifestShards(ManifestRows):
 
     def __init__(self, path: Path, shard_images: int):
         super().__init__(open_manifest(path))
-        self.path, self.m = Path(path), shard_images
+        self.path, self.m = as_path(path), shard_images
 
     def shard(self, k: int, columns=None):
         """Shard k's rows (a pyarrow Table; those columns, default all)."""
@@ -71,7 +74,7 @@ def open_manifest(path: Path):
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(path / MANIFEST)
+        return pq.ParquetFile(open_input(as_path(path) / MANIFEST))
     except Exception as e:
         raise StoreError(path, f"cannot read {MANIFEST} ({type(e).__name__}: {e}); pass --overwrite "
                                f"to start the store over") from None
@@ -132,9 +135,16 @@ def stage_listing(path: Path, params: StoreParams, sources: Iterable[Source]) ->
     the staged file); removes it when the listing fails (SourceError)."""
     import pyarrow as pa
 
-    path.mkdir(parents=True, exist_ok=True)
     schema = manifest_schema(params.levels)
-    m, n, staged = params.shard_images, 0, path / LISTED
+    if is_url(path):
+        # Written here and uploaded whole when the store is created (create_store's commit_file).
+        fd, staged = tempfile.mkstemp(prefix="nextdetail-listing-", suffix=".parquet")
+        os.close(fd)
+        staged = Path(staged)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        staged = path / LISTED
+    m, n = params.shard_images, 0
     try:
         with GroupedWriter(staged, schema, m) as writer:
             for part in in_shards(sources, m):

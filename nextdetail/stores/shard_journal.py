@@ -23,6 +23,16 @@ Resume works from the store alone, never from Ray's state, at shard granularity:
   manifest.parquet (row groups of MANIFEST_GROUP_SHARDS shards); then meta.json (the "complete"
   mark); then it drops the journal. The driver holds one row group's rows at a time.
 
+On object storage (STORE a URL) the same protocol holds with the object store's own atomic
+operations, since there is no rename: a task writes its staged shard with one PUT (an object
+appears whole or not at all); the driver commits it with a server-side copy into bases.zarr (all
+or nothing, no bytes through the driver) and deletes the staged object, then PUTs the part. A
+shard object that was cut short or replaced since (another size than its part records) is found
+by the size check of a rerun, from one listing of bases.zarr, and redone. The staged object of a
+worker that outlived its driver stays in that run's folder, which no later run reads, and goes
+with the journal when the store is finished. The attempt journals of a URL store are kept on
+each worker's node (pipelines/attempts.journal_folder): only appends, which objects do not have.
+
 The steps around the journal: store_check.py (may this run continue the store), manifest.py
 (the listing staged as the manifest, read back a row group at a time), store_plan.py (creation,
 what a rerun redoes, the finish and its meta.json).
@@ -33,6 +43,8 @@ import os
 from pathlib import Path
 from typing import Dict, Iterator, List
 
+from ..storage import as_path, copy, is_url, open_input, sizes
+from ..storage import size as storage_size
 from .atomic import write_table_atomic
 from .decomposition_format import MANIFEST, PARTS, StoreError, StoreParams, manifest_schema, run_parts
 from .manifest import ManifestShards
@@ -43,11 +55,11 @@ STAGED = "_staged"     # "_": readers that list the journal as a Parquet dataset
 
 def runs(path: Path) -> List[int]:
     """The journal's run numbers, in order (none before the first run commits)."""
-    parts = path / PARTS
+    parts = as_path(path) / PARTS
     if not parts.is_dir():
         return []
     return sorted(int(p.name[4:]) for p in parts.iterdir()
-                  if p.is_dir() and p.name.startswith("run-") and p.name[4:].isdigit())
+                  if p.name.startswith("run-") and p.name[4:].isdigit() and p.is_dir())
 
 
 def part_file(path, run: int, k: int) -> Path:
@@ -60,10 +72,11 @@ def _latest_parts(path: Path) -> Dict[int, Path]:
     the latest part replaces every earlier row of the shard."""
     latest: Dict[int, Path] = {}
     for run in runs(path):
-        for p in run_parts(path, run).glob("part-*.parquet"):    # glob skips dot-named temp files
-            stem = p.stem[5:]
-            if stem.isdigit():
-                latest[int(stem)] = p
+        folder = run_parts(path, run)
+        for name in sizes(folder):         # one listing (a request per 1,000 parts on S3)
+            stem = name[5:-len(".parquet")]
+            if name.startswith("part-") and name.endswith(".parquet") and stem.isdigit():
+                latest[int(stem)] = folder / name
     return latest
 
 
@@ -73,7 +86,7 @@ def shard_tables(path, params: StoreParams, n_images: int) -> Iterator:
     memory at a time."""
     import pyarrow.parquet as pq
 
-    path = Path(path)
+    path = as_path(path)
     schema = manifest_schema(params.levels)
     latest = _latest_parts(path)
     base = ManifestShards(path, params.shard_images)
@@ -83,7 +96,8 @@ def shard_tables(path, params: StoreParams, n_images: int) -> Iterator:
     for k in range(params.shards(n_images)):
         rows = base.shard(k).select(schema.names).cast(schema)
         if k in latest:
-            part = pq.read_table(latest[k], schema=schema)
+            with open_input(latest[k]) as f:
+                part = pq.read_table(f, schema=schema)
             if part.column("index").to_pylist() != rows.column("index").to_pylist():
                 raise StoreError(latest[k], f"does not hold the rows of shard {k}; pass --overwrite to start "
                                             f"the store over")
@@ -105,7 +119,7 @@ def commit_shards(path, params: StoreParams, run: int, table) -> None:
     committed."""
     import numpy as np
 
-    path = Path(path)
+    path = as_path(path)
     schema = manifest_schema(params.levels)
     table = table.select(schema.names).cast(schema)
     shards = table.column("index").to_numpy() // params.shard_images
@@ -115,6 +129,15 @@ def commit_shards(path, params: StoreParams, run: int, table) -> None:
         staged, final = staged_shard_file(path, run, k), shard_file(path, k)
         if size == 0:
             final.unlink(missing_ok=True)
+        elif is_url(path):
+            # No rename on object storage: a server-side copy (no bytes through the driver),
+            # then the staged object is deleted. A copy is all or nothing, like the PUT before.
+            if storage_size(staged) == size:
+                copy(staged, final)
+                staged.unlink(missing_ok=True)
+            elif shard_damage(path, k, size) is not None:
+                raise StoreError(staged, f"shard {k}: the task reported {size} bytes written, but its staged "
+                                         f"object is gone or another size; rerun to redo it")
         elif staged.is_file():
             os.replace(staged, final)
         elif shard_damage(path, k, size) is not None:

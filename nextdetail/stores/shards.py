@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..decomp.at import to_host
+from ..storage import as_path, is_url, storage_options
 from .atomic import write_bytes_atomic
 
 BASES = "bases.zarr"
@@ -94,8 +95,20 @@ def create_bases_array(path, n_images: int, levels: int, size: int, shard_images
     Returns the zarr.Array."""
     import zarr
 
-    return zarr.create_array(store=str(path), **_layout(n_images, levels + 1, size, shard_images),
+    return zarr.create_array(store=zarr_store(path), **_layout(n_images, levels + 1, size, shard_images),
                              attributes=attributes, dimension_names=DIMENSIONS, zarr_format=3, overwrite=True)
+
+
+def zarr_store(path, read_only: bool = False):
+    """What zarr opens for bases.zarr at `path`: the local folder, or Zarr's own fsspec store
+    for a URL (with the same storage options as every other access)."""
+    if not is_url(path):
+        return str(path)
+    from zarr.storage import FsspecStore
+
+    url = str(path)
+    return FsspecStore.from_url(url, storage_options=storage_options(url.partition("://")[0].lower()),
+                                read_only=read_only)
 
 
 def _layout(n_images: int, n_bases: int, size: int, shard_images: int) -> dict:
@@ -118,16 +131,19 @@ def shard_key(k: int) -> str:
 
 
 def shard_file(store, k: int) -> Path:
-    return Path(store) / BASES / shard_key(k)
+    return as_path(store) / BASES / shard_key(k)
 
 
-def shard_damage(store, k: int, written: int) -> Optional[str]:
+def shard_damage(store, k: int, written: int, sizes: Optional[dict] = None) -> Optional[str]:
     """Why shard k's file is not the one written with `written` bytes (its manifest rows'
     shard_bytes), or None when it is. Absent counts as 0 bytes: a shard whose images are all 0
     has no file. The one check of a shard file for both the writer (a rerun redoes such a shard)
-    and the reader (which refuses it: Zarr would read a missing shard as zeros); a stat, no read."""
-    path = shard_file(store, k)
-    have = path.stat().st_size if path.is_file() else None
+    and the reader (which refuses it: Zarr would read a missing shard as zeros); a stat, no read.
+    sizes: {file name: size} of bases.zarr from one listing (storage.sizes), for a caller that
+    checks every shard: one request per 1,000 shards on object storage instead of one each."""
+    from ..storage import size
+
+    have = sizes.get(shard_key(k)) if sizes is not None else size(shard_file(store, k))
     if (have or 0) == written:
         return None
     return "missing shard file" if have is None else f"{have} bytes, written with {written}"
@@ -151,12 +167,28 @@ def encode_shard(q: np.ndarray, shard_images: int) -> bytes:
     return b"" if data is None else data.to_bytes()
 
 
+def decode_shard(data: bytes, shard_images: int, n_bases: int, size: int) -> np.ndarray:
+    """The images of a shard file's bytes, uint8 (shard_images, n+1, 3, S, S): what reading
+    the shard from bases.zarr gives, decoded from memory (a shard fetched whole in one request
+    from object storage, instead of a range request per image)."""
+    import zarr
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import MemoryStore
+
+    chunks: dict = {}
+    arr = zarr.create_array(store=MemoryStore(chunks), **_layout(shard_images, n_bases, size, shard_images),
+                            zarr_format=3)
+    if data:
+        chunks[shard_key(0)] = default_buffer_prototype().buffer.from_bytes(data)
+    return np.asarray(arr[:])
+
+
 def write_shard(path, q: np.ndarray, shard_images: int) -> int:
     """Encode a shard and write it to `path` atomically; returns its size in bytes (0: all of it
     is the fill value, no file). The job's workers write to a staging path (the run's journal
     folder); only the driver moves a staged shard into bases.zarr (shard_journal.commit_shards)."""
     data = encode_shard(q, shard_images)
-    path = Path(path)
+    path = as_path(path)
     if data:
         write_bytes_atomic(path, data)
     else:

@@ -17,7 +17,8 @@ from .decomposition_format import (FORMAT, FORMAT_VERSION, LAYERS_V1, MANIFEST, 
                                    StoreParams, format_refusal)
 from .journal import OutputFolder
 from .manifest import ManifestShards, in_shards, stage_listing
-from .shards import BASES
+from .shards import BASES, zarr_store
+from ..storage import as_path
 
 STORE = OutputFolder("decomposition store", (BASES, LAYERS_V1, MANIFEST, META, PARTS), StoreError, mark=BASES)
 
@@ -45,7 +46,7 @@ def _stored_params(path: Path) -> StoreParams:
     import zarr
 
     try:
-        attrs = dict(zarr.open_array(path / BASES, mode="r").attrs)["nextdetail"]
+        attrs = dict(zarr.open_array(zarr_store(path / BASES, read_only=True), mode="r").attrs)["nextdetail"]
     except Exception as e:  # missing folder, broken zarr.json, no attribute
         raise StoreError(path, f"cannot read the parameters in {BASES} ({type(e).__name__}: {e}); "
                                f"pass --overwrite to start the store over") from None
@@ -61,7 +62,7 @@ def _stored_params(path: Path) -> StoreParams:
 
 def _format_1_meta(path: Path) -> dict:
     try:
-        return json.loads((path / META).read_text())
+        return json.loads(as_path(path / META).read_text())
     except (OSError, ValueError):
         return {}
 
@@ -109,7 +110,7 @@ def check_store(path, wanted: StoreParams, sources: Iterable[Source], *, overwri
 
     ignore: parameter names not to compare yet (backend, before a cluster resolves auto).
     """
-    path = Path(path)
+    path = as_path(path)
     state = STORE.state(path)
     if state == "foreign":
         raise StoreError(path, STORE.foreign_reason())

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List
 
 from .. import __version__
 from ..decomp import method_info
+from ..storage import as_path, remove_tree, sizes
 from .atomic import atomic_write, commit_file, write_bytes_atomic
 from .decomposition_format import (FORMAT, FORMAT_VERSION, MANIFEST, META, PARTS, STATUS_ERROR, STATUS_OK,
                                    STATUS_PENDING, StoreError, StoreParams, manifest_schema)
@@ -57,7 +57,7 @@ def create_store(path: Path, params: StoreParams, n_images: int, staged: Path) -
 def plan_store(path, params: StoreParams, check: StoreCheck, *, overwrite: bool) -> StorePlan:
     """Create the store (from the listing check_store staged) or reopen it; work out which shards
     this run must (re)write. params are checked again: the backend may only now be resolved."""
-    path = Path(path)
+    path = as_path(path)
     n = check.n_images
     if check.staged is not None:
         if check.state == "ours":
@@ -68,6 +68,7 @@ def plan_store(path, params: StoreParams, check: StoreCheck, *, overwrite: bool)
         return StorePlan(path, params, n, list(range(params.shards(n))), todo=n, done=0, run=1, created=True)
     check_params(path, params)
     shards, damaged, previous_errors, todo = [], 0, 0, 0
+    have = sizes(path / BASES)          # every shard's size from one listing, not a stat each
     for k, rows in enumerate(shard_tables(path, params, n)):
         status = rows.column("status").to_pylist()
         written = rows.column("shard_bytes")[0].as_py()
@@ -75,7 +76,7 @@ def plan_store(path, params: StoreParams, check: StoreCheck, *, overwrite: bool)
             shards.append(k)
             todo += len(status)
             previous_errors += sum(s == STATUS_ERROR for s in status)
-        elif shard_damage(path, k, written) is not None:
+        elif shard_damage(path, k, written, have) is not None:
             # Every image ok, and the file is not the size its part said when it was written.
             shards.append(k)
             todo += len(status)
@@ -125,5 +126,5 @@ def finish_store(plan: StorePlan, src: str) -> dict:
             "counts": counts, "src": str(src)}
     # Last: its presence is what marks the store complete.
     write_bytes_atomic(path / META, (json.dumps(meta, indent=2) + "\n").encode())
-    shutil.rmtree(path / PARTS, ignore_errors=True)
+    remove_tree(path / PARTS)
     return counts

@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from ..distributed import Dist, all_reduce_sum, step_generator
 from ..limits import check_memory
 from ..precision import bf16_autocast
+from ..run_mirror import local_folder
 from ..runs import (PLOT, RunLog, RunReport, TrainError, checkpoint_name, load_resumed, preemptible, read_log,
                     resume_from, run_training, running_mean, save_checkpoint)
+from ..storage import as_path
 from ..stores.decomposition import DecompositionStore, StoreError
 from .bases import inputs_from_bases
 from .config import TokenizerConfig
@@ -118,7 +120,7 @@ class TokenizerTrainer:
         """batches: where the batches come from; default the store's stream (loader.StoreLoader).
         Anything with next() -> uint8 bases (B, n+1, 3, s, s), [q_0 .. q_n], and state_dict() /
         load_state_dict() will do (the GPU check trains on synthetic batches)."""
-        self.cfg, self.out = cfg, Path(cfg.out)
+        self.cfg, self.out = cfg, local_folder(cfg.out)     # a URL's run: its local mirror
         self.dist = d = dist_ or Dist()
         found = resume_from(self.out, cfg.resume)
         self.device = d.device(cfg.device)
@@ -332,7 +334,7 @@ def _train(cfg: TokenizerTrainConfig, d: Dist, progress) -> TrainReport:
                 run_log.stop_if_terminated(tr.step_, tr.save, plot_log, d, tr.device)
     finally:
         run_log.close(plot_log)
-    return TrainReport(out=tr.out, start_step=start, steps=tr.step_, seconds=time.perf_counter() - t0, last=rec,
+    return TrainReport(out=as_path(cfg.out), start_step=start, steps=tr.step_, seconds=time.perf_counter() - t0, last=rec,
                        trainer=tr)
 
 

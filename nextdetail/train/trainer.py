@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from ..limits import check_memory
 from ..options import nested, opt, option_name
 from ..precision import bf16_autocast
+from ..run_mirror import local_folder
+from ..storage import absolute, as_path
 from ..runs import (PLOT, RunConfig, RunError, RunLog, RunReport, TrainError, checkpoint_differences, checkpoint_name,
                     load_resumed, preemptible, read_log, resume_from, run_training, running_mean,
                     save_checkpoint)
@@ -171,7 +173,7 @@ class Trainer:
 
         self.cfg = cfg
         self.dist = dist_ or Dist()
-        self.out = Path(cfg.out)
+        self.out = local_folder(cfg.out)          # a URL's run: its local mirror (run_mirror)
         found = resume_from(self.out, cfg.resume)
         self.device = self.dist.device(cfg.device)
         try:
@@ -220,7 +222,7 @@ class Trainer:
                 "model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step_,
                 "sampler": self.sampler.state_dict(), "rng": {"torch": torch.get_rng_state()},
                 "tokenizer": {"checkpoint": str(self.tok_ckpt.resolve()), "sha256": self.tok_sha},
-                "data": {"tokens": str(Path(self.cfg.tokens).resolve()), "num_base": self.ds.num_base,
+                "data": {"tokens": absolute(self.cfg.tokens), "num_base": self.ds.num_base,
                          "order": self.ds.order, "num_samples": len(self.ds),
                          "val_samples": len(self.val_idx),
                          "class_names": list(self.ds.meta.get("class_names") or [])}}
@@ -368,5 +370,5 @@ def _train(cfg: TransformerTrainConfig, d: Dist, progress) -> TrainReport:
                 run_log.stop_if_terminated(step, tr.save, plot_log, d, tr.device)
     finally:
         run_log.close(plot_log)
-    return TrainReport(out=tr.out, start_step=start, steps=tr.step_, seconds=time.perf_counter() - t0, last=rec,
+    return TrainReport(out=as_path(cfg.out), start_step=start, steps=tr.step_, seconds=time.perf_counter() - t0, last=rec,
                        tokens=tokens, val=val, trainer=tr)
