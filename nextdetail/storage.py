@@ -71,6 +71,12 @@ def storage_options(protocol: Optional[str] = None) -> dict:
         url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if url:
             base["endpoint_url"] = url
+        # Likewise the credentials of the environment, when it gives them (else boto3 finds
+        # them in ~/.aws or the instance's role, as usual).
+        if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+            base["key"], base["secret"] = os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
+            if os.environ.get("AWS_SESSION_TOKEN"):
+                base["token"] = os.environ["AWS_SESSION_TOKEN"]
     # Another process may write what we list (workers write shards the driver then lists):
     # a listing is always asked of the server, never of fsspec's cache.
     base["use_listings_cache"] = False

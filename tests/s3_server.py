@@ -1,6 +1,7 @@
 """A real S3-protocol server on 127.0.0.1 for tests: moto's server app (the one `moto_server`
-runs) behind werkzeug, with a thin WSGI layer that counts requests and bytes and can answer
-503 SlowDown, the throttling reply S3 gives a busy prefix.
+runs) behind werkzeug, with a thin WSGI layer that counts requests and bytes, can answer
+503 SlowDown (the throttling reply S3 gives a busy prefix), and answers a request signed with an
+unknown access key as S3 does (403 InvalidAccessKeyId; moto itself accepts any key).
 
 The code under test reaches it only through the standard AWS environment variables
 (`S3Server.env()`), as it would reach AWS. Buckets live in moto's in-process backend, so they
@@ -16,6 +17,10 @@ SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Co
              b'<Message>Please reduce your request rate.</Message></Error>')
 
 
+INVALID_KEY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InvalidAccessKeyId</Code>'
+               b'<Message>The AWS Access Key Id you provided does not exist in our records.</Message></Error>')
+
+
 class S3Server:
     def __init__(self):
         self.port: Optional[int] = None
@@ -24,6 +29,7 @@ class S3Server:
         self.bytes_out = 0                       # response bodies (downloads)
         self.throttle = 0                        # answer the next N object requests with 503
         self.throttled = 0
+        self.access_key = "testing"              # requests signed with another key get 403
         self._server = None
         self._thread = None
         self._lock = threading.Lock()
@@ -45,6 +51,11 @@ class S3Server:
                 if throttle:
                     self.throttle -= 1
                     self.throttled += 1
+            auth = environ.get("HTTP_AUTHORIZATION", "")
+            if "Credential=" in auth and not auth.split("Credential=", 1)[1].startswith(self.access_key + "/"):
+                start_response("403 Forbidden", [("Content-Type", "application/xml"),
+                                                 ("Content-Length", str(len(INVALID_KEY)))])
+                return [INVALID_KEY]
             if throttle:
                 start_response("503 Slow Down", [("Content-Type", "application/xml"),
                                                  ("Content-Length", str(len(SLOW_DOWN)))])

@@ -39,7 +39,7 @@ from ..storage import absolute
 from .attempts import crash_hook, journal_folder
 from .config import DecomposeDatasetConfig
 from .ray_job import (Progress, RayJobReport, cluster_resources, job_failures, largest_node, quiet_data_context,
-                      ray_session, resolve_workers)
+                      ray_session, resolve_workers, worker_env)
 from .sources import scan_source
 from .decompose_worker import T_END, T_START, DecomposeWorker, read_source_images, shard_items
 
@@ -114,6 +114,7 @@ def _dataset(plan: StorePlan, shards: List[int], cfg: DecomposeDatasetConfig, gp
         # max_retries=-1: a read task whose process died is retried until its journal (in
         # the store's _parts) says an image killed it --max-attempts times: an error row.
         ds = ds.map_batches(read_source_images, batch_size=1, batch_format="numpy", num_cpus=1, max_retries=-1,
+                            **worker_env(cfg.src, plan.path),
                             fn_kwargs={"size": plan.params.size, "max_pixels": cfg.max_pixels,
                                        "journal": str(journal_folder(run_parts(plan.path, plan.run)).resolve()),
                                        "max_attempts": cfg.max_attempts, "crash_on": crash_hook(),
@@ -130,7 +131,7 @@ def _dataset(plan: StorePlan, shards: List[int], cfg: DecomposeDatasetConfig, gp
         # Ray Data restarts a dead actor and retries its batch without limit (max_restarts =
         # max_task_retries = -1); the worker's attempt journal makes an image that killed the
         # process --max-attempts times an error row, so the retries end (pipelines/attempts.py).
-        num_cpus=1, num_gpus=gpus or None,
+        num_cpus=1, num_gpus=gpus or None, **worker_env(cfg.src, plan.path),
         fn_constructor_kwargs={"store": absolute(plan.path), "params": plan.params.to_dict(),
                                "run": plan.run, "batch_size": cfg.batch_size, "threads": 1,
                                "read_size": None if gpus else plan.params.size, "max_pixels": cfg.max_pixels,

@@ -175,6 +175,19 @@ def quiet_data_context() -> None:
     ctx.enable_auto_log_stats = False
 
 
+def worker_env(*paths) -> dict:
+    """Ray remote args that give a job's workers the driver's storage settings (the AWS and GCS
+    variables and --storage-options, nextdetail.storage.FORWARDED_ENV) when one of `paths` is a
+    URL: a worker on another node, or one started before the variables were set, reaches the same
+    bucket with the same credentials. Nothing for local paths (a runtime_env costs a worker start)."""
+    from ..storage import FORWARDED_ENV, is_url
+
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    if not env or not any(is_url(p) for p in paths):
+        return {}
+    return {"runtime_env": {"env_vars": env}}
+
+
 @contextmanager
 def job_failures(job: str, output: str, progress=None, needs: Callable[[], str] = lambda: ""):
     """Around a Ray Data run: bad input and refusals (StoreError, ConfigError) pass through;

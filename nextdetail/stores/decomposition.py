@@ -41,7 +41,8 @@ from ..decomp import method_info
 # StoreError and read_meta are this module's public names too: what a reader catches and checks.
 from .decomposition_format import MANIFEST, META, STATUS_OK, StoreError, read_meta
 from .manifest import ManifestRows
-from .shards import BASES, layers_from_bases, shard_count, shard_damage, shard_file
+from ..storage import as_path, is_url, open_input, read_bytes
+from .shards import BASES, decode_shard, layers_from_bases, shard_count, shard_damage, shard_file, zarr_store
 
 
 def _first_line(e: BaseException) -> str:
@@ -110,7 +111,7 @@ class DecompositionStore:
     def __init__(self, path):
         import pyarrow.compute as pc
 
-        self.path = Path(path)
+        self.path = as_path(path)
         self.meta = read_meta(self.path)
         self._rows, self._pid, self._manifest = None, None, None
         rows = self._manifest_rows()
@@ -143,6 +144,7 @@ class DecompositionStore:
         self._shard_starts = np.searchsorted(self.ok_indices, np.arange(self.n_shards + 1) * self.shard_images)
         self._array = None
         self._checked: set = set()
+        self._shard_cache = (None, None)
         shape = tuple(self._bases().shape)
         want = (n, self.levels + 1, 3, self.size, self.size)
         if shape != want:
@@ -152,7 +154,7 @@ class DecompositionStore:
         if self._array is None:
             import zarr
             try:
-                self._array = zarr.open_array(self.path / BASES, mode="r")
+                self._array = zarr.open_array(zarr_store(self.path / BASES, read_only=True), mode="r")
             except Exception as e:  # zarr raises several types for a missing/broken array
                 raise StoreError(self.path, f"cannot open {BASES} ({e})") from None
         return self._array
@@ -170,7 +172,7 @@ class DecompositionStore:
         if self._rows is None or self._pid != os.getpid():
             import pyarrow.parquet as pq
 
-            self._rows = ManifestRows(self._manifest_read(lambda: pq.ParquetFile(self.path / MANIFEST)))
+            self._rows = ManifestRows(self._manifest_read(lambda: pq.ParquetFile(open_input(self.path / MANIFEST))))
             self._pid = os.getpid()
         return self._rows
 
@@ -186,7 +188,10 @@ class DecompositionStore:
         if self._manifest is None:
             import pyarrow.parquet as pq
 
-            self._manifest = self._manifest_read(lambda: pq.read_table(self.path / MANIFEST)).to_pandas()
+            def read():
+                with open_input(self.path / MANIFEST) as f:
+                    return pq.read_table(f)
+            self._manifest = self._manifest_read(read).to_pandas()
         return self._manifest
 
     def ok_column(self, name: str) -> list:
@@ -204,6 +209,7 @@ class DecompositionStore:
         state = dict(self.__dict__)
         state["_array"] = None        # zarr handles are reopened in the receiving process
         state["_checked"] = set()
+        state["_shard_cache"] = (None, None)
         state["_rows"] = state["_pid"] = state["_manifest"] = None     # and so is the manifest
         return state
 
@@ -252,11 +258,24 @@ class DecompositionStore:
         k = first // self.shard_images
         self._check_shard(k)
         try:
+            if is_url(self.path):
+                lo = k * self.shard_images
+                return self._remote_shard(k)[first - lo:last + 1 - lo]
             return np.asarray(self._bases()[first:last + 1])
         except Exception as e:  # zstd/crc32c/zarr raise ValueError, RuntimeError, ... for damaged bytes
             what = f"image {first} ({self._value(first, 'id')})" if first == last else f"images {first}..{last}"
             raise StoreError(shard_file(self.path, k), f"{what}: damaged shard, cannot decode it "
                                                       f"({_first_line(e)})") from None
+
+    def _remote_shard(self, k: int) -> np.ndarray:
+        """Shard k of a store on object storage, fetched whole with one GET and decoded in memory
+        (Zarr would send a range request per image); the last one is kept, so reading a shard's
+        images in order fetches it once."""
+        if self._shard_cache[0] != k:
+            data = read_bytes(shard_file(self.path, k)) if self._value(k * self.shard_images, "shard_bytes") else b""
+            n = min(self.shard_images, self.meta["counts"]["images"] - k * self.shard_images)
+            self._shard_cache = (k, decode_shard(data, self.shard_images, self.levels + 1, self.size)[:n])
+        return self._shard_cache[1]
 
     @property
     def shard_starts(self) -> np.ndarray:

@@ -182,6 +182,7 @@ def _acquire(folder: Path, what: str, option: str) -> int:
 
 
 LEASE, LEASE_RENEW = 120.0, 30.0       # seconds; a renewal is one small PUT
+_HELD: set = set()                     # tokens of the URL locks this process holds now
 
 
 def _record(**extra) -> bytes:
@@ -223,7 +224,10 @@ def _url_lock(folder, what: str, option: str):
             continue
         same_host = info is not None and info["host"] == socket.gethostname()
         expired = age is not None and age > LEASE
-        if not (expired or info is None or (same_host and not _alive(info))):
+        # our own pid with a token this process does not hold: a lock of ours that could not be
+        # released (the server was gone when the block ended)
+        orphan = same_host and info.get("pid") == os.getpid() and info.get("token") not in _HELD
+        if not (expired or info is None or orphan or (same_host and not _alive(info))):
             raise FolderLocked(folder, f"another nextdetail job is writing this {what} (pid "
                                f"{_show(info, 'pid')} on {_show(info, 'host')}, started {_show(info, 'started')}: "
                                f"{_show(info, 'command')}; lease renewed {age or 0:.0f} s ago); wait for it to "
@@ -250,9 +254,11 @@ def _url_lock(folder, what: str, option: str):
 
     thread = threading.Thread(target=renew, name="nextdetail-lock-lease", daemon=True)
     thread.start()
+    _HELD.add(token)
     try:
         yield
     finally:
+        _HELD.discard(token)
         stop.set()
         thread.join(timeout=5)
         try:

@@ -15,7 +15,9 @@
                            listed in meta.json; the same reader reads them.
 
 Training reads it through one np.memmap per file and one fancy-index gather per batch: no
-decoding, no per-sample Python, no copies beyond the batch itself.
+decoding, no per-sample Python, no copies beyond the batch itself. A token store given as a URL
+(s3://...) is fetched once into the local cache, verified, and memory-mapped from there
+(stores/tokens_cache.py says why: reading rows by range would cost a request per row).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import PathError
+from ..storage import as_path, is_url
 from .atomic import PARTS
 from .meta import check_keys
 
@@ -56,7 +59,7 @@ def shard_name(k: int) -> str:
 
 def read_token_meta(path) -> dict:
     """meta.json of a token store, checked for completeness, format and self-consistency."""
-    path = Path(path)
+    path = as_path(path)
     if not path.is_dir():
         raise TokenStoreError(path, "no such token store (not a folder)")
     if not (path / META).is_file():
@@ -115,6 +118,10 @@ class TokenDataset:
     def __init__(self, path, tokenizer=None):
         import pyarrow.parquet as pq
 
+        self.url = str(path) if is_url(path) else None     # where it came from, when a URL
+        if self.url is not None:
+            from .tokens_cache import fetch_token_store
+            path = fetch_token_store(path)
         self.path = Path(path)
         self.meta = meta = read_token_meta(self.path)
         self.N, self.L, self.vocab = int(meta["N"]), int(meta["L"]), int(meta["vocab"])
