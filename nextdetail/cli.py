@@ -235,15 +235,15 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
                                                             "autoregressive image generation.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO)")
+    parser.add_argument("--storage-options", metavar="JSON", default=None,
+                        help="fsspec storage options for every path that is a URL (s3://, gs://, ...), a JSON "
+                             "object; credentials and endpoints come from the back-end's own environment "
+                             "variables and files (AWS_ENDPOINT_URL, ~/.aws, ...) without it")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, c in COMMANDS.items():
         p = sub.add_parser(name, help=c.help, description=c.description, epilog=c.exit_statuses())
         if name == command:
             add_options(p, c.config_class())
-            p.add_argument("--storage-options", metavar="JSON", default=None,
-                           help="fsspec storage options for paths that are URLs (s3://, gs://, ...), as a JSON "
-                                "object; credentials and endpoints come from the back-end's own environment "
-                                "variables and files (AWS_ENDPOINT_URL, ~/.aws, ...) without it")
     return parser
 
 
@@ -258,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args = build_parser(command).parse_args(argv)
             logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                                 format="%(name)s: %(levelname)s: %(message)s")
-            set_storage_options(getattr(args, "storage_options", None))
+            set_storage_options(args.storage_options)
             cfg = build(COMMANDS[args.command].config_class(), args)
             try:
                 return globals()[f"cmd_{args.command.replace('-', '_')}"](cfg, args)
