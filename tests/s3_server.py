@@ -9,6 +9,8 @@ survive `stop()` / `start()` (a server that goes away mid-job and comes back).
 """
 from __future__ import annotations
 
+import json
+import sys
 import threading
 from collections import Counter
 from typing import Optional
@@ -19,6 +21,9 @@ SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Co
 
 INVALID_KEY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InvalidAccessKeyId</Code>'
                b'<Message>The AWS Access Key Id you provided does not exist in our records.</Message></Error>')
+
+
+CONTROL = "/_nextdetail/"
 
 
 class S3Server:
@@ -43,6 +48,10 @@ class S3Server:
         def app(environ, start_response):
             method = environ["REQUEST_METHOD"]
             path = environ.get("PATH_INFO", "")
+            if path.startswith(CONTROL):          # a benchmark's questions to a server in another process
+                body = json.dumps(self._control(path[len(CONTROL):], environ.get("QUERY_STRING", ""))).encode()
+                start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+                return [body]
             is_object = path.count("/") >= 2 and not path.startswith("/moto-api")
             with self._lock:
                 self.requests[method] += 1
@@ -63,6 +72,21 @@ class S3Server:
             return self._counted(moto_app(environ, start_response))
 
         return app
+
+    def _control(self, what: str, query: str) -> dict:
+        from urllib.parse import parse_qs
+
+        q = {k: v[0] for k, v in parse_qs(query).items()}
+        if what == "reset":
+            self.reset_counts()
+        elif what == "fill":               # n tiny image objects under a prefix, straight into moto
+            from moto.s3.models import s3_backends
+
+            backend = s3_backends["123456789012"]["aws"]
+            backend.create_bucket(q["bucket"], "us-east-1")
+            for i in range(int(q["n"])):
+                backend.put_object(q["bucket"], f"{q['prefix']}/c{i % 10}/{i:07d}.jpg", b"x")
+        return {"requests": dict(self.requests), "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
 
     def _counted(self, body):
         for chunk in body:
@@ -115,3 +139,11 @@ def make_bucket(name: str) -> None:
     import boto3
 
     boto3.client("s3").create_bucket(Bucket=name)
+
+
+if __name__ == "__main__":          # python tests/s3_server.py PORT: the server in a process of its own
+    server = S3Server()
+    server.port = int(sys.argv[1])
+    server.start()
+    print(server.url, flush=True)
+    threading.Event().wait()
