@@ -19,6 +19,8 @@ minutes on a 2-core CPU, each step a `nextdetail` command printing where its out
     train --tokens DIR/chain/tokens --tokenizer DIR/chain/tokenizer --out DIR/chain/transformer ...
     sample DIR/chain/transformer --out DIR/chain/samples
 
+It ends by printing the `nextdetail view` command that shows all of it in a browser.
+
 A handful of photos and a few hundred steps make a tokenizer and a transformer that run, not
 ones that generate convincing images: the chain shows the commands and their files.
 """
@@ -119,7 +121,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.chain:
         chain_status = run_chain(inputs, args.out / CHAIN_NAME, size=args.chain_size, backend=args.backend,
                                  tokenizer_steps=args.tokenizer_steps, train_steps=args.train_steps)
+    if (command := view_command(args.out)):
+        print(f"see it all in your browser (a local page on 127.0.0.1; Ctrl-C stops it):\n  {command}")
     return status or dataset_status or chain_status
+
+
+def view_command(out: Path) -> Optional[str]:
+    """The `nextdetail view` command line over what the demo wrote into `out` (the store, and the
+    chain's store, tokenizer, token store, transformer and samples, those that are there), with the
+    chain's tokenizer so that the token store's rows are decoded per depth; None when none is there."""
+    import shlex
+
+    chain = out / CHAIN_NAME
+    found = [p for p in (out / STORE_NAME, chain / "store", chain / "tokenizer", chain / "tokens",
+                         chain / "transformer", chain / "samples") if p.is_dir()]
+    if not found:
+        return None
+    words = ["nextdetail", "view", *map(str, found)]
+    if (chain / "tokens").is_dir() and checkpoints(chain / "tokenizer"):
+        words += ["--tokenizer", str(chain / "tokenizer")]
+    return shlex.join(words)
 
 
 # Each decomposition at the order the paper uses it: base-detail 3 levels, intrinsic one

@@ -311,7 +311,8 @@ def fact_lines(key: str, f: dict) -> List[str]:
                  f"AT {at}",
                  f"mean AT energy per level {' / '.join(_num(e) for e in f['energy_mean']) or '-'}; "
                  f"mean sweeps {' / '.join(_num(e) for e in f['sweeps_mean']) or '-'}",
-                 f"{f['shard_files']} shard files of {f['shard_images']} images, {_size(f['bytes'])} "
+                 f"{f['shard_files']} shard file{'' if f['shard_files'] == 1 else 's'} of {f['shard_images']} images, "
+                 f"{_size(f['bytes'])} "
                  f"({_size(f['bytes_per_image'])} per ok image)"]
         lines += [f"error row {e['index']} ({e['id']}): {e['error']}" for e in f["error_examples"]]
         return lines
@@ -327,7 +328,8 @@ def fact_lines(key: str, f: dict) -> List[str]:
         usage = " ".join(f"{u:.0%}" for u in f["map_usage"])
         return [f"rows {_num(f['rows'])} x {_num(f['tokens_per_row'])} tokens, vocabulary {f['vocab']}, "
                 f"{len(f['map_shapes'])} maps ({shapes}), {_size(f['bytes'])}",
-                f"tokenizer sha256 {f['tokenizer']['sha256']} ({f['tokenizer']['kind']}; {f['tokenizer']['checkpoint']})",
+                f"tokenizer sha256 {f['tokenizer']['sha256']} ({f['tokenizer']['kind']}; "
+                f"{f['tokenizer']['checkpoint']})",
                 f"from store {f['decomposition']['store']} ({f['decomposition']['method']}, "
                 f"{f['decomposition']['size']} px)",
                 f"codebook usage per map over {f['usage_rows']} rows: {usage}"]

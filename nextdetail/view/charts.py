@@ -46,6 +46,8 @@ def line_chart(series: Series, *, title: str = "", xlabel: str = "step", ylabel:
             drawn += 1
         if log_y and drawn:
             ax.set_yscale("log")
+        else:
+            ax.ticklabel_format(axis="y", useOffset=False)      # 64.0097, not "+6.399e1" and 0.0097
         if not drawn:
             ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title, fontsize=11)
@@ -101,6 +103,7 @@ def usage_svg(sorted_counts: np.ndarray, *, width: int = 220, height: int = 70, 
                     for i, v in enumerate(h) if v > 0)
     used = int((c > 0).sum())
     label = escape(f"{used} of {c.size} codes used; most used code {int(c.max())} times")
-    return (f'<svg class="hist" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
+    return (f'<svg class="hist" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+            f'preserveAspectRatio="none" role="img">'
             f'<title>{label}</title><line x1="0" y1="{height - 0.5}" x2="{width}" y2="{height - 0.5}" '
             f'class="axis"/>{rects}</svg>')

@@ -26,8 +26,9 @@ MAX_PICTURES = 200          # pictures listed on one output page
 
 
 def read_series(run: Path, keys) -> Dict[str, Tuple[List[float], List[float]]]:
-    """{"key" (train records), "val key", "map k" (a per-map list): (steps, values)} of log.jsonl, thinned: whenever a series passes
-    2 x MAX_POINTS points every other one is dropped, so memory stays bounded for any log."""
+    """{"key" (train records), "val key", "map k" (a per-map list): (steps, values)} of log.jsonl,
+    thinned: whenever a series passes 2 x MAX_POINTS points every other one is dropped, so memory
+    stays bounded for any log."""
     out: Dict[str, Tuple[list, list]] = {}
     path = run / "log.jsonl"
     if not path.is_file():

@@ -53,6 +53,9 @@ def serve(cfg: ViewConfig) -> int:
     sources = open_sources(cfg.paths, cfg.tokenizer)
     if cfg.tokenizer is not None and not any(s.view == "tokens" for s in sources):
         raise ConfigError(f"--tokenizer {cfg.tokenizer}: no PATH is a token store to decode with it")
+    for s in sources:
+        if hasattr(s.adapter, "warm"):
+            s.adapter.warm()
     sock = bind(cfg.host, cfg.port)
     if cfg.exposed:
         log.warning("--host %s: the viewer is reachable from other machines and shows the data of %s to anyone "

@@ -128,6 +128,12 @@ class StoreSource:
             self._array = zarr.open_array(str(self.path / BASES), mode="r")
         return self._array
 
+    def warm(self) -> None:
+        """Open what the first page would (the manifest, Zarr and its codecs), so that it is quick."""
+        self._open()
+        if (self.path / BASES / "zarr.json").is_file():
+            self._bases()
+
     # -- rows ------------------------------------------------------------------------------------
     def energy_columns(self) -> List[str]:
         return [c for c in (f"energy_{k}" for k in range(1, self.layout.levels + 1)) if c in self.pages.names]
