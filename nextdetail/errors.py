@@ -65,6 +65,14 @@ class PathError(NextDetailError, ValueError):
         return (type(self), (self.path, self.reason))
 
 
+class RunError(NextDetailError, ValueError):
+    """A run folder or checkpoint that cannot be used as asked; str is one line naming it."""
+
+
+class TrainError(RunError):
+    """Training cannot start as asked (data, run folder, config); one line. Both trainers."""
+
+
 class JobError(NextDetailError, RuntimeError):
     """The job could not run or finish (Ray, cluster, I/O, a diverged loss); rerunning resumes."""
 

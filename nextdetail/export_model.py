@@ -24,7 +24,8 @@ from typing import Optional
 from .checksum import file_sha256
 from .errors import ConfigError
 from .options import opt
-from .pretrained import CONFIG, MODEL_FOLDER, TOKENIZER, ModelFolderError, is_model_folder
+from .pretrained import CONFIG, MODEL_FOLDER, TOKENIZER, ModelFolderError, is_model_folder, model_source
+from .storage import as_path, filesystem, is_url
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class ExportModelConfig:
     def __post_init__(self):
         for name in ("run", "out", "eval", "tokenizer"):
             if getattr(self, name) is not None:
-                object.__setattr__(self, name, Path(getattr(self, name)))
+                object.__setattr__(self, name, as_path(getattr(self, name)))    # a URL stays one
 
 
 @dataclass
@@ -75,14 +76,14 @@ def export_model(cfg: ExportModelConfig) -> ExportModelReport:
     if MODEL_FOLDER.claim(cfg.out, overwrite=cfg.overwrite) == "ours":
         raise ModelFolderError(cfg.out, "is a model folder already; pass --overwrite to replace it")
     kind = checkpoint_kind(ckpt)
-    source = {"checkpoint": str(path.resolve()), "sha256": file_sha256(path), "step": int(ckpt.get("step", 0))}
+    source = {"checkpoint": model_source(path), "sha256": file_sha256(path), "step": int(ckpt.get("step", 0))}
     if kind.startswith("tokenizer"):
         model = _export_tokenizer(cfg, path, ckpt, source)
     elif kind.startswith("transformer"):
         model = _export_transformer(cfg, path, ckpt, source)
     else:
         raise ConfigError(f"RUN {path}: a {kind}, not a tokenizer or transformer run")
-    n_bytes = sum(p.stat().st_size for p in cfg.out.rglob("*") if p.is_file())
+    n_bytes = _folder_bytes(cfg.out)
     return ExportModelReport(cfg.out, kind.split(" (")[0], len(model.state_dict()),
                              sum(p.numel() for p in model.parameters()), n_bytes, time.perf_counter() - t0)
 
@@ -111,25 +112,43 @@ def _export_transformer(cfg: ExportModelConfig, path: Path, ckpt: dict, source: 
     run = load_run(path, tokenizer=cfg.tokenizer)           # checks the tokenizer's sha256
     source["weights"] = "final"
     tok_ckpt = Path(run.meta["tokenizer"])
-    tok_source = {"checkpoint": str(tok_ckpt.resolve()), "sha256": ckpt["tokenizer"]["sha256"]}
+    tok_source = {"checkpoint": model_source(tok_ckpt), "sha256": ckpt["tokenizer"]["sha256"]}
     if is_model_folder(tok_ckpt):
         tok_source = dict(json.loads((tok_ckpt / CONFIG).read_text())["source"])
     else:
         tok_source["weights"] = "ema" if "model_ema" in load_checkpoint(tok_ckpt) else "final"
-    records = read_log(path.parent)
+    records = read_log(as_path(model_source(path)).parent)    # a URL's run: its log in the bucket
     last = {split: next((r for r in reversed(records) if r.get("split", "train") == split), None)
             for split in ("train", "val")}
     metrics = {f"{split}_loss": rec["loss"] for split, rec in last.items() if rec is not None}
     data = {"tokens": ckpt["data"].get("tokens"), "samples": ckpt["data"].get("num_samples")}
-    tokens = Path(data["tokens"] or "")
+    tokens = as_path(data["tokens"] or "")
     if (tokens / "index.parquet").is_file():
-        data["index_sha256"] = file_sha256(tokens / "index.parquet")
+        data["index_sha256"] = _sha256(tokens / "index.parquet")
     run.tokenizer.save_pretrained(cfg.out / TOKENIZER, source=tok_source)
     card = transformer_card(run, source, tok_source, data, metrics)
     run.model.save_pretrained(cfg.out, source=source, card=card, data=data, metrics=metrics,
                               tokenizer={"sha256": ckpt["tokenizer"]["sha256"], "folder": TOKENIZER},
                               class_names=run.meta["class_names"])
     return run.model
+
+
+def _folder_bytes(folder) -> int:
+    """The bytes of every file under a folder (a local one, or a prefix of a bucket)."""
+    fs, root = filesystem(folder)
+    return sum(int(i.get("size") or 0) for i in fs.find(root, detail=True).values() if i.get("type") == "file")
+
+
+def _sha256(path) -> str:
+    """sha256 of a local file, or of an object (streamed)."""
+    if not is_url(path):
+        return file_sha256(path)
+    import hashlib
+    h = hashlib.sha256()
+    with as_path(path).open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _store_facts(store_path) -> dict:
@@ -144,7 +163,7 @@ def _store_facts(store_path) -> dict:
         log.warning("%s: the training store is not readable here; the card names its path only", store_path)
         return facts
     facts.update(images=len(store), size=store.size, method=store.method, at=store.meta.get("at"),
-                 manifest_sha256=file_sha256(Path(store_path) / "manifest.parquet"))
+                 manifest_sha256=_sha256(as_path(store_path) / "manifest.parquet"))
     return facts
 
 
@@ -152,7 +171,7 @@ def _eval_row(folder: Optional[Path], run: Path, path: Path) -> dict:
     """RUN's row of eval-tokenizer's final.csv in `folder` (named as eval-tokenizer names runs)."""
     if folder is None:
         return {}
-    file = Path(folder) / "final.csv"
+    file = as_path(folder) / "final.csv"
     if not file.is_file():
         raise ConfigError(f"--eval {folder}: no final.csv (the output folder of nextdetail eval-tokenizer)")
     rows = list(csv.DictReader(file.open()))

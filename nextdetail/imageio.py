@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import NextDetailError, PathError
+from .storage import as_path
 from .stores.atomic import atomic_write
 
 log = logging.getLogger(__name__)
@@ -290,7 +291,7 @@ def save_png(array: np.ndarray, path: PathLike) -> Path:
         a = a[:, :, 0]
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
         raise ValueError(f"save_png: expected (H,W), (H,W,1), (H,W,3) or (H,W,4), got {a.shape}")
-    path = Path(path)
+    path = as_path(path)                            # a URL: one upload (stores.atomic)
     with atomic_write(path) as tmp:                 # creates the parent folders
         Image.fromarray(a).save(tmp, format="PNG")
     return path

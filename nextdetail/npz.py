@@ -14,6 +14,8 @@ Read in chunks (`iter_images`) for the same reason.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterator, Optional
@@ -21,6 +23,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .errors import PathError
+from .storage import as_path, is_url
 from .stores.atomic import commit_file
 
 IMAGES, LABELS = "arr_0", "arr_1"
@@ -41,9 +44,14 @@ class NpzWriter:
     raises and leaves no file."""
 
     def __init__(self, path, n: int, size, labels: bool):
-        self.path, self.n, self.size, self.labels = Path(path), int(n), tuple(size), bool(labels)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.n, self.size, self.labels = as_path(path), int(n), tuple(size), bool(labels)
+        if is_url(self.path):           # object storage: written locally, uploaded whole on close
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp")
+            os.close(fd)
+            self.tmp = Path(tmp)
+        else:
+            self.tmp = self.path.with_name(self.path.name + ".tmp")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.zf = zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
         self.member = self.zf.open(IMAGES + ".npy", "w", force_zip64=True)
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
@@ -94,7 +102,7 @@ def write_npz(path, images: np.ndarray, labels: Optional[np.ndarray] = None) -> 
     """An ADM batch of images uint8 (N, H, W, 3) (and labels (N,)) in one call."""
     with NpzWriter(path, len(images), images.shape[1:3], labels is not None) as w:
         w.write(images, labels)
-    return Path(path)
+    return as_path(path)
 
 
 def _open_member(zf: zipfile.ZipFile, name: str, path):

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Dict, Sequence, Tuple
 
+from .storage import as_path
 from .stores.atomic import atomic_write
 
 Series = Dict[str, Tuple[Sequence[float], Sequence[float]]]
@@ -44,7 +45,7 @@ def line_plot(series: Series, path, *, title: str = "", xlabel: str = "", ylabel
     if drawn:
         ax.legend(loc="best")
     fig.tight_layout()
-    path = Path(path)
+    path = as_path(path)
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png")
     return path

@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING, Dict, Optional
 
 from . import __version__
 from .errors import PathError
+from .model_fetch import CONFIG, WEIGHTS
+from .storage import as_path, is_local, is_url
 from .stores.atomic import atomic_write, write_bytes_atomic
 from .stores.journal import OutputFolder
 
 if TYPE_CHECKING:
     import torch
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 CARD = "README.md"
 TOKENIZER = "tokenizer"          # a transformer folder's tokenizer, a model folder itself
 FORMAT = "nextdetail-model"
@@ -58,13 +58,15 @@ MODEL_FOLDER = OutputFolder("model folder", (WEIGHTS, CONFIG, CARD, TOKENIZER), 
 
 
 def is_model_folder(path) -> bool:
-    path = Path(path)
+    path = as_path(path)
     return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
 
 
 def hub_folder(name) -> Path:
     """A local folder as given, or a Hugging Face repo id ("user/name") fetched into the hub's
     cache (huggingface_hub's snapshot_download: HF_HUB_OFFLINE=1 reads the cache only)."""
+    if is_url(name):            # a bucket's folder: resolve_model fetches it (fetch_model)
+        return as_path(name)
     path = Path(name)
     if path.exists() or str(name).count("/") != 1 or str(name).startswith((".", "/")):
         return path
@@ -134,8 +136,9 @@ def write_model_folder(out, kind: str, state_dict: Dict[str, "torch.Tensor"], co
     each written whole (stores.atomic). The tensors are saved as stored (contiguous copies)."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = as_path(out)
+    if is_local(out):           # object storage has no folders: its objects' names make them
+        out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     with atomic_write(out / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "nextdetail_kind": kind})
@@ -160,9 +163,22 @@ def model_sha256(path) -> str:
 
 def resolve_model(path) -> Path:
     """What a model argument (--tokenizer, RUN) means: a model folder as it is, a run folder's
-    latest checkpoint, or a checkpoint file (RunError when it is none of them). Local paths
-    only: a command never reaches for the network (from_pretrained takes hub repo ids)."""
+    latest checkpoint, or a checkpoint file (RunError when it is none of them). A URL
+    (s3://...) is fetched once into the local cache first (nextdetail.model_fetch); otherwise a
+    command never reaches for the network (from_pretrained takes hub repo ids)."""
     from .runs import latest_checkpoint
 
+    if is_url(path):
+        from .model_fetch import fetch_model
+        return fetch_model(path)
     path = Path(path)
     return path if is_model_folder(path) else latest_checkpoint(path)
+
+
+def model_source(path) -> str:
+    """Where a resolved model or checkpoint came from, as recorded in what is made with it
+    (token stores, transformer checkpoints, model folders): the URL it was fetched from, or the
+    local path, resolved."""
+    from .model_fetch import origin
+
+    return origin(path) or str(Path(path).resolve())

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
 
 from .cache import fetch_file, keyed_folder
+from .errors import TrainError
 from .storage import as_path, is_url
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,6 @@ class RunMirror:
 
     def pull(self, resume: bool) -> None:
         """Empty the mirror, then download what the run continues from (see the module docstring)."""
-        from .runs import TrainError
-
         shutil.rmtree(self.local, ignore_errors=True)
         self.local.mkdir(parents=True, exist_ok=True)
         remote = self.listing()

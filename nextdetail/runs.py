@@ -31,11 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional, TypeVar
 
-from .errors import ConfigError, NextDetailError, first_line
+from .errors import ConfigError, RunError, TrainError, first_line
 from .faults import Preempted, deferred_term, term_requested, terminable, writing
 from .limits import check_max_memory, memory_opt
 from .options import check_int, opt, option_name
-from .storage import as_path
+from .model_fetch import fetch_model
+from .storage import as_path, is_url
 from .stores import atomic_write, write_bytes_atomic
 from .stores.journal import OutputFolder, differences
 from .tblog import LOGGERS, TB, WANDB, Board, check_loggers
@@ -50,14 +51,6 @@ LOG = "log.jsonl"
 PLOT = "loss.png"          # the log's losses against step, drawn by each command
 # Written into every checkpoint by save_checkpoint; bump when what a checkpoint holds changes.
 CHECKPOINT_FORMAT = {"format": "nextdetail-checkpoint", "format_version": 2}
-
-
-class RunError(NextDetailError, ValueError):
-    """A run folder or checkpoint that cannot be used as asked; str is one line naming it."""
-
-
-class TrainError(RunError):
-    """Training cannot start as asked (data, run folder, config); one line. Both trainers."""
 
 
 # A run folder as a resumable output (nextdetail.stores.journal): one trainer writes it at a time.
@@ -108,7 +101,7 @@ def checkpoints(run) -> List[Path]:
 
 def latest_checkpoint(run) -> Path:
     """A checkpoint file as given, or the newest checkpoint of a run folder (RunError if none)."""
-    run = Path(run)
+    run = fetch_model(run) if is_url(run) else Path(run)       # a URL: fetched into the cache
     if run.is_file():
         return run
     found = checkpoints(run) if run.is_dir() else []
@@ -374,7 +367,7 @@ def preemptible(grace: float):
 
 def read_log(run) -> List[dict]:
     """The records of RUN/log.jsonl, in order ([] when there is no log yet)."""
-    path = Path(run) / LOG
+    path = as_path(run) / LOG
     return [json.loads(s) for s in path.read_text().splitlines() if s.strip()] if path.exists() else []
 
 

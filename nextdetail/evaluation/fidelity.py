@@ -29,6 +29,7 @@ from ..errors import ConfigError
 from ..npz import IMAGES, npz_keys
 from ..limits import Need, check_max_memory, check_memory, memory_opt
 from ..options import check_int, opt
+from ..storage import as_path
 from ..stores.atomic import atomic_write, write_bytes_atomic
 from ..weights import offline_opt, weights_file
 from .image_sets import open_image_set, read_stats
@@ -69,8 +70,8 @@ class EvalSamplesConfig:
 
     def out_path(self) -> Path:
         if self.out is not None:
-            return Path(self.out)
-        s = Path(self.samples)
+            return as_path(self.out)        # a URL stays one: written with one upload
+        s = as_path(self.samples)
         return s.parent / f"{s.stem if s.suffix == '.npz' else s.name}-eval.json"
 
 

@@ -75,10 +75,10 @@ def open_image_set(path, size: Optional[int] = None) -> ImageSet:
             raise ImageSetError(path, f"cannot read the store ({e.reason})") from None
         return ImageSet(path, "store", len(store))
     if path.is_dir():
-        from ..runs import folder_kind
-        kind = folder_kind(path)
-        if kind in ("a token store", "a training run", "a decomposition store"):
-            raise ImageSetError(path, f"{kind}, not a folder of images, an ADM .npz or a decomposition store")
+        from ..info import identify
+        kind = identify(path)          # what it is, said the way `nextdetail info` says it
+        if kind is not None:
+            raise ImageSetError(path, f"{kind.phrase}, not a folder of images, an ADM .npz or a decomposition store")
         files = [f for f in list_images([path]) if f.is_file()]
         if not files:
             raise ImageSetError(path, "no image files in this folder")

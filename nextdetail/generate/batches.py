@@ -37,6 +37,8 @@ import numpy as np
 import torch
 
 from ..distributed import Dist, all_reduce_sum
+from ..pretrained import model_source
+from ..storage import as_path, is_local
 from ..stores.atomic import atomic_write, write_bytes_atomic
 from ..stores.journal import differences, recorded
 from .images import decode
@@ -70,7 +72,7 @@ def write_part(path: Path, images_bHW3: np.ndarray, labels_b: np.ndarray) -> Non
 
 
 def read_part(path: Path):
-    with np.load(path, allow_pickle=False) as z:
+    with as_path(path).open("rb") as f, np.load(f, allow_pickle=False) as z:
         return z["images"], z["labels"]
 
 
@@ -126,10 +128,10 @@ def sample_batches(run, out, settings: Optional[SampleSettings] = None, *, d: Op
         raise SampleError(f"--per-class {per_class}: evaluation batches need K >= 1 images of every class")
     check_draw(run, batch_size, guidance=s.cfg != 1, option=f"--batch-size {batch_size}",
                device=str(next(run.model.parameters()).device), max_memory=s.max_memory)
-    out = Path(out)
-    for sub in ("parts", "images") if png else ("parts",):
+    out = as_path(out)                  # a URL (s3://...): each file is one upload (stores.atomic)
+    for sub in ("parts", "images") if png and is_local(out) else ("parts",) if is_local(out) else ():
         (out / sub).mkdir(parents=True, exist_ok=True)
-    recorded = {"checkpoint": str(Path(run.checkpoint).resolve()), "step": run.meta["step"], "classes": C,
+    recorded = {"checkpoint": model_source(run.checkpoint), "step": run.meta["step"], "classes": C,
                 "per_class": per_class, "cfg": s.cfg, "top_k": s.top_k, "top_p": s.top_p,
                 "temperature": s.temperature, "seed": seed, "batch_size": batch_size}
     check_settings(out, recorded)
@@ -150,7 +152,8 @@ def sample_batches(run, out, settings: Optional[SampleSettings] = None, *, d: Op
     def save_pngs(b, images_bHW3, missing_only=False):
         for j, im in zip(span(b), images_bHW3):
             if not (missing_only and png_path(out, j).is_file()):
-                Image.fromarray(im).save(png_path(out, j))
+                with atomic_write(png_path(out, j)) as tmp:
+                    Image.fromarray(im).save(tmp, format="PNG")
 
     if png:             # a part written before its PNGs were deleted (or by a --no-png run)
         for b in done:
@@ -183,13 +186,13 @@ def sample_batches(run, out, settings: Optional[SampleSettings] = None, *, d: Op
             raise SampleError(f"{out}: {len(missing)} of {num_batches} batches have no part file "
                               f"(first {part_path(out, missing[0])}); rerun to draw them")
         if s.npz is not None:
-            assemble_npz(out, num_batches, n, Path(s.npz))
+            assemble_npz(out, num_batches, n, as_path(s.npz))
         meta = {**recorded, "n": n, "class_names": run.meta.get("class_names", []), "batches": num_batches,
                 "images": str(out / "images") if png else None, "npz": None if s.npz is None else str(s.npz),
                 "tokenizer": run.meta.get("tokenizer")}
         write_bytes_atomic(out / "samples.json", json.dumps(meta, indent=1).encode())
     return BatchReport(out, n, C, per_class, int(counts[0]), int(counts[1]), time.perf_counter() - t0,
-                       None if s.npz is None else Path(s.npz), png)
+                       None if s.npz is None else as_path(s.npz), png)
 
 
 def assemble_npz(out: Path, num_batches: int, n: int, path: Path) -> Path:

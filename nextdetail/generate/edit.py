@@ -29,6 +29,8 @@ import torch
 from ..decomp.hierarchy import decomposition_name
 from ..errors import ConfigError
 from ..options import check_int, opt
+from ..pretrained import model_source
+from ..storage import as_path, is_local
 from ..train.inputs import prefix_features
 from .images import decode, tile
 from .loop import generate
@@ -146,8 +148,9 @@ def edit_samples(run, out, settings: Optional[EditSettings] = None, *, label: in
         g = generate(run.model, q, redraw_labels, generator=gen(v), prefix=orig.maps[:B], **draw)
         edited[f"new {what} {v}"] = g.maps
         images[f"new {what} {v}"] = g.f_hat
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = as_path(out)                  # a URL (s3://...): each file is one upload (stores.atomic)
+    if is_local(out):
+        out.mkdir(parents=True, exist_ok=True)
     names = list(images)
     decoded = [decode(run.tokenizer, f) for f in images.values()]           # each (n, H, W, 3)
     files = []
@@ -155,7 +158,7 @@ def edit_samples(run, out, settings: Optional[EditSettings] = None, *, label: in
         path = out / f"edit_{i:03d}.png"
         save_png(tile([d[i] for d in decoded], cols=len(decoded)), path)
         files.append(path)
-    meta = {"checkpoint": str(run.checkpoint), "edit": edit, "decomposition": run.tokenizer.config.decomposition,
+    meta = {"checkpoint": model_source(run.checkpoint), "edit": edit, "decomposition": run.tokenizer.config.decomposition,
             "class": label, "to_class": to_label, "n": n, "variants": s.variants, "gains": list(s.gains), "seed": seed,
             "cfg": s.guidance, **s.draw(), "strip": names}
     write_bytes_atomic(out / "edit.json", json.dumps(meta, indent=1).encode())

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ..storage import as_path, is_url
 from ..tokenize import CheckpointError, Tokenizer
 from ..train.model import NextDetailTransformer, TransformerConfig
 from .options import SampleError
@@ -90,7 +91,7 @@ def load_run(run, tokenizer=None, device="cpu") -> Run:
                 "class_names": list(config.get("class_names") or [])}
     else:
         model, ck = _transformer_checkpoint(path, device)
-        wanted, recorded = ck["tokenizer"]["sha256"], Path(ck["tokenizer"]["checkpoint"])
+        wanted, recorded = ck["tokenizer"]["sha256"], as_path(ck["tokenizer"]["checkpoint"])
         meta = {"step": ck["step"], "tokens": ck["data"].get("tokens"),
                 "class_names": list(ck["data"].get("class_names") or [])}
     tok_path, tok = _tokenizer(path, tokenizer, recorded, wanted, device)
@@ -124,7 +125,9 @@ def _tokenizer(path: Path, given, recorded: Path, wanted: str, device):
     from ..runs import RunError
 
     try:
-        tok_path = resolve_model(given) if given is not None else recorded
+        # A tokenizer recorded as a URL (trained from a bucket) is fetched like a given one.
+        tok_path = resolve_model(given) if given is not None else \
+            resolve_model(recorded) if is_url(recorded) else recorded
     except (RunError, ModelFolderError) as e:
         raise SampleError(str(e)) from None
     if not tok_path.exists():

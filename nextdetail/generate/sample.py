@@ -14,6 +14,9 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..pretrained import model_source
+from ..storage import as_path, is_local
 from typing import List, Optional
 
 import torch
@@ -128,8 +131,9 @@ def sample_to_folder(run: Run, out, settings: Optional[SampleSettings] = None, *
     check_draw(run, min(s.n, s.batch_size), guidance=s.cfg != 1, option=f"--batch-size {s.batch_size}",
                scale=s.highres, scale_option=f"--highres {s.highres}", device=str(next(run.model.parameters()).device),
                max_memory=s.max_memory)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = as_path(out)                  # a URL (s3://...): each file is one upload (stores.atomic)
+    if is_local(out):
+        out.mkdir(parents=True, exist_ok=True)
     dev = next(run.model.parameters()).device
     gen = torch.Generator(device=dev).manual_seed(s.seed)
     q = run.tokenizer.quantizer
@@ -157,7 +161,7 @@ def sample_to_folder(run: Run, out, settings: Optional[SampleSettings] = None, *
     save_png(tile(finals, cols=math.ceil(math.sqrt(len(finals)))), grid)
     strip = (", ".join(strip_names(run)) if s.highres == 1 and len(stages) > 1 else
              ("upsampled base, final" if s.highres > 1 else "final"))
-    meta = {"checkpoint": str(run.checkpoint), "step": run.meta["step"], "class": label, "n": s.n, "cfg": s.cfg,
+    meta = {"checkpoint": model_source(run.checkpoint), "step": run.meta["step"], "class": label, "n": s.n, "cfg": s.cfg,
             "top_k": s.top_k, "top_p": s.top_p, "temperature": s.temperature, "seed": s.seed, "highres": s.highres,
             "overlap": s.overlap, "highres_base": s.highres_base, "strip": strip}
     write_bytes_atomic(out / "samples.json", json.dumps(meta, indent=1).encode())

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from ..decomp.hierarchy import decomposition_name
 from ..errors import ConfigError
 from ..options import check_int, opt
+from ..pretrained import model_source
+from ..storage import as_path, is_local
 from ..tokenize.config import quantizer_name
 from ..train.inputs import prefix_features
 from .highres import patchwise_details, upsample_base
@@ -184,8 +186,9 @@ def upscale_files(cfg: UpscaleConfig, progress=None) -> UpscaleReport:
     O = cfg.scale * N
     check_draw(run, 1, guidance=False, option=f"--input-size {N}", scale=max(1, O // T),
                scale_option=f"--input-size {N} x --scale {cfg.scale}", device=str(dev), max_memory=cfg.max_memory)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = as_path(cfg.out)              # a URL (s3://...): each file is one upload (stores.atomic)
+    if is_local(out):
+        out.mkdir(parents=True, exist_ok=True)
     order, at = decomposition_params(run)
     kw = cfg.draw()
     rows = []
@@ -219,7 +222,7 @@ def upscale_files(cfg: UpscaleConfig, progress=None) -> UpscaleReport:
         rows.append(row)
         if progress is not None:
             progress(1)
-    meta = {"run": str(run.checkpoint), "scale": cfg.scale, "input_size": N, "output_size": O,
+    meta = {"run": model_source(run.checkpoint), "scale": cfg.scale, "input_size": N, "output_size": O,
             "prefix": cfg.prefix or run.num_base, "overlap": cfg.overlap, "seed": cfg.seed, "order": order, "at": at,
             "sheet": "input (nearest), bicubic, result" + (", reference" if rows and "psnr" in rows[0] else ""),
             "images": rows}

@@ -5,7 +5,8 @@ layers from the store itself (one Zarr read per shard) or, for GPU actors, takes
 CPU tasks (`read_block`), encodes them and writes one part file per block,
 _parts/block-<b>.bin (uint16 (rows, L), raw), atomically. A block is owned
 by the one task that encodes it and a retried task rewrites the same bytes, so Ray's retries
-and reruns after a kill are safe.
+and reruns after a kill are safe. With TOKENS on object storage a part is one PUT (atomic there
+too) and the store is read from its URL by every actor; nothing is shared but the bucket.
 
 Same bytes whatever the batching: `Tokenizer.encode` runs fixed-shape micro-batches, and the
 actor pins what else decides the order of float sums: one torch thread on the CPU (oneDNN
@@ -19,27 +20,35 @@ import logging
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..storage import as_path
 from ..stores import PARTS, write_bytes_atomic
 from ..stores.decomposition import DecompositionStore, StoreError
 from ..stores.layers import centre_crop
 from ..stores.tokens import DTYPE
-from .attempts import ATTEMPTS, DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, maybe_crash
+from .attempts import DEFAULT_MAX_ATTEMPTS, AttemptJournal, died_message, journal_folder, maybe_crash
 
 log = logging.getLogger(__name__)
 
 
-def part_path(out: Path, block: int) -> Path:
-    return Path(out) / PARTS / f"block-{block:06d}.bin"
+def part_name(block: int) -> str:
+    return f"block-{block:06d}.bin"
 
 
-def failed_path(out: Path, block: int) -> Path:
+def failed_name(block: int) -> str:
+    return f"block-{block:06d}.failed"
+
+
+def part_path(out, block: int):
+    return as_path(out) / PARTS / part_name(block)
+
+
+def failed_path(out, block: int):
     """A block given up on after --max-attempts deaths of its worker (JSON: block, lo, hi, reason)."""
-    return Path(out) / PARTS / f"block-{block:06d}.failed"
+    return as_path(out) / PARTS / failed_name(block)
 
 
 def flatten_maps(maps_M: List["torch.Tensor"]) -> np.ndarray:  # noqa: F821
@@ -128,7 +137,7 @@ class EncodeWorker:
         pin_numerics(self.device)
         self.tok = Tokenizer.from_pretrained(checkpoint, map_location=self.device).to(self.device)
         self.store = DecompositionStore(store)
-        self.out, self.batch_size = Path(out), int(batch_size)
+        self.out, self.batch_size = as_path(out), int(batch_size)
         self.size, self.n_bases = self.tok.config.image_size, self.tok.needs_bases
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.numerics = json.dumps(numerics(self.device), sort_keys=True)
@@ -160,7 +169,8 @@ class EncodeWorker:
             block, lo, hi = int(block), int(lo), int(hi)
             t0, bad_input = time.perf_counter(), str(batch["bad_input"][j]) if "bad_input" in batch else ""
             read = np.asarray(batch["bases"][j]) if "bases" in batch else None
-            journal = AttemptJournal(self.out / PARTS / ATTEMPTS / f"block-{block:06d}.log")
+            # On object storage (no append) the journal is on this node (attempts.journal_folder).
+            journal = AttemptJournal(journal_folder(self.out / PARTS) / f"block-{block:06d}.log")
             deaths = journal.deaths("encode")
             if bad_input:
                 pass                            # the read task met a damaged store: reported below

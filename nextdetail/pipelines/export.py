@@ -23,13 +23,15 @@ import numpy as np
 
 from ..errors import JobError
 from ..limits import human
+from ..pretrained import model_source
+from ..storage import absolute
 from ..stores.tokens import META
 from ..stores.tokens_writer import TOKEN_STORE
 from .attempts import crash_hook
 from .encode_worker import EncodeWorker, read_block
-from .export_plan import ExportConfig, ExportPlan, block_done, failed_blocks, finish, make_plan, memory_needs, prepare
+from .export_plan import ExportConfig, ExportPlan, done_blocks, failed_blocks, finish, make_plan, memory_needs, prepare
 from .ray_job import (Progress, RayJobReport, cluster_resources, job_failures, largest_node, quiet_data_context,
-                      ray_session, resolve_workers)
+                      ray_session, resolve_workers, worker_env)
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +64,24 @@ def _dataset(plan: ExportPlan, gpus: float, workers: int, read_tasks: bool):
 
     quiet_data_context()
     items = [{"block": b, "lo": lo, "hi": hi} for b, lo, hi in plan.todo]
+    # Workers on other nodes (or started before the variables were set) reach the same bucket;
+    # a tokenizer given as a URL is fetched by each worker from the URL of its exact checkpoint.
+    env = worker_env(plan.cfg.out, plan.store.path, plan.cfg.tokenizer)
+    checkpoint = model_source(plan.checkpoint)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     if read_tasks:
         # GPU actors should not spend their time decoding Zarr: CPU tasks read ahead of them
         # (as decompose-dataset's read tasks feed its GPU actors). On CPU actors the actor reads
         # its own blocks: a separate stage would only compete with it for the CPUs.
         ds = ds.map_batches(read_block, batch_size=1, batch_format="numpy", num_cpus=1,
-                            fn_kwargs={"store": str(plan.store.path.resolve()),
-                                       "size": int(plan.tokenizer_config["image_size"])})
+                            fn_kwargs={"store": absolute(plan.store.path),
+                                       "size": int(plan.tokenizer_config["image_size"])}, **env)
     return ds.map_batches(
         EncodeWorker, batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
-        num_cpus=1, num_gpus=gpus or None,
-        fn_constructor_kwargs={"store": str(plan.store.path.resolve()), "checkpoint": str(plan.checkpoint.resolve()),
-                               "out": str(plan.cfg.out.resolve()), "batch_size": plan.cfg.batch_size,
+        num_cpus=1, num_gpus=gpus or None, **env,
+        fn_constructor_kwargs={"store": absolute(plan.store.path), "checkpoint": checkpoint,
+                               "out": absolute(plan.cfg.out), "batch_size": plan.cfg.batch_size,
                                "max_attempts": plan.cfg.max_attempts, "crash_on": crash_hook()})
 
 
@@ -131,7 +137,8 @@ def _run_export(cfg: ExportConfig, plan: ExportPlan, progress: Optional[Progress
         if report.failed:
             report.seconds = time.perf_counter() - t_begin
             return report
-        missing = [b for b in plan.blocks if not block_done(cfg.out, plan, b)]
+        done = done_blocks(cfg.out, plan)
+        missing = [b for b in plan.blocks if b[0] not in done]
         if missing:
             raise JobError(f"{len(missing)} blocks have no part file after the run (e.g. block {missing[0][0]}); "
                            f"rerun the same command")

@@ -25,11 +25,12 @@ from ..options import check_int, opt
 from ..stores import PARTS
 from ..stores.decomposition import DecompositionStore, StoreError
 from ..stores.journal import differences, recorded
-from ..stores.tokens import DTYPE, MAX_VOCAB, META, map_offsets, shard_name
+from ..stores.tokens import DTYPE, MAX_VOCAB, META, SHARDS, map_offsets, shard_name
 from ..stores.tokens_writer import TOKEN_STORE, finish_token_store
-from .attempts import ATTEMPTS
+from ..storage import absolute, as_path, sizes
+from .attempts import journal_folder
 from .config import RayJobConfig
-from .encode_worker import failed_path, part_path
+from .encode_worker import failed_name, failed_path, part_name, part_path
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ class ExportConfig(RayJobConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("data", "tokenizer", "out"):
-            object.__setattr__(self, name, Path(getattr(self, name)))
+        for name in ("data", "tokenizer", "out"):         # a URL (s3://...) stays one (nextdetail.storage)
+            object.__setattr__(self, name, as_path(getattr(self, name)))
         check_int("batch_size", self.batch_size)
         check_int("block_rows", self.block_rows)
         check_int("shard_rows", self.shard_rows, optional=True)
@@ -152,7 +153,7 @@ class ExportPlan:
         """What decides the bytes of the export: a rerun must match it to reuse parts. O(1) in N:
         the rows' store indices enter as a digest (they are listed in index.parquet), so
         meta.json, which every rank and loader worker parses, stays a few KB at any N."""
-        return {"tokenizer_sha256": self.sha256, "store": str(self.store.path.resolve()),
+        return {"tokenizer_sha256": self.sha256, "store": absolute(self.store.path),
                 "store_indices_sha256": indices_digest(self.store.ok_indices), "N": self.N, "L": self.L,
                 "rows_per_block": self.cfg.rows_per_block, "sharded": self.cfg.shard_rows is not None}
 
@@ -202,13 +203,16 @@ def make_plan(cfg: ExportConfig) -> ExportPlan:
 
 # ----------------------------------------------------------------------------- folder
 
-def block_done(out: Path, plan: ExportPlan, block: tuple) -> bool:
-    b, lo, hi = block
-    want = (hi - lo) * plan.L * DTYPE.itemsize
-    for p in (part_path(out, b), out / shard_name(b)):
-        if p.is_file() and p.stat().st_size == want:
-            return True
-    return False
+def done_blocks(out, plan: ExportPlan) -> set:
+    """The blocks whose part or shard file is complete (of its full size), from one listing of
+    _parts and one of shards/ (on object storage a request per 1,000 files, not two per block)."""
+    parts, shards = sizes(as_path(out) / PARTS), sizes(as_path(out) / SHARDS)
+    done = set()
+    for b, lo, hi in plan.blocks:
+        want = (hi - lo) * plan.L * DTYPE.itemsize
+        if parts.get(part_name(b)) == want or shards.get(shard_name(b).rsplit("/", 1)[-1]) == want:
+            done.add(b)
+    return done
 
 
 def prepare(plan: ExportPlan) -> int:
@@ -226,21 +230,20 @@ def prepare(plan: ExportPlan) -> int:
     if diffs:
         raise StoreError(out, f"unfinished export from {', '.join(diffs)}; pass --overwrite to start over")
     # Blocks given up on by an earlier run are tried again, with fresh attempt counts.
-    for b, _, _ in plan.blocks:
-        failed_path(out, b).unlink(missing_ok=True)
-    shutil.rmtree(parts / ATTEMPTS, ignore_errors=True)
-    plan.todo = [b for b in plan.blocks if not block_done(out, plan, b)]
+    for name in sizes(parts):
+        if name.endswith(".failed"):
+            (parts / name).unlink()
+    shutil.rmtree(journal_folder(parts), ignore_errors=True)
+    done = done_blocks(out, plan)
+    plan.todo = [b for b in plan.blocks if b[0] not in done]
     return sum(hi - lo for b, lo, hi in plan.blocks) - sum(hi - lo for b, lo, hi in plan.todo)
 
 
 def failed_blocks(plan: ExportPlan) -> List[dict]:
     """The blocks this run gave up on (their worker died --max-attempts times), in order."""
-    out = []
-    for b, _, _ in plan.blocks:
-        p = failed_path(plan.cfg.out, b)
-        if p.is_file():
-            out.append(json.loads(p.read_text()))
-    return out
+    names = sizes(as_path(plan.cfg.out) / PARTS)
+    return [json.loads(failed_path(plan.cfg.out, b).read_text()) for b, _, _ in plan.blocks
+            if failed_name(b) in names]
 
 
 def finish(plan: ExportPlan) -> None:

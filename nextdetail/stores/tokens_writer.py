@@ -133,8 +133,8 @@ def finish_token_store(out, store, blocks: Sequence[Tuple[int, int, object]], *,
     if sharded:
         meta["shard_rows"] = shard_rows
         meta["shards"] = [{"file": shard_name(b), "rows": rows} for b, rows, _ in blocks]
-    # sha256 of every file (since 0.3.x): what a reader that fetches the store over the network
-    # verifies its copy with (stores.tokens_cache); older stores are read without it.
+    # sha256 of every file (since object storage): what a reader that fetches the store over the network
+    # verifies its copy with (stores.tokens.fetch_token_store); older stores are read without it.
     meta["checksums"] = checksums
     write_bytes_atomic(out / META, (json.dumps(meta, indent=2) + "\n").encode())
     remove_tree(out / PARTS)

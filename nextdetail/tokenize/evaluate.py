@@ -33,6 +33,7 @@ from ..evaluation.metrics import psnr_from_mse, ssim
 from ..limits import check_max_memory, check_memory, memory_opt
 from ..options import check_int, flag_of, opt
 from ..runs import TrainError
+from ..storage import as_path, is_local
 from ..stores.decomposition import DecompositionStore, StoreError
 from ..stores.layers import centre_crop
 from ..weights import offline_opt
@@ -137,7 +138,7 @@ def evaluate_run(run, store, *, limit: int = 64, batch: int = 16, lpips=None,
             pools_in.append(inception_features(inception, [to_uint8(image_BHW3)])[0])
         count += image.shape[0]
     # A run folder is named by itself (its latest checkpoint), a checkpoint file by folder/file.
-    name = Path(run).name if Path(run).is_dir() else f"{path.parent.name}/{path.stem}"
+    name = as_path(run).name if as_path(run).is_dir() else f"{path.parent.name}/{path.stem}"
     sides = cfg.quant.map_sizes(cfg.latent())
     rows = []
     for m in range(M):
@@ -196,7 +197,9 @@ def write_results(rows: Sequence[DepthRow], finals: Sequence[FinalRow], out: Pat
     from ..plots import line_plot
     from ..stores.atomic import atomic_write
 
-    out.mkdir(parents=True, exist_ok=True)
+    out = as_path(out)                  # a URL (s3://...): each file is one upload (stores.atomic)
+    if is_local(out):
+        out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / "final.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "quantizer", "images", "psnr", "ssim", "lpips", "rfid"])

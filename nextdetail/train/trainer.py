@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..limits import check_memory
 from ..options import nested, opt, option_name
 from ..precision import bf16_autocast
+from ..pretrained import model_source
 from ..run_mirror import local_folder
 from ..storage import absolute, as_path
 from ..runs import (PLOT, RunConfig, RunError, RunLog, RunReport, TrainError, checkpoint_differences, checkpoint_name,
@@ -221,7 +222,7 @@ class Trainer:
         return {"config": self.cfg.to_dict(), "model_config": self.mcfg.to_dict(),
                 "model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step_,
                 "sampler": self.sampler.state_dict(), "rng": {"torch": torch.get_rng_state()},
-                "tokenizer": {"checkpoint": str(self.tok_ckpt.resolve()), "sha256": self.tok_sha},
+                "tokenizer": {"checkpoint": model_source(self.tok_ckpt), "sha256": self.tok_sha},
                 "data": {"tokens": absolute(self.cfg.tokens), "num_base": self.ds.num_base,
                          "order": self.ds.order, "num_samples": len(self.ds),
                          "val_samples": len(self.val_idx),
