@@ -23,6 +23,7 @@ from typing import List, Optional, Tuple
 
 from .errors import PathError
 from .options import opt
+from .storage import as_path, is_url, open_input
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def run_kind(path: Path) -> str:
     "split", the tokenizer's an "l2"), else from its latest checkpoint (torch, memory-mapped),
     else "run"."""
     try:
-        with open(path / "log.jsonl") as f:
+        with (path / "log.jsonl").open() as f:
             for line, _ in zip(f, range(4)):
                 rec = json.loads(line)
                 if "split" in rec:
@@ -120,6 +121,8 @@ def _checkpoint_kind(path: Path, unknown: Optional[str]) -> Optional[str]:
     from .runs import RunError, checkpoint_kind, load_checkpoint
 
     suffix = "_checkpoint" if unknown is None else "_run"
+    if is_url(path):        # not downloaded just to be named: a run says what it is in its log
+        return unknown
     try:
         # mmap: the tensors stay on disk; only the pickle's plain data (the config) is read.
         kind = checkpoint_kind(load_checkpoint(path, what="checkpoint", map_location="cpu"))
@@ -134,7 +137,7 @@ def _checkpoint_kind(path: Path, unknown: Optional[str]) -> Optional[str]:
 
 def _npz_kind(path: Path) -> Optional[str]:
     try:
-        with zipfile.ZipFile(path) as zf:
+        with open_input(path) as f, zipfile.ZipFile(f) as zf:
             names = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
     except (OSError, zipfile.BadZipFile):
         return None
@@ -161,7 +164,7 @@ def identify(path) -> Optional[Kind]:
     """The kind of `path` (see KINDS), or None when it is none of them."""
     from .pretrained import CONFIG, is_model_folder
 
-    path = Path(path)
+    path = as_path(path)
     if path.is_file():
         if path.suffix == ".npz":
             key = _npz_kind(path)
@@ -207,11 +210,40 @@ def inspect(path) -> Info:
     """The kind and the facts of `path`; InfoError (exit status 2) when it is none of the kinds."""
     from .info_facts import facts_of
 
-    path = Path(path)
+    path = as_path(path)
     kind = identify(path)
     if kind is None:
         raise refuse(path)
-    return Info(path, kind, facts_of(kind.key, path))
+    # A token store on a URL is read from its verified copy in the cache (its codebook usage
+    # reads thousands of rows); the rest in place: a run's listing and its log's tail by range.
+    read = readable_copy(path, kind.key) if kind.key == "token_store" else path
+    return Info(path, kind, facts_of(kind.key, read))
+
+
+def readable_copy(path, key: str):
+    """What `info` and `view` read for a path of kind `key`: the path itself, unless it is a URL
+    of a token store (fetched whole into the local cache and verified, as TokenDataset does: it
+    is ~1 KB per image) or of a run or an output folder (its small files, the logs, records and
+    pictures, fetched into the cache; never its checkpoints). A decomposition store is always
+    read in place, by range: it may hold a million images."""
+    if not is_url(path) or key.startswith("decomposition_store") or key.endswith("_checkpoint") or \
+            key.startswith("npz_"):
+        return path
+    if key == "token_store":
+        from .stores.tokens import fetch_token_store
+        return fetch_token_store(path)
+    from .cache import fetch_file, keyed_folder
+
+    root = path.path.rstrip("/")
+    files = {name[len(root):].lstrip("/"): int(info.get("size") or 0)           # one listing
+             for name, info in path.fs.find(root, detail=True).items() if info.get("type", "file") == "file"}
+    files = {rel: n for rel, n in files.items()
+             if rel and not rel.endswith(".pt") and not any(p.startswith(".") for p in rel.split("/"))}
+    local = keyed_folder("view", str(path), *(f"{rel} {n}" for rel, n in sorted(files.items())),
+                         name=path.name or "run")
+    for rel, n in sorted(files.items()):
+        fetch_file(f"{path}/{rel}", local / rel, size=n)
+    return local
 
 
 @dataclass(frozen=True)
@@ -219,5 +251,5 @@ class InfoConfig:
     """Settings of `nextdetail info`."""
 
     paths: Tuple[Path, ...] = opt(help="a decomposition store, token store, run folder, model folder or .npz",
-                       positional=True, metavar="PATH", nargs="+", type=Path)
+                       positional=True, metavar="PATH", nargs="+", type=as_path)
     json: bool = opt(False, "print one JSON object per PATH (one a line) instead of text")

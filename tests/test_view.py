@@ -266,3 +266,30 @@ def test_the_viewer_writes_nothing(chain, client, paths):
         assert client.get(url).status_code == 200
     assert before == {p: snapshot(p) if p.is_dir() else p.stat().st_mtime_ns for p in paths}
     assert not any(os.path.exists(p / ".nextdetail.lock") for p in paths if p.is_dir())
+
+
+def test_info_and_view_read_a_bucket_in_place_or_through_the_cache(chain, s3):
+    """Once on object storage (issue 26): the store is read in place, by range; the token store
+    and the run are fetched into the cache (the run without its checkpoints). The pages and
+    pictures are the local ones."""
+    import s3fs
+
+    from nextdetail.info import inspect
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    bucket = s3.bucket[len("s3://"):]
+    for name, local in (("store", chain.store), ("tokens", chain.tokens), ("tok", chain.tokenizer)):
+        fs.put(str(local), f"{bucket}/{name}", recursive=True)
+    urls = [f"{s3.bucket}/store", f"{s3.bucket}/tokens", f"{s3.bucket}/tok"]
+    for url, local in zip(urls, (chain.store, chain.tokens, chain.tokenizer)):
+        remote, here = inspect(url), inspect(local)
+        assert remote.kind == here.kind
+        assert {k: v for k, v in remote.facts.items() if k != "lock"} == \
+               {k: v for k, v in here.facts.items() if k != "lock"}
+    s3.reset_counts()
+    remote, local = client_for(urls), client_for([chain.store, chain.tokens, chain.tokenizer])
+    for url in ("/s/0", "/s/0/image/1", "/s/1", "/s/1/row/0", "/s/2"):
+        assert remote.get(url).status_code == 200, url
+    for url in ("/s/0/thumb/1.webp", "/s/0/layer/1/B_2.png", "/s/0/layer/1/D_1.png", "/s/1/map/0/0.png"):
+        assert (png(remote.get(url)) == png(local.get(url))).all(), url
+    assert s3.requests["PUT"] == 0 and s3.requests["DELETE"] == 0          # read-only

@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 
 from ..errors import ConfigError
 from ..options import opt
+from ..storage import as_path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -17,7 +18,7 @@ class ViewConfig:
 
     paths: Tuple[Path, ...] = opt(help="decomposition stores, token stores, run folders, model folders, output "
                                        "folders of sample/upscale/edit/eval-tokenizer, ADM .npz files",
-                                  positional=True, metavar="PATH", nargs="+", type=Path)
+                                  positional=True, metavar="PATH", nargs="+", type=as_path)
     host: str = opt("127.0.0.1", "address to listen on; anything but the loopback exposes the data to the network "
                                  "(a warning says so)", metavar="HOST")
     port: int = opt(0, "port to listen on; 0 picks a free one (the URL is printed)", ge=0, le=65535)

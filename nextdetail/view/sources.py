@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 from ..errors import first_line
-from ..info import Kind, identify, refuse
+from ..info import Kind, identify, readable_copy, refuse
+from ..storage import as_path, is_url
 from ..stores.decomposition_format import StoreError
 from .run_source import RunSource
 from .store_source import StoreSource
@@ -53,6 +54,8 @@ def open_source(number: int, path: Path, tokenizer: Optional[Path] = None) -> So
     kind = identify(path)
     if kind is None:
         raise refuse(path)
+    shown = path
+    path = readable_copy(path, kind.key)     # a URL: read in place (a store) or from the cache
     key = kind.key
     if key.startswith("decomposition_store"):
         adapter: Adapter = StoreSource(path)
@@ -67,8 +70,9 @@ def open_source(number: int, path: Path, tokenizer: Optional[Path] = None) -> So
         adapter = None
     else:
         adapter = RunSource(path, key)
-    return Source(number, Path(path), kind, adapter)
+    return Source(number, shown if is_url(shown) and key.startswith("decomposition_store") else path, kind,
+                  adapter)
 
 
 def open_sources(paths, tokenizer: Optional[Path] = None) -> List[Source]:
-    return [open_source(i, Path(p), tokenizer) for i, p in enumerate(paths)]
+    return [open_source(i, as_path(p), tokenizer) for i, p in enumerate(paths)]

@@ -26,7 +26,8 @@ import numpy as np
 
 from ..decomp import method_info
 from ..decomp.logspace import LOG_RANGE
-from ..stores.shards import BASES, layers_from_bases, shard_damage, shard_file
+from ..storage import as_path, is_url, open_input
+from ..stores.shards import BASES, layers_from_bases, shard_damage, shard_file, zarr_store
 from . import images
 from .store_query import ManifestPages, Query
 
@@ -73,7 +74,7 @@ class StoreSource:
     kind = "store"
 
     def __init__(self, path: Path):
-        self.path = Path(path)
+        self.path = as_path(path)          # a folder, or a URL: read in place, by range
         self._lock = threading.Lock()
         self._stamp = None
         self._layout: Optional[Layout] = None
@@ -86,6 +87,10 @@ class StoreSource:
         out = []
         for name in ("meta.json", "manifest.parquet"):
             try:
+                if is_url(self.path):
+                    info = self.path.fs.info((self.path / name).path)
+                    out.append((info.get("ETag") or info.get("LastModified"), info.get("size")))
+                    continue
                 st = (self.path / name).stat()
                 out.append((st.st_mtime_ns, st.st_size, st.st_ino))
             except OSError:
@@ -102,7 +107,7 @@ class StoreSource:
             if stamp == self._stamp and self._layout is not None:
                 return
             self._layout = _layout(self.path)
-            self._pages = ManifestPages(pq.ParquetFile(self.path / "manifest.parquet"))
+            self._pages = ManifestPages(pq.ParquetFile(open_input(self.path / "manifest.parquet")))
             self._array, self._classes, self._stamp = None, None, stamp
 
     @property
@@ -125,7 +130,7 @@ class StoreSource:
         if self._array is None:
             import zarr
 
-            self._array = zarr.open_array(str(self.path / BASES), mode="r")
+            self._array = zarr.open_array(zarr_store(self.path / BASES, read_only=True), mode="r")
         return self._array
 
     def warm(self) -> None:
