@@ -14,7 +14,7 @@ S3-protocol server on 127.0.0.1 (moto's, tests/s3_server.py) and on this machine
   requests per image        of listing a folder-of-images SRC of 10k and 100k objects (target:
                             far below 1: one LIST per 1,000 objects, never one per image)
 
-    python benchmarks/bench_object_store.py [--images 64] [--size 256] [--order 3]
+    python benchmarks/bench_object_store.py [--images 256] [--size 256] [--order 3]
         [--workers 2] [--shard-images 16] [--listing 10000,100000]
 
 The bucket's server runs in a process of its own (a real HTTP server on the loopback: requests,
@@ -89,11 +89,21 @@ class Server:
         c = self.ask("counts")
         return sum(c["requests"].values()), c["bytes_in"], c["bytes_out"]
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used (user + system): on this machine the S3 server
+        shares the cores with the job, which a real bucket does not."""
+        import psutil
+
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return t.user + t.system
+
     def stop(self) -> None:
         self.proc.kill()
 
 
-def loader_rate(path, args, workers: int, epochs: float = 1.0) -> float:
+def loader_rate(path, args, workers: int, epochs: float = 1.0, server=None) -> tuple:
+    """(images/s, bytes the server sent) of `epochs` epochs after the first batch (workers
+    started and their first blocks read: not counted)."""
     from nextdetail.stores.decomposition import DecompositionStore
     from nextdetail.tokenize.loader import StoreLoader
 
@@ -101,11 +111,13 @@ def loader_rate(path, args, workers: int, epochs: float = 1.0) -> float:
     batch = 8
     loader = StoreLoader(store, crop=min(args.size, 128), batch_size=batch, seed=0, workers=workers)
     loader.next()                         # workers started and their first blocks read: not timed
+    before = server.counts()[2] if server else 0
     steps = max(1, int(epochs * len(store)) // batch)
     t0 = time.perf_counter()
     for _ in range(steps):
         loader.next()
-    return steps * batch / (time.perf_counter() - t0)
+    rate = steps * batch / (time.perf_counter() - t0)
+    return rate, (server.counts()[2] - before if server else 0)
 
 
 def listing_requests(server, n: int) -> tuple:
@@ -125,7 +137,7 @@ def listing_requests(server, n: int) -> tuple:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--order", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
@@ -152,11 +164,14 @@ def main():
 
     print(f"{args.images} images at {args.size} px, order {args.order}, {args.shard_images} per shard, "
           f"{args.workers} workers; S3 server on 127.0.0.1 in another process ({server.url})")
-    job(src, tmp / "warm", args)              # numba kernels cached, Ray Data warmed up
+    # Warm-ups: numba kernels cached, Ray Data started, and the workers of the bucket's jobs
+    # (started with the storage variables in their runtime_env) have imported s3fs once.
+    job(src, tmp / "warm", args)
+    job("s3://bench/src", "s3://bench/warm", args)
     disk_rate, _ = job(src, tmp / "store", args)
-    before = server.counts()
+    before, cpu0, t0 = server.counts(), server.cpu_seconds(), time.perf_counter()
     s3_rate, _ = job("s3://bench/src", "s3://bench/store", args)
-    after = server.counts()
+    after, server_cpu, wall = server.counts(), server.cpu_seconds() - cpu0, time.perf_counter() - t0
     requests, up, down = (a - b for a, b in zip(after, before))
     per_store = store_bytes(tmp / "store") / args.images
     src_bytes = sum(p.stat().st_size for p in src.rglob("*") if p.is_file()) / args.images
@@ -164,12 +179,12 @@ def main():
     print(f"  per image: store {per_store / 1e3:.1f} KB; uploaded {up / args.images / 1e3:.1f} KB "
           f"({up / args.images / per_store:.2f}x the store); downloaded {down / args.images / 1e3:.1f} KB "
           f"({down / args.images / src_bytes:.2f}x the source file); {requests / args.images:.2f} requests")
+    print(f"  the S3 server process used {server_cpu:.1f} CPU-s during the {wall:.1f} s of the bucket's job "
+          f"({server_cpu / wall / (os.cpu_count() or 1):.0%} of this machine's {os.cpu_count()} cores)")
 
     for workers in (0, args.workers):
-        disk_load = loader_rate(tmp / "store", args, workers, epochs=4)
-        before = server.counts()
-        s3_load = loader_rate("s3://bench/store", args, workers, epochs=4)
-        down = server.counts()[2] - before[2]
+        disk_load, _ = loader_rate(tmp / "store", args, workers, epochs=4)
+        s3_load, down = loader_rate("s3://bench/store", args, workers, epochs=4, server=server)
         print(f"tokenizer loader, {workers} workers: disk {disk_load:7.1f} img/s   s3 {s3_load:7.1f} img/s   "
               f"ratio {s3_load / disk_load:.2f}" + (
                   f"; read {down / args.images / 1e3:.1f} KB per image in 4 epochs "

@@ -241,6 +241,19 @@ def read_bytes(path) -> bytes:
     return p.fs.cat_file(p.path)
 
 
+def read_many(urls) -> dict:
+    """{url: bytes, or the exception that reading it raised} of objects read concurrently (fsspec's
+    async `cat`: the GETs of a shard's images overlap, so a worker waits one round trip for them,
+    not one per image)."""
+    urls = list(dict.fromkeys(str(u) for u in urls))
+    if not urls:
+        return {}
+    p = as_path(urls[0])
+    paths = {as_path(u).path: u for u in urls}
+    got = p.fs.cat(list(paths), on_error="return")
+    return {paths[k]: v for k, v in got.items() if k in paths}
+
+
 def find_files(folder) -> list:
     """Every file under `folder`, as (path relative to it with '/', full URL or path), sorted by
     relative path. On object storage one paginated listing of the prefix (a request per 1,000

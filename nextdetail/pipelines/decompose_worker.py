@@ -24,7 +24,7 @@ from ..decomp import decompose
 from ..decomp.at import to_host
 from ..faults import machine_error
 from ..imageio import ImageError, load_image, load_image_bytes
-from ..storage import as_path, is_url, read_bytes
+from ..storage import as_path, is_url, read_bytes, read_many
 from ..stores.decomposition_format import STATUS_ERROR, STATUS_OK, StoreParams, manifest_schema, run_parts
 from ..stores.shard_journal import staged_shard_file
 from ..stores.shards import quantize_bases, write_shard
@@ -57,6 +57,9 @@ def read_batch(batch: Dict[str, np.ndarray], size: int, max_pixels: Optional[int
     if own:
         journal = AttemptJournal(journal)
     encoded = _file_members(batch["path"], members, image_column)
+    # Image files in a bucket: fetched together, concurrently, before the loop decodes them.
+    fetched = read_many(str(p) for p, m, pr in zip(batch["path"], members, problems)
+                        if m is None and not pr and is_url(p))
     images = np.zeros((n, size, size, 3), np.float32)
     errors, seconds = [], np.zeros(n)
     for j, (i, path, member, problem) in enumerate(zip(batch["index"], batch["path"], members, problems)):
@@ -77,8 +80,12 @@ def read_batch(batch: Dict[str, np.ndarray], size: int, max_pixels: Optional[int
         try:
             with journal.attempt(item) if journal is not None else nullcontext():
                 maybe_crash(name, crash_on)
-                if data is None and is_url(name):      # an object: one GET of the whole file
-                    data = read_bytes(name)
+                if data is None and is_url(name):      # an object, fetched above (one GET)
+                    data = fetched.get(name)
+                    if data is None:
+                        data = read_bytes(name)
+                    if isinstance(data, BaseException):
+                        raise data
                 images[j] = load_image(name, size, max_pixels=max_pixels) if data is None else \
                     load_image_bytes(data, name, size, max_pixels=max_pixels)
             errors.append("")
