@@ -38,8 +38,8 @@ from ..stores.store_plan import StorePlan, finish_store, plan_store
 from ..storage import absolute
 from .attempts import crash_hook, journal_folder
 from .config import DecomposeDatasetConfig
-from .ray_job import (Progress, RayJobReport, cluster_resources, job_failures, largest_node, quiet_data_context,
-                      ray_session, resolve_workers, worker_env)
+from .ray_job import (Progress, RayJobReport, batches, cluster_resources, job_failures, largest_node,
+                      quiet_data_context, ray_session, resolve_workers, worker_env)
 from .sources import scan_source
 from .decompose_worker import T_END, T_START, DecomposeWorker, read_source_images, shard_items
 
@@ -183,20 +183,22 @@ def _run_job(cfg: DecomposeDatasetConfig, progress: Optional[Progress]) -> Decom
 
         with job_failures("job", "store", progress, needs):
             for shards in _windows(plan, workers):
-                for batch in _dataset(plan, shards, cfg, gpus, workers).iter_batches(batch_size=None,
-                                                                                    batch_format="pyarrow"):
-                    report.processed += batch.num_rows
-                    t0, t1 = min(batch.column(T_START).to_pylist()), max(batch.column(T_END).to_pylist())
-                    t_first = t0 if t_first is None else min(t_first, t0)
-                    t_last = t1 if t_last is None else max(t_last, t1)
-                    done = batch.drop_columns([T_START, T_END])
-                    # The commit: staged shard into bases.zarr, then its journal part.
-                    commit_shards(plan.path, plan.params, plan.run, done)
-                    rows = done.to_pylist()
-                    report.errors += [f"{source_name(r)}: {r['error']}" for r in rows if r["status"] == STATUS_ERROR]
-                    report.count_sweeps(rows)
-                    if progress:
-                        progress.update(rows)
+                with batches(_dataset(plan, shards, cfg, gpus, workers), batch_size=None,
+                             batch_format="pyarrow") as results:
+                    for batch in results:
+                        report.processed += batch.num_rows
+                        t0, t1 = min(batch.column(T_START).to_pylist()), max(batch.column(T_END).to_pylist())
+                        t_first = t0 if t_first is None else min(t_first, t0)
+                        t_last = t1 if t_last is None else max(t_last, t1)
+                        done = batch.drop_columns([T_START, T_END])
+                        # The commit: staged shard into bases.zarr, then its journal part.
+                        commit_shards(plan.path, plan.params, plan.run, done)
+                        rows = done.to_pylist()
+                        report.errors += [f"{source_name(r)}: {r['error']}" for r in rows
+                                          if r["status"] == STATUS_ERROR]
+                        report.count_sweeps(rows)
+                        if progress:
+                            progress.update(rows)
         report.timed(t_connected, t_first, t_last)
         counts = finish_store(plan, src=str(cfg.src))
         report.ok, report.error = counts["ok"], counts["error"]

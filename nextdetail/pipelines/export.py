@@ -30,8 +30,8 @@ from ..stores.tokens_writer import TOKEN_STORE
 from .attempts import crash_hook
 from .encode_worker import EncodeWorker, read_block
 from .export_plan import ExportConfig, ExportPlan, done_blocks, failed_blocks, finish, make_plan, memory_needs, prepare
-from .ray_job import (Progress, RayJobReport, cluster_resources, job_failures, largest_node, quiet_data_context,
-                      ray_session, resolve_workers, worker_env)
+from .ray_job import (Progress, RayJobReport, batches, cluster_resources, job_failures, largest_node,
+                      quiet_data_context, ray_session, resolve_workers, worker_env)
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +123,16 @@ def _run_export(cfg: ExportConfig, plan: ExportPlan, progress: Optional[Progress
                 return f"about {human(2 * left * plan.L)} more for {left} images"
 
             with job_failures("export", "token store", progress, needs):
-                for batch in _dataset(plan, gpus, workers, read_tasks).iter_batches(batch_size=None,
-                                                                                    batch_format="numpy"):
-                    plan.saw(batch)
-                    rows = int(np.sum(batch["rows"]))
-                    report.processed += int(np.sum(np.asarray(batch["rows"])[~np.asarray(batch["failed"], bool)]))
-                    if t_first is None:
-                        t_first = time.time() - float(np.max(batch["seconds"]))
-                    if progress:
-                        progress.update(rows)
+                with batches(_dataset(plan, gpus, workers, read_tasks), batch_size=None,
+                             batch_format="numpy") as results:
+                    for batch in results:
+                        plan.saw(batch)
+                        rows = int(np.sum(batch["rows"]))
+                        report.processed += int(np.sum(np.asarray(batch["rows"])[~np.asarray(batch["failed"], bool)]))
+                        if t_first is None:
+                            t_first = time.time() - float(np.max(batch["seconds"]))
+                        if progress:
+                            progress.update(rows)
             report.timed(t_connected, t_first, time.time())
         report.failed = failed_blocks(plan)
         if report.failed:

@@ -175,6 +175,21 @@ def quiet_data_context() -> None:
     ctx.enable_auto_log_stats = False
 
 
+@contextmanager
+def batches(ds, **kwargs):
+    """`ds.iter_batches(**kwargs)`, closed when the block ends, by an exception too (SIGTERM, a
+    failure): Ray Data's own `finally` then shuts its executor down in this thread, while Ray is
+    still up. Left to the garbage collector, a background prefetch thread could finalize it after
+    ray.shutdown, printing tracebacks (and starting a new local Ray) after our one-line error."""
+    it = iter(ds.iter_batches(**kwargs))
+    try:
+        yield it
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
 def worker_env(*paths) -> dict:
     """Ray remote args that give a job's workers the driver's storage settings (the AWS and GCS
     variables and --storage-options, nextdetail.storage.FORWARDED_ENV) when one of `paths` is a
