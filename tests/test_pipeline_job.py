@@ -177,7 +177,8 @@ def test_run_dependent_columns_are_the_only_unstable_ones(ray_session, tmp_path)
     for s in stores:
         m = DecompositionStore(s).manifest
         assert (m.groupby(m["index"] // 2)["worker_pid"].nunique() == 1).all()
-    assert DecompositionStore(stores[1]).manifest["worker_pid"].nunique() > 1       # the 3 actors shared the work
+    # Which actor takes which shard is Ray's choice: with 3 tiny shards the first actor up may
+    # take them all (seen in CI), so only "one process per shard" is asserted, above.
     a, b = (DecompositionStore(s).manifest.drop(columns=list(RUN_DEPENDENT_COLUMNS)) for s in stores)
     assert a.equals(b)
     assert (stores[0] / MANIFEST).exists()
