@@ -25,7 +25,7 @@ from .checksum import file_sha256
 from .errors import ConfigError
 from .options import opt
 from .pretrained import CONFIG, MODEL_FOLDER, TOKENIZER, ModelFolderError, is_model_folder, model_source
-from .storage import as_path, filesystem, is_url
+from .storage import as_path, is_url, tree_sizes
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,7 @@ def _export_transformer(cfg: ExportModelConfig, path: Path, ckpt: dict, source: 
 
 def _folder_bytes(folder) -> int:
     """The bytes of every file under a folder (a local one, or a prefix of a bucket)."""
-    fs, root = filesystem(folder)
-    return sum(int(i.get("size") or 0) for i in fs.find(root, detail=True).values() if i.get("type") == "file")
+    return sum(tree_sizes(folder).values())
 
 
 def _sha256(path) -> str:

@@ -233,11 +233,9 @@ def readable_copy(path, key: str):
         from .stores.tokens import fetch_token_store
         return fetch_token_store(path)
     from .cache import fetch_file, keyed_folder
+    from .storage import tree_sizes
 
-    root = path.path.rstrip("/")
-    files = {name[len(root):].lstrip("/"): int(info.get("size") or 0)           # one listing
-             for name, info in path.fs.find(root, detail=True).items() if info.get("type", "file") == "file"}
-    files = {rel: n for rel, n in files.items()
+    files = {rel: n for rel, n in tree_sizes(path).items()
              if rel and not rel.endswith(".pt") and not any(p.startswith(".") for p in rel.split("/"))}
     local = keyed_folder("view", str(path), *(f"{rel} {n}" for rel, n in sorted(files.items())),
                          name=path.name or "run")

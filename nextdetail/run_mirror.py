@@ -34,7 +34,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 from .cache import fetch_file, keyed_folder
 from .errors import TrainError
-from .storage import as_path, is_url
+from .storage import as_path, is_url, tree_sizes
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +62,8 @@ class RunMirror:
 
     def listing(self) -> Dict[str, int]:
         """{relative path: size} of the run's objects in the bucket; dot names (the lock) left out."""
-        fs, root = self.url.fs, self.url.path.rstrip("/")
-        try:
-            found = fs.find(root, detail=True)
-        except FileNotFoundError:
-            return {}
-        out = {}
-        for name, info in found.items():
-            rel = name[len(root):].lstrip("/")
-            if rel and info.get("type", "file") == "file" and not any(p.startswith(".") for p in rel.split("/")):
-                out[rel] = int(info.get("size") or 0)
-        return out
+        return {rel: n for rel, n in tree_sizes(self.url).items()
+                if rel and not any(p.startswith(".") for p in rel.split("/"))}
 
     def pull(self, resume: bool) -> None:
         """Empty the mirror, then download what the run continues from (see the module docstring)."""

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..cache import fetch_file, keyed_folder
 from ..errors import PathError
-from ..storage import as_path, is_url
+from ..storage import as_path, is_url, tree_sizes
 from .atomic import PARTS, write_bytes_atomic
 from .meta import check_keys
 
@@ -297,6 +297,4 @@ def fetch_token_store(url) -> Path:
 
 def _sizes(u) -> dict:
     """{relative path: size} of the store's objects, in one listing (per 1,000 objects)."""
-    fs, root = u.fs, u.path.rstrip("/")
-    return {name[len(root):].lstrip("/"): int(info.get("size") or 0)
-            for name, info in fs.find(root, detail=True).items() if info.get("type", "file") == "file"}
+    return tree_sizes(u)
